@@ -1,0 +1,254 @@
+"""The ``mimbench`` command line (Typer).
+
+Every command delegates to a library function; this module only parses arguments,
+turns :class:`~mimbench.errors.MimbenchError` into a one-paragraph message with exit
+status 2, and imports heavy modules lazily so that ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mimbench.errors import MimbenchError
+
+app = typer.Typer(
+    help="Pre-train masked-image-modelling ViT encoders and evaluate them under the published protocols.\n\n"
+    "Example: mimbench demo",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Evaluate an encoder: linear probe, fine-tune, k-NN, ADE20K segmentation.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+SET_HELP = "Override a config value, e.g. --set optim.lr=1e-3 (repeatable)."
+
+
+def _user_errors(fn):
+    """Print MimbenchError as a clean paragraph and exit 2; everything else is a real bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MimbenchError as exc:
+            typer.secho(f"error: {exc.problem}", fg=typer.colors.RED, err=True)
+            if exc.fix:
+                typer.echo(exc.fix, err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _missing(feature: str):
+    raise MimbenchError(f"{feature} is not part of this version of mimbench.",
+                        "Run `mimbench --help` for the commands this version provides.")
+
+
+@app.command()
+@_user_errors
+def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) to describe.")):
+    """Print an encoder file's metadata and parameter count.
+
+    Example: mimbench info runs/demo/mae/encoder.safetensors
+    """
+    from mimbench.encoders import describe_encoder
+
+    typer.echo(describe_encoder(path))
+
+
+@app.command()
+@_user_errors
+def pretrain(
+    config: Path = typer.Option(..., help="Pre-training config, e.g. pretrain/configs/mae_tiny_fmnist.py"),
+    data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
+    out: Path = typer.Option(..., help="Output directory (checkpoints, log, exported encoder)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint-latest.pt"),
+):
+    """Pre-train an encoder (MAE, robust-MAE recipe, DDAE, MAE+DDS) and export it as an encoder file.
+
+    Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
+    """
+    from pretrain.main import run_pretrain
+
+    path = run_pretrain(config, data=data, out=out, overrides=list(set_ or []), resume=resume)
+    typer.echo(f"encoder written to {path}")
+
+
+def _eval_command(task: str, default_config: str, example: str):
+    @_user_errors
+    def command(
+        encoder: Path = typer.Option(..., help="Encoder file (.safetensors)"),
+        config: Path = typer.Option(Path(default_config), help="Protocol config under eval_configs/"),
+        data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
+        out: Path = typer.Option(..., help="Output directory (checkpoint, run record)"),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: bool = typer.Option(False, help="Continue from OUT's last checkpoint"),
+    ):
+        from mimbench.evals import run_eval
+
+        record = run_eval(task, encoder=encoder, config=config, data=data, out=out,
+                          overrides=list(set_ or []), resume=resume)
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
+        typer.echo(f"{task}: {metrics}")
+
+    command.__doc__ = f"{task} evaluation of an encoder.\n\nExample: {example}"
+    command.__name__ = task
+    return command
+
+
+eval_app.command("linear")(_eval_command(
+    "linear", "eval_configs/demo/linear_fmnist.py",
+    "mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py --data /data/imagenet --out runs/lin"))
+eval_app.command("finetune")(_eval_command(
+    "finetune", "eval_configs/demo/finetune_fmnist.py",
+    "mimbench eval finetune --encoder enc.safetensors --config eval_configs/finetune/mae_vit-b_in1k.py --data /data/imagenet --out runs/ft"))
+eval_app.command("knn")(_eval_command(
+    "knn", "eval_configs/demo/knn_fmnist.py",
+    "mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn"))
+
+
+@eval_app.command("segment")
+@_user_errors
+def segment(
+    encoder: Path = typer.Option(..., help="Encoder file (.safetensors)"),
+    config: Path = typer.Option(Path("eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py")),
+    data: str = typer.Option(..., help="ADE20K root (ADEChallengeData2016) or builtin:fashion-mnist-seg"),
+    out: Path = typer.Option(...),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    launcher: str = typer.Option("none", help="none | pytorch | slurm"),
+    resume: bool = typer.Option(False),
+):
+    """ADE20K UperNet semantic segmentation through mmsegmentation.
+
+    Example: mimbench eval segment --encoder enc.safetensors --data /data/ADEChallengeData2016 --out runs/seg
+    """
+    try:
+        from mimbench.evals.segment import run_segment
+    except ImportError:
+        _missing("Segmentation evaluation (`mimbench eval segment`)")
+    record = run_segment(encoder=encoder, config=config, data=data, out=out, overrides=list(set_ or []),
+                         launcher=launcher, resume=resume)
+    typer.echo(f"segment: {record['metrics']}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes encoders, records and the report"),
+    quick: bool = typer.Option(False, help="Toy size, under 3 minutes"),
+):
+    """Run the whole pipeline on the embedded Fashion-MNIST data: pre-train, evaluate, report.
+
+    Example: mimbench demo --quick
+    """
+    from mimbench.demo import run_demo
+
+    run_demo(out=out, quick=quick)
+
+
+@app.command()
+@_user_errors
+def report(
+    dirs: List[Path] = typer.Argument(..., help="Directories holding run records"),
+    format: str = typer.Option("md", help="md | csv | latex | html"),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: print)"),
+):
+    """Aggregate run records into a table (mean ± std over seeds).
+
+    Example: mimbench report runs/demo --format md
+    """
+    from mimbench.results.report import write_report
+
+    typer.echo(write_report(dirs, fmt=format, out=out))
+
+
+@app.command()
+@_user_errors
+def leaderboard(
+    task: Optional[str] = typer.Option(None, help="linear | finetune | knn | ade20k"),
+    arch: Optional[str] = typer.Option(None, help="e.g. vit-b/16"),
+    include_runs: Optional[Path] = typer.Option(None, help="Directory of your own run records to rank alongside"),
+):
+    """Published results (with sources), optionally with your own runs ranked among them.
+
+    Example: mimbench leaderboard --task finetune --arch vit-b/16
+    """
+    try:
+        from mimbench.results.leaderboard import show_leaderboard
+    except ImportError:
+        _missing("The published leaderboard")
+    show_leaderboard(task=task, arch=arch, include_runs=include_runs)
+
+
+@app.command()
+@_user_errors
+def compare(runs: List[Path] = typer.Argument(..., help="Run records or directories")):
+    """Place your runs among published results of the same architecture and protocol.
+
+    Example: mimbench compare runs/lin/record.json
+    """
+    try:
+        from mimbench.results.leaderboard import compare_runs
+    except ImportError:
+        _missing("`mimbench compare`")
+    compare_runs(runs)
+
+
+@app.command()
+@_user_errors
+def convert(
+    src: Path = typer.Argument(..., help="Checkpoint in a foreign layout (MAE .pth, timm, DeiT, BEiT ...)"),
+    dst: Path = typer.Argument(..., help="Encoder file to write (.safetensors)"),
+    layout: str = typer.Option("auto", help="auto | mae | timm | deit"),
+):
+    """Convert a foreign checkpoint into a mimbench encoder file (weights-only loading, never unpickles code).
+
+    Example: mimbench convert mae_pretrain_vit_base.pth mae_b.safetensors
+    """
+    from mimbench.encoders import convert_checkpoint
+
+    typer.echo(f"wrote {convert_checkpoint(src, dst, layout=layout)}")
+
+
+@app.command()
+@_user_errors
+def reproduce(paper: str = typer.Argument(..., help="robust-mae | ddae"),
+              scale: str = typer.Option("demo", help="demo | full")):
+    """Run (demo) or emit (full) the ablation grid of a seed paper.
+
+    Example: mimbench reproduce ddae --scale demo
+    """
+    try:
+        from mimbench.reproduce import run_reproduce
+    except ImportError:
+        _missing("`mimbench reproduce`")
+    run_reproduce(paper, scale=scale)
+
+
+@app.command()
+@_user_errors
+def bench(what: str = typer.Argument("pretrain-step", help="pretrain-step | encoder-forward"),
+          preset: str = typer.Option("mae_vit_tiny_patch4_32"), batch: int = typer.Option(64), steps: int = typer.Option(10)):
+    """Measure throughput (img/s) of a hot loop on this machine.
+
+    Example: mimbench bench pretrain-step --preset mae_vit_tiny_patch4_32
+    """
+    try:
+        from mimbench.bench import run_bench
+    except ImportError:
+        _missing("`mimbench bench`")
+    typer.echo(run_bench(what, preset=preset, batch=batch, steps=steps))
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""pretrain: ViT encoders pre-trained by masked image modelling (MAE, robust-MAE recipe, DDAE)."""

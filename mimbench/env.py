@@ -51,10 +51,10 @@ def git_commit() -> str | None:
 
 
 def hardware_info() -> dict:
-    """``{"device": "cuda"|"cpu", "count": processes/devices used, "name": model name}``.
+    """``{"device": "cuda"|"cpu", "count": devices used, "name": model name, ...}``.
 
-    ``count`` is the distributed world size when launched with torchrun (WORLD_SIZE), otherwise
-    the number of visible GPUs (1 on CPU).
+    ``count`` is the distributed world size when launched with torchrun (WORLD_SIZE), otherwise 1
+    (a single process uses one device); ``visible`` adds how many GPUs the process could see.
     """
     try:
         import torch
@@ -62,7 +62,8 @@ def hardware_info() -> dict:
         return {"device": "cpu", "count": 1, "name": platform.processor() or platform.machine()}
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)
     if torch.cuda.is_available():
-        return {"device": "cuda", "count": world or torch.cuda.device_count(), "name": torch.cuda.get_device_name(0)}
+        return {"device": "cuda", "count": world or 1, "name": torch.cuda.get_device_name(0),
+                "visible": torch.cuda.device_count()}
     return {"device": "cpu", "count": world or 1, "name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
 

@@ -291,7 +291,7 @@ _ARCH_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "i
                 "final_norm", "block_fn", "mlp_layer", "attn_layer", "qk_norm")
 
 
-def load_encoder(path, img_size=None, **timm_kwargs):
+def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **timm_kwargs):
     """Build timm's ``VisionTransformer`` from an encoder file and load its weights strictly.
 
     Args:
@@ -299,6 +299,10 @@ def load_encoder(path, img_size=None, **timm_kwargs):
         img_size: input resolution (int or (H, W)); when it differs from the stored one the
             position embeddings of the patch grid are resampled bicubically with timm's
             ``resample_abs_pos_embed`` (class position kept as is).
+        pos_embed_antialias: False (default) gives plain bicubic interpolation with
+            align_corners=False, exactly what the official MAE fine-tuning (``interpolate_pos_embed``)
+            and mmsegmentation's ViT do. True is timm's own default; PyTorch's antialiased bicubic
+            uses a different kernel (a=-0.5 instead of -0.75), so it differs even when up-sampling.
         **timm_kwargs: passed to ``VisionTransformer`` (e.g. ``global_pool="avg"``, ``fc_norm=True``,
             ``drop_path_rate=0.1``, ``num_classes=1000``). Defaults: ``num_classes=0`` (head = Identity),
             ``global_pool="token"``. Architecture arguments come from the file and cannot be given.
@@ -344,7 +348,8 @@ def load_encoder(path, img_size=None, **timm_kwargs):
     stored = arch["img_size"] // arch["patch_size"]
     if grid != [stored, stored]:
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, old_size=[stored, stored],
-                                                    num_prefix_tokens=1)
+                                                    num_prefix_tokens=1, interpolation="bicubic",
+                                                    antialias=pos_embed_antialias)
     if isinstance(model.norm, torch.nn.Identity):
         # pooled + fc_norm: timm drops the per-token final norm (see docstring)
         state.pop("norm.weight")

@@ -88,8 +88,16 @@ def test_pos_embed_interpolated_like_timm(tiny):
     model, path = tiny
     big = load_encoder(path, img_size=48)
     assert big.pos_embed.shape == (1, 1 + 12 * 12, 32)
-    expected = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[12, 12], num_prefix_tokens=1)
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[12, 12], num_prefix_tokens=1,
+                                      antialias=False)
     assert torch.equal(big.pos_embed.detach(), expected)
+    # the official MAE fine-tuning resamples with plain bicubic, align_corners=False, on the patch grid
+    grid = model.pos_embed.detach()[:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    mae = torch.nn.functional.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+    assert torch.allclose(big.pos_embed[:, 1:].detach(), mae.permute(0, 2, 3, 1).flatten(1, 2), atol=1e-6)
+    timm_default = load_encoder(path, img_size=48, pos_embed_antialias=True)
+    assert torch.equal(timm_default.pos_embed.detach(),
+                       resample_abs_pos_embed(model.pos_embed.detach(), new_size=[12, 12], num_prefix_tokens=1))
     assert torch.equal(big.pos_embed[:, 0], model.pos_embed[:, 0])  # class position kept
     with torch.no_grad():
         assert big(torch.randn(2, 3, 48, 48)).shape == (2, 32)

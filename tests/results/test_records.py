@@ -153,3 +153,22 @@ def test_explicit_file_with_any_name_is_read(tmp_path):
     p.write_text(json.dumps(r))
     table, problems = load_records(p)
     assert problems == [] and table["run_id"].tolist() == [r["run_id"]]
+
+
+def test_encoder_summary_from_file(tmp_path):
+    from functools import partial
+
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mimbench.encoders import encoder_sha256, save_encoder
+    from mimbench.results.records import encoder_summary
+
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    path = save_encoder(vit.state_dict(), tmp_path / "e.safetensors", arch="vit-d32x2/4", technique="ddae", epochs=7,
+                        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    block = encoder_summary(path)
+    assert block == {"path": str(path), "sha256": encoder_sha256(path), "arch": "vit-d32x2/4", "technique": "ddae",
+                     "epochs": 7.0, "source": "mimbench"}
+    assert make(encoder=block)["encoder"]["technique"] == "ddae"

@@ -331,6 +331,10 @@ def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **ti
         raise MimbenchError(f"{path}: tensors cannot be read ({e}).", "The file is corrupt; re-export it.") from None
     check_state_dict({k: tuple(v.shape) for k, v in state.items()}, arch, str(path))
 
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or ())
+    if any(int(s) % arch["patch_size"] for s in sizes):
+        raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size {arch['patch_size']}.",
+                            "Choose an input resolution made of whole patches.")
     in_chans = int(state["patch_embed.proj.weight"].shape[1])
     kwargs = dict(num_classes=0, global_pool="token")
     kwargs.update(timm_kwargs)

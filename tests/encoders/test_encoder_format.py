@@ -242,3 +242,9 @@ def test_save_into_unwritable_location(tmp_path):
     blocker.write_text("x")
     with pytest.raises(MimbenchError, match="Cannot write"):
         save_encoder(tiny_vit().state_dict(), blocker / "e.safetensors", arch="a", technique="t", **ARCH)
+
+
+def test_img_size_must_be_whole_patches(tiny):
+    _, path = tiny
+    with pytest.raises(MimbenchError, match="not a multiple of the patch size"):
+        load_encoder(path, img_size=30)

@@ -11,6 +11,11 @@ Supported layouts (all already use timm's VisionTransformer key names for the en
   next to ``norm``) dropped.
 * ``deit`` - DeiT checkpoints (``{"model": ...}``); distilled models (``dist_token``,
   ``head_dist``) are refused: their second token has no counterpart in the encoder format.
+* ``mmpretrain`` - mmpretrain/mmselfsup ViT checkpoints (``{"state_dict": ...}``, encoder under
+  ``backbone.``; MAE's decoder under ``neck.``, dropped). Their own module names are mapped to
+  timm's: ``patch_embed.projection`` -> ``patch_embed.proj``, ``layers.i.ln1/ln2`` ->
+  ``blocks.i.norm1/norm2``, ``layers.i.ffn.layers.0.0`` / ``.layers.1`` -> ``blocks.i.mlp.fc1`` /
+  ``.fc2``, final ``ln1`` -> ``norm`` and the pooled-feature ``ln2`` -> ``fc_norm``.
 
 Dropped tensors are counted per module in the ``source_dropped`` metadata field of the output.
 PyTorch files are always read with ``torch.load(weights_only=True)``; checkpoints of the
@@ -31,13 +36,42 @@ import torch
 from mimbench.errors import MimbenchError
 from mimbench.encoders.format import FORMAT_TAG, arch_name, default_num_heads, mlp_hidden, save_encoder
 
-LAYOUTS = ("auto", "mae", "timm", "deit")
+LAYOUTS = ("auto", "mae", "timm", "deit", "mmpretrain")
 
 _MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 _MAE_DECODER_EXACT = ("decoder_pos_embed", "mask_token")
 _HEAD = ("head.",)
 _DISTILLED = ("dist_token", "head_dist.")
-_TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown"}
+_TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown"}
+
+# mmpretrain VisionTransformer module names -> timm's (applied after stripping "backbone.")
+_MMPRETRAIN_RENAMES = (
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^layers\.(\d+)\.ln1\."), r"blocks.\1.norm1."),
+    (re.compile(r"^layers\.(\d+)\.ln2\."), r"blocks.\1.norm2."),
+    (re.compile(r"^layers\.(\d+)\.attn\.(qkv|proj)\."), r"blocks.\1.attn.\2."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.0\.0\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.1\."), r"blocks.\1.mlp.fc2."),
+    (re.compile(r"^ln1\."), "norm."),
+    (re.compile(r"^ln2\."), "fc_norm."),
+)
+
+
+def _from_mmpretrain(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep ``backbone.*`` under timm names; return it and the names of everything else (neck, head)."""
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if not k.startswith("backbone."):
+            dropped.append(k)
+            continue
+        name = k[len("backbone."):]
+        for pattern, repl in _MMPRETRAIN_RENAMES:
+            new, n = pattern.subn(repl, name)
+            if n:
+                name = new
+                break
+        out[name] = v
+    return out, dropped
 
 
 def _sha256(path: Path) -> str:
@@ -58,7 +92,8 @@ def _load_file(src: Path) -> object:
             with safe_open(str(src), framework="pt") as f:
                 meta = f.metadata() or {}
             if meta.get("format") == FORMAT_TAG:
-                raise MimbenchError(f"{src} is already a mimbench encoder file.", "Use it directly; nothing to convert.")
+                raise MimbenchError(f"{src} is already a mimbench encoder file.",
+                                    "Use it directly; nothing to convert.")
             return load_file(str(src))
         except MimbenchError:
             raise
@@ -114,6 +149,8 @@ def _summarize(names: list[str]) -> str:
 
 
 def _detect_layout(sd: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in sd):
+        return "mmpretrain"
     if any(k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT for k in sd):
         return "mae"
     if any(k.startswith(_DISTILLED) for k in sd):
@@ -151,7 +188,7 @@ def _infer_arch(sd: dict[str, torch.Tensor], src: Path, num_heads: int | None) -
         raise MimbenchError(
             f"{src} does not look like a ViT with a class token and absolute position embeddings "
             f"(absent: {', '.join(absent) or 'none, but shapes are unusual'}; first keys: {', '.join(list(sd)[:6])}).",
-            "Supported: official MAE, DeiT (non-distilled) and timm VisionTransformer checkpoints.")
+            "Supported: official MAE, DeiT (non-distilled), timm VisionTransformer and mmpretrain ViT checkpoints.")
     embed_dim, patch = int(w.shape[0]), int(w.shape[2])
     if w.shape[2] != w.shape[3]:
         raise MimbenchError(f"{src}: non-square patches {tuple(w.shape[2:])} are not supported.", "")
@@ -201,12 +238,15 @@ def convert_checkpoint(src, dst, layout: str = "auto", *, num_heads: int | None 
     sd, wrapper = _state_dict(_load_file(src), src)
     if layout == "auto":
         layout = _detect_layout(sd)
-    dropped = _drop(sd, layout, src)
+    dropped = []
+    if layout == "mmpretrain":
+        sd, dropped = _from_mmpretrain(sd)
+    dropped = sorted(dropped + _drop(sd, layout, src))
     arch = _infer_arch(sd, src, num_heads)
     if epochs is None:
         epoch = wrapper.get("epoch")
         epochs = float(epoch) + 1 if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else 0.0
     extra = {"source_sha256": _sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)}
     return save_encoder(
-        sd, dst, arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]), technique=technique or _TECHNIQUE[layout],
-        epochs=epochs, data=data, source=src.name, extra=extra, **arch)
+        sd, dst, arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
+        technique=technique or _TECHNIQUE[layout], epochs=epochs, data=data, source=src.name, extra=extra, **arch)

@@ -122,7 +122,8 @@ def check_state_dict(shapes_found: Mapping[str, tuple[int, ...]], arch: Mapping[
         if unexpected:
             parts.append(f"unexpected tensors: {_name_list(unexpected)}")
         raise MimbenchError(
-            f"{where} does not hold the tensors of a {arch_name(int(arch['embed_dim']), int(arch['depth']), int(arch['patch_size']))} "
+            f"{where} does not hold the tensors of a "
+            f"{arch_name(int(arch['embed_dim']), int(arch['depth']), int(arch['patch_size']))} "
             f"timm VisionTransformer encoder ({'; '.join(parts)}).",
             "An encoder file holds exactly cls_token, pos_embed, patch_embed.proj.*, blocks.<i>.* and norm.* "
             "(no head, no decoder). Foreign checkpoints must go through `mimbench convert`.")
@@ -333,7 +334,8 @@ def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **ti
 
     sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or ())
     if any(int(s) % arch["patch_size"] for s in sizes):
-        raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size {arch['patch_size']}.",
+        raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size "
+                            f"{arch['patch_size']}.",
                             "Choose an input resolution made of whole patches.")
     in_chans = int(state["patch_embed.proj.weight"].shape[1])
     kwargs = dict(num_classes=0, global_pool="token")

@@ -184,7 +184,8 @@ def write_record(results_dir, record: dict) -> Path:
         tmp = None
     except OSError as e:
         raise MimbenchError(f"Cannot write the run record into {results_dir}: {e.strerror or e}.",
-                            "Give an output folder that is a directory you can write to (and has free space).") from None
+                            "Give an output folder that is a directory you can write to (and has free space)."
+                            ) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -276,7 +277,8 @@ def load_records(*dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
             problems.append(f"{f}: {'; '.join(bad)}; skipped")
             continue
         if record["run_id"] in run_ids:
-            problems.append(f"{f}: duplicate of run {record['run_id']} already read from {run_ids[record['run_id']]}; skipped")
+            first = run_ids[record["run_id"]]
+            problems.append(f"{f}: duplicate of run {record['run_id']} already read from {first}; skipped")
             continue
         run_ids[record["run_id"]] = f
         rows.append({"file": str(f), **record})

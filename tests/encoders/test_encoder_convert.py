@@ -196,3 +196,31 @@ def test_converted_matches_native_export(tmp_path):
     a, b = load_encoder(native).state_dict(), load_encoder(conv).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_metadata(conv)["arch"] == read_metadata(native)["arch"]
+
+
+def to_mmpretrain(sd):
+    """timm ViT keys -> mmpretrain VisionTransformer keys (names as in mmpretrain's backbone and mmcv's FFN)."""
+    out = {}
+    for k, v in sd.items():
+        name = (k.replace("patch_embed.proj.", "patch_embed.projection.").replace("blocks.", "layers.")
+                .replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
+                .replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1."))
+        if name.startswith("norm."):
+            name = "ln1." + name[len("norm."):]
+        out["backbone." + name] = v
+    return out
+
+
+def test_mmpretrain_mae_checkpoint(tmp_path):
+    model = tiny_vit()
+    sd = to_mmpretrain(model.state_dict())
+    assert "backbone.layers.1.ffn.layers.0.0.weight" in sd and "backbone.ln1.bias" in sd
+    sd.update({"neck.mask_token": torch.zeros(1, 1, 16), "neck.decoder_pos_embed": torch.zeros(1, 65, 16),
+               "neck.decoder_blocks.0.ln1.weight": torch.ones(16), "neck.ln1.weight": torch.ones(16),
+               "neck.decoder_pred.weight": torch.zeros(48, 16)})
+    src = tmp_path / "mae_vit-base-p16_8xb512-amp-coslr-300e_in1k.pth"
+    torch.save({"meta": {"epoch": 300, "mmengine_version": "0.10.7"}, "state_dict": sd}, src)
+    dst = convert_checkpoint(src, tmp_path / "e.safetensors", num_heads=2, technique="mae")
+    meta = read_metadata(dst)
+    assert meta["source_layout"] == "mmpretrain" and meta["source_dropped"] == "neck(5)"
+    assert same_outputs(model, dst)

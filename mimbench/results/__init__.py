@@ -2,6 +2,7 @@
 from mimbench.results.records import (
     SCHEMA_VERSION,
     encoder_summary,
+    environment_info,
     load_records,
     new_record,
     record_problems,
@@ -9,5 +10,5 @@ from mimbench.results.records import (
     write_record,
 )
 
-__all__ = ["SCHEMA_VERSION", "encoder_summary", "load_records", "new_record", "record_problems",
+__all__ = ["SCHEMA_VERSION", "encoder_summary", "environment_info", "load_records", "new_record", "record_problems",
            "validate_record", "write_record"]

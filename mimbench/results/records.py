@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+from mimbench.env import environment_info  # noqa: F401  (re-exported: records carry it)
 from mimbench.errors import MimbenchError
 
 SCHEMA_VERSION = 1
@@ -72,8 +73,6 @@ def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict
     ``protocol["deviations"]`` defaults to [] and ``dataset["root"]``/``["sizes"]`` to None/{};
     versions and hardware are filled in from :func:`mimbench.env.environment_info`.
     """
-    from mimbench.env import environment_info
-
     env = environment_info()
     protocol = {"name": protocol.get("name"), "sha256": protocol.get("sha256"), "deviations": [], **protocol}
     dataset = {"name": dataset.get("name"), "root": None, "sizes": {}, **dataset}

@@ -19,6 +19,12 @@ def test_versions_and_hardware():
     assert info["hardware"]["count"] >= 1
 
 
+def test_reexported_where_records_live():
+    from mimbench.results import records
+
+    assert records.environment_info is env.environment_info
+
+
 def test_world_size_counts_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert env.hardware_info()["count"] == 8

@@ -203,17 +203,22 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 @app.command()
 @_user_errors
 def convert(
-    src: Path = typer.Argument(..., help="Checkpoint in a foreign layout (MAE .pth, timm, DeiT, BEiT ...)"),
+    src: Path = typer.Argument(..., help="Checkpoint in a foreign layout (official MAE .pth, timm, DeiT, mmpretrain)"),
     dst: Path = typer.Argument(..., help="Encoder file to write (.safetensors)"),
-    layout: str = typer.Option("auto", help="auto | mae | timm | deit"),
+    layout: str = typer.Option("auto", help="auto | mae | timm | deit | mmpretrain"),
+    num_heads: Optional[int] = typer.Option(None, help="Attention heads, only for non-standard widths"),
+    technique: Optional[str] = typer.Option(None, help="Provenance: pre-training technique (default from the layout)"),
+    epochs: Optional[float] = typer.Option(None, help="Provenance: pre-training epochs (default from the checkpoint)"),
+    data: str = typer.Option("", help="Provenance: pre-training data, e.g. in1k"),
 ):
     """Convert a foreign checkpoint into a mimbench encoder file (weights-only loading, never unpickles code).
 
-    Example: mimbench convert mae_pretrain_vit_base.pth mae_b.safetensors
+    Example: mimbench convert mae_pretrain_vit_base.pth mae_b.safetensors --epochs 1600 --data in1k
     """
     from mimbench.encoders import convert_checkpoint
 
-    typer.echo(f"wrote {convert_checkpoint(src, dst, layout=layout)}")
+    path = convert_checkpoint(src, dst, layout=layout, num_heads=num_heads, technique=technique, epochs=epochs, data=data)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -63,6 +63,8 @@ def random_masking(
         noise = torch.rand(batch, num_patches, device=device)
     else:
         check_noise(noise, batch, num_patches)
+        if device is not None and noise.device != torch.device(device):
+            noise = noise.to(device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # Build the mask in shuffled order (kept first) and unshuffle it.

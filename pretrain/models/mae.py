@@ -37,7 +37,9 @@ inserted ones):
   form (``K <= L``), e.g. an intermediate encoder output, and returns ``N x L x p*p*C``;
 * ``forward_target(imgs)`` -> normalised target ``N x L x p*p*C`` (updates EMA statistics in
   training mode: call once per step), ``forward_loss(imgs, pred, mask)`` -> scalar, and
-  :func:`pretrain.targets.per_patch_mse` / :func:`pretrain.targets.masked_mean` for weighted losses.
+  :func:`pretrain.targets.per_patch_mse` / :func:`pretrain.targets.masked_mean` for weighted losses;
+* ``self._loss_terms`` (``dict[str, Tensor]``, detached) is what the ``loss_terms`` property reports,
+  so a subclass's forward sets it with its own terms.
 """
 from __future__ import annotations
 

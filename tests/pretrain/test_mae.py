@@ -277,3 +277,17 @@ def test_registry_presets_and_errors():
         create_model("mae_vit_gigantic")
     with pytest.raises(MimbenchError, match="decoder_attn_drop"):
         create_model("mae_vit_micro_patch4_32", decoder_atn_drop=0.1)
+
+
+def test_package_level_create_model(tmp_path):
+    # In a fresh interpreter (tests/pretrain/ would shadow the package name inside pytest).
+    import subprocess
+    import sys
+
+    code = (
+        "import pretrain, torch; m = pretrain.create_model('mae_vit_micro_patch4_32');"
+        "print(type(m).__name__, 'mae' in pretrain.list_models())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["MaskedAutoencoderViT", "True"]

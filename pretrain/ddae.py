@@ -151,15 +151,21 @@ def dynamic_weights(dist: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor |
         beta: scalar (float or 0-d tensor, may require grad): < 0 favours near patches, > 0 far ones.
 
     Returns:
-        ``N x L`` weights, 0 on visible patches, mean exactly 1 over the masked patches of every
-        image that has any (computed as a masked softmax, so large ``|beta|`` cannot overflow).
+        ``N x L`` weights, 0 on visible patches, mean 1 over the masked patches of every image
+        that has any (a masked softmax times ``n``, shifted so large ``|beta|`` cannot overflow).
     """
     masked = mask > 0.5
     logits = (beta * dist).masked_fill(~masked, float("-inf"))
-    n = masked.sum(dim=1, keepdim=True)
-    # An image without masked patches would give a softmax of all -inf (NaN): give it zeros.
-    logits = torch.where(n > 0, logits, torch.zeros_like(logits))
-    w = torch.softmax(logits, dim=1) * n.to(logits.dtype)
+    # Subtract each image's largest masked logit so exp cannot overflow; images without masked
+    # patches get 0 instead of -inf (their weights are zeroed below).
+    top = logits.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(logits - top.detach())
+    n = masked.sum(dim=1, keepdim=True).to(e.dtype)
+    # e / mean(e over masked): with beta = 0 every masked e is exactly 1, so the weights are
+    # exactly 1 (bit-identical to MAE's unweighted masked mean). The mean is >= 1/n whenever an
+    # image has a masked patch; the clamp only turns 0/0 into 0 for images without any.
+    w = e / (e.sum(dim=1, keepdim=True) / n.clamp_min(1.0)).clamp_min(torch.finfo(e.dtype).tiny)
     return w * masked.to(w.dtype)
 
 

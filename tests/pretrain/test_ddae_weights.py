@@ -192,3 +192,14 @@ def test_momentum_schedule_and_feature_losses():
     torch.testing.assert_close(feature_loss(s, t, "smooth_l1"), ref)
     with pytest.raises(MimbenchError):
         feature_loss(s, t, "l3")
+
+
+def test_dynamic_weights_exactly_one_at_beta_zero_and_zero_without_masked_patches():
+    mask = random_mask(3, 64, 0.75, seed=5)
+    mask[2] = 0  # an image with nothing masked
+    d = distance_map(mask, 8)
+    for beta in (0.0, torch.zeros((), requires_grad=True)):
+        w = dynamic_weights(d, mask, beta)
+        assert torch.equal(w, mask)
+    w = dynamic_weights(d, mask, 2.0)
+    assert torch.isfinite(w).all() and w[2].eq(0).all()

@@ -226,6 +226,11 @@ class MAEWithDDS(MaskedAutoencoderViT):
         """Advance the beta schedule: progress ``(it + 1) / total_its`` for the next step."""
         self.dds_beta.set_progress((it + 1) / max(int(total_its), 1))
 
+    def set_progress(self, next_it: int, total_its: int) -> None:
+        """Put the beta schedule where it is before step ``next_it`` (e.g. when resuming): the
+        plug-in keeps MAE's state-dict keys, so its progress is not in checkpoints."""
+        self.dds_beta.set_progress(next_it / max(int(total_its), 1))
+
     def no_weight_decay(self) -> set[str]:
         names = super().no_weight_decay()
         if self.dds_beta.theta is not None:
@@ -317,17 +322,26 @@ class DDAE(MAEWithDDS):
         self.ema_momentum = float(ema_momentum)
         self.ema_momentum_end = float(ema_momentum_end)
         self.export_teacher = bool(export_teacher)
-        in_dim = self.decoder_embed.out_features if distill_tokens == "masked" else self.embed_dim
-        self.distill_heads = nn.ModuleList([nn.Linear(in_dim, self.embed_dim) for _ in self.distill_depths])
-        for head in self.distill_heads:
-            self._init_weights(head)
-        self.teacher = TeacherEncoder(self)
-        self.teacher.eval()
+        if self.export_teacher and self.distill_weight == 0:
+            raise MimbenchError("export_teacher=True needs a teacher, but distill_weight=0 disables it.")
+        # Without distillation there is no teacher and no head: no dead weights, and no parameter
+        # that would sit unused in every step (which DistributedDataParallel rejects).
+        if self.distill_weight > 0:
+            in_dim = self.decoder_embed.out_features if distill_tokens == "masked" else self.embed_dim
+            self.distill_heads = nn.ModuleList([nn.Linear(in_dim, self.embed_dim) for _ in self.distill_depths])
+            for head in self.distill_heads:
+                self._init_weights(head)
+            self.teacher = TeacherEncoder(self)
+            self.teacher.eval()
+        else:
+            self.distill_heads = None
+            self.teacher = None
         self._last_momentum = self.ema_momentum  # logged until the first update
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher always runs in inference mode
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always runs in inference mode
         return self
 
     def _decode_depth(self, x: torch.Tensor, ids_restore: torch.Tensor):
@@ -396,8 +410,9 @@ class DDAE(MAEWithDDS):
 
     def on_step_end(self, it: int, total_its: int) -> None:
         """EMA teacher update with the momentum at progress ``(it + 1) / total_its``, then the beta schedule."""
-        progress = (it + 1) / max(int(total_its), 1)
-        self.update_teacher(D.ema_momentum(progress, self.ema_momentum, self.ema_momentum_end))
+        if self.teacher is not None:
+            progress = (it + 1) / max(int(total_its), 1)
+            self.update_teacher(D.ema_momentum(progress, self.ema_momentum, self.ema_momentum_end))
         super().on_step_end(it, total_its)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

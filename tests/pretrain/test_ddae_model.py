@@ -70,6 +70,23 @@ def test_single_last_depth_beta_zero_no_distillation_is_exactly_mae(cls):
     assert torch.equal(learn(imgs, 0.75, noise)[0], l0)
 
 
+def test_ddae_without_distillation_has_no_teacher():
+    m = make(DDAE, distill_weight=0.0)
+    assert m.teacher is None and m.distill_heads is None
+    assert not any(k.startswith(("teacher.", "distill_heads.")) for k in m.state_dict())
+    m.on_step_end(0, 10)  # only the beta schedule moves
+    assert float(m.dds_beta.progress) == pytest.approx(0.1)
+    with pytest.raises(MimbenchError):
+        make(DDAE, distill_weight=0.0, export_teacher=True)
+
+
+def test_plug_in_progress_restored_by_set_progress():
+    m = make(MAEWithDDS, dds_beta_mode="scheduled", dds_beta_schedule="linear")
+    assert "dds_beta.progress" not in m.state_dict()
+    m.set_progress(5, 10)  # resuming before step 5 of 10
+    assert float(m.dds_beta()[0]) == pytest.approx(0.0)
+
+
 def test_dds_loss_matches_hand_computation():
     model = make(MAEWithDDS, dds_depths=(1, 3), dds_weights=(0.5, 2.0), dds_beta_mode="fixed",
                  dds_beta_start=1.5, dds_distance_metric="chebyshev")
@@ -163,8 +180,9 @@ def test_ddae_distillation_loss_matches_hand_computation():
     tgt = F.layer_norm(x, (32,))[:, 1:]
     per_patch = ((m.distill_heads[0](hidden[:, 1:]) - tgt) ** 2).mean(-1)
     ref = (per_patch * mask).sum() / mask.sum()
-    assert m.loss_terms["loss_distill_d2"] == pytest.approx(float(ref), rel=1e-5)
-    assert float(loss) == pytest.approx(m.loss_terms["loss_dds"] + float(ref), rel=1e-5)
+    ref = float(ref.detach())
+    assert m.loss_terms["loss_distill_d2"] == pytest.approx(ref, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(m.loss_terms["loss_dds"] + ref, rel=1e-5)
 
 
 def test_ddae_teacher_gets_no_gradient_and_moves_by_the_momentum():
@@ -257,6 +275,6 @@ def test_ddae_micro_preset_training_steps():
         assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
         opt.step()
         m.on_step_end(it, 3)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert m.loss_terms["beta_d4"] != -1.0  # the schedule moved

@@ -95,6 +95,7 @@ def distance_map(
     grid_size: int | Sequence[int],
     metric: str = "euclidean",
     normalize: str = "max",
+    check: bool = True,
 ) -> torch.Tensor:
     """Distance of every masked patch to the nearest visible patch on the patch grid.
 
@@ -104,6 +105,8 @@ def distance_map(
         metric: ``"euclidean"``, ``"chebyshev"`` or ``"manhattan"``, in grid (patch) units.
         normalize: ``"max"`` (divide by each image's largest distance; values in [0, 1]),
             ``"grid"`` (divide by the grid's largest possible distance) or ``"none"``.
+        check: look for images without a visible patch (a device synchronisation; callers that
+            know every image keeps a patch, e.g. from the mask ratio, may skip it).
 
     Returns:
         ``N x L`` float32 on ``mask``'s device: 0 on visible patches, >= 1 grid unit (before
@@ -125,7 +128,7 @@ def distance_map(
             f"mask must be N x L with L = {h}*{w} = {h * w} patches, got shape {tuple(mask.shape)}."
         )
     masked = mask.detach() > 0.5
-    if bool((masked.all(dim=1)).any()):
+    if check and bool(masked.all(dim=1).any()):
         bad = torch.nonzero(masked.all(dim=1)).flatten().tolist()
         raise NoVisiblePatchError(
             f"Images {bad[:8]} have no visible patch, so no masked patch has a nearest visible one.",
@@ -250,7 +253,13 @@ class DynamicBeta(nn.Module):
         return None if self.theta is None else self.bound * torch.tanh(self.theta)
 
     def forward(self) -> torch.Tensor:
-        base = torch.full((self.num_depths,), self.scheduled(), device=self.progress.device)
+        # Tensor arithmetic on the progress buffer: no host-device synchronisation per step.
+        if self.mode == "fixed":
+            base = torch.full((self.num_depths,), self.beta_start, device=self.progress.device)
+        else:
+            p = self.progress.clamp(0.0, 1.0)
+            s = p if self.schedule == "linear" else (1.0 - torch.cos(math.pi * p)) / 2.0
+            base = (self.beta_start + (self.beta_end - self.beta_start) * s).expand(self.num_depths)
         off = self.offset()
         return base if off is None else base + off
 

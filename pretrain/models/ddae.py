@@ -51,7 +51,7 @@ from torch import nn
 
 from mimbench.errors import MimbenchError
 from pretrain import ddae as D
-from pretrain import targets
+from pretrain import masking, targets
 from pretrain.models.mae import PRESETS, LayerNorm6, MaskedAutoencoderViT
 from pretrain.registry import register
 
@@ -184,11 +184,18 @@ class MAEWithDDS(MaskedAutoencoderViT):
     def _patch_weights(self, mask: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         grid = self.img_size // self.patch_size
         with torch.no_grad():
-            dist = D.distance_map(mask, grid, self.dds_distance_metric, self.dds_distance_norm)
+            # _dds has checked on the host that every image keeps a visible patch.
+            dist = D.distance_map(mask, grid, self.dds_distance_metric, self.dds_distance_norm, check=False)
         return dist, [D.dynamic_weights(dist, mask, betas[k]) for k in range(len(self.dds_depths))]
 
     def _dds(self, imgs, mask_ratio, noise, extra_layers: Sequence[int] = ()):
         """Shared DDS computation; returns a dict of intermediate results (see ``forward``)."""
+        if masking.num_keep(self.num_patches, mask_ratio) == 0:
+            raise D.NoVisiblePatchError(
+                f"mask_ratio={mask_ratio} leaves no visible patch of {self.num_patches}, so the distance "
+                "map (distance of each masked patch to the nearest visible one) is undefined.",
+                f"Use a mask ratio below {1 - 1 / self.num_patches:.4f}.",
+            )
         feats, mask, ids_restore, raw = self._encode_depths(imgs, mask_ratio, noise, extra_layers)
         target = self.forward_target(imgs)
         betas = self.dds_beta()
@@ -347,8 +354,6 @@ class DDAE(MAEWithDDS):
     def _decode_depth(self, x: torch.Tensor, ids_restore: torch.Tensor):
         """MAE's ``forward_decoder`` that also returns the hidden states after ``decoder_norm``
         (``N x (1+L) x decoder_dim``); a test checks ``pred`` equals ``forward_decoder``'s."""
-        from pretrain import masking
-
         x = self.decoder_embed(x)
         n, num_patches = ids_restore.shape
         mask_tokens = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)
@@ -371,8 +376,6 @@ class DDAE(MAEWithDDS):
         terms["loss_dds"] = total.detach()
         if self.distill_weight > 0:
             teacher = self._teacher_targets(imgs)
-            ids_shuffle = torch.argsort(out["ids_restore"], dim=1)
-            len_keep = int((mask[0] == 0).sum())
             distill_total = None
             for j, d in enumerate(self.distill_depths):
                 k = self.dds_depths.index(d)
@@ -382,9 +385,8 @@ class DDAE(MAEWithDDS):
                     per_patch = D.feature_loss(student, t_patch, self.distill_loss)
                     loss = D.weighted_masked_mean(per_patch, out["weights"][k], mask)
                 else:
-                    from pretrain import masking
-
-                    vis_ids = ids_shuffle[:, :len_keep]
+                    len_keep = masking.num_keep(self.num_patches, mask_ratio)
+                    vis_ids = torch.argsort(out["ids_restore"], dim=1)[:, :len_keep]  # ids_shuffle
                     student = self.distill_heads[j](out["feats"][k][:, 1 : 1 + len_keep, :])
                     loss = D.feature_loss(student, masking.gather_tokens(t_patch, vis_ids), self.distill_loss).mean()
                 terms[f"loss_distill_d{d}"] = loss.detach()

@@ -287,16 +287,3 @@ def ema_momentum(progress: float, base: float = 0.996, final: float = 1.0) -> fl
     p = min(max(float(progress), 0.0), 1.0)
     return final - (final - base) * (1.0 + math.cos(math.pi * p)) / 2.0
 
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``t <- m * t + (1 - m) * s`` for every parameter and floating buffer of two modules with
-    identical structure (parameters/buffers matched by name)."""
-    s_params = dict(student.named_parameters())
-    s_bufs = dict(student.named_buffers())
-    t_items = list(teacher.named_parameters()) + [(k, b) for k, b in teacher.named_buffers() if b.is_floating_point()]
-    for name, t in t_items:
-        s = s_params.get(name, s_bufs.get(name))
-        if s is None:
-            raise RuntimeError(f"EMA teacher tensor {name!r} has no counterpart in the student")
-        t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)

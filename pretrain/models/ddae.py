@@ -156,26 +156,24 @@ class MAEWithDDS(MaskedAutoencoderViT):
         )
 
     # ------------------------------------------------------------------ pieces
-    def _encode_depths(self, imgs, mask_ratio, noise, extra_layers: Sequence[int] = ()):
+    def _encode_depths(self, imgs, mask_ratio, noise):
         """Encoder features at every supervised depth, each normalised as configured.
 
-        Returns ``(feats list of N x (1+K_k) x D in dds_depths order, mask, ids_restore, raw)``
-        where ``raw`` maps each block count in ``extra_layers`` to its un-normalised output.
+        Returns ``(feats, mask, ids_restore)``, ``feats`` a list of ``N x (1+K_k) x D`` in
+        ``dds_depths`` order (the last one is MAE's latent).
         """
         inter = [d for d in self.dds_depths if d < self.depth]
-        wanted = sorted(set(inter) | set(extra_layers))
-        if wanted:
-            latent, mask, ids_restore, outs = self.forward_encoder(imgs, mask_ratio, noise, [d - 1 for d in wanted])
-            raw = dict(zip(wanted, outs))
+        if inter:
+            latent, mask, ids_restore, raw = self.forward_encoder(imgs, mask_ratio, noise, [d - 1 for d in inter])
         else:
             latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-            raw = {}
+            raw = []
         feats = []
-        for i, d in enumerate(inter):
+        for i, x in enumerate(raw):
             norm = self.norm if self.dds_norms is None else self.dds_norms[i]
-            feats.append(norm(raw[d]))
+            feats.append(norm(x))
         feats.append(latent)
-        return feats, mask, ids_restore, raw
+        return feats, mask, ids_restore
 
     def _decode_depth(self, x: torch.Tensor, ids_restore: torch.Tensor):
         """``(decoder hidden states or None, pred N x L x P)`` for one depth's features."""
@@ -188,7 +186,7 @@ class MAEWithDDS(MaskedAutoencoderViT):
             dist = D.distance_map(mask, grid, self.dds_distance_metric, self.dds_distance_norm, check=False)
         return dist, [D.dynamic_weights(dist, mask, betas[k]) for k in range(len(self.dds_depths))]
 
-    def _dds(self, imgs, mask_ratio, noise, extra_layers: Sequence[int] = ()):
+    def _dds(self, imgs, mask_ratio, noise):
         """Shared DDS computation; returns a dict of intermediate results (see ``forward``)."""
         if masking.num_keep(self.num_patches, mask_ratio) == 0:
             raise D.NoVisiblePatchError(
@@ -196,7 +194,7 @@ class MAEWithDDS(MaskedAutoencoderViT):
                 "map (distance of each masked patch to the nearest visible one) is undefined.",
                 f"Use a mask ratio below {1 - 1 / self.num_patches:.4f}.",
             )
-        feats, mask, ids_restore, raw = self._encode_depths(imgs, mask_ratio, noise, extra_layers)
+        feats, mask, ids_restore = self._encode_depths(imgs, mask_ratio, noise)
         target = self.forward_target(imgs)
         betas = self.dds_beta()
         _, weights = self._patch_weights(mask, betas)
@@ -218,7 +216,7 @@ class MAEWithDDS(MaskedAutoencoderViT):
             total = total + self.dds_beta_reg * reg
             terms["loss_beta_reg"] = reg.detach()
         return dict(
-            feats=feats, mask=mask, ids_restore=ids_restore, raw=raw, weights=weights,
+            feats=feats, mask=mask, ids_restore=ids_restore, weights=weights,
             hidden=hidden, preds=preds, total=total, terms=terms,
         )
 

@@ -278,3 +278,19 @@ def test_ddae_micro_preset_training_steps():
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert m.loss_terms["beta_d4"] != -1.0  # the schedule moved
+
+
+def test_learnable_beta_in_model_stays_within_bound_of_schedule():
+    m = make(MAEWithDDS, dds_beta_bound=0.5, dds_beta_schedule="linear")
+    opt = torch.optim.SGD([m.dds_beta.theta], lr=1e4)  # a huge step: tanh must still bound it
+    imgs, noise = data()
+    for it in range(4):
+        loss = m(imgs, 0.75, noise)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.on_step_end(it, 4)
+    sched = -1.0 + 2.0 * float(m.dds_beta.progress)
+    betas = m.dds_beta().detach()
+    assert m.dds_beta.theta.abs().max() > 0.1  # it did learn something
+    assert ((betas - sched).abs() <= 0.5 + 1e-6).all() and (betas >= 0.5 - 1e-6).all()

@@ -1,0 +1,445 @@
+"""``mimbench reproduce <paper> --scale demo|full``: the ablation grids of the two seed papers.
+
+A grid is a list of *points*; each point is a name, a base pre-training config and the ``--set``
+overrides applied to it. Every row of the paper-style table names the factor it ablates and the
+point it reads its numbers from, so that a setting shared by several factors (the baseline) is
+trained once.
+
+Grids (this project's reading of the papers; only their abstracts and introductions are known):
+
+robust-mae
+    Starting point: plain MAE with per-patch normalised targets (the official recipe,
+    ``target_norm='patch'``), then one factor at a time: decoder attention dropout rate
+    (0, 0.1, 0.2); target normalisation (none, patch, batch, ema); encoder mask tokens
+    inserted after layer 0, depth/2 or depth for a ratio 0.5 or 1 of the masked positions (ratio 0
+    is plain MAE whatever the layer, so it is the baseline once); and the three ingredients
+    together (the ``robust_*`` recipe values). The paper reports no numbers we have: trends only.
+ddae
+    MAE, MAE+DDS (the plug-in), full DDAE, and DDAE without each ingredient: no deep supervision
+    (last layer only), no dynamic weighting (beta fixed at 0), a scheduled instead of learnable
+    beta, no self-distillation. The paper's ImageNet-1k ViT-B/16 numbers (fine-tune 83.5 at 100
+    epochs, 84.3 longer; ADE20K UperNet 49.3 mIoU) are printed as a reference column for the
+    full DDAE row only; they are never comparable with demo-scale numbers.
+
+``scale="demo"`` trains every point on the embedded Fashion-MNIST subset at CPU size (k-NN and
+the demo linear probe), reuses every finished step and writes the tables; ``scale="full"`` runs
+nothing and writes, per point, the resolved config, the ``torchrun`` pre-training command, a
+Slurm script and the evaluation commands for ImageNet-1k / ADE20K.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from mimbench.errors import MimbenchError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPERS = ("robust-mae", "ddae")
+SCALES = ("demo", "full")
+
+# Base pre-training configs (repository-relative), first existing one wins. "mae" is plain MAE,
+# "ddae" the full DDAE; each grid point names one of these roles.
+BASE_CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "demo": {
+        "mae": ("pretrain/configs/mae_tiny_fmnist.py",),
+        "ddae": ("pretrain/configs/ddae_tiny_fmnist.py",),
+    },
+    "quick": {
+        "mae": ("pretrain/configs/mae_micro_fmnist.py", "pretrain/configs/mae_tiny_fmnist.py"),
+        "ddae": ("pretrain/configs/ddae_micro_fmnist.py", "pretrain/configs/ddae_tiny_fmnist.py"),
+    },
+    "full": {
+        "mae": ("pretrain/configs/mae_vit-b_in1k.py", "pretrain/configs/mae_vit_base_in1k.py",
+                "pretrain/configs/mae_vit-b_800e_in1k.py"),
+        "ddae": ("pretrain/configs/ddae_vit-b_in1k.py", "pretrain/configs/ddae_vit_base_in1k.py",
+                 "pretrain/configs/ddae_vit-b_100e_in1k.py"),
+    },
+}
+
+DEMO_EVALS = (("knn", "eval_configs/demo/knn_fmnist.py"), ("linear", "eval_configs/demo/linear_fmnist.py"))
+FULL_EVALS = (
+    ("finetune", "eval_configs/finetune/mae_vit-b_in1k.py", "$IMAGENET"),
+    ("linear", "eval_configs/linear/mae_vit-b_in1k.py", "$IMAGENET"),
+    ("segment", "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py", "$ADE20K"),
+)
+DEMO_DATA = "builtin:fashion-mnist"
+
+# Numbers the DDAE paper reports (ViT-B/16, ImageNet-1k pre-training): reference only.
+DDAE_PAPER = {"finetune IN-1k @100ep": 83.5, "finetune IN-1k longer": 84.3, "ADE20K mIoU": 49.3}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One pre-training run: ``base`` is a key of BASE_CONFIGS[scale]; ``overrides`` are ``--set`` strings."""
+
+    name: str
+    base: str
+    overrides: tuple[str, ...]
+    paper: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: the ablated ``factor``, the ``setting`` shown, and the grid point it reads."""
+
+    factor: str
+    setting: str
+    point: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    paper: str
+    points: tuple[GridPoint, ...]
+    rows: tuple[Row, ...]
+    base_paths: dict
+
+
+def _fmt(value) -> str:
+    """A value as a Python literal that :func:`mimbench.config.parse_override` reads back unchanged."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, str):  # double quotes: the override then needs no escaping inside shell single quotes
+        return json.dumps(value)
+    return repr(value)
+
+
+def _set(key_prefix: str, **knobs) -> tuple[str, ...]:
+    return tuple(f"{key_prefix}{k}={_fmt(v)}" for k, v in knobs.items())
+
+
+def _find_base(scale: str, role: str) -> Path:
+    for rel in BASE_CONFIGS[scale][role]:
+        if (REPO_ROOT / rel).is_file():
+            return REPO_ROOT / rel
+    raise MimbenchError(
+        f"No {role} pre-training config for scale {scale!r} was found (looked for: "
+        f"{', '.join(BASE_CONFIGS[scale][role])}).",
+        "Run from an editable install of the repository (pip install -e .) that has pretrain/configs/.",
+    )
+
+
+def _model_section(cfg, path: Path) -> dict:
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if not hasattr(model, "keys"):
+        raise MimbenchError(f"Config {path} has no `model` section.", "Pre-training configs define model=dict(...).")
+    return model
+
+
+def _model_name_key(model, path: Path) -> str:
+    for key in ("type", "name", "arch"):
+        if key in model.keys() and isinstance(model[key], str):
+            return key
+    raise MimbenchError(f"Config {path} does not name its model (model.type).", "Set model=dict(type='mae_...').")
+
+
+def _depth(model, name_key: str) -> int:
+    if "depth" in model.keys():
+        return int(model["depth"])
+    from pretrain.models.mae import PRESETS
+
+    name = model[name_key]
+    for preset, args in PRESETS.items():
+        if name.endswith(preset[len("mae_"):]):
+            return int(args["depth"])
+    raise MimbenchError(f"Cannot tell the encoder depth of model {name!r}.", "Give model.depth in the config.")
+
+
+def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict | None = None) -> Grid:
+    """The grid of ``paper`` against the base configs of ``scale`` (``quick``: the smallest demo configs).
+
+    ``bases`` maps the roles ``"mae"``/``"ddae"`` to config files instead of the repository's.
+    Depth-relative settings (mask-token layer depth/2, the DDS depths) are read from the base config.
+    """
+    from mimbench.config import load_config
+
+    paper = _check_paper(paper)
+    which = "full" if scale == "full" else ("quick" if quick else "demo")
+
+    def _resolve_base(scale_key: str, role: str) -> Path:
+        if bases is not None and role in bases:
+            return Path(bases[role])
+        return _find_base(scale_key, role)
+
+    mae_path = _resolve_base(which, "mae")
+    mae_model = _model_section(load_config(mae_path), mae_path)
+    name_key = _model_name_key(mae_model, mae_path)
+    depth = _depth(mae_model, name_key)
+    m = "model."
+    if paper == "robust-mae":
+        from pretrain.models.mae import ROBUST_RECIPE
+
+        plain = dict(decoder_attn_drop=0.0, target_norm="patch", mask_token_layer=depth, mask_token_ratio=0.0)
+        if "norm_pix_loss" in mae_model.keys():  # the legacy flag would conflict with target_norm != "patch"
+            plain = {"norm_pix_loss": False, **plain}
+        points: dict[str, GridPoint] = {"mae": GridPoint("mae", "mae", _set(m, **plain))}
+        rows: list[Row] = []
+
+        def add(factor: str, setting: str, name: str, **change) -> None:
+            knobs = {**plain, **change}
+            over = _set(m, **knobs)
+            for p in points.values():  # one run per distinct setting
+                if p.overrides == over:
+                    name = p.name
+                    break
+            else:
+                points[name] = GridPoint(name, "mae", over)
+            rows.append(Row(factor, setting, name))
+
+        for rate in (0.0, 0.1, 0.2):
+            add("decoder attention dropout", f"{rate:g}", f"attn_drop{rate:g}", decoder_attn_drop=rate)
+        for mode in ("none", "patch", "batch", "ema"):
+            add("target normalisation", mode, f"target_{mode}", target_norm=mode)
+        add("mask tokens (layer, ratio)", "(any, 0) = MAE", "mask_tokens_none", mask_token_ratio=0.0)
+        for layer in sorted({0, depth // 2, depth}):
+            for ratio in (0.5, 1.0):
+                add("mask tokens (layer, ratio)", f"({layer}, {ratio:g})", f"mask_tokens_l{layer}_r{ratio:g}",
+                    mask_token_layer=layer, mask_token_ratio=ratio)
+        recipe = {k: v for k, v in ROBUST_RECIPE.items() if k in plain}
+        recipe.setdefault("mask_token_layer", depth // 2)
+        add("all three", "MAE", "mae")
+        add("all three", "robust recipe (" + ", ".join(f"{k}={v}" for k, v in recipe.items()) + ")",
+            "robust_recipe", **recipe)
+        return Grid(paper, tuple(points.values()), tuple(rows), {"mae": mae_path})
+
+    ddae_path = _resolve_base(which, "ddae")
+    ddae_model = _model_section(load_config(ddae_path), ddae_path)
+    last = [depth]
+    no_dds = dict(dds_depths=last)
+    if "distill_depths" in ddae_model.keys():  # an explicit list must stay a subset of dds_depths
+        no_dds["distill_depths"] = last
+    mae_name = mae_model[name_key]
+    if not mae_name.startswith("mae"):
+        raise MimbenchError(f"Model {mae_name!r} in {mae_path} is not an MAE model.", "Use an mae_* base config.")
+    dds_name = "mae+dds" + mae_name[len("mae"):]
+    paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
+    points_l = [
+        GridPoint("mae", "mae", ()),
+        GridPoint("mae_dds", "mae", (f"{m}{name_key}={_fmt(dds_name)}",)),
+        GridPoint("ddae", "ddae", (), paper_nums),
+        GridPoint("ddae_no_deep_supervision", "ddae", _set(m, **no_dds)),
+        GridPoint("ddae_no_dynamic_weighting", "ddae", _set(m, dds_beta_mode="fixed", dds_beta_start=0.0)),
+        GridPoint("ddae_scheduled_beta", "ddae", _set(m, dds_beta_mode="scheduled")),
+        GridPoint("ddae_no_self_distillation", "ddae", _set(m, distill_weight=0.0)),
+    ]
+    rows_l = [
+        Row("plug-in", "MAE", "mae"),
+        Row("plug-in", "MAE + DDS", "mae_dds"),
+        Row("deep supervision", "on (DDAE)", "ddae"),
+        Row("deep supervision", "off (last layer only)", "ddae_no_deep_supervision"),
+        Row("dynamic weighting", "learnable beta (DDAE)", "ddae"),
+        Row("dynamic weighting", "scheduled beta", "ddae_scheduled_beta"),
+        Row("dynamic weighting", "off (beta = 0)", "ddae_no_dynamic_weighting"),
+        Row("self-distillation", "on (DDAE)", "ddae"),
+        Row("self-distillation", "off", "ddae_no_self_distillation"),
+    ]
+    return Grid(paper, tuple(points_l), tuple(rows_l), {"mae": mae_path, "ddae": ddae_path})
+
+
+def _check_paper(paper: str) -> str:
+    if paper not in PAPERS:
+        raise MimbenchError(f"Unknown paper {paper!r}.", f"Known papers: {', '.join(PAPERS)}.")
+    return paper
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ------------------------------------------------------------------------------------ demo
+def _finished_record(step_dir: Path) -> dict | None:
+    for path in sorted(step_dir.glob("*.json")) if step_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("metrics"), dict):
+            return record
+    return None
+
+
+def _headline(metrics: dict) -> float | None:
+    """The accuracy-like number of a record's metrics (top-1 in %)."""
+    for key in ("top1", "acc1", "accuracy", "acc", "top1_acc"):
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and "top1" in key:
+            return float(value)
+    return None
+
+
+def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, float | None]:
+    from mimbench.evals import run_eval
+    from pretrain.main import run_pretrain
+
+    pdir = root / point.name / "pretrain"
+    encoders = sorted(pdir.glob("*.safetensors")) if pdir.is_dir() else []
+    if encoders:
+        encoder = encoders[0]
+        log(f"[{point.name}] reusing encoder {encoder}")
+    else:
+        log(f"[{point.name}] pre-training {_rel(config)} " + " ".join(point.overrides))
+        encoder = Path(run_pretrain(config, data=DEMO_DATA, out=pdir, overrides=list(point.overrides),
+                                    resume=(pdir / "checkpoint-latest.pt").is_file()))
+    results: dict[str, float | None] = {}
+    for task, eval_cfg in DEMO_EVALS:
+        edir = root / point.name / task
+        record = _finished_record(edir)
+        if record is None:
+            log(f"[{point.name}] {task}")
+            record = run_eval(task, encoder=encoder, config=REPO_ROOT / eval_cfg, data=DEMO_DATA, out=edir,
+                              overrides=[], resume=False)
+        results[task] = _headline(record.get("metrics", {}))
+    return results
+
+
+def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: Sequence[str]) -> str:
+    """Markdown table in the paper's layout: one block of rows per ablated factor."""
+    paper_cols = sorted({k for p in grid.points for k in p.paper})
+    by_name = {p.name: p for p in grid.points}
+    head = ["factor", "setting", "run"] + [f"{c} (demo)" for c in columns] + paper_cols
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    previous = None
+    for row in grid.rows:
+        res = results.get(row.point, {})
+        cells = [row.factor if row.factor != previous else "", row.setting, row.point]
+        cells += ["-" if res.get(c) is None else f"{res[c]:.2f}" for c in columns]
+        cells += [f"{by_name[row.point].paper[c]:g}" if c in by_name[row.point].paper else "" for c in paper_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+        previous = row.factor
+    if paper_cols:
+        lines.append("")
+        lines.append("Paper columns: ViT-B/16 pre-trained on ImageNet-1k, as reported by the paper; a reference "
+                     "for the shape of the result, not comparable with the demo-scale numbers.")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, log=print) -> Path:
+    """Train and evaluate the grid's points (all, or those named), reuse finished steps, write table.md."""
+    root = Path(out) / grid.paper
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = None if points is None else set(points)
+    results = {}
+    for point in grid.points:
+        if wanted is not None and point.name not in wanted:
+            continue
+        results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
+    table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
+    path = root / "table.md"
+    path.write_text(f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table)
+    (root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    return path
+
+
+# ------------------------------------------------------------------------------------ full
+SBATCH_HEAD = """#!/bin/bash
+# Pre-training of grid point {name} ({paper}). Edit the #SBATCH values and the variables below for your cluster.
+#SBATCH --job-name={paper}-{name}
+#SBATCH --nodes=4                 # NODES: nodes for this job
+#SBATCH --gpus-per-node=8         # GPUS_PER_NODE: must equal GPUS_PER_NODE below
+#SBATCH --time=72:00:00           # TIME: wall-clock limit
+#SBATCH --partition=gpu           # PARTITION: your GPU partition
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=32
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE=8
+IMAGENET=${{IMAGENET:-/path/to/imagenet}}   # ImageNet-1k root with train/<class>/*, val/<class>/*
+RUNS=${{RUNS:-runs/reproduce/{paper}}}
+
+# One torchrun per node; rendezvous on the first node of the allocation.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+"""
+
+
+def _pretrain_args(config: str, point: GridPoint) -> list[str]:
+    args = ["-m", "mimbench.cli", "pretrain", "--config", config, "--data", "$IMAGENET",
+            "--out", f"$RUNS/{point.name}/pretrain"]
+    for o in point.overrides:
+        args += ["--set", o]
+    return args
+
+
+def _sh(args: Sequence[str]) -> str:
+    """Shell words; $VARIABLES stay expandable (double quotes), everything else is quoted literally."""
+    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
+
+
+def write_full_grid(grid: Grid, out: Path) -> Path:
+    """Write configs/<point>.py, sbatch/<point>.sbatch and commands.sh under out/<paper>/; return that folder."""
+    from mimbench.config import load_config
+
+    root = Path(out) / grid.paper
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "sbatch").mkdir(parents=True, exist_ok=True)
+    commands = [
+        "#!/bin/bash",
+        f"# {grid.paper}: full-scale ablation grid (ViT-B/16, ImageNet-1k pre-training, 8 GPUs per node).",
+        "# Set the data roots, then run the pre-training lines (or submit sbatch/*.sbatch), then the evaluations.",
+        "set -euo pipefail",
+        "IMAGENET=${IMAGENET:-/path/to/imagenet}",
+        "ADE20K=${ADE20K:-/path/to/ADEChallengeData2016}",
+        f"RUNS=${{RUNS:-runs/reproduce/{grid.paper}}}",
+        "",
+        "# ---- pre-training (single node, 8 GPUs)",
+    ]
+    evals = ["", "# ---- evaluation of every pre-trained encoder"]
+    for point in grid.points:
+        base = grid.base_paths[point.base]
+        cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
+        rel_base = _rel(base)
+        header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
+                  f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
+        (root / "configs" / f"{point.name}.py").write_text(header + cfg.pretty_text + "\n")
+        args = _pretrain_args(rel_base, point)
+        commands.append(f"# {point.name}")
+        commands.append("torchrun --nproc_per_node=8 " + _sh(args))
+        sbatch = SBATCH_HEAD.format(name=point.name, paper=grid.paper)
+        sbatch += ('srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" '
+                   '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
+                   + _sh(args) + "\n")
+        sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
+        sbatch_path.write_text(sbatch)
+        sbatch_path.chmod(0o755)
+        encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
+        for task, eval_cfg, data in FULL_EVALS:
+            words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
+                     "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
+            if task == "segment":
+                words += ["--launcher", "pytorch"]
+            evals.append("torchrun --nproc_per_node=8 " + _sh(words))
+    evals += ["", f'mimbench report "$RUNS" --format md']
+    path = root / "commands.sh"
+    path.write_text("\n".join(commands + evals) + "\n")
+    path.chmod(0o755)
+    return root
+
+
+# ------------------------------------------------------------------------------------ entry
+def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reproduce"), quick: bool = False) -> Path:
+    """Run (``demo``) or write out (``full``) the ablation grid of ``paper``; returns the output folder.
+
+    paper: ``"robust-mae"`` or ``"ddae"``; scale: ``"demo"`` (CPU, embedded data) or ``"full"``
+    (ImageNet-1k/ADE20K commands, configs and Slurm scripts, nothing run); quick: smallest demo configs.
+    """
+    _check_paper(paper)
+    if scale not in SCALES:
+        raise MimbenchError(f"Unknown scale {scale!r}.", f"Use one of: {', '.join(SCALES)}.")
+    grid = build_grid(paper, scale, quick=quick)
+    if scale == "full":
+        root = write_full_grid(grid, Path(out))
+        print(f"{len(grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "
+              f"{root / 'sbatch'}, all commands in {root / 'commands.sh'} (nothing was run).")
+        return root
+    table = run_demo_grid(grid, Path(out))
+    print(table.read_text())
+    print(f"table written to {table}")
+    return table.parent

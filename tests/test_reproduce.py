@@ -1,0 +1,234 @@
+"""`mimbench reproduce`: ablation grids, full-scale job files, demo orchestration."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from mimbench import reproduce as R
+from mimbench.config import load_config, parse_override
+from mimbench.errors import MimbenchError
+
+MAE_CFG = """model = dict(type="mae_vit_micro_patch4_32", decoder_attn_drop=0.0, target_norm="patch",
+             mask_token_layer=None, mask_token_ratio=0.0)
+optim = dict(lr=1.5e-4)
+"""
+DDAE_CFG = """model = dict(type="ddae_vit_micro_patch4_32", target_norm="patch", dds_depths=None,
+             dds_beta_mode="learnable", dds_beta_start=-1.0, distill_weight=1.0)
+"""
+
+
+@pytest.fixture()
+def fake_repo(tmp_path, monkeypatch):
+    """A repository root with one MAE and one DDAE config per scale (micro ViT, depth 4)."""
+    root = tmp_path / "repo"
+    (root / "pretrain" / "configs").mkdir(parents=True)
+    for scale, roles in R.BASE_CONFIGS.items():
+        for role, candidates in roles.items():
+            (root / candidates[0]).write_text(MAE_CFG if role == "mae" else DDAE_CFG)
+    monkeypatch.setattr(R, "REPO_ROOT", root)
+    return root
+
+
+def _model_kwargs(cfg) -> tuple[str, dict]:
+    kwargs = dict(cfg.model)
+    return kwargs.pop("type"), kwargs
+
+
+def test_robust_mae_grid_has_every_factor_and_level(fake_repo):
+    grid = R.build_grid("robust-mae", "demo")
+    by_factor: dict[str, list[str]] = {}
+    for row in grid.rows:
+        by_factor.setdefault(row.factor, []).append(row.setting)
+    assert by_factor["decoder attention dropout"] == ["0", "0.1", "0.2"]
+    assert by_factor["target normalisation"] == ["none", "patch", "batch", "ema"]
+    tokens = by_factor["mask tokens (layer, ratio)"]
+    depth = 4
+    for layer in (0, depth // 2, depth):
+        for ratio in ("0.5", "1"):
+            assert f"({layer}, {ratio})" in tokens
+    assert "all three" in by_factor
+    # every setting resolves to the knob values it claims
+    points = {p.name: dict(parse_override(o) for o in p.overrides) for p in grid.points}
+    assert points["attn_drop0.2"]["model.decoder_attn_drop"] == 0.2
+    assert points["target_ema"]["model.target_norm"] == "ema"
+    assert points["mask_tokens_l2_r1"]["model.mask_token_layer"] == 2
+    assert points["mask_tokens_l2_r1"]["model.mask_token_ratio"] == 1.0
+    assert points["mae"] == {"model.decoder_attn_drop": 0.0, "model.target_norm": "patch",
+                             "model.mask_token_layer": depth, "model.mask_token_ratio": 0.0}
+
+
+def test_ddae_grid_has_every_ablation(fake_repo):
+    grid = R.build_grid("ddae", "demo")
+    factors = {row.factor for row in grid.rows}
+    assert factors == {"plug-in", "deep supervision", "dynamic weighting", "self-distillation"}
+    points = {p.name: (p.base, dict(parse_override(o) for o in p.overrides)) for p in grid.points}
+    assert points["mae"] == ("mae", {})
+    assert points["mae_dds"] == ("mae", {"model.type": "mae+dds_vit_micro_patch4_32"})
+    assert points["ddae"] == ("ddae", {})
+    assert points["ddae_no_deep_supervision"][1] == {"model.dds_depths": [4]}
+    assert points["ddae_no_dynamic_weighting"][1] == {"model.dds_beta_mode": "fixed", "model.dds_beta_start": 0.0}
+    assert points["ddae_scheduled_beta"][1] == {"model.dds_beta_mode": "scheduled"}
+    assert points["ddae_no_self_distillation"][1] == {"model.distill_weight": 0.0}
+    # the paper's ImageNet numbers sit on the full DDAE only
+    assert {p.name for p in grid.points if p.paper} == {"ddae"}
+    assert set(R.DDAE_PAPER.values()) == {83.5, 84.3, 49.3}
+
+
+@pytest.mark.parametrize("paper", R.PAPERS)
+def test_grid_points_are_distinct_and_rows_resolve(fake_repo, paper):
+    grid = R.build_grid(paper, "demo")
+    names = [p.name for p in grid.points]
+    assert len(names) == len(set(names))
+    settings = [(p.base, frozenset(p.overrides)) for p in grid.points]
+    assert len(settings) == len(set(settings)), "two grid points would train the same model"
+    assert {row.point for row in grid.rows} == set(names), "every point appears in the table, every row has a point"
+
+
+@pytest.mark.parametrize("paper", R.PAPERS)
+def test_every_point_loads_and_builds_its_model(fake_repo, paper):
+    import pretrain
+
+    grid = R.build_grid(paper, "demo")
+    for point in grid.points:
+        cfg = load_config(grid.base_paths[point.base], point.overrides)  # refuses unknown keys
+        name, kwargs = _model_kwargs(cfg)
+        model = pretrain.create_model(name, **kwargs)
+        for key, value in (parse_override(o) for o in point.overrides):
+            knob = key.split(".", 1)[1]
+            if knob == "type":
+                assert type(model).__name__ == "MAEWithDDS"
+            elif knob == "dds_depths":
+                assert list(model.dds_depths) == value
+            elif knob == "target_norm":
+                assert model.target_normalizer.mode == value
+            elif hasattr(model, knob):
+                assert getattr(model, knob) == value, (point.name, knob)
+
+
+def _real_grid(paper: str, scale: str, quick: bool = False):
+    try:
+        return R.build_grid(paper, scale, quick=quick)
+    except MimbenchError as exc:
+        if "config for scale" in exc.problem:
+            pytest.skip(f"pre-training configs not present: {exc.problem}")
+        raise
+
+
+@pytest.mark.parametrize("scale,quick", [("demo", False), ("demo", True), ("full", False)])
+@pytest.mark.parametrize("paper", R.PAPERS)
+def test_override_keys_exist_in_the_repository_configs(paper, scale, quick):
+    grid = _real_grid(paper, scale, quick)
+    for point in grid.points:
+        load_config(grid.base_paths[point.base], point.overrides)
+
+
+def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, capsys):
+    out = tmp_path / "out"
+    root = R.run_reproduce("ddae", scale="full", out=out)
+    assert root == out / "ddae"
+    assert "commands.sh" in capsys.readouterr().out
+    grid = R.build_grid("ddae", "full")
+    commands = (root / "commands.sh").read_text()
+    pretrain_lines = [ln for ln in commands.splitlines() if ln.startswith("torchrun") and " pretrain " in ln]
+    assert len(pretrain_lines) == len(grid.points)
+    for point, line in zip(grid.points, pretrain_lines):
+        words = shlex.split(line)
+        assert words[:5] == ["torchrun", "--nproc_per_node=8", "-m", "mimbench.cli", "pretrain"]
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert sets == list(point.overrides)
+        assert words[words.index("--config") + 1] == R.BASE_CONFIGS["full"][point.base][0]
+        assert words[words.index("--data") + 1] == "$IMAGENET"
+        resolved = load_config(root / "configs" / f"{point.name}.py")
+        expected = load_config(grid.base_paths[point.base], point.overrides)
+        assert resolved.model.to_dict() == expected.model.to_dict()
+        sbatch = (root / "sbatch" / f"{point.name}.sbatch").read_text()
+        assert sbatch.startswith("#!/bin/bash")
+        for needle in ("#SBATCH --nodes=", "#SBATCH --gpus-per-node=", "#SBATCH --time=", "GPUS_PER_NODE=",
+                       "$SLURM_JOB_NODELIST", "srun torchrun", "--rdzv_backend=c10d", "--rdzv_endpoint="):
+            assert needle in sbatch, needle
+        assert all(shlex.quote(o) in sbatch for o in point.overrides)
+    for task in ("finetune", "linear", "segment"):
+        assert commands.count(f"mimbench.cli eval {task} ") == len(grid.points)
+    assert "--launcher pytorch" in commands
+    everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
+    everything += "".join(p.read_text() for p in (root / "configs").iterdir())
+    assert str(tmp_path) not in everything and "/home/" not in everything and "/work/" not in everything
+    for script in [root / "commands.sh", *(root / "sbatch").iterdir()]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_unknown_paper_and_scale_are_refused():
+    with pytest.raises(MimbenchError) as exc:
+        R.run_reproduce("beit", scale="demo")
+    assert "robust-mae" in str(exc.value) and "ddae" in str(exc.value)
+    with pytest.raises(MimbenchError, match="scale"):
+        R.run_reproduce("ddae", scale="huge")
+
+
+def test_cli_call_shape_is_valid():
+    sig = inspect.signature(R.run_reproduce)
+    sig.bind("ddae", scale="demo")
+    assert sig.parameters["out"].default == Path("runs/reproduce")
+    assert sig.parameters["quick"].default is False
+
+
+def test_table_keeps_paper_numbers_apart(fake_repo):
+    grid = R.build_grid("ddae", "demo")
+    table = R.tabulate(grid, {"ddae": {"knn": 71.234, "linear": 75.0}, "mae": {"knn": 70.0, "linear": None}},
+                       ["knn", "linear"])
+    lines = table.splitlines()
+    assert "knn (demo)" in lines[0] and "paper (IN-1k) finetune IN-1k @100ep" in lines[0]
+    ddae_rows = [ln for ln in lines if "| ddae |" in ln]
+    assert len(ddae_rows) == 3 and all("71.23" in ln and "83.5" in ln for ln in ddae_rows)
+    mae_row = next(ln for ln in lines if "| mae |" in ln)
+    assert "70.00" in mae_row and "83.5" not in mae_row and "| - |" in mae_row
+    assert "not comparable" in table
+
+
+def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, monkeypatch):
+    calls = []
+
+    def run_pretrain(config, data, out, overrides, resume):
+        calls.append(("pretrain", Path(config).name, tuple(overrides)))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        path = Path(out) / "encoder.safetensors"
+        path.write_bytes(b"x")
+        return path
+
+    def run_eval(task, *, encoder, config, data, out, overrides, resume):
+        calls.append((task, Path(encoder).parent.parent.name))
+        record = {"status": "ok", "metrics": {"top1": 50.0 if task == "knn" else 60.0}}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "record.json").write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setitem(sys.modules, "pretrain.main", types.SimpleNamespace(run_pretrain=run_pretrain))
+    monkeypatch.setitem(sys.modules, "mimbench.evals", types.SimpleNamespace(run_eval=run_eval))
+    grid = R.build_grid("ddae", "demo")
+    table = R.run_demo_grid(grid, tmp_path / "runs", points=["mae_dds"], log=lambda s: None)
+    assert calls == [("pretrain", "mae_tiny_fmnist.py", ("model.type=\"mae+dds_vit_micro_patch4_32\"",)),
+                     ("knn", "mae_dds"), ("linear", "mae_dds")]
+    assert "| mae_dds | 50.00 | 60.00 |" in table.read_text()
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae_dds"], log=lambda s: None)
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_one_micro_point(tmp_path):
+    if importlib.util.find_spec("pretrain.main") is None or importlib.util.find_spec("mimbench.evals") is None:
+        pytest.skip("pre-training or evaluation package not present")
+    grid = _real_grid("ddae", "demo", quick=True)
+    table = R.run_demo_grid(grid, tmp_path, points=["mae"], log=lambda s: None)
+    results = json.loads((tmp_path / "ddae" / "results.json").read_text())
+    assert set(results) == {"mae"}
+    assert all(isinstance(results["mae"][t], float) and 0 <= results["mae"][t] <= 100 for t in ("knn", "linear"))
+    assert "| mae |" in table.read_text()

@@ -342,7 +342,7 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
 SBATCH_HEAD = """#!/bin/bash
 # Pre-training of grid point {name} ({paper}). Edit the #SBATCH values and the variables below for your cluster.
 #SBATCH --job-name={paper}-{name}
-#SBATCH --nodes=4                 # NODES: nodes for this job
+#SBATCH --nodes=1                 # NODES: nodes for this job (see the batch note below)
 #SBATCH --gpus-per-node=8         # GPUS_PER_NODE: must equal GPUS_PER_NODE below
 #SBATCH --time=72:00:00           # TIME: wall-clock limit
 #SBATCH --partition=gpu           # PARTITION: your GPU partition
@@ -355,6 +355,9 @@ GPUS_PER_NODE=8
 IMAGENET=${{IMAGENET:-/path/to/imagenet}}   # ImageNet-1k root with train/<class>/*, val/<class>/*
 RUNS=${{RUNS:-runs/reproduce/{paper}}}
 
+# Batch note: the config fixes the per-GPU batch; the effective batch is per-GPU batch x GPUs x gradient
+# accumulation. The command below is the single-node (8 GPU) setting of commands.sh; with more nodes, lower
+# the config's accumulation (--set) so that the effective batch stays the config's.
 # One torchrun per node; rendezvous on the first node of the allocation.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 """

@@ -79,6 +79,7 @@ class GridPoint:
     base: str
     overrides: tuple[str, ...]
     paper: dict = field(default_factory=dict)
+    pretrain: bool = True  # False: the control, the base model's encoder at its random initialisation
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class Row:
     factor: str
     setting: str
     point: str
+
+
+# Demo-scale control: what the evaluations give without any pre-training (at CPU size a linear probe on
+# random features is already strong, so every number needs this row beside it).
+RANDOM_INIT = GridPoint("random_init", "mae", (), pretrain=False)
+CONTROL_ROW = Row("control", "random init (no pre-training)", "random_init")
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         plain = dict(decoder_attn_drop=0.0, target_norm="patch", mask_token_layer=depth, mask_token_ratio=0.0)
         if "norm_pix_loss" in mae_model.keys():  # the legacy flag would conflict with target_norm != "patch"
             plain = {"norm_pix_loss": False, **plain}
-        points: dict[str, GridPoint] = {"mae": GridPoint("mae", "mae", _set(m, **plain))}
-        rows: list[Row] = []
+        points: dict[str, GridPoint] = {"random_init": RANDOM_INIT, "mae": GridPoint("mae", "mae", _set(m, **plain))}
+        rows: list[Row] = [CONTROL_ROW]
 
         def add(factor: str, setting: str, name: str, **change) -> None:
             knobs = {**plain, **change}
@@ -217,6 +224,7 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
     dds_name = "mae+dds" + mae_name[len("mae"):]
     paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
     points_l = [
+        RANDOM_INIT,
         GridPoint("mae", "mae", ()),
         GridPoint("mae_dds", "mae", (f"{m}{name_key}={_fmt(dds_name)}",)),
         GridPoint("ddae", "ddae", (), paper_nums),
@@ -226,6 +234,7 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         GridPoint("ddae_no_self_distillation", "ddae", _set(m, distill_weight=0.0)),
     ]
     rows_l = [
+        CONTROL_ROW,
         Row("plug-in", "MAE", "mae"),
         Row("plug-in", "MAE + DDS", "mae_dds"),
         Row("deep supervision", "on (DDAE)", "ddae"),
@@ -284,6 +293,9 @@ def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, flo
     if encoders:
         encoder = encoders[0]
         log(f"[{point.name}] reusing encoder {encoder}")
+    elif not point.pretrain:
+        log(f"[{point.name}] exporting the randomly initialised encoder of {_rel(config)}")
+        encoder = _random_encoder(config, pdir / "encoder.safetensors")
     else:
         log(f"[{point.name}] pre-training {_rel(config)} " + " ".join(point.overrides))
         encoder = Path(run_pretrain(config, data=DEMO_DATA, out=pdir, overrides=list(point.overrides),
@@ -298,6 +310,28 @@ def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, flo
                               overrides=[], resume=False)
         results[task] = _headline(record.get("metrics", {}))
     return results
+
+
+def _random_encoder(config: Path, path: Path, seed: int = 0) -> Path:
+    """Export the encoder of the config's model at initialisation (seeded), as the control."""
+    import torch
+
+    from mimbench.config import config_sha256, load_config
+    from mimbench.encoders import save_encoder
+    from mimbench.encoders.format import arch_name
+    from pretrain import create_model
+
+    cfg = load_config(config)
+    model_cfg = dict(_model_section(cfg, config))
+    name = model_cfg.pop(_model_name_key(model_cfg, config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(name, **model_cfg)
+    arch = model.encoder_arch()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_encoder(model.encoder_state_dict(), path,
+                        arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
+                        technique="random-init", config_sha256=config_sha256(cfg), epochs=0, data="none", **arch)
 
 
 def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: Sequence[str]) -> str:
@@ -396,6 +430,8 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
     ]
     evals = ["", "# ---- evaluation of every pre-trained encoder"]
     for point in grid.points:
+        if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
+            continue
         base = grid.base_paths[point.base]
         cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
         rel_base = _rel(base)

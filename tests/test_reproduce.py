@@ -55,6 +55,8 @@ def test_robust_mae_grid_has_every_factor_and_level(fake_repo):
         for ratio in ("0.5", "1"):
             assert f"({layer}, {ratio})" in tokens
     assert "all three" in by_factor
+    assert by_factor["control"] == ["random init (no pre-training)"]
+    assert len([p for p in grid.points if p.pretrain]) == 13
     # every setting resolves to the knob values it claims
     points = {p.name: dict(parse_override(o) for o in p.overrides) for p in grid.points}
     assert points["attn_drop0.2"]["model.decoder_attn_drop"] == 0.2
@@ -68,7 +70,7 @@ def test_robust_mae_grid_has_every_factor_and_level(fake_repo):
 def test_ddae_grid_has_every_ablation(fake_repo):
     grid = R.build_grid("ddae", "demo")
     factors = {row.factor for row in grid.rows}
-    assert factors == {"plug-in", "deep supervision", "dynamic weighting", "self-distillation"}
+    assert factors == {"control", "plug-in", "deep supervision", "dynamic weighting", "self-distillation"}
     points = {p.name: (p.base, dict(parse_override(o) for o in p.overrides)) for p in grid.points}
     assert points["mae"] == ("mae", {})
     assert points["mae_dds"] == ("mae", {"model.type": "mae+dds_vit_micro_patch4_32"})
@@ -87,7 +89,7 @@ def test_grid_points_are_distinct_and_rows_resolve(fake_repo, paper):
     grid = R.build_grid(paper, "demo")
     names = [p.name for p in grid.points]
     assert len(names) == len(set(names))
-    settings = [(p.base, frozenset(p.overrides)) for p in grid.points]
+    settings = [(p.base, frozenset(p.overrides), p.pretrain) for p in grid.points]
     assert len(settings) == len(set(settings)), "two grid points would train the same model"
     assert {row.point for row in grid.rows} == set(names), "every point appears in the table, every row has a point"
 
@@ -136,10 +138,13 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
     assert root == out / "ddae"
     assert "commands.sh" in capsys.readouterr().out
     grid = R.build_grid("ddae", "full")
+    trained = [p for p in grid.points if p.pretrain]
+    assert [p.name for p in grid.points if not p.pretrain] == ["random_init"]
     commands = (root / "commands.sh").read_text()
     pretrain_lines = [ln for ln in commands.splitlines() if ln.startswith("torchrun") and " pretrain " in ln]
-    assert len(pretrain_lines) == len(grid.points)
-    for point, line in zip(grid.points, pretrain_lines):
+    assert len(pretrain_lines) == len(trained) == 7
+    assert sorted(p.stem for p in (root / "configs").iterdir()) == sorted(p.name for p in trained)
+    for point, line in zip(trained, pretrain_lines):
         words = shlex.split(line)
         assert words[:5] == ["torchrun", "--nproc_per_node=8", "-m", "mimbench.cli", "pretrain"]
         sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
@@ -156,7 +161,7 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
             assert needle in sbatch, needle
         assert all(shlex.quote(o) in sbatch for o in point.overrides)
     for task in ("finetune", "linear", "segment"):
-        assert commands.count(f"mimbench.cli eval {task} ") == len(grid.points)
+        assert commands.count(f"mimbench.cli eval {task} ") == len(trained)
     assert "--launcher pytorch" in commands
     everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
     everything += "".join(p.read_text() for p in (root / "configs").iterdir())
@@ -220,6 +225,14 @@ def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, 
     calls.clear()
     R.run_demo_grid(grid, tmp_path / "runs", points=["mae_dds"], log=lambda s: None)
     assert calls == []
+    # the control is exported at initialisation, never pre-trained, and evaluated like the others
+    R.run_demo_grid(grid, tmp_path / "runs", points=["random_init"], log=lambda s: None)
+    assert calls == [("knn", "random_init"), ("linear", "random_init")]
+    from mimbench.encoders import load_encoder, read_metadata
+
+    enc = tmp_path / "runs" / "ddae" / "random_init" / "pretrain" / "encoder.safetensors"
+    assert read_metadata(enc)["technique"] == "random-init"
+    assert load_encoder(enc).embed_dim == 64
 
 
 @pytest.mark.slow

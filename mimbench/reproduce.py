@@ -216,8 +216,10 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
     ddae_model = _model_section(load_config(ddae_path), ddae_path)
     last = [depth]
     no_dds = dict(dds_depths=last)
-    if "distill_depths" in ddae_model.keys():  # an explicit list must stay a subset of dds_depths
+    if ddae_model.get("distill_depths") is not None:  # an explicit list must stay a subset of dds_depths
         no_dds["distill_depths"] = last
+    if ddae_model.get("dds_weights") is not None:  # one weight per supervised depth
+        no_dds["dds_weights"] = [1.0]
     mae_name = mae_model[name_key]
     if not mae_name.startswith("mae"):
         raise MimbenchError(f"Model {mae_name!r} in {mae_path} is not an MAE model.", "Use an mae_* base config.")

@@ -245,3 +245,15 @@ def test_demo_end_to_end_on_one_micro_point(tmp_path):
     assert set(results) == {"mae"}
     assert all(isinstance(results["mae"][t], float) and 0 <= results["mae"][t] <= 100 for t in ("knn", "linear"))
     assert "| mae |" in table.read_text()
+
+
+def test_no_deep_supervision_stays_valid_with_explicit_depth_lists(fake_repo):
+    import pretrain
+
+    cfg_path = fake_repo / R.BASE_CONFIGS["demo"]["ddae"][0]
+    cfg_path.write_text('model = dict(type="ddae_vit_micro_patch4_32", dds_depths=[2, 4], dds_weights=[0.5, 1.0], '
+                        'distill_depths=[2, 4], dds_beta_mode="learnable", dds_beta_start=-1.0, distill_weight=1.0)\n')
+    point = next(p for p in R.build_grid("ddae", "demo").points if p.name == "ddae_no_deep_supervision")
+    name, kwargs = _model_kwargs(load_config(cfg_path, point.overrides))
+    model = pretrain.create_model(name, **kwargs)
+    assert model.dds_depths == (4,) and model.distill_depths == (4,) and model.dds_weights == (1.0,)

@@ -155,6 +155,33 @@ def _depth(model, name_key: str) -> int:
     raise MimbenchError(f"Cannot tell the encoder depth of model {name!r}.", "Give model.depth in the config.")
 
 
+# Keys that set a pre-training budget (first one present in a config is used).
+BUDGET_KEYS = (("epochs", "train.epochs", "loop.epochs", "schedule.epochs"),
+               ("warmup_epochs", "train.warmup_epochs", "loop.warmup_epochs", "schedule.warmup_epochs"))
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+            return None
+        node = node[part]
+    return node
+
+
+def _budget_overrides(target, source) -> tuple[str, ...]:
+    """Overrides giving ``target`` the epochs / warm-up of ``source`` where both configs have the key."""
+    out = []
+    for candidates in BUDGET_KEYS:
+        for key in candidates:
+            mine, theirs = _get(target, key), _get(source, key)
+            if mine is not None and theirs is not None:
+                if mine != theirs:
+                    out.append(f"{key}={_fmt(theirs)}")
+                break
+    return tuple(out)
+
+
 def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict | None = None) -> Grid:
     """The grid of ``paper`` against the base configs of ``scale`` (``quick``: the smallest demo configs).
 
@@ -213,7 +240,10 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         return Grid(paper, tuple(points.values()), tuple(rows), {"mae": mae_path})
 
     ddae_path = _resolve_base(which, "ddae")
-    ddae_model = _model_section(load_config(ddae_path), ddae_path)
+    ddae_cfg = load_config(ddae_path)
+    ddae_model = _model_section(ddae_cfg, ddae_path)
+    # An ablation compares equal budgets: the MAE rows get the DDAE config's schedule where they differ.
+    same_budget = _budget_overrides(load_config(mae_path), ddae_cfg)
     last = [depth]
     no_dds = dict(dds_depths=last)
     if ddae_model.get("distill_depths") is not None:  # an explicit list must stay a subset of dds_depths
@@ -227,8 +257,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
     paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
     points_l = [
         RANDOM_INIT,
-        GridPoint("mae", "mae", ()),
-        GridPoint("mae_dds", "mae", (f"{m}{name_key}={_fmt(dds_name)}",)),
+        GridPoint("mae", "mae", same_budget),
+        GridPoint("mae_dds", "mae", (f"{m}{name_key}={_fmt(dds_name)}",) + same_budget),
         GridPoint("ddae", "ddae", (), paper_nums),
         GridPoint("ddae_no_deep_supervision", "ddae", _set(m, **no_dds)),
         GridPoint("ddae_no_dynamic_weighting", "ddae", _set(m, dds_beta_mode="fixed", dds_beta_start=0.0)),

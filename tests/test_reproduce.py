@@ -257,3 +257,13 @@ def test_no_deep_supervision_stays_valid_with_explicit_depth_lists(fake_repo):
     name, kwargs = _model_kwargs(load_config(cfg_path, point.overrides))
     model = pretrain.create_model(name, **kwargs)
     assert model.dds_depths == (4,) and model.distill_depths == (4,) and model.dds_weights == (1.0,)
+
+
+def test_ddae_grid_gives_mae_rows_the_ddae_budget(fake_repo):
+    for role, epochs in (("mae", 800), ("ddae", 100)):
+        path = fake_repo / R.BASE_CONFIGS["full"][role][0]
+        path.write_text(path.read_text() + f"train = dict(epochs={epochs}, warmup_epochs={epochs // 20})\n")
+    points = {p.name: p for p in R.build_grid("ddae", "full").points}
+    assert points["mae"].overrides == ("train.epochs=100", "train.warmup_epochs=5")
+    assert points["mae_dds"].overrides[1:] == ("train.epochs=100", "train.warmup_epochs=5")
+    assert points["ddae"].overrides == ()

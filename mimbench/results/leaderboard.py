@@ -47,7 +47,7 @@ _TIMM_SIZES = {"tiny": "t", "small": "s", "base": "b", "large": "l", "huge": "h"
 def normalize_arch(arch: str) -> str:
     """Spell an architecture the leaderboard way: ``vit_base_patch16_224`` / ``ViT-B/16`` -> ``vit-b/16``."""
     text = str(arch).strip().lower()
-    m = re.fullmatch(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)(?:_\w+)?", text)
+    m = re.fullmatch(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)(?:_\w+)?(?:\.\w+)?", text)
     if m:
         return f"vit-{_TIMM_SIZES[m.group(1)]}/{m.group(2)}"
     m = re.fullmatch(r"vit[-_ ]?(t|s|b|l|h|g)\s*/\s*(\d+)", text)
@@ -138,9 +138,11 @@ def _text(value) -> str:
     return "" if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)) else str(value)
 
 
-def _record_value(row, task: str):
+def record_metric(row, task: str) -> float | None:
+    """The headline metric of a flattened record row: top-1 (%) for classification, mIoU (%) for ADE20K/segment."""
     import pandas as pd
 
+    task = RECORD_TASK.get(task, task)
     names = ("mIoU", "miou", "mIoU_ss") if task == "ade20k" else ("top1", "acc1", "top1_acc")
     for name in names:
         col = f"metrics.{name}"
@@ -174,7 +176,7 @@ def own_runs(include_runs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F82
         task = RECORD_TASK.get(r["task"])
         if task is None or r["status"] != "ok":
             continue
-        value = _record_value(r, task)
+        value = record_metric(r, task)
         if value is None:
             problems.append(f"{r['file']}: no {TASK_METRIC[task]} metric; not ranked")
             continue
@@ -219,6 +221,7 @@ def ranked(task: str | None = None, arch: str | None = None, include_runs=None):
 def show_leaderboard(task: str | None = None, arch: str | None = None, include_runs=None, console=None):
     """Print the ranked leaderboard as a rich table (own runs marked ``*``, deviations named); return it."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     df, problems = ranked(task, arch, include_runs)
@@ -244,13 +247,14 @@ def show_leaderboard(task: str | None = None, arch: str | None = None, include_r
         cells = {"#": str(rank), "method": ("* " if r["own"] else "") + r["method"], "arch": r["arch"],
                  "ep": epochs, "task": r["task"], "value": f"{r['value']:.2f}", "protocol": protocol,
                  "source": r["source"], "verified": r["verified"]}
-        table.add_row(*(cells[c] for c in cols), style="bold cyan" if r["own"] else None)
+        # Cells are data, not rich markup ("[deviates: ...]" would otherwise vanish as a tag).
+        table.add_row(*(escape(cells[c]) for c in cols), style="bold cyan" if r["own"] else None)
     console.print(table)
     if include_runs is not None:
         console.print("* = your run; runs marked 'deviates' do not follow the published protocol "
                       "and are not comparable to the rows around them.")
     for p in problems:
-        console.print(f"skipped: {p}")
+        console.print(escape(f"skipped: {p}"))
     return df
 
 
@@ -276,6 +280,7 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
     import pandas as pd
 
     from rich.console import Console
+    from rich.markup import escape
 
     paths = list(paths)
     if not paths:
@@ -321,12 +326,12 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
         results.append(result)
     console = console or Console()
     for r in results:
-        console.print(f"{Path(r['file']).name}: {r['arch']} {r['task']} {r['value']:.2f} ranks {r['rank']} "
-                      f"of {r['of']} under '{STANDARD_PROTOCOLS[r['task']]}'")
+        console.print(escape(f"{Path(r['file']).name}: {r['arch']} {r['task']} {r['value']:.2f} ranks {r['rank']} "
+                             f"of {r['of']} under '{STANDARD_PROTOCOLS[r['task']]}'"))
         for side in ("above", "below"):
             n = r[side]
             if n is not None:
                 ep = f" {n['pretrain_epochs']} ep" if n["pretrain_epochs"] else ""
-                console.print(f"  {side}: {n['method']}{ep} {n['value']:.2f} (delta {n['delta']:+.2f}; "
-                              f"{n['verified']}; {n['source']})")
+                console.print(escape(f"  {side}: {n['method']}{ep} {n['value']:.2f} (delta {n['delta']:+.2f}; "
+                                     f"{n['verified']}; {n['source']})"))
     return results

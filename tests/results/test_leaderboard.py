@@ -1,0 +1,159 @@
+"""Published leaderboard: file integrity, validation, ranking with own runs, compare and its refusals."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from mimbench.errors import MimbenchError
+from mimbench.results.leaderboard import (COLUMNS, KEY, STANDARD_PROTOCOLS, compare_runs, leaderboard_problems,
+                                          load_leaderboard, normalize_arch, packaged_csv, show_leaderboard,
+                                          validate_leaderboard)
+from mimbench.results.records import new_record, write_record
+
+REPO_CSV = Path(__file__).resolve().parents[2] / "results" / "leaderboard.csv"
+
+
+def record(tmp_path, task="finetune", value=83.55, arch="vit-b/16", deviations=(), dataset="imagenet", seed=0,
+           technique="mae", epochs=800.0):
+    t = time.time()
+    metric = {"mIoU": value} if task == "segment" else {"top1": value}
+    rec = new_record(task, protocol={"name": f"{task}/vit-b16_in1k", "sha256": "cd" * 32,
+                                     "deviations": list(deviations)},
+                     encoder={"path": str(tmp_path / "enc.safetensors"), "sha256": "ab" * 32, "arch": arch,
+                              "technique": technique, "epochs": epochs},
+                     dataset={"name": dataset, "sizes": {"train": 10, "val": 10}}, metrics=metric, seed=seed,
+                     started=t, finished=t + 1.0)
+    return write_record(tmp_path / "runs", rec)
+
+
+def test_packaged_copy_is_identical_to_repository_csv():
+    assert REPO_CSV.is_file()
+    assert packaged_csv().read_bytes() == REPO_CSV.read_bytes()
+
+
+def test_published_leaderboard_is_valid_and_has_the_reference_rows():
+    df = load_leaderboard()
+    assert list(df.columns) == COLUMNS
+    assert leaderboard_problems(df) == []
+    assert not df.duplicated(KEY).any()
+    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k"}
+    assert set(df["verified"]) <= {"yes", "unverified"}
+    mae = df[(df.method == "MAE") & (df.arch == "vit-b/16") & (df.task == "finetune")]
+    assert mae["value"].tolist() == [83.6] and mae["verified"].tolist() == ["yes"]
+    assert int(mae["pretrain_epochs"].iloc[0]) == 1600
+    ddae = df[(df.method == "DDAE") & (df.task == "finetune")].sort_values("value")
+    assert ddae["value"].tolist() == [83.5, 84.3]
+    assert (df.loc[df.method == "DDAE", "verified"] == "unverified").all()
+    seg = df[(df.method == "MAE (mmseg)")].set_index("protocol")["value"]
+    assert seg["ADE20K UperNet 160k single-scale"] == 48.13
+    assert seg["ADE20K UperNet 160k multi-scale+flip"] == 48.70
+    # iBOT's table gives no epochs: stored as missing, not guessed.
+    assert df.loc[df.method == "iBOT", "pretrain_epochs"].isna().all()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: pd.concat([d, d.iloc[[0]]], ignore_index=True), "duplicate key"),
+    (lambda d: d.assign(source=[""] + d["source"].tolist()[1:]), "no source"),
+    (lambda d: d.assign(value=[101.0] + d["value"].tolist()[1:]), "not a number in 0-100"),
+    (lambda d: d.assign(value=[-0.5] + d["value"].tolist()[1:]), "not a number in 0-100"),
+    (lambda d: d.assign(task=["detection"] + d["task"].tolist()[1:]), "task 'detection'"),
+    (lambda d: d.assign(metric=["mIoU"] + d["metric"].tolist()[1:]), "metric 'mIoU' for task"),
+    (lambda d: d.assign(verified=["maybe"] + d["verified"].tolist()[1:]), "verified 'maybe'"),
+    (lambda d: d.drop(columns=["source"]), "missing column"),
+])
+def test_validate_leaderboard_rejects_bad_tables(mutate, message):
+    bad = mutate(load_leaderboard())
+    with pytest.raises(MimbenchError, match=message):
+        validate_leaderboard(bad)
+
+
+def test_load_leaderboard_rejects_a_bad_file(tmp_path):
+    text = REPO_CSV.read_text().splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join(text + [text[1]]) + "\n")
+    with pytest.raises(MimbenchError, match="duplicate key"):
+        load_leaderboard(tmp_path / "dup.csv")
+    with pytest.raises(MimbenchError, match="does not exist"):
+        load_leaderboard(tmp_path / "missing.csv")
+
+
+def test_normalize_arch():
+    assert normalize_arch("vit_base_patch16_224") == "vit-b/16"
+    assert normalize_arch("vit_large_patch16_224.mae") == "vit-l/16"
+    assert normalize_arch("vit_huge_patch14_224") == "vit-h/14"
+    assert normalize_arch("ViT-B/16") == "vit-b/16"
+    assert normalize_arch("vit-d128x6/4") == "vit-d128x6/4"
+
+
+def test_show_leaderboard_ranks_best_first_and_marks_own_runs(tmp_path):
+    record(tmp_path, value=83.55)
+    console = Console(record=True, width=250)
+    df = show_leaderboard(task="finetune", arch="vit_base_patch16_224", include_runs=tmp_path / "runs",
+                          console=console)
+    assert df["value"].is_monotonic_decreasing
+    assert set(df["arch"]) == {"vit-b/16"} and set(df["task"]) == {"finetune"}
+    own = df[df["own"]]
+    assert len(own) == 1 and own["method"].iloc[0] == "mae (own)" and own["pretrain_epochs"].iloc[0] == 800
+    position = own.index[0]
+    assert df.loc[position - 1, "value"] >= 83.55 >= df.loc[position + 1, "value"]
+    expected_rank = int((load_leaderboard().query("task == 'finetune' and arch == 'vit-b/16'")["value"] > 83.55).sum()) + 1
+    assert position + 1 == expected_rank
+    text = console.export_text()
+    assert "* mae (own)" in text and f"{expected_rank} │ * mae (own)" in text
+    assert "BEiT v2" in text and "85.50" in text
+
+
+def test_show_leaderboard_names_deviations(tmp_path):
+    record(tmp_path, task="linear", value=40.0, deviations=["fast linear probe: 10 epochs"],
+           dataset="builtin:fashion-mnist")
+    console = Console(record=True, width=300)
+    df = show_leaderboard(task="linear", include_runs=tmp_path / "runs", console=console)
+    own = df[df["own"]].iloc[0]
+    assert own["deviations"] == ["fast linear probe: 10 epochs", "demo scale (dataset builtin:fashion-mnist)"]
+    text = console.export_text()
+    assert "deviates: fast linear probe: 10 epochs; demo scale" in text
+
+
+def test_compare_places_a_run_between_its_neighbours(tmp_path):
+    path = record(tmp_path, value=83.55)
+    [res] = compare_runs([path], console=Console(record=True, width=200))
+    board = load_leaderboard()
+    rows = board[(board.task == "finetune") & (board.arch == "vit-b/16")
+                 & (board.protocol == STANDARD_PROTOCOLS["finetune"])]
+    assert res["rank"] == int((rows["value"] > 83.55).sum()) + 1 and res["of"] == len(rows) + 1
+    assert "DeiT (supervised)" not in set(rows["method"])  # supervised row has its own protocol
+    assert res["above"]["value"] == 83.6 and res["above"]["delta"] == pytest.approx(-0.05)
+    assert res["below"]["value"] == 83.5 and res["below"]["delta"] == pytest.approx(0.05)
+    assert res["above"]["source"] and res["below"]["verified"] in ("yes", "unverified")
+
+
+def test_compare_top_and_segment(tmp_path):
+    top = record(tmp_path, value=99.0)
+    seg = record(tmp_path, task="segment", value=48.5)
+    res = {r["task"]: r for r in compare_runs([top, seg], console=Console(record=True))}
+    assert res["finetune"]["rank"] == 1 and res["finetune"]["above"] is None
+    assert res["ade20k"]["below"]["value"] == 48.13  # single-scale rows only: 48.70 is multi-scale
+    assert res["ade20k"]["above"]["value"] == 49.3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(deviations=["epochs 100 -> 2"]), "does not follow the published finetune protocol"),
+    (dict(dataset="builtin:fashion-mnist"), "demo scale"),
+    (dict(arch="vit-d128x6/4"), "different architecture"),
+    (dict(arch="vit-s/16"), "no finetune rows for vit-s/16"),
+])
+def test_compare_refuses_incomparable_runs(tmp_path, kwargs, message):
+    path = record(tmp_path, **kwargs)
+    with pytest.raises(MimbenchError, match=message):
+        compare_runs([path], console=Console(record=True))
+
+
+def test_compare_needs_records(tmp_path):
+    with pytest.raises(MimbenchError, match="No run records"):
+        compare_runs([])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MimbenchError, match="No rankable run records"):
+        compare_runs([tmp_path / "empty"], console=Console(record=True))

@@ -1,0 +1,112 @@
+"""Figures for reports: metric vs pre-training epochs, per-class IoU, pre-training loss curves.
+
+Everything renders with matplotlib's Agg backend (no display needed) and is saved as PNG;
+each function returns the path it wrote.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mimbench.errors import MimbenchError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_vs_epochs(summary, out: str | Path, *, tasks: dict[str, str] | None = None) -> Path:
+    """One panel per task: mean metric (± std over seeds as error bars) vs pre-training epochs, one line per technique.
+
+    ``summary``: DataFrame with columns technique, epochs (float, > 0), task, mean, std, n.
+    ``tasks``: task -> axis label (default: the task names). Raises MimbenchError when nothing is plottable.
+    """
+    data = summary[(summary["epochs"] > 0) & summary["technique"].astype(bool)]
+    if data.empty:
+        raise MimbenchError("No run with a technique and pre-training epochs to plot.",
+                            "Metric-vs-epochs plots need encoders exported by `mimbench pretrain`.")
+    tasks = tasks or {t: t for t in sorted(data["task"].unique())}
+    present = [t for t in tasks if t in set(data["task"])]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], present):
+        for technique, grp in data[data["task"] == task].groupby("technique"):
+            grp = grp.sort_values("epochs")
+            ax.errorbar(grp["epochs"], grp["mean"], yerr=grp["std"].fillna(0.0), marker="o", capsize=3,
+                        label=technique)
+        ax.set_xlabel("pre-training epochs")
+        ax.set_ylabel(tasks[task])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_per_class_iou(per_class: dict[str, float], out: str | Path, *, title: str = "") -> Path:
+    """Bar chart of IoU (%) per class, in the given class order, with the mean as a dashed line."""
+    if not per_class:
+        raise MimbenchError("No per-class IoU to plot.", "Segmentation records store metrics.per_class_iou.")
+    names = list(per_class)
+    values = [float(per_class[n]) for n in names]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.6))
+    ax.bar(range(len(names)), values, color="tab:blue")
+    ax.axhline(sum(values) / len(values), color="k", ls="--", lw=1, label="mean")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def read_loss_log(path: str | Path) -> tuple[list[int], list[float]]:
+    """(iterations, losses) from a training ``log.jsonl``: lines with numeric "it" and "loss"; others skipped."""
+    its, losses = [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MimbenchError(f"Cannot read the training log {path}: {e.strerror or e}.",
+                            "Give the log.jsonl written by `mimbench pretrain`.") from e
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+        if isinstance(entry, dict) and isinstance(entry.get("it"), (int, float)) \
+                and isinstance(entry.get("loss"), (int, float)):
+            its.append(int(entry["it"]))
+            losses.append(float(entry["loss"]))
+    return its, losses
+
+
+def plot_loss_curve(log_path: str | Path, out: str | Path, *, title: str = "") -> Path:
+    """Pre-training loss vs iteration from a run's ``log.jsonl``."""
+    its, losses = read_loss_log(log_path)
+    if not its:
+        raise MimbenchError(f"{log_path} has no lines with 'it' and 'loss'.",
+                            "Give the log.jsonl of a pre-training run that logged at least one step.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(its, losses, lw=1.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title or Path(log_path).parent.name, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,230 @@
+"""Aggregate run records into one table: a row per technique/checkpoint, a column per evaluation.
+
+Rows are the encoder's technique and pre-training epochs (``mae @ 800 ep``), or the encoder
+file's stem when the record has no technique. Cells are the mean ± sample standard deviation
+(ddof=1) over the runs of that row and evaluation, with the run count n; a single run shows
+its value and n=1. Runs whose protocol deviates from the published one (recorded deviations,
+built-in demo data) are marked with a dagger and their deviations listed under the table, as
+are the files ``load_records`` had to skip.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from mimbench.errors import MimbenchError
+from mimbench.results.leaderboard import record_metric, run_deviations
+
+#: Record task -> report column, in display order.
+METRIC_COLUMNS = {
+    "linear": "linear top-1",
+    "finetune": "fine-tune top-1",
+    "knn": "k-NN top-1",
+    "segment": "ADE20K mIoU",
+}
+FORMATS = ("md", "csv", "latex", "html")
+PER_CLASS_PREFIX = "metrics.per_class_iou."
+
+
+def _label(technique: str, epochs: float, path: str) -> str:
+    if technique:
+        return f"{technique} @ {epochs:g} ep" if epochs > 0 else technique
+    return Path(path).stem or "unknown encoder"
+
+
+def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
+    """One row per finished evaluation run: label, technique, epochs, task, seed, value, deviations, file.
+
+    ``problems`` are the files load_records skipped plus runs without their headline metric.
+    """
+    import pandas as pd
+
+    from mimbench.results.records import load_records
+
+    dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
+    if not dirs:
+        raise MimbenchError("No result directories given.", "Example: mimbench report runs/demo")
+    table, problems = load_records(*dirs)
+    rows = []
+    for _, r in table.iterrows():
+        if r["task"] not in METRIC_COLUMNS or r["status"] != "ok":
+            continue
+        value = record_metric(r, r["task"])
+        if value is None:
+            problems.append(f"{r['file']}: no {'mIoU' if r['task'] == 'segment' else 'top1'} metric; left out")
+            continue
+        technique = r.get("encoder.technique")
+        technique = "" if technique is None or pd.isna(technique) else str(technique)
+        epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
+        epochs = 0.0 if pd.isna(epochs) else float(epochs)
+        path = "" if pd.isna(r.get("encoder.path")) else str(r.get("encoder.path"))
+        rows.append({"label": _label(technique, epochs, path), "technique": technique, "epochs": epochs,
+                     "task": r["task"], "seed": r["seed"], "value": value,
+                     "deviations": run_deviations(r), "file": r["file"]})
+    cols = ["label", "technique", "epochs", "task", "seed", "value", "deviations", "file"]
+    return pd.DataFrame(rows, columns=cols), problems
+
+
+def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
+    """Per (label, task): technique, epochs, mean, std (ddof=1; NaN when n=1), n, deviates (bool)."""
+    import pandas as pd
+
+    if runs.empty:
+        return pd.DataFrame(columns=["label", "technique", "epochs", "task", "mean", "std", "n", "deviates"])
+    runs = runs.assign(deviates=runs["deviations"].map(bool))
+    agg = runs.groupby(["label", "task"], sort=False).agg(
+        technique=("technique", "first"), epochs=("epochs", "first"), mean=("value", "mean"),
+        std=("value", "std"), n=("value", "size"), deviates=("deviates", "any"))
+    return agg.reset_index()
+
+
+def _cell(mean: float, std: float, n: int, deviates: bool, pm: str) -> str:
+    import math
+
+    text = f"{mean:.2f}" if n == 1 or math.isnan(std) else f"{mean:.2f} {pm} {std:.2f}"
+    return f"{text} (n={n})" + (" †" if deviates else "")
+
+
+def _ordered_labels(summary) -> list[str]:
+    first = summary.drop_duplicates("label")
+    first = first.assign(_tech=first["technique"].where(first["technique"] != "", first["label"]))
+    return list(first.sort_values(["_tech", "epochs", "label"], kind="stable")["label"])
+
+
+def pivot(summary, pm: str = "±") -> "pandas.DataFrame":  # noqa: F821
+    """Display table: index = technique/checkpoint, columns = METRIC_COLUMNS present, cells 'mean ± std (n=k)'."""
+    import pandas as pd
+
+    tasks = [t for t in METRIC_COLUMNS if t in set(summary["task"])]
+    labels = _ordered_labels(summary)
+    out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"),
+                       columns=[METRIC_COLUMNS[t] for t in tasks], dtype=object).fillna("–")
+    for _, s in summary.iterrows():
+        out.loc[s["label"], METRIC_COLUMNS[s["task"]]] = _cell(s["mean"], s["std"], int(s["n"]), s["deviates"], pm)
+    return out
+
+
+def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
+    """Machine-readable table: per evaluation three columns '<metric> mean', '<metric> std', '<metric> n'."""
+    import pandas as pd
+
+    labels = _ordered_labels(summary)
+    out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"))
+    for task in [t for t in METRIC_COLUMNS if t in set(summary["task"])]:
+        sub = summary[summary["task"] == task].set_index("label")
+        name = METRIC_COLUMNS[task]
+        out[f"{name} mean"] = sub["mean"].reindex(labels).round(4)
+        out[f"{name} std"] = sub["std"].reindex(labels).round(4)
+        out[f"{name} n"] = sub["n"].reindex(labels).astype("Int64")
+        out[f"{name} deviates"] = sub["deviates"].reindex(labels).astype("boolean")
+    return out
+
+
+def _notes(runs, problems: list[str]) -> list[str]:
+    notes = []
+    deviating = runs[runs["deviations"].map(bool)] if not runs.empty else runs
+    for _, r in deviating.iterrows():
+        notes.append(f"† {Path(r['file']).name} ({r['label']}, {r['task']}): " + "; ".join(r["deviations"]))
+    notes += [f"skipped: {p}" for p in problems]
+    return notes
+
+
+def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
+    """PNG figures next to ``table_path``: metric vs epochs, per-class IoU per segment run, loss curves."""
+    import pandas as pd
+
+    from mimbench.results import plots
+    from mimbench.results.records import load_records
+
+    stem, folder = table_path.stem, table_path.parent
+    written = []
+    if not summary.empty and ((summary["epochs"] > 0) & summary["technique"].astype(bool)).any():
+        written.append(plots.plot_metric_vs_epochs(
+            summary, folder / f"{stem}_metric_vs_epochs.png",
+            tasks={t: METRIC_COLUMNS[t] for t in METRIC_COLUMNS}))
+    table, _ = load_records(*dirs)
+    iou_cols = [c for c in table.columns if c.startswith(PER_CLASS_PREFIX)]
+    if iou_cols:
+        for _, r in table[table["task"] == "segment"].iterrows():
+            per_class = {c[len(PER_CLASS_PREFIX):]: float(r[c]) for c in iou_cols if not pd.isna(r[c])}
+            if per_class:
+                name = Path(r["file"]).stem
+                written.append(plots.plot_per_class_iou(per_class, folder / f"{stem}_iou_{name}.png",
+                                                        title=name))
+    logs = set()
+    for d in dirs:
+        d = Path(d)
+        if d.is_dir():
+            logs.update(p.resolve() for p in d.rglob("log.jsonl"))
+    if "encoder.path" in table.columns:
+        for enc in table["encoder.path"].dropna():
+            candidate = Path(str(enc)).parent / "log.jsonl"
+            if candidate.is_file():
+                logs.add(candidate.resolve())
+    for log in sorted(logs):
+        its, _ = plots.read_loss_log(log)
+        if its:
+            written.append(plots.plot_loss_curve(log, folder / f"{stem}_loss_{log.parent.name}.png"))
+    return written
+
+
+def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
+    """Aggregate the run records under ``dirs`` into a table in ``fmt`` (md | csv | latex | html).
+
+    Returns the text. With ``out``, also writes it there and saves the figures (PNG) next to it;
+    their paths are listed at the end of the returned text. Skipped files and deviating runs are
+    listed under the table (as '#' comment lines in csv, '%' in latex).
+    """
+    if fmt not in FORMATS:
+        raise MimbenchError(f"Unknown report format {fmt!r}.", f"Use one of {', '.join(FORMATS)}.")
+    dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
+    runs, problems = run_table(dirs)
+    summary = summarize(runs)
+    notes = _notes(runs, problems)
+    if summary.empty:
+        body = {"md": "No finished evaluation runs found.", "csv": "# no finished evaluation runs found",
+                "latex": "% no finished evaluation runs found", "html": "<p>No finished evaluation runs found.</p>"}[fmt]
+        text = body
+    elif fmt == "md":
+        text = pivot(summary).to_markdown()
+    elif fmt == "csv":
+        text = numeric_pivot(summary).to_csv().rstrip("\n")
+    elif fmt == "latex":
+        table = pivot(summary, pm=r"$\pm$")
+        text = table.style.to_latex(hrules=True, column_format="l" + "r" * len(table.columns)).rstrip("\n")
+        text = text.replace("†", r"$^\dagger$")
+    else:
+        text = pivot(summary).to_html(border=0)
+    if notes:
+        if fmt == "md":
+            text += "\n\n" + "\n".join(f"- {n}" for n in notes)
+        elif fmt == "csv":
+            text += "\n" + "\n".join(f"# {n}" for n in notes)
+        elif fmt == "latex":
+            text += "\n" + "\n".join(f"% {n}" for n in notes)
+        else:
+            text += "\n<ul>\n" + "\n".join(f"<li>{html.escape(n)}</li>" for n in notes) + "\n</ul>"
+    if out is not None:
+        out = Path(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MimbenchError(f"Cannot create the report folder {out.parent}: {e.strerror or e}.",
+                                "Give --out a path in a folder you can write to.") from e
+        figures = write_plots(runs, summary, out, dirs)
+        if figures:
+            if fmt == "html":
+                text += "\n" + "\n".join(f'<p><img src="{html.escape(p.name)}"></p>' for p in figures)
+            else:
+                lead = {"md": "- figure: ", "csv": "# figure: ", "latex": "% figure: "}[fmt]
+                text += "\n" + "\n".join(f"{lead}{p}" for p in figures)
+        try:
+            out.write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise MimbenchError(f"Cannot write the report to {out}: {e.strerror or e}.",
+                                "Give --out a path in a folder you can write to.") from e
+    return text
+
+
+__all__ = ["FORMATS", "METRIC_COLUMNS", "numeric_pivot", "pivot", "run_table", "summarize", "write_plots",
+           "write_report"]

@@ -1,0 +1,164 @@
+"""Reports: mean ± std over seeds with exact numbers, every output format, notes, figures."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mimbench.errors import MimbenchError
+from mimbench.results import plots
+from mimbench.results.records import new_record, write_record
+from mimbench.results.report import run_table, summarize, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def add(folder, task, value, *, seed=0, technique="mae", epochs=800.0, deviations=(), dataset="imagenet",
+        extra_metrics=None, path="enc.safetensors"):
+    t = time.time()
+    metrics = {"mIoU": value} if task == "segment" else {"top1": value}
+    metrics.update(extra_metrics or {})
+    rec = new_record(task, protocol={"name": f"{task}/std", "sha256": "cd" * 32, "deviations": list(deviations)},
+                     encoder={"path": str(Path(folder) / path), "sha256": "ab" * 32, "arch": "vit-b/16",
+                              "technique": technique, "epochs": epochs},
+                     dataset={"name": dataset, "sizes": {"train": 10}}, metrics=metrics, seed=seed,
+                     started=t, finished=t + 1.0)
+    return write_record(folder, rec)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    d = tmp_path / "runs"
+    for seed, v in enumerate([70.0, 72.0, 74.0]):  # mean 72, sample std 2
+        add(d, "linear", v, seed=seed)
+    add(d, "finetune", 83.1)
+    add(d, "knn", 60.5, seed=0)
+    add(d, "knn", 61.5, seed=1)  # mean 61, std 0.70711
+    add(d, "linear", 65.0, technique="mae", epochs=100.0)
+    add(d, "linear", 66.0, technique="ddae", epochs=100.0)
+    add(d, "segment", 40.25, technique="ddae", epochs=100.0,
+        extra_metrics={"per_class_iou": {"background": 90.0, "t-shirt": 20.5, "bag": 10.25}})
+    add(d, "linear", 30.0, technique="", epochs=0.0, path="random_init.safetensors",
+        deviations=["fast linear probe: 5 epochs"], dataset="builtin:fashion-mnist")
+    (d / ("linear-" + "0" * 32 + ".json")).write_text('{"schema_version": 1, "run_id":')  # cut short
+    return d
+
+
+def test_summary_mean_std_over_seeds(runs):
+    table, problems = run_table([runs])
+    assert len(table) == 10 and len(problems) == 1 and ("linear-" + "0" * 32 + ".json") in problems[0]
+    s = summarize(table).set_index(["label", "task"])
+    lin = s.loc[("mae @ 800 ep", "linear")]
+    assert lin["mean"] == 72.0 and lin["std"] == 2.0 and lin["n"] == 3 and not lin["deviates"]
+    knn = s.loc[("mae @ 800 ep", "knn")]
+    assert knn["mean"] == 61.0 and knn["std"] == pytest.approx(0.5 ** 0.5) and knn["n"] == 2
+    assert pd.isna(s.loc[("mae @ 800 ep", "finetune"), "std"])
+    assert s.loc[("random_init", "linear"), "deviates"]  # no technique: encoder file stem
+
+
+def test_markdown_report(runs):
+    text = write_report([runs], fmt="md")
+    lines = text.splitlines()
+    header = lines[0]
+    for col in ("technique / checkpoint", "linear top-1", "fine-tune top-1", "k-NN top-1", "ADE20K mIoU"):
+        assert col in header
+    row = next(line for line in lines if line.startswith("| mae @ 800 ep"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["mae @ 800 ep", "72.00 ± 2.00 (n=3)", "83.10 (n=1)", "61.00 ± 0.71 (n=2)", "–"]
+    ddae = [c.strip() for c in next(line for line in lines if line.startswith("| ddae @ 100 ep")).strip("|").split("|")]
+    assert ddae == ["ddae @ 100 ep", "66.00 (n=1)", "–", "–", "40.25 (n=1)"]
+    # rows ordered by technique then epochs
+    order = [line.split("|")[1].strip() for line in lines[2:] if line.startswith("|")]
+    assert order == ["ddae @ 100 ep", "mae @ 100 ep", "mae @ 800 ep", "random_init"]
+    assert "30.00 (n=1) †" in text
+    assert any(line.startswith("- †") and "fast linear probe: 5 epochs" in line and "demo scale" in line
+               for line in lines)
+    assert any(line.startswith("- skipped:") and ("linear-" + "0" * 32 + ".json") in line for line in lines)
+
+
+def test_csv_report_parses_to_numbers(runs):
+    text = write_report([runs], fmt="csv")
+    df = pd.read_csv(io.StringIO(text), comment="#", index_col=0)
+    assert df.loc["mae @ 800 ep", "linear top-1 mean"] == 72.0
+    assert df.loc["mae @ 800 ep", "linear top-1 std"] == 2.0
+    assert df.loc["mae @ 800 ep", "linear top-1 n"] == 3
+    assert df.loc["mae @ 800 ep", "k-NN top-1 std"] == pytest.approx(0.7071, abs=1e-4)
+    assert df.loc["ddae @ 100 ep", "ADE20K mIoU mean"] == 40.25
+    assert pd.isna(df.loc["mae @ 800 ep", "ADE20K mIoU mean"])
+    assert bool(df.loc["random_init", "linear top-1 deviates"]) is True
+    assert "# skipped:" in text
+
+
+def test_latex_report(runs):
+    text = write_report([runs], fmt="latex")
+    assert text.startswith("\\begin{tabular}{lrrrr}") and "\\end{tabular}" in text
+    assert "72.00 $\\pm$ 2.00 (n=3)" in text and "\\toprule" in text
+    assert "30.00 (n=1) $^\\dagger$" in text
+    assert "\n% skipped:" in text
+
+
+class _Cells(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self.items, self._in = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th", "li"):
+            self._in, self._buf = tag, ""
+
+    def handle_data(self, data):
+        if self._in:
+            self._buf += data
+
+    def handle_endtag(self, tag):
+        if tag == self._in:
+            (self.items if tag == "li" else self.cells).append(self._buf.strip())
+            self._in = None
+
+
+def test_html_report(runs):
+    parser = _Cells()
+    parser.feed(write_report([runs], fmt="html"))
+    assert "72.00 ± 2.00 (n=3)" in parser.cells and "mae @ 800 ep" in parser.cells
+    assert "ADE20K mIoU" in parser.cells
+    assert any(i.startswith("skipped:") for i in parser.items)
+
+
+def test_report_with_out_writes_table_and_figures(runs, tmp_path):
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "log.jsonl").write_text("\n".join(json.dumps({"it": i, "epoch": 0, "loss": 1.0 / (i + 1)})
+                                             for i in range(5)) + '\n{"it": 5, "lo')
+    out = tmp_path / "report" / "table.md"
+    text = write_report([runs, pre], fmt="md", out=out)
+    assert out.read_text().rstrip("\n") == text
+    figures = [Path(line.split("figure: ")[1]) for line in text.splitlines() if "figure: " in line]
+    names = {f.name for f in figures}
+    assert "table_metric_vs_epochs.png" in names and "table_loss_pretrain.png" in names
+    assert any(n.startswith("table_iou_segment-") for n in names)
+    for f in figures:
+        assert f.parent == out.parent and f.stat().st_size > 1000 and f.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_loss_log_reader_skips_bad_lines(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"it": 0, "loss": 2.0}\n{"epoch": 1}\nnot json\n{"it": 10, "loss": 1.5, "lr": 0.1}\n')
+    assert plots.read_loss_log(log) == ([0, 10], [2.0, 1.5])
+    (tmp_path / "empty.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(MimbenchError, match="no lines with 'it' and 'loss'"):
+        plots.plot_loss_curve(tmp_path / "empty.jsonl", tmp_path / "x.png")
+
+
+def test_report_errors(tmp_path, runs):
+    with pytest.raises(MimbenchError, match="Unknown report format"):
+        write_report([runs], fmt="xlsx")
+    with pytest.raises(MimbenchError, match="does not exist"):
+        write_report([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    text = write_report([tmp_path / "empty"], fmt="md")
+    assert text.startswith("No finished evaluation runs found.") and "no run records" in text

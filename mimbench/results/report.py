@@ -217,7 +217,9 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
                 text += "\n" + "\n".join(f'<p><img src="{html.escape(p.name)}"></p>' for p in figures)
             else:
                 lead = {"md": "- figure: ", "csv": "# figure: ", "latex": "% figure: "}[fmt]
-                text += "\n" + "\n".join(f"{lead}{p}" for p in figures)
+                # Markdown needs a blank line between the table and a list.
+                sep = "\n\n" if fmt == "md" and not notes else "\n"
+                text += sep + "\n".join(f"{lead}{p}" for p in figures)
         try:
             out.write_text(text + "\n", encoding="utf-8")
         except OSError as e:

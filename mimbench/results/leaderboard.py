@@ -70,8 +70,9 @@ def load_leaderboard(path: str | Path | None = None) -> "pandas.DataFrame":  # n
 
     path = Path(path) if path is not None else packaged_csv()
     if not path.is_file():
-        raise MimbenchError(f"The leaderboard file {path} does not exist.",
-                            "Reinstall mimbench, or pass the path of a leaderboard CSV.")
+        raise MimbenchError(f"The leaderboard file {path} does not exist (this installation lacks its package data).",
+                            "Reinstall mimbench from a wheel or checkout that ships mimbench/results/leaderboard.csv, "
+                            "or pass the path of a leaderboard CSV.")
     try:
         df = pd.read_csv(path, dtype={"pretrain_epochs": "Int64", "value": float}, keep_default_na=False,
                          na_values={"pretrain_epochs": [""]})
@@ -213,7 +214,12 @@ def ranked(task: str | None = None, arch: str | None = None, include_runs=None):
     if task is not None:
         df = df[df["task"] == task]
     if arch is not None:
+        known = sorted(set(df["arch"]))
         df = df[df["arch"] == normalize_arch(arch)]
+        if df.empty:
+            what = f"{task} results" if task else "results"
+            raise MimbenchError(f"No {what} for architecture {arch!r} ({normalize_arch(arch)}).",
+                                f"Architectures with {what}: {', '.join(known)}.")
     df = df.sort_values(["task", "arch", "value"], ascending=[True, True, False], kind="stable")
     return df.reset_index(drop=True), problems
 

@@ -182,9 +182,9 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     summary = summarize(runs)
     notes = _notes(runs, problems)
     if summary.empty:
-        body = {"md": "No finished evaluation runs found.", "csv": "# no finished evaluation runs found",
-                "latex": "% no finished evaluation runs found", "html": "<p>No finished evaluation runs found.</p>"}[fmt]
-        text = body
+        text = {"md": "No finished evaluation runs found.", "csv": "# no finished evaluation runs found",
+                "latex": "% no finished evaluation runs found",
+                "html": "<p>No finished evaluation runs found.</p>"}[fmt]
     elif fmt == "md":
         text = pivot(summary).to_markdown()
     elif fmt == "csv":

@@ -99,7 +99,8 @@ def test_show_leaderboard_ranks_best_first_and_marks_own_runs(tmp_path):
     assert len(own) == 1 and own["method"].iloc[0] == "mae (own)" and own["pretrain_epochs"].iloc[0] == 800
     position = own.index[0]
     assert df.loc[position - 1, "value"] >= 83.55 >= df.loc[position + 1, "value"]
-    expected_rank = int((load_leaderboard().query("task == 'finetune' and arch == 'vit-b/16'")["value"] > 83.55).sum()) + 1
+    published = load_leaderboard().query("task == 'finetune' and arch == 'vit-b/16'")
+    expected_rank = int((published["value"] > 83.55).sum()) + 1
     assert position + 1 == expected_rank
     text = console.export_text()
     assert "* mae (own)" in text and f"{expected_rank} │ * mae (own)" in text
@@ -157,3 +158,10 @@ def test_compare_needs_records(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MimbenchError, match="No rankable run records"):
         compare_runs([tmp_path / "empty"], console=Console(record=True))
+
+
+def test_show_leaderboard_unknown_filters():
+    with pytest.raises(MimbenchError, match="Unknown task 'detection'"):
+        show_leaderboard(task="detection", console=Console(record=True))
+    with pytest.raises(MimbenchError, match=r"No knn results for architecture 'vit-l/16'.*\n.*vit-b/16"):
+        show_leaderboard(task="knn", arch="vit-l/16", console=Console(record=True))

@@ -47,7 +47,10 @@ def test_published_leaderboard_is_valid_and_has_the_reference_rows():
     assert int(mae["pretrain_epochs"].iloc[0]) == 1600
     ddae = df[(df.method == "DDAE") & (df.task == "finetune")].sort_values("value")
     assert ddae["value"].tolist() == [83.5, 84.3]
-    assert (df.loc[df.method == "DDAE", "verified"] == "unverified").all()
+    assert (df.loc[df.method == "DDAE", "verified"] == "yes").all()
+    assert df.loc[df.method == "DDAE", "pretrain_epochs"].isna().sum() == 2  # "longer": epochs not stated
+    # a number not confirmed against its source stays in, marked
+    assert df.loc[df.method == "MaskFeat", "verified"].tolist() == ["unverified"]
     seg = df[(df.method == "MAE (mmseg)")].set_index("protocol")["value"]
     assert seg["ADE20K UperNet 160k single-scale"] == 48.13
     assert seg["ADE20K UperNet 160k multi-scale+flip"] == 48.70

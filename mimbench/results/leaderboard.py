@@ -175,7 +175,10 @@ def own_runs(include_runs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F82
     rows = []
     for _, r in table.iterrows():
         task = RECORD_TASK.get(r["task"])
-        if task is None or r["status"] != "ok":
+        if task is None:
+            continue
+        if r["status"] != "ok":
+            problems.append(f"{r['file']}: status {r['status']}; not ranked")
             continue
         value = record_metric(r, task)
         if value is None:

@@ -47,7 +47,10 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
     table, problems = load_records(*dirs)
     rows = []
     for _, r in table.iterrows():
-        if r["task"] not in METRIC_COLUMNS or r["status"] != "ok":
+        if r["task"] not in METRIC_COLUMNS:
+            continue
+        if r["status"] != "ok":
+            problems.append(f"{r['file']}: status {r['status']}; left out")
             continue
         value = record_metric(r, r["task"])
         if value is None:

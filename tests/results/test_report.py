@@ -46,12 +46,22 @@ def runs(tmp_path):
     add(d, "linear", 30.0, technique="", epochs=0.0, path="random_init.safetensors",
         deviations=["fast linear probe: 5 epochs"], dataset="builtin:fashion-mnist")
     (d / ("linear-" + "0" * 32 + ".json")).write_text('{"schema_version": 1, "run_id":')  # cut short
+    t = time.time()
+    failed = new_record("linear", protocol={"name": "linear/std", "sha256": "cd" * 32},
+                        encoder={"path": "x.safetensors", "sha256": "ab" * 32, "arch": "vit-b/16", "technique": "mae",
+                                 "epochs": 800.0},
+                        dataset={"name": "imagenet"}, metrics={"top1": None}, seed=9, started=t, finished=t,
+                        status="failed")
+    (d / "failed.txt").write_text(str(write_record(d, failed)))
     return d
 
 
 def test_summary_mean_std_over_seeds(runs):
     table, problems = run_table([runs])
-    assert len(table) == 10 and len(problems) == 1 and ("linear-" + "0" * 32 + ".json") in problems[0]
+    assert len(table) == 10 and len(problems) == 2
+    assert any(("linear-" + "0" * 32 + ".json") in p and "not valid JSON" in p for p in problems)
+    failed = (runs / "failed.txt").read_text()
+    assert any(p == f"{failed}: status failed; left out" for p in problems)
     s = summarize(table).set_index(["label", "task"])
     lin = s.loc[("mae @ 800 ep", "linear")]
     assert lin["mean"] == 72.0 and lin["std"] == 2.0 and lin["n"] == 3 and not lin["deviates"]

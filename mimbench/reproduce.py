@@ -487,7 +487,9 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
             if task == "segment":
                 words += ["--launcher", "pytorch"]
             evals.append("torchrun --nproc_per_node=8 " + _sh(words))
-    evals += ["", f'mimbench report "$RUNS" --format md']
+    # One report per point: the report groups runs by technique and epochs, which grid points share.
+    evals += ["", "# ---- one table per grid point"]
+    evals += [f'mimbench report "$RUNS/{p.name}" --format md' for p in grid.points if p.pretrain]
     path = root / "commands.sh"
     path.write_text("\n".join(commands + evals) + "\n")
     path.chmod(0o755)

@@ -163,6 +163,8 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
     for task in ("finetune", "linear", "segment"):
         assert commands.count(f"mimbench.cli eval {task} ") == len(trained)
     assert "--launcher pytorch" in commands
+    assert [ln for ln in commands.splitlines() if ln.startswith("mimbench report")] == [
+        f'mimbench report "$RUNS/{p.name}" --format md' for p in trained]
     everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
     everything += "".join(p.read_text() for p in (root / "configs").iterdir())
     assert str(tmp_path) not in everything and "/home/" not in everything and "/work/" not in everything

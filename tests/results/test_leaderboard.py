@@ -50,7 +50,7 @@ def test_published_leaderboard_is_valid_and_has_the_reference_rows():
     assert (df.loc[df.method == "DDAE", "verified"] == "yes").all()
     assert df.loc[df.method == "DDAE", "pretrain_epochs"].isna().sum() == 2  # "longer": epochs not stated
     # a number not confirmed against its source stays in, marked
-    assert df.loc[df.method == "MaskFeat", "verified"].tolist() == ["unverified"]
+    assert df.loc[df.method == "data2vec", "verified"].tolist() == ["unverified"]
     seg = df[(df.method == "MAE (mmseg)")].set_index("protocol")["value"]
     assert seg["ADE20K UperNet 160k single-scale"] == 48.13
     assert seg["ADE20K UperNet 160k multi-scale+flip"] == 48.70

@@ -1,0 +1,12 @@
+"""Semantic segmentation with mmsegmentation (UperNet on ViT encoders).
+
+Importing this package first makes ``mmcv.ops`` importable on installs that only
+have ``mmcv-lite`` (see :mod:`mimbench.seg.mmcv_ops_fallback`), so it must be
+imported before anything from ``mmseg``.
+"""
+
+from mimbench.seg.mmcv_ops_fallback import install as _install_mmcv_ops_fallback
+
+MMCV_OPS_FALLBACK = _install_mmcv_ops_fallback()
+
+__all__ = ["MMCV_OPS_FALLBACK"]

@@ -2,11 +2,14 @@
 
 Importing this package first makes ``mmcv.ops`` importable on installs that only
 have ``mmcv-lite`` (see :mod:`mimbench.seg.mmcv_ops_fallback`), so it must be
-imported before anything from ``mmseg``.
+imported before anything from ``mmseg``; it then registers the project's
+dataset classes in mmseg's ``DATASETS`` registry.
 """
 
 from mimbench.seg.mmcv_ops_fallback import install as _install_mmcv_ops_fallback
 
 MMCV_OPS_FALLBACK = _install_mmcv_ops_fallback()
 
-__all__ = ["MMCV_OPS_FALLBACK"]
+from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
+
+__all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset"]

@@ -1,0 +1,464 @@
+"""The one training loop shared by pre-training, linear probing and fine-tuning.
+
+What it guarantees:
+
+* **Schedule** - the learning rate is set per optimizer step by timm's ``CosineLRScheduler``
+  configured to equal the official MAE ``lr_sched.adjust_learning_rate``: linear warm-up from 0
+  over ``warmup_epochs``, then a half cosine down to ``min_lr``; a param group's ``lr_scale``
+  (layer-wise decay) multiplies its rate.
+* **Checkpoints** - ``checkpoint-latest.pt`` after every epoch (and ``checkpoint-<epoch>.pt``
+  every ``ckpt_every`` epochs) holding model, optimizer, grad scaler, scheduler, caller state,
+  RNG state and the number of finished epochs. Files are written atomically (temp file in the
+  same directory, fsync, ``os.replace``) and contain only tensors and primitives, so they load
+  with ``torch.load(weights_only=True)``.
+* **Resume** - at epoch boundaries; on CPU the resumed run is bit-for-bit the uninterrupted one
+  (all RNG streams are restored and the data order is a function of the seed and the epoch).
+* **Safety** - a non-finite loss stops training with a :class:`MimbenchError` that names the
+  optimizer step and the loss terms; the last checkpoint on disk is the last good epoch.
+* **Speed** - the hot loop never synchronises with the device except at log steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from mimbench.errors import MimbenchError
+
+__all__ = [
+    "seed_everything", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+    "build_scheduler", "LoopConfig", "fit", "dist_info",
+]
+
+
+# ---------------------------------------------------------------------------- seeding / RNG
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all CUDA devices)."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All global RNG states as tensors / primitives (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same directory, are fsynced, and the file is then
+    renamed over ``path`` with ``os.replace``: a crash at any point leaves either the old file or
+    the new one, never a truncated file. ``state`` must hold only tensors and primitives.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MimbenchError(f"Cannot write checkpoint {path}: {exc.strerror or exc}.",
+                            "Choose an output directory you can write to (--out).") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs).
+
+    Raises MimbenchError when the file is missing, truncated/corrupt, or holds non-tensor objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MimbenchError(f"Checkpoint {path} does not exist.",
+                            "Check the path, or start without --resume.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise MimbenchError(
+            f"Checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "it is truncated, corrupt, or holds Python objects other than tensors and primitives.",
+            "Delete it and resume from another checkpoint-<epoch>.pt in the same directory, or start again without --resume.",
+        ) from exc
+    if not isinstance(state, dict):
+        raise MimbenchError(f"Checkpoint {path} does not hold a dict of training state.",
+                            "Pass a checkpoint written by mimbench.")
+    return state
+
+
+# ---------------------------------------------------------------------------- schedule
+def build_scheduler(optimizer, *, epochs: float, warmup_epochs: float, iters_per_epoch: int, min_lr: float = 0.0):
+    """Per-step cosine schedule equal to MAE's ``adjust_learning_rate``.
+
+    With ``e = step / iters_per_epoch`` (fractional epoch) and ``lr`` each param group's base rate:
+    ``lr * e / warmup_epochs`` while ``e < warmup_epochs``, else
+    ``min_lr + (lr - min_lr) / 2 * (1 + cos(pi * (e - warmup_epochs) / (epochs - warmup_epochs)))``,
+    times ``param_group["lr_scale"]`` when present. Call ``step_update(step)`` before each
+    optimizer step. The warm-up length is rounded to whole optimizer steps.
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    if iters_per_epoch < 1:
+        raise MimbenchError(f"An epoch has {iters_per_epoch} optimizer steps.",
+                            "Use a smaller batch size / accum_iter or a larger dataset.")
+    total = int(round(epochs * iters_per_epoch))
+    warmup = int(round(warmup_epochs * iters_per_epoch))
+    if warmup >= total:
+        raise MimbenchError(f"warmup_epochs={warmup_epochs} is not shorter than epochs={epochs}.",
+                            "Set schedule.warmup_epochs below schedule.epochs.")
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total - warmup,
+        lr_min=min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+
+
+# ---------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment (0, 1, 0 without it)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _init_distributed() -> bool:
+    rank, world, local = dist_info()
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return True
+
+
+# ---------------------------------------------------------------------------- loop
+@dataclass
+class LoopConfig:
+    """Loop settings. ``epochs`` counts passes over ``loader``; ``accum_iter`` micro-batches make one
+    optimizer step (an epoch uses ``len(loader) // accum_iter * accum_iter`` micro-batches);
+    ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA, fp32
+    on CPU), "bf16", "fp16" (with a grad scaler) or "none"; ``log_every`` in optimizer steps."""
+
+    epochs: int
+    warmup_epochs: float
+    min_lr: float = 0.0
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    amp: str = "auto"
+    ckpt_every: int = 1
+    seed: int = 0
+    log_every: int = 20
+    progress: bool = True
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp not in ("auto", "bf16", "fp16", "none"):
+        raise MimbenchError(f"amp={amp!r} is not one of auto, bf16, fp16, none.", "Fix the loop's amp setting.")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return nullcontext, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
+def _batch_size(batch) -> int:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(x, Mapping):
+        x = next(iter(x.values()))
+    return int(x.shape[0])
+
+
+def _resolve_terms(terms) -> dict[str, float]:
+    if callable(terms):
+        terms = terms()
+    return {k: float(v) for k, v in (terms or {}).items()}
+
+
+class _Progress:
+    """tqdm bar over optimizer steps (shown on rank 0 only; off when stderr is not a terminal
+    unless forced), postfix updated at log steps only."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
+                            disable=not sys.stderr.isatty(), file=sys.stderr)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, loss: float, lr: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{"img/s": f"{ips:.0f}"}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None), loader):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig, out_dir, *,
+        resume: bool = False, extra_state: Mapping[str, Any] | None = None,
+        on_step_end: Callable[[int, int], None] | None = None,
+        on_epoch_end: Callable[[int], dict] | None = None, desc: str = "train") -> list[dict]:
+    """Train ``model`` for ``cfg.epochs`` epochs; returns one dict per epoch run in this call.
+
+    ``step_fn(model, batch) -> (loss, terms)``: ``loss`` a scalar tensor to minimise, ``terms`` a
+    dict of floats/0-d tensors, or a zero-argument callable returning one (evaluated at log steps
+    only, so it may sync). Under DDP ``model`` passed to ``step_fn`` is the DDP wrapper (use
+    ``getattr(model, "module", model)`` for attributes). ``on_step_end(it, total_its)`` runs after
+    each optimizer step ``it`` (0-based); ``on_epoch_end(epoch)`` (1-based finished epochs) may
+    return metrics merged into that epoch's history entry. When resuming and the model has
+    ``set_progress(next_it, total_its)`` it is called so per-step schedules kept outside the
+    state dict continue where they stopped. The ``loader`` decides the data order: a sampler /
+    batch sampler / loader ``set_epoch(epoch)`` is called each epoch (0-based); otherwise the
+    order follows the global torch RNG, which checkpoints restore.
+    """
+    out_dir = Path(out_dir)
+    rank, world, local = dist_info()
+    distributed = _init_distributed()
+    is_main = rank == 0
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MimbenchError(f"Output directory {out_dir} is not writable ({exc.strerror or exc}).",
+                            "Pass an --out directory you can write to.") from exc
+
+    extra_state = dict(extra_state or {})
+    accum = max(int(cfg.accum_iter), 1)
+    micro_per_epoch = len(loader) // accum * accum
+    iters_per_epoch = micro_per_epoch // accum
+    if iters_per_epoch < 1:
+        raise MimbenchError(f"The loader yields {len(loader)} batches per epoch, fewer than accum_iter={accum}.",
+                            "Lower optim.accum_iter or the batch size, or use more data.")
+    total_its = iters_per_epoch * int(cfg.epochs)
+    scheduler = build_scheduler(optimizer, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                iters_per_epoch=iters_per_epoch, min_lr=cfg.min_lr)
+    device = _device_of(model)
+    autocast, scaler = _autocast(cfg.amp, device)
+    raw_model = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+
+    latest = out_dir / "checkpoint-latest.pt"
+    log_path = out_dir / "log.jsonl"
+    start_epoch = 0
+    if resume:
+        if not latest.is_file():
+            raise MimbenchError(f"--resume was given but {latest} does not exist.",
+                                f"Start without --resume, or point --out at the directory of the interrupted run.")
+        ck = load_checkpoint(latest)
+        try:
+            raw_model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            for name, obj in extra_state.items():
+                obj.load_state_dict(ck["extra_state"][name])
+            start_epoch = int(ck["epoch"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise MimbenchError(f"Checkpoint {latest} does not match this model/config ({exc}).",
+                                "Resume with the config the run was started with, or start a new --out.") from exc
+        if ck.get("iters_per_epoch", iters_per_epoch) != iters_per_epoch:
+            raise MimbenchError(
+                f"Checkpoint {latest} was written with {ck['iters_per_epoch']} steps per epoch, this run has {iters_per_epoch}.",
+                "Resume with the same data, batch size and accum_iter.")
+        set_rng_state(ck["rng"])
+        if hasattr(raw_model, "set_progress"):
+            raw_model.set_progress(start_epoch * iters_per_epoch, total_its)
+        if is_main and log_path.is_file():  # drop log lines of the interrupted, uncheckpointed epoch
+            keep = [ln for ln in log_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("it", 0) <= start_epoch * iters_per_epoch]
+            log_path.write_text("".join(ln + "\n" for ln in keep))
+    else:
+        seed_everything(cfg.seed + rank)
+        if is_main and log_path.exists():
+            log_path.unlink()
+
+    history: list[dict] = []
+    it = start_epoch * iters_per_epoch
+    scheduler.step_update(it)
+    log_every = max(int(cfg.log_every), 1)
+    bar = _Progress(total_its, it, desc, enabled=cfg.progress and is_main)
+    log_fh = open(log_path, "a") if is_main else None
+    try:
+        for epoch in range(start_epoch, int(cfg.epochs)):
+            model.train()
+            _set_epoch(loader, epoch)
+            epoch_loss = torch.zeros((), device=device)
+            window_imgs, window_t0 = 0, time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            for micro, batch in enumerate(loader):
+                if micro >= micro_per_epoch:
+                    break
+                last_micro = (micro + 1) % accum == 0
+                sync_ctx = model.no_sync() if (distributed and not last_micro) else nullcontext()
+                with sync_ctx:
+                    with autocast():
+                        loss, terms = step_fn(model, batch)
+                    # CPU: checking every step costs nothing; on accelerators this would sync each step.
+                    if device.type == "cpu" and not bool(torch.isfinite(loss.detach())):
+                        _raise_non_finite(it, loss, terms, out_dir)
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                epoch_loss += loss.detach()
+                window_imgs += _batch_size(batch)
+                if not last_micro:
+                    continue
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if on_step_end is not None:
+                    on_step_end(it, total_its)
+                lr = optimizer.param_groups[0]["lr"]
+                it += 1
+                bar.update()
+                if it % log_every == 0 or it == total_its or micro + 1 == micro_per_epoch:
+                    loss_v = float(loss.detach())
+                    if not math.isfinite(loss_v):
+                        _raise_non_finite(it - 1, loss, terms, out_dir, window=log_every)
+                    now = time.perf_counter()
+                    ips = window_imgs * world / max(now - window_t0, 1e-9)
+                    window_imgs, window_t0 = 0, now
+                    bar.show(loss_v, lr, ips)
+                    if log_fh is not None:
+                        rec = {"it": it, "epoch": round(it / iters_per_epoch, 4), "lr": lr, "loss": loss_v,
+                               "terms": _resolve_terms(terms), "img_per_s": round(ips, 1)}
+                        log_fh.write(json.dumps(rec) + "\n")
+                        log_fh.flush()
+                scheduler.step_update(it)
+            mean_loss = float(epoch_loss) / micro_per_epoch
+            entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
+            if on_epoch_end is not None:
+                entry.update(on_epoch_end(epoch + 1) or {})
+            history.append(entry)
+            if is_main:
+                state = {
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "scheduler": {"it": it},  # the schedule is a pure function of the step
+                    "extra_state": {k: v.state_dict() for k, v in extra_state.items()},
+                    "rng": rng_state(),
+                    "epoch": epoch + 1,
+                    "iters_per_epoch": iters_per_epoch,
+                    "loop": {k: v for k, v in asdict(cfg).items()},
+                }
+                save_checkpoint(latest, state)
+                if cfg.ckpt_every and (epoch + 1) % int(cfg.ckpt_every) == 0:
+                    save_checkpoint(out_dir / f"checkpoint-{epoch + 1}.pt", state)
+    finally:
+        bar.close()
+        if log_fh is not None:
+            log_fh.close()
+    return history
+
+
+def _raise_non_finite(it: int, loss: torch.Tensor, terms, out_dir: Path, window: int = 0) -> None:
+    try:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in _resolve_terms(terms).items()) or "none reported"
+    except Exception:  # terms may themselves be unusable once the loss diverged
+        shown = "unavailable"
+    where = f"optimizer step {it}" if not window else f"the {window} optimizer steps up to step {it}"
+    raise MimbenchError(
+        f"The loss became non-finite ({float(loss.detach())}) at {where}; loss terms: {shown}.",
+        f"Training stopped; {Path(out_dir) / 'checkpoint-latest.pt'} still holds the last finished epoch. "
+        "Lower the learning rate (optim.blr), enable gradient clipping, or use amp='none', then resume.",
+    )

@@ -269,3 +269,12 @@ def test_ddae_grid_gives_mae_rows_the_ddae_budget(fake_repo):
     assert points["mae"].overrides == ("train.epochs=100", "train.warmup_epochs=5")
     assert points["mae_dds"].overrides[1:] == ("train.epochs=100", "train.warmup_epochs=5")
     assert points["ddae"].overrides == ()
+
+
+@pytest.mark.parametrize("task,config,data", R.FULL_EVALS)
+def test_full_scale_evaluation_configs_exist(task, config, data):
+    path = R.REPO_ROOT / config
+    if not path.parent.is_dir():
+        pytest.skip(f"{path.parent} not present in this checkout")
+    assert path.is_file(), f"{config} is named in the full-scale commands but missing"
+    assert data in ("$IMAGENET", "$ADE20K")

@@ -97,6 +97,11 @@ def test_ade20k_segmentor_forward_backward_on_cpu():
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.train()
+    # One image: BN over the 1x1 pooled PPM branch has a single value per channel in training mode
+    # (the real run syncs BN over 8 GPUs x 2 images), so BN uses its running statistics here.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
     img = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8)
     sample = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 150, (1, 512, 512))))
     sample.set_metainfo(dict(img_shape=(512, 512), ori_shape=(512, 512), pad_shape=(512, 512)))

@@ -1,0 +1,23 @@
+# Pre-training config schema (mmengine config; every key can be changed with --set a.b=value).
+#
+# model:    name = a pretrain registry entry (mae_vit_tiny_patch4_32, robust_mae_<preset>, ddae_<preset>,
+#           mae+dds_<preset>, mae_vit_base_patch16, ...); every other key is a constructor argument of that
+#           model (official MAE arguments plus the technique's knobs, see docs/techniques.md).
+# technique: name recorded in the encoder file (mae, robust-mae, ddae, mae+dds).
+# data:     img_size = training resolution; num_workers = loader processes for image folders (the built-in
+#           Fashion-MNIST pipeline runs batched in the main process). The dataset itself is --data.
+# optim:    AdamW. lr = blr * eff_batch / 256 with eff_batch = batch_size * accum_iter * processes;
+#           eff_batch_size (optional) fixes the effective batch and derives accum_iter from the process count.
+#           weight_decay applies to weight matrices only (1-D params and model.no_weight_decay() excluded).
+#           clip_grad = max global gradient norm or None.
+# schedule: epochs, warmup_epochs (linear from 0), min_lr (end of the half cosine); stepped per optimizer step.
+# runtime:  seed, ckpt_every (keep checkpoint-<epoch>.pt every n epochs; checkpoint-latest.pt always),
+#           log_every (optimizer steps between log.jsonl lines), mask_ratio, amp ("auto" = bf16 on CUDA,
+#           fp32 on CPU | "bf16" | "fp16" | "none").
+technique = "mae"
+model = dict(name="mae_vit_base_patch16")
+data = dict(img_size=224, num_workers=10)
+optim = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=64, accum_iter=1,
+             eff_batch_size=None, clip_grad=None)
+schedule = dict(epochs=400, warmup_epochs=40, min_lr=0.0)
+runtime = dict(seed=0, ckpt_every=20, log_every=20, mask_ratio=0.75, amp="auto")

@@ -1,0 +1,7 @@
+# Shared CPU settings for the built-in Fashion-MNIST subset at 32x32 (ViT-tiny, patch 4: 8x8 grid).
+_base_ = ["./default.py"]
+data = dict(img_size=32, num_workers=0)
+# blr 1e-3 (not the ImageNet 1.5e-4): a few-epoch schedule on a small model needs a larger step to move.
+optim = dict(blr=1e-3, batch_size=64, accum_iter=1, eff_batch_size=None)
+schedule = dict(epochs=10, warmup_epochs=1, min_lr=0.0)
+runtime = dict(seed=0, ckpt_every=5, log_every=10, mask_ratio=0.75, amp="auto")

@@ -87,7 +87,7 @@ def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]
 def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
     """mmseg ``MAE`` backbone fields that must match the encoder (sizes from its metadata)."""
     try:
-        return dict(
+        fields = dict(
             patch_size=int(meta["patch_size"]),
             embed_dims=int(meta["embed_dim"]),
             num_layers=int(meta["depth"]),
@@ -100,6 +100,14 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             f"Encoder metadata lacks a valid architecture field ({err}).",
             "Use an encoder file written by mimbench (pretrain or `mimbench convert`).",
         ) from err
+    # mmseg sizes the MLP as mlp_ratio * embed_dims without rounding, so the ratio must be integral.
+    if not fields["mlp_ratio"].is_integer():
+        raise MimbenchError(
+            f"mmseg's MAE backbone cannot build an MLP ratio of {fields['mlp_ratio']}.",
+            "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
+        )
+    fields["mlp_ratio"] = int(fields["mlp_ratio"])
+    return fields
 
 
 def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[Path, dict]:

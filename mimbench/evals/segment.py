@@ -1,0 +1,173 @@
+"""Semantic segmentation evaluation: an encoder file as the backbone of mmseg's UperNet.
+
+The protocol is the mmseg config (``eval_configs/segmentation/``); this module only
+plugs the encoder in and runs mmengine's ``Runner``:
+
+1. the encoder is converted to mmseg ``MAE`` backbone keys (``mimbench.seg.backbone``)
+   and loaded through the backbone's ``init_cfg=Pretrained``;
+2. the backbone architecture fields come from the encoder; where they differ from the
+   config (a non-ViT-B encoder), the dependent widths (neck, heads), the layer-decay depth
+   and the tapped blocks (``out_indices`` scaled to the same relative depths) follow, and
+   every such change is written to the record's ``protocol.deviations``;
+3. on a machine without CUDA, ``AmpOptimWrapper`` (CUDA-only in mmengine) becomes a plain
+   fp32 ``OptimWrapper`` -- also listed as a deviation;
+4. after training, the test loop (single-scale, the config's test mode) gives aAcc/mIoU/mAcc
+   in percent, written as a ``segment`` record to ``out``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mimbench.errors import MimbenchError
+
+BUILTIN_SEG = "builtin:fashion-mnist-seg"
+
+
+def _resolve_data(data: str, out: Path) -> tuple[Path, str]:
+    """(ADE20K-layout root, dataset name) for a path or the built-in spec."""
+    if data == BUILTIN_SEG:
+        from mimbench.data.seg import build_fashion_mnist_seg
+
+        return Path(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg")), "fashion-mnist-seg"
+    if data.startswith("builtin:"):
+        raise MimbenchError(f"Unknown built-in segmentation dataset {data!r}.",
+                            f"Use {BUILTIN_SEG} or the path of an ADE20K-layout root.")
+    root = Path(data)
+    needed = [root / top / split for top in ("images", "annotations") for split in ("training", "validation")]
+    missing = [str(p) for p in needed if not p.is_dir() or not any(p.iterdir())]
+    if missing:
+        raise MimbenchError(
+            f"Segmentation data root {root} lacks (or has empty) {', '.join(missing)}.",
+            "Point --data at an ADE20K-layout root (ADEChallengeData2016: images/{training,validation}/*.jpg and "
+            f"annotations/{{training,validation}}/*.png) or use {BUILTIN_SEG}.",
+        )
+    return root, "ade20k" if "ade" in root.name.lower() else root.name
+
+
+def scaled_out_indices(out_indices, config_depth: int, depth: int) -> list[int]:
+    """Blocks at the same relative depths, e.g. [3, 5, 7, 11] of 12 -> [7, 11, 15, 23] of 24."""
+    scaled = [round((i + 1) * depth / config_depth) - 1 for i in out_indices]
+    if len(set(scaled)) != len(scaled) or min(scaled) < 0:
+        raise MimbenchError(
+            f"A {depth}-block encoder is too shallow for the config's {len(out_indices)} tapped blocks {list(out_indices)}.",
+            "Use a deeper encoder or set model.backbone.out_indices (and num_layers) with --set.",
+        )
+    return scaled
+
+
+def adapt_config(cfg, fields: dict, *, cuda: bool) -> list[str]:
+    """Fit ``cfg`` (mmengine Config, changed in place) to the encoder; return the deviations made."""
+    deviations = []
+    backbone = cfg.model.backbone
+    for key in ("patch_size", "embed_dims", "num_heads", "mlp_ratio"):
+        if backbone.get(key) != fields[key]:
+            deviations.append(f"model.backbone.{key}: {backbone.get(key)} -> {fields[key]} (from the encoder)")
+            backbone[key] = fields[key]
+    depth = fields["num_layers"]
+    if backbone.num_layers != depth:
+        new_idx = scaled_out_indices(backbone.out_indices, backbone.num_layers, depth)
+        deviations.append(f"model.backbone.num_layers: {backbone.num_layers} -> {depth}, "
+                          f"out_indices {list(backbone.out_indices)} -> {new_idx} (same relative depths)")
+        backbone.num_layers, backbone.out_indices = depth, new_idx
+    backbone.img_size = fields["img_size"]
+    dim = fields["embed_dims"]
+    if cfg.model.get("neck") and cfg.model.neck.get("embed_dim") not in (None, dim):
+        cfg.model.neck.embed_dim = dim
+        cfg.model.decode_head.in_channels = [dim] * len(cfg.model.decode_head.in_channels)
+        if cfg.model.get("auxiliary_head"):
+            cfg.model.auxiliary_head.in_channels = dim
+        deviations.append(f"neck/head input widths -> {dim} (encoder width)")
+    paramwise = cfg.optim_wrapper.get("paramwise_cfg") or {}
+    if "num_layers" in paramwise and paramwise["num_layers"] != depth:
+        deviations.append(f"optim_wrapper.paramwise_cfg.num_layers: {paramwise['num_layers']} -> {depth}")
+        cfg.optim_wrapper.paramwise_cfg.num_layers = depth
+    if cfg.optim_wrapper.get("type") == "AmpOptimWrapper" and not cuda:
+        cfg.optim_wrapper.type = "OptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
+        deviations.append("optim_wrapper: AmpOptimWrapper -> OptimWrapper (fp32; no CUDA device)")
+    return deviations
+
+
+def _set_data_root(cfg, root: Path) -> None:
+    cfg.data_root = str(root)
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(name)
+        if loader is not None:
+            loader.dataset.data_root = str(root)
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    """Scalar metrics as floats (IoUMetric returns numpy scalars, in percent)."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
+                launcher: str = "none", resume: bool = False) -> dict:
+    """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
+
+    ``launcher``: ``none`` (one process), ``pytorch`` (torchrun) or ``slurm``, as mmengine's.
+    ``resume``: continue from the last checkpoint in ``out/mmseg``.
+    """
+    import torch
+
+    import mimbench.seg  # noqa: F401  (mmcv.ops fallback and dataset registration before mmseg)
+    from mimbench.config import config_sha256, load_config
+    from mimbench.results.records import encoder_summary, new_record, write_record
+    from mimbench.seg.backbone import write_backbone_checkpoint
+
+    if launcher not in ("none", "pytorch", "slurm"):
+        raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use none, pytorch or slurm.")
+    encoder, out = Path(encoder), Path(out)
+    if not encoder.is_file():
+        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    started = time.time()
+    cfg = load_config(config, overrides)
+    protocol_sha = config_sha256(cfg)
+    dataset_type = cfg.train_dataloader.dataset.type
+    if data == BUILTIN_SEG and dataset_type != "FashionMNISTSegDataset":
+        raise MimbenchError(f"{BUILTIN_SEG} needs a FashionMNISTSegDataset config, {config} uses {dataset_type}.",
+                            "Use eval_configs/segmentation/demo_fmnist_seg.py.")
+    out.mkdir(parents=True, exist_ok=True)
+    root, dataset_name = _resolve_data(data, out)
+    _set_data_root(cfg, root)
+
+    crop = tuple(cfg.crop_size)
+    if crop[0] != crop[1]:
+        raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
+    ckpt, fields = write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
+    deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available())
+    cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(ckpt))
+    cfg.work_dir = str(out / "mmseg")
+    cfg.launcher = launcher
+    cfg.resume = bool(resume)
+    cfg.load_from = None
+
+    from mmengine.dist import is_main_process
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.test()
+    finished = time.time()
+    record = new_record(
+        "segment",
+        protocol={"name": Path(config).stem, "sha256": protocol_sha, "config": str(config),
+                  "overrides": list(overrides), "deviations": deviations, "test_mode": cfg.model.test_cfg.get("mode")},
+        encoder=encoder_summary(encoder),
+        dataset={"name": dataset_name, "root": str(root)},
+        metrics=_numeric(metrics),
+        seed=int(cfg.get("randomness", {}).get("seed") or 0),
+        started=started,
+        finished=finished,
+    )
+    if is_main_process():
+        write_record(out, record)
+    return record

@@ -28,8 +28,11 @@ BUILTIN_SEG = "builtin:fashion-mnist-seg"
 def _resolve_data(data: str, out: Path) -> tuple[Path, str]:
     """(ADE20K-layout root, dataset name) for a path or the built-in spec."""
     if data == BUILTIN_SEG:
-        from mimbench.data.seg import build_fashion_mnist_seg
-
+        try:
+            from mimbench.data.seg import build_fashion_mnist_seg
+        except ImportError as err:
+            raise MimbenchError(f"The built-in {BUILTIN_SEG} generator is not available ({err}).",
+                                "Pass the path of an ADE20K-layout root with --data instead.") from err
         return Path(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg")), "fashion-mnist-seg"
     if data.startswith("builtin:"):
         raise MimbenchError(f"Unknown built-in segmentation dataset {data!r}.",
@@ -145,6 +148,9 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     ckpt, fields = write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
     deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available())
     cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(ckpt))
+    # mmengine draws a random seed when none is configured; fix one so the record's seed is the one used.
+    if cfg.get("randomness", {}).get("seed") is None:
+        cfg.randomness = dict(cfg.get("randomness", {}), seed=0)
     cfg.work_dir = str(out / "mmseg")
     cfg.launcher = launcher
     cfg.resume = bool(resume)
@@ -164,7 +170,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
         encoder=encoder_summary(encoder),
         dataset={"name": dataset_name, "root": str(root)},
         metrics=_numeric(metrics),
-        seed=int(cfg.get("randomness", {}).get("seed") or 0),
+        seed=int(cfg.randomness.seed),
         started=started,
         finished=finished,
     )

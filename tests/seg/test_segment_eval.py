@@ -68,7 +68,7 @@ def test_run_segment_trains_tests_and_writes_record(tmp_path):
     out = tmp_path / "run"
     record = run_segment(encoder=enc, config=DEMO, data=str(data), out=out,
                          overrides=["train_cfg.max_iters=2", "train_cfg.val_interval=2", "train_dataloader.batch_size=2"])
-    assert record["task"] == "segment"
+    assert record["task"] == "segment" and record["seed"] == 0
     assert 0.0 <= record["metrics"]["mIoU"] <= 100.0 and "aAcc" in record["metrics"]
     assert any("num_layers: 12 -> 4" in d for d in record["protocol"]["deviations"])
     written = list(out.glob("*.json"))
@@ -82,3 +82,12 @@ def test_run_segment_refuses_bad_layout(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MimbenchError, match="ADE20K-layout"):
         run_segment(encoder=enc, config=DEMO, data=str(tmp_path / "empty"), out=tmp_path / "run")
+
+
+def test_builtin_data_needs_the_fashion_mnist_seg_config(tmp_path):
+    from mimbench.evals.segment import run_segment
+
+    enc, _ = _encoder(tmp_path)
+    ade = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
+    with pytest.raises(MimbenchError, match="FashionMNISTSegDataset"):
+        run_segment(encoder=enc, config=ade, data="builtin:fashion-mnist-seg", out=tmp_path / "run")

@@ -1,0 +1,45 @@
+"""Datasets: the embedded Fashion-MNIST subset, FashionMNIST-Seg, and real ImageNet / ADE20K folders.
+
+Datasets are named in configs and on the command line as ``builtin:fashion-mnist``,
+``builtin:fashion-mnist-seg`` or a path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimbench.data.builtin import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+                                   FashionMNISTSubset)
+from mimbench.data.folders import IMAGENET_MEAN, IMAGENET_STD, check_imagefolder, image_folder
+from mimbench.errors import MimbenchError
+
+BUILTIN_CLASSIFICATION = ("builtin:fashion-mnist",)
+
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FashionMNISTSubset",
+           "build_dataset", "dataset_stats", "check_imagefolder", "image_folder", "is_builtin"]
+
+
+def is_builtin(spec: str) -> bool:
+    return str(spec).startswith("builtin:")
+
+
+def _check_builtin(spec: str) -> None:
+    if spec not in BUILTIN_CLASSIFICATION:
+        raise MimbenchError(f"Unknown built-in dataset {spec!r}.",
+                            f"Known: {', '.join(BUILTIN_CLASSIFICATION)} (or pass an ImageNet-style folder).")
+
+
+def build_dataset(spec: str, split: str, transform=None, img_size: int = 32):
+    """Classification dataset for ``spec`` (builtin name or ImageNet-style root) and ``split`` (train|val)."""
+    spec = str(spec)
+    if is_builtin(spec):
+        _check_builtin(spec)
+        return FashionMNISTSubset(split, img_size=img_size, transform=transform)
+    return image_folder(Path(spec), split, transform=transform)
+
+
+def dataset_stats(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) used to normalise ``spec``: the subset's own, ImageNet's for folders."""
+    if is_builtin(str(spec)):
+        _check_builtin(str(spec))
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -1,0 +1,106 @@
+"""FashionMNIST-Seg: a deterministic segmentation set made of Fashion-MNIST garments, in the ADE20K layout.
+
+Each image is a ``canvas``×``canvas`` grey canvas (saved as RGB JPEG) holding 2–4 garments of the
+embedded subset (training garments for ``training``, validation garments for ``validation``) pasted at
+random positions with a random scale of 0.75–1.5; later garments occlude earlier ones. The label map
+(PNG, uint8) is ``class + 1`` where a garment's pixel intensity exceeds ``FOREGROUND_THRESHOLD`` and
+0 (background) elsewhere, so there are 11 classes and label 0 is a real, scored class (no
+zero-label reduction, unlike ADE20K's "other").
+
+It is a functional test of the segmentation pipeline, not a benchmark: numbers on it say nothing about
+ADE20K.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimbench.data.builtin import _arrays, resize_grey
+from mimbench.errors import MimbenchError
+
+FOREGROUND_THRESHOLD = 40  # of 255: the faint fringe of a garment counts as background
+SPLITS = {"training": "train", "validation": "val"}
+ADE_LAYOUT = "ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png"
+MANIFEST = "fashion-mnist-seg.json"
+
+
+def _compose(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tensor, canvas: int):
+    img = np.zeros((canvas, canvas), np.uint8)
+    ann = np.zeros((canvas, canvas), np.uint8)
+    for _ in range(int(rng.integers(2, 5))):
+        idx = int(rng.integers(len(labels)))
+        size = int(round(28 * rng.uniform(0.75, 1.5)))
+        size = min(size, canvas)
+        g = (resize_grey(images[idx: idx + 1], size)[0, 0] * 255).round().to(torch.uint8).numpy()
+        y, x = (int(rng.integers(0, canvas - size + 1)) for _ in range(2))
+        fg = g > FOREGROUND_THRESHOLD
+        img[y: y + size, x: x + size][fg] = g[fg]
+        ann[y: y + size, x: x + size][fg] = int(labels[idx]) + 1
+    return img, ann
+
+
+def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 200, canvas: int = 64,
+                            seed: int = 0) -> Path:
+    """Write the set under ``root`` (ADE20K layout) unless the same parameters are already there; returns root.
+
+    The manifest is written last, so an interrupted build is detected and redone.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    params = {"n_train": n_train, "n_val": n_val, "canvas": canvas, "seed": seed, "threshold": FOREGROUND_THRESHOLD,
+              "format": 1}
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()) == params:
+                return root
+        except ValueError:
+            pass
+        manifest.unlink()
+    try:
+        for split, src in SPLITS.items():
+            images, labels = _arrays(src)
+            count = n_train if split == "training" else n_val
+            rng = np.random.default_rng([seed, 0 if split == "training" else 1])
+            img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+            for d in (img_dir, ann_dir):
+                d.mkdir(parents=True, exist_ok=True)
+                for old in d.iterdir():
+                    old.unlink()
+            for i in range(count):
+                img, ann = _compose(rng, images, labels, canvas)
+                Image.fromarray(img).convert("RGB").save(img_dir / f"fmseg_{i:05d}.jpg", quality=95)
+                Image.fromarray(ann).save(ann_dir / f"fmseg_{i:05d}.png")
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(params))
+        os.replace(tmp, manifest)
+    except OSError as exc:
+        raise MimbenchError(f"FashionMNIST-Seg could not be written under {root} ({exc}).",
+                            "Choose a writable output directory.") from exc
+    return root
+
+
+def check_ade20k_layout(root: str | Path) -> Path:
+    """Check an ADE20K-layout root (``ADEChallengeData2016``); MimbenchError naming what is wrong."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MimbenchError(f"Segmentation data root {root} does not exist.",
+                            f"Pass the ADEChallengeData2016 folder, laid out as {ADE_LAYOUT}.")
+    for split in SPLITS:
+        imgs, anns = root / "images" / split, root / "annotations" / split
+        for d in (imgs, anns):
+            if not d.is_dir():
+                raise MimbenchError(f"{root} lacks the folder {d.relative_to(root)}.", f"Expected layout: {ADE_LAYOUT}.")
+        n_img = sum(1 for p in imgs.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        n_ann = sum(1 for p in anns.iterdir() if p.suffix.lower() == ".png")
+        if n_img == 0:
+            raise MimbenchError(f"{imgs} holds no images.", f"Expected layout: {ADE_LAYOUT}.")
+        if n_img != n_ann:
+            raise MimbenchError(f"{split}: {n_img} images but {n_ann} annotations under {root}.",
+                                "Every image needs a .png label map of the same name in annotations/.")
+    return root

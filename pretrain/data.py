@@ -132,14 +132,18 @@ def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: int = 0, rank: int = 0,
-                          world_size: int = 1, num_workers: int = 0):
-    """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root)."""
+                          world_size: int = 1, num_workers: int = 0, limit: int | None = None):
+    """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root);
+    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks)."""
     if data == BUILTIN_FMNIST:
         from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset
 
         ds = FashionMNISTSubset("train", img_size=img_size)
         mean, std = FASHION_MNIST_MEAN[:1], FASHION_MNIST_STD[:1]  # grey: one channel, replicated later
-        loader = TensorPretrainLoader(ds.images, ds.labels, batch_size=batch_size, img_size=img_size,
+        images, labels = ds.images, torch.as_tensor(ds.labels)
+        if limit:
+            images, labels = images[: int(limit)], labels[: int(limit)]
+        loader = TensorPretrainLoader(images, labels, batch_size=batch_size, img_size=img_size,
                                       mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
         return loader
     from torch.utils.data import DataLoader, DistributedSampler
@@ -147,6 +151,8 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
     from mimbench.data import build_dataset
 
     ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
+    if limit:
+        ds = torch.utils.data.Subset(ds, range(min(int(limit), len(ds))))
     # DistributedSampler also for one process: its order is a pure function of (seed, epoch).
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

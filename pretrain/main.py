@@ -107,7 +107,8 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     data_cfg = cfg.get("data", {})
     img_size = int(data_cfg.get("img_size", model.encoder_arch()["img_size"]))
     loader = build_pretrain_loader(data, img_size=img_size, batch_size=batch, seed=seed, rank=rank,
-                                   world_size=world, num_workers=int(data_cfg.get("num_workers", 0)))
+                                   world_size=world, num_workers=int(data_cfg.get("num_workers", 0)),
+                                   limit=data_cfg.get("limit"))
     mask_ratio = float(rt.get("mask_ratio", 0.75))
 
     def step(m, b):

@@ -5,7 +5,8 @@
 #           model (official MAE arguments plus the technique's knobs, see docs/techniques.md).
 # technique: name recorded in the encoder file (mae, robust-mae, ddae, mae+dds).
 # data:     img_size = training resolution; num_workers = loader processes for image folders (the built-in
-#           Fashion-MNIST pipeline runs batched in the main process). The dataset itself is --data.
+#           Fashion-MNIST pipeline runs batched in the main process); limit = use only the first n training
+#           images (None = all; for smoke tests). The dataset itself is --data.
 # optim:    AdamW. lr = blr * eff_batch / 256 with eff_batch = batch_size * accum_iter * processes;
 #           eff_batch_size (optional) fixes the effective batch and derives accum_iter from the process count.
 #           weight_decay applies to weight matrices only (1-D params and model.no_weight_decay() excluded).
@@ -16,7 +17,7 @@
 #           fp32 on CPU | "bf16" | "fp16" | "none").
 technique = "mae"
 model = dict(name="mae_vit_base_patch16")
-data = dict(img_size=224, num_workers=10)
+data = dict(img_size=224, num_workers=10, limit=None)
 optim = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=64, accum_iter=1,
              eff_batch_size=None, clip_grad=None)
 schedule = dict(epochs=400, warmup_epochs=40, min_lr=0.0)

@@ -104,6 +104,7 @@ def test_run_pretrain_micro_exports_loadable_encoder(tmp_path):
     assert last < first and "loss_rec" in logs[-1]["terms"] and logs[-1]["img_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_run_pretrain_ddae_resume_from_epoch_checkpoint_is_exact(tmp_path):
     """Resuming a DDAE run (EMA teacher, beta schedule) from epoch 1 reproduces the uninterrupted run."""
     pytest.importorskip("mimbench.data")

@@ -146,3 +146,35 @@ def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path):
     ck = load_checkpoint(tmp_path / "checkpoint-latest.pt")
     assert ck["epoch"] == 1
     net.load_state_dict(ck["model"])
+
+
+def test_accumulation_matches_the_large_batch_step(tmp_path):
+    """accum_iter=2 over batches of 4 takes the same optimizer steps (and lr) as batches of 8:
+    the loss is divided by accum_iter, the step and the schedule advance every 2 micro-batches."""
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+
+    def run(batch, accum, sub):
+        torch.manual_seed(0)
+        net = nn.Linear(4, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        loader = DataLoader(data, batch_size=batch, shuffle=False)
+
+        def mse(model, b):
+            x, y = b
+            return ((model(x) - y) ** 2).mean(), {}
+
+        cfg = LoopConfig(epochs=3, warmup_epochs=1, accum_iter=accum, log_every=1, progress=False)
+        fit(net, opt, loader, mse, cfg, tmp_path / sub)
+        logs = [json.loads(l) for l in (tmp_path / sub / "log.jsonl").read_text().splitlines()]
+        return net, logs
+
+    big, big_logs = run(8, 1, "big")
+    small, small_logs = run(4, 2, "small")
+    assert [r["it"] for r in big_logs] == [r["it"] for r in small_logs] == list(range(1, 13))
+    assert [r["lr"] for r in big_logs] == pytest.approx([r["lr"] for r in small_logs], rel=1e-12)
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    torch.manual_seed(0)
+    init = nn.Linear(4, 1)
+    assert (big.weight - init.weight).abs().max() > 1e-3  # it trained

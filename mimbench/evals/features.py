@@ -1,0 +1,141 @@
+"""Frozen-encoder features for a dataset split, cached on disk.
+
+A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
+computed with the encoder in eval mode under ``torch.no_grad``; shape ``(N, D)`` float32.
+
+Cache: ``<cache_dir>/<key>.features.npy`` (N×D float32) and ``<key>.labels.npy`` (N int64), read back as
+read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
+(absolute path for folders), the split, the transform description, the image size and the sample limit,
+so a changed encoder, dataset, split or pre-processing never reuses stale features. Files are written
+to a temporary name and renamed, so an interrupted extraction leaves no partial cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimbench.errors import MimbenchError
+
+#: Eval-time resize for folders: shorter side to img_size / 0.875 (256 for 224), then a centre crop,
+#: as in the DINO k-NN and MAE evaluation transforms.
+CROP_RATIO = 0.875
+
+
+def eval_transform(data: str, img_size: int):
+    """(transform or None, description) of the deterministic evaluation pre-processing for ``data``.
+
+    Built-in data uses its own tensor path (``transform=None``: pad/resize + the subset's statistics);
+    folders use Resize(img_size / 0.875, bicubic) + CenterCrop(img_size) + ImageNet normalisation.
+    """
+    from mimbench.data import dataset_stats, is_builtin
+
+    mean, std = dataset_stats(data)
+    if is_builtin(data):
+        return None, f"builtin-default(img_size={img_size},mean={mean},std={std})"
+    from torchvision import transforms as T
+
+    resize = int(round(img_size / CROP_RATIO))
+    transform = T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+    return transform, f"resize{resize}-bicubic/centercrop{img_size}/normalize(mean={mean},std={std})"
+
+
+def data_identity(data: str) -> str:
+    """The data spec as it enters the cache key: builtin names as is, folders by absolute path."""
+    from mimbench.data import is_builtin
+
+    return data if is_builtin(data) else str(Path(data).resolve())
+
+
+def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
+              limit: int | None) -> str:
+    spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
+            "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def limited(dataset, limit: int | None):
+    """The first ``limit`` samples of ``dataset`` (all when None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit <= 0:
+        raise MimbenchError(f"Sample limit {limit} must be positive.", "Use a positive data.limit or None.")
+    return torch.utils.data.Subset(dataset, range(int(limit)))
+
+
+@torch.no_grad()
+def compute_features(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``."""
+    model.eval()
+    device = next(model.parameters()).device
+    feats, labels = [], []
+    for images, targets in loader:
+        tokens = model.forward_features(images.to(device, non_blocking=True))
+        feats.append(tokens[:, 0].float().cpu())
+        labels.append(torch.as_tensor(targets, dtype=torch.int64))
+    if not feats:
+        raise MimbenchError("The dataset split is empty; no features to compute.", "Check the data path and split.")
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
+                     batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
+                     device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
+
+    Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
+    loaded from disk), ``transform``, ``img_size`` and ``classes``.
+    """
+    from mimbench.data import build_dataset
+    from mimbench.encoders import encoder_sha256, load_encoder, read_metadata
+
+    encoder = Path(encoder)
+    if not encoder.is_file():
+        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    size = int(img_size or read_metadata(encoder)["img_size"])
+    transform, desc = eval_transform(data, size)
+    dataset = build_dataset(data, split, transform=transform, img_size=size)
+    classes = list(dataset.classes)
+    key = cache_key(encoder_sha=encoder_sha256(encoder), data=data, split=split, transform_desc=desc,
+                    img_size=size, limit=limit)
+    cache_dir = Path(cache_dir)
+    feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
+    info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
+    if feat_path.is_file() and label_path.is_file():
+        try:
+            feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
+            if feats.ndim == 2 and labels.shape == (feats.shape[0],):
+                return feats, labels, {**info, "cached": True}
+        except (ValueError, OSError):
+            pass  # unreadable cache entry: recompute and overwrite it
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_encoder(encoder, img_size=size).to(device)
+    loader = torch.utils.data.DataLoader(limited(dataset, limit), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    feats, labels = compute_features(model, loader)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _save_npy(feat_path, feats)
+        _save_npy(label_path, labels)
+    except OSError as err:
+        raise MimbenchError(f"Feature cache {cache_dir} is not writable ({err}).",
+                            "Set cache_dir in the config (or --set cache_dir=...) to a writable folder.") from err
+    return feats, labels, {**info, "cached": False}

@@ -516,7 +516,7 @@ def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reprod
     grid = build_grid(paper, scale, quick=quick)
     if scale == "full":
         root = write_full_grid(grid, Path(out))
-        print(f"{len(grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "
+        print(f"{sum(p.pretrain for p in grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "
               f"{root / 'sbatch'}, all commands in {root / 'commands.sh'} (nothing was run).")
         return root
     table = run_demo_grid(grid, Path(out))

@@ -292,3 +292,17 @@ def test_full_scale_evaluation_configs_exist(task, config, data):
         pytest.skip(f"{path.parent} not present in this checkout")
     assert path.is_file(), f"{config} is named in the full-scale commands but missing"
     assert data in ("$IMAGENET", "$ADE20K")
+
+
+@pytest.mark.parametrize("name", ["ddae_tiny_fmnist", "ddae_micro_fmnist", "ddae_vit-b_in1k_100ep"])
+def test_reproduce_ddae_bases_only_write_out_model_defaults(name):
+    from pretrain.models.ddae import DDAE, MAEWithDDS
+
+    base = load_config(R.REPO_ROOT / "eval_configs" / "reproduce" / f"{name}.py")
+    parent = load_config(R.REPO_ROOT / "pretrain" / "configs" / f"{name}.py")
+    defaults = {**{k: p.default for k, p in inspect.signature(MAEWithDDS.__init__).parameters.items()},
+                **{k: p.default for k, p in inspect.signature(DDAE.__init__).parameters.items()}}
+    added = {k: v for k, v in base.model.items() if k not in parent.model}
+    assert added and all(defaults[k] == v for k, v in added.items()), added
+    assert {k: v for k, v in base.model.items() if k in parent.model} == dict(parent.model)
+    assert base.to_dict().keys() == parent.to_dict().keys()

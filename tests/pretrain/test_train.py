@@ -123,3 +123,17 @@ def test_run_pretrain_ddae_resume_from_epoch_checkpoint_is_exact(tmp_path):
     resumed = run_pretrain(cfg, out=tmp_path / "b", overrides=over, resume=True)
     a, b = load_file(full), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_micro_config_loss_falls_over_a_few_hundred_steps(tmp_path):
+    """300 optimizer steps of the micro MAE config: the reconstruction loss clearly falls."""
+    pytest.importorskip("mimbench.data")
+    from pretrain.main import run_pretrain
+
+    run_pretrain(os.path.join(CONFIGS, "mae_micro_fmnist.py"), out=tmp_path,
+                 overrides=["schedule.epochs=3", "runtime.log_every=10", "data.limit=3200"])
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["it"] == 300
+    first, last = (sum(r["loss"] for r in logs[i:i + 5]) / 5 for i in (0, len(logs) - 5))
+    assert last < 0.8 * first

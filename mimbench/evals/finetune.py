@@ -1,0 +1,177 @@
+"""End-to-end fine-tuning of an encoder (the MAE protocol: facebookresearch/mae FINETUNE.md, main_finetune.py).
+
+Model: timm ``VisionTransformer`` from the encoder file with global average pooling of the patch tokens
+and ``fc_norm`` (the per-token final norm is dropped, fc_norm starts fresh), stochastic depth
+``drop_path``, and a new linear head (weight trunc-normal std 2e-5, bias 0).
+Optimizer: AdamW betas (0.9, 0.999), weight decay 0.05 except 1-D parameters, ``pos_embed`` and
+``cls_token``; layer-wise lr decay from timm's ``param_groups_layer_decay`` (embeddings -> layer 0,
+block i -> i + 1, final norm / head -> depth + 1; scale = decay ** (depth + 1 - layer)).
+lr = blr * effective batch / 256; per-step warm-up then cosine to ``min_lr`` (``mimbench.engine``).
+Loss: timm ``Mixup`` (mixup 0.8, cutmix 1.0, switch 0.5, label smoothing 0.1) with
+``SoftTargetCrossEntropy``.
+Augmentation (``augment.mode``): ``"timm"`` = timm ``create_transform`` (RandomResizedCrop bicubic,
+flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 pixel mode, 1 box), as the reference;
+``"tensor"`` = a cheap subset on batched tensors (horizontal flip + timm ``RandomErasing``) for the
+built-in data's fast path -- recorded as a deviation.
+Metrics: top-1 / top-5 accuracy in percent on ``val`` (Resize S/0.875 bicubic + CenterCrop S).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mimbench.errors import MimbenchError
+
+AUG_MODES = ("timm", "tensor")
+
+
+def build_model(encoder: Path, num_classes: int, *, img_size: int | None, drop_path: float,
+                head_init_std: float = 2e-5) -> torch.nn.Module:
+    """Encoder as a timm ViT with avg pooling + fc_norm, drop path and a fresh head (trunc-normal ``head_init_std``)."""
+    from timm.layers import trunc_normal_
+
+    from mimbench.encoders import load_encoder
+
+    model = load_encoder(encoder, img_size=img_size, global_pool="avg", fc_norm=True,
+                         drop_path_rate=float(drop_path), num_classes=int(num_classes))
+    trunc_normal_(model.head.weight, std=head_init_std)
+    torch.nn.init.zeros_(model.head.bias)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
+                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over timm's layer-decay param groups (each with ``lr_scale``, applied by the scheduler)."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+def _train_transform(data: str, img_size: int, aug: dict):
+    from timm.data import create_transform
+
+    from mimbench.data import dataset_stats
+
+    mean, std = dataset_stats(data)
+    transform = create_transform(input_size=img_size, is_training=True, color_jitter=None,
+                                 auto_augment=aug.get("auto_augment", "rand-m9-mstd0.5-inc1"), interpolation="bicubic",
+                                 re_prob=float(aug.get("re_prob", 0.25)), re_mode=aug.get("re_mode", "pixel"),
+                                 re_count=int(aug.get("re_count", 1)), mean=mean, std=std)
+    return transform, repr(transform).replace("\n", " ")
+
+
+def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
+                 resume: bool = False) -> dict:
+    """Fine-tune ``encoder`` on ``data`` with protocol ``config``; the record is written to ``out``."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.loss import SoftTargetCrossEntropy
+
+    from mimbench.config import config_sha256, load_config
+    from mimbench.data import build_dataset, is_builtin
+    from mimbench.encoders import read_metadata
+    from mimbench.engine import LoopConfig, dist_info, fit
+    from mimbench.evals.features import eval_transform, limited
+    from mimbench.evals.linear import _accumulation, _scores, _topk
+    from mimbench.results.records import encoder_summary, new_record, write_record
+
+    started = time.time()
+    encoder, out = Path(encoder), Path(out)
+    if not encoder.is_file():
+        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    cfg = load_config(config, overrides)
+    optim, sched, aug = dict(cfg.optim), dict(cfg.schedule), dict(cfg.augment)
+    data_cfg = dict(cfg.get("data", {}))
+    mode = aug.get("mode", "timm")
+    if mode not in AUG_MODES:
+        raise MimbenchError(f"Unknown augmentation mode {mode!r}.", f"Use augment.mode in {AUG_MODES}.")
+    if mode == "tensor" and not is_builtin(data):
+        raise MimbenchError("augment.mode='tensor' works on the built-in data's tensor path only.",
+                            "Use augment.mode='timm' (the protocol) for image folders.")
+    rank, world, _ = dist_info()
+    batch, accum, eff = _accumulation(optim, world)
+    if batch % 2:
+        raise MimbenchError(f"optim.batch_size={batch} is odd; timm Mixup needs an even batch.",
+                            "Use an even batch size.")
+    lr = float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * eff / 256
+    seed = int(cfg.get("seed", 0))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = int(cfg.get("img_size") or read_metadata(encoder)["img_size"])
+    num_workers = int(cfg.get("num_workers", 0))
+    deviations = list(cfg.get("deviations", []))
+
+    if mode == "timm":
+        train_tf, train_desc = _train_transform(data, size, aug)
+    else:
+        train_tf, train_desc = None, f"builtin tensor path + hflip + RandomErasing({aug.get('re_prob', 0.25)}, pixel)"
+        dev = "augmentation: horizontal flip + random erasing on tensors only (no RandomResizedCrop, no RandAugment)"
+        if dev not in deviations:
+            deviations.append(dev)
+    val_tf, val_desc = eval_transform(data, size)
+    train_set = limited(build_dataset(data, "train", transform=train_tf, img_size=size), data_cfg.get("limit_train"))
+    val_set = limited(build_dataset(data, "val", transform=val_tf, img_size=size), data_cfg.get("limit_val"))
+    classes = build_dataset(data, "val", transform=val_tf, img_size=size).classes
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=num_workers > 0)
+
+    model = build_model(encoder, len(classes), img_size=size, drop_path=float(cfg.model.drop_path),
+                        head_init_std=float(cfg.model.get("head_init_std", 2e-5))).to(device)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=float(optim["weight_decay"]),
+                                layer_decay=float(optim["layer_decay"]), betas=optim.get("betas", (0.9, 0.999)))
+    mix = dict(cfg.mixup)
+    mixup = Mixup(mixup_alpha=float(mix["mixup"]), cutmix_alpha=float(mix["cutmix"]),
+                  prob=float(mix.get("prob", 1.0)), switch_prob=float(mix.get("switch_prob", 0.5)),
+                  mode=mix.get("mode", "batch"), label_smoothing=float(mix["smoothing"]), num_classes=len(classes))
+    criterion = SoftTargetCrossEntropy()
+    erasing = RandomErasing(probability=float(aug.get("re_prob", 0.25)), mode=aug.get("re_mode", "pixel"),
+                            max_count=int(aug.get("re_count", 1)), device=str(device)) if mode == "tensor" else None
+
+    def step(m, batch_):
+        x, y = batch_
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if erasing is not None:
+            flip = torch.rand(x.shape[0], device=device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = erasing(x)
+        x, soft = mixup(x, y)
+        return criterion(m(x), soft), {}
+
+    loop = LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
+                      min_lr=float(sched.get("min_lr", 1e-6)), accum_iter=accum,
+                      clip_grad=cfg.get("clip_grad"), amp=cfg.get("amp", "auto"),
+                      ckpt_every=int(cfg.get("ckpt_every", 0)), seed=seed, log_every=int(cfg.get("log_every", 20)),
+                      progress=bool(cfg.get("progress", True)))
+    history = fit(model, optimizer, loader, step, loop, out, resume=resume, desc="finetune")
+    model.eval()
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=num_workers)
+    logits, labels = _scores(lambda x: model(x.to(device)), val_loader)
+    metrics = _topk(logits, labels)
+    if history:
+        metrics["train_loss"] = float(history[-1]["loss"])
+    finished = time.time()
+    record = new_record(
+        "finetune",
+        protocol={"name": Path(config).stem, "sha256": config_sha256(cfg), "config": str(config),
+                  "overrides": list(overrides), "deviations": deviations, "lr": lr, "eff_batch_size": eff,
+                  "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
+                  "layer_decay": float(optim["layer_decay"]), "drop_path": float(cfg.model.drop_path),
+                  "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
+        encoder=encoder_summary(encoder),
+        dataset={"name": data, "root": None if is_builtin(data) else str(Path(data).resolve()),
+                 "sizes": {"train": len(train_set), "val": len(val_set)}},
+        metrics=metrics,
+        seed=seed,
+        started=started,
+        finished=finished,
+    )
+    if rank == 0:
+        write_record(out, record)
+    return record

@@ -139,7 +139,7 @@ def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path):
         loss, terms = step(model, batch)
         if calls["n"] > 8:  # epoch 2, step 8 (6 steps per epoch)
             loss = loss * float("nan")
-        return loss, {"mse": float(loss), "beta": 0.5}
+        return loss, {"mse": float(loss.detach()), "beta": 0.5}
 
     with pytest.raises(MimbenchError, match=r"optimizer step 8.*mse=nan, beta=0.5"):
         fit(net, opt, loader, bad_step, LoopConfig(epochs=3, warmup_epochs=1, progress=False), tmp_path)

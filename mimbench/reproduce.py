@@ -396,8 +396,12 @@ def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: S
     return "\n".join(lines) + "\n"
 
 
-def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, log=print) -> Path:
-    """Train and evaluate the grid's points (all, or those named), reuse finished steps, write table.md."""
+def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, log=print,
+                  pretrain_overrides: Sequence[str] = ()) -> Path:
+    """Train and evaluate the grid's points (all, or those named), reuse finished steps, write table.md.
+
+    ``pretrain_overrides`` are appended to every point's (e.g. ``data.limit=512`` for a smoke run).
+    """
     root = Path(out) / grid.paper
     root.mkdir(parents=True, exist_ok=True)
     wanted = None if points is None else set(points)
@@ -405,6 +409,9 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
     for point in grid.points:
         if wanted is not None and point.name not in wanted:
             continue
+        if pretrain_overrides:
+            point = GridPoint(point.name, point.base, point.overrides + tuple(pretrain_overrides), point.paper,
+                              point.pretrain)
         results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
     path = root / "table.md"

@@ -256,7 +256,7 @@ def test_demo_end_to_end_on_one_micro_point(tmp_path):
     except ImportError as exc:
         pytest.skip(f"pre-training or evaluation entry point not present: {exc}")
     grid = _real_grid("ddae", "demo", quick=True)
-    table = R.run_demo_grid(grid, tmp_path, points=["mae"], log=lambda s: None)
+    table = R.run_demo_grid(grid, tmp_path, points=["mae"], log=lambda s: None, pretrain_overrides=["data.limit=512"])
     results = json.loads((tmp_path / "ddae" / "results.json").read_text())
     assert set(results) == {"mae"}
     assert all(isinstance(results["mae"][t], float) and 0 <= results["mae"][t] <= 100 for t in ("knn", "linear"))

@@ -1,6 +1,7 @@
 # DDAE, ViT-micro/4: a few seconds on CPU, for tests and smoke runs.
 _base_ = ["./ddae_tiny_fmnist.py"]
 model = dict(name="ddae_vit_micro_patch4_32")
+data = dict(limit=2048)  # first 2048 training images: seconds per epoch
 optim = dict(batch_size=32)
 schedule = dict(epochs=2, warmup_epochs=1)
 runtime = dict(ckpt_every=1, log_every=5)

@@ -1,6 +1,7 @@
 # MAE, ViT-micro/4 (embed 64, depth 4): a few seconds on CPU, for tests and smoke runs.
 _base_ = ["./mae_tiny_fmnist.py"]
 model = dict(name="mae_vit_micro_patch4_32")
+data = dict(limit=2048)  # first 2048 training images: seconds per epoch
 optim = dict(batch_size=32)
 schedule = dict(epochs=2, warmup_epochs=1)
 runtime = dict(ckpt_every=1, log_every=5)

@@ -44,11 +44,6 @@ def _user_errors(fn):
     return wrapper
 
 
-def _missing(feature: str):
-    raise MimbenchError(f"{feature} is not part of this version of mimbench.",
-                        "Run `mimbench --help` for the commands this version provides.")
-
-
 @app.command()
 @_user_errors
 def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) to describe.")):
@@ -128,10 +123,8 @@ def segment(
 
     Example: mimbench eval segment --encoder enc.safetensors --data /data/ADEChallengeData2016 --out runs/seg
     """
-    try:
-        from mimbench.evals.segment import run_segment
-    except ImportError:
-        _missing("Segmentation evaluation (`mimbench eval segment`)")
+    from mimbench.evals.segment import run_segment
+
     record = run_segment(encoder=encoder, config=config, data=data, out=out, overrides=list(set_ or []),
                          launcher=launcher, resume=resume)
     typer.echo(f"segment: {record['metrics']}")
@@ -179,10 +172,8 @@ def leaderboard(
 
     Example: mimbench leaderboard --task finetune --arch vit-b/16
     """
-    try:
-        from mimbench.results.leaderboard import show_leaderboard
-    except ImportError:
-        _missing("The published leaderboard")
+    from mimbench.results.leaderboard import show_leaderboard
+
     show_leaderboard(task=task, arch=arch, include_runs=include_runs)
 
 
@@ -193,10 +184,8 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 
     Example: mimbench compare runs/lin/record.json
     """
-    try:
-        from mimbench.results.leaderboard import compare_runs
-    except ImportError:
-        _missing("`mimbench compare`")
+    from mimbench.results.leaderboard import compare_runs
+
     compare_runs(runs)
 
 
@@ -224,30 +213,28 @@ def convert(
 @app.command()
 @_user_errors
 def reproduce(paper: str = typer.Argument(..., help="robust-mae | ddae"),
-              scale: str = typer.Option("demo", help="demo | full")):
+              scale: str = typer.Option("demo", help="demo (run on the embedded data) | full (write ImageNet commands)"),
+              out: Path = typer.Option(Path("runs/reproduce"), help="Output directory"),
+              quick: bool = typer.Option(False, help="Smallest demo configs (smoke run)")):
     """Run (demo) or emit (full) the ablation grid of a seed paper.
 
-    Example: mimbench reproduce ddae --scale demo
+    Example: mimbench reproduce ddae --scale full --out runs/ddae-grid
     """
-    try:
-        from mimbench.reproduce import run_reproduce
-    except ImportError:
-        _missing("`mimbench reproduce`")
-    run_reproduce(paper, scale=scale)
+    from mimbench.reproduce import run_reproduce
+
+    typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick)}")
 
 
 @app.command()
 @_user_errors
-def bench(what: str = typer.Argument("pretrain-step", help="pretrain-step | encoder-forward"),
+def bench(what: str = typer.Argument("train", help="train (a full pre-training step) | forward (encoder only)"),
           preset: str = typer.Option("mae_vit_tiny_patch4_32"), batch: int = typer.Option(64), steps: int = typer.Option(10)):
     """Measure throughput (img/s) of a hot loop on this machine.
 
-    Example: mimbench bench pretrain-step --preset mae_vit_tiny_patch4_32
+    Example: mimbench bench train --preset mae_vit_tiny_patch4_32
     """
-    try:
-        from mimbench.bench import run_bench
-    except ImportError:
-        _missing("`mimbench bench`")
+    from mimbench.bench import run_bench
+
     typer.echo(run_bench(what, preset=preset, batch=batch, steps=steps))
 
 

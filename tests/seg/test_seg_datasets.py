@@ -15,8 +15,10 @@ def _write_split(root, split, names, rng):
 
 
 def test_fashion_mnist_seg_dataset_lists_and_loads_samples(tmp_path):
+    from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
+    init_default_scope("mmseg")  # pipeline names resolve as in mmseg configs (default_scope = "mmseg")
     rng = np.random.default_rng(0)
     _write_split(tmp_path, "training", ["b", "a", "c"], rng)
     _write_split(tmp_path, "validation", ["v"], rng)
@@ -25,7 +27,7 @@ def test_fashion_mnist_seg_dataset_lists_and_loads_samples(tmp_path):
             type="FashionMNISTSegDataset",
             data_root=str(tmp_path),
             data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),
-            pipeline=[dict(type="mmseg.LoadImageFromFile"), dict(type="mmseg.LoadAnnotations")],
+            pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")],
         )
     )
     assert len(ds) == 3

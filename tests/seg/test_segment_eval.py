@@ -67,7 +67,7 @@ def test_run_segment_trains_tests_and_writes_record(tmp_path):
     data = _data(tmp_path / "fmseg")
     out = tmp_path / "run"
     record = run_segment(encoder=enc, config=DEMO, data=str(data), out=out,
-                         overrides=["train_cfg.max_iters=2", "train_cfg.val_interval=2", "train_dataloader.batch_size=2"])
+                         overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"])
     assert record["task"] == "segment" and record["seed"] == 0
     assert 0.0 <= record["metrics"]["mIoU"] <= 100.0 and "aAcc" in record["metrics"]
     assert any("num_layers: 12 -> 4" in d for d in record["protocol"]["deviations"])

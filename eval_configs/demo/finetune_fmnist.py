@@ -7,7 +7,7 @@ optim = dict(blr=1e-3, lr=None, weight_decay=0.05, layer_decay=0.65, betas=(0.9,
 schedule = dict(epochs=2, warmup_epochs=1, min_lr=1e-6)
 mixup = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, prob=1.0, switch_prob=0.5, mode="batch")
 augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", re_count=1)
-data = dict(limit_train=4096, limit_val=None)
+data = dict(limit_train=2048, limit_val=None)
 clip_grad = None
 num_workers = 0
 amp = "none"
@@ -15,7 +15,7 @@ ckpt_every = 0
 log_every = 20
 progress = False
 deviations = [
-    "dataset: embedded Fashion-MNIST subset (32x32, first 4,096 training images) instead of ImageNet-1k",
+    "dataset: embedded Fashion-MNIST subset (32x32, first 2,048 training images) instead of ImageNet-1k",
     "schedule: 2 epochs, 1 warm-up, batch 64, blr 1e-3 instead of 100 / 5 epochs, batch 1024, blr 5e-4",
 ]
 seed = 0

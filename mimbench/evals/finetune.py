@@ -74,7 +74,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from mimbench.config import config_sha256, load_config
     from mimbench.data import build_dataset, is_builtin
     from mimbench.encoders import read_metadata
-    from mimbench.engine import LoopConfig, dist_info, fit
+    from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, limited
     from mimbench.evals.linear import _accumulation, _scores, _topk
     from mimbench.results.records import encoder_summary, new_record, write_record
@@ -104,6 +104,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     num_workers = int(cfg.get("num_workers", 0))
     deviations = list(cfg.get("deviations", []))
 
+    seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     if mode == "timm":
         train_tf, train_desc = _train_transform(data, size, aug)
     else:

@@ -146,7 +146,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     from mimbench.config import config_sha256, load_config
     from mimbench.data import build_dataset
     from mimbench.encoders import load_encoder, read_metadata
-    from mimbench.engine import LoopConfig, dist_info, fit
+    from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, extract_features, limited
     from mimbench.results.records import encoder_summary, new_record, write_record
 
@@ -173,6 +173,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     num_workers = int(cfg.get("num_workers", 0))
     limit_train, limit_val = data_cfg.get("limit_train"), data_cfg.get("limit_val")
 
+    seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     if mode == "cached":
         if CACHED_DEVIATION not in deviations:
             deviations.insert(0, CACHED_DEVIATION)

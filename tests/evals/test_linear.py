@@ -80,5 +80,5 @@ def test_cached_mode_records_deviation(tiny_encoder, tmp_path):
                                  "schedule.epochs=3", "schedule.warmup_epochs=1"])
     assert record["task"] == "linear" and record["protocol"]["deviations"][0] == CACHED_DEVIATION
     assert record["dataset"]["sizes"] == {"train": 256, "val": 64}
-    assert record["metrics"]["top1"] > 10.0  # above chance after 3 epochs on a random-init encoder
+    assert record["metrics"]["train_loss"] < 2.28  # below chance-level cross-entropy ln(10) = 2.30: the head learned
     assert len(list(tmp_path.glob("*.json"))) == 1

@@ -34,7 +34,7 @@ def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, ov
         if err.name != module_name:
             raise
         raise MimbenchError(f"The {task} evaluation is not available in this installation.",
-                            f"Use one of the available tasks.") from err
+                            "Use one of the available tasks.") from err
     func = getattr(module, func_name)
     return func(encoder=Path(encoder), config=Path(config), data=str(data), out=Path(out),
                 overrides=list(overrides or []), resume=bool(resume))

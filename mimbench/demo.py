@@ -9,6 +9,7 @@ so a second run (or a run after an interruption) only does what is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +92,16 @@ def _random_init_encoder(reference: Path, dst: Path) -> Path:
 def _scale(quick: bool) -> dict:
     """Budgets: full demo ≈ 15 min on 2 CPU cores, quick ≈ 3 min (toy sizes, used by the tests)."""
     if quick:
+        small = ("data.limit_train=2048", "data.limit_val=500")
         return dict(techniques=QUICK_TECHNIQUES,
                     pretrain=("schedule.epochs=1", "schedule.warmup_epochs=0.2", "data.limit=1024"),
-                    finetune=("schedule.epochs=1",), segment=("train_cfg.max_iters=10",))
+                    knn=small, linear=small,
+                    finetune=("schedule.epochs=1", "schedule.warmup_epochs=0.2", "data.limit_train=1024",
+                              "data.limit_val=500"),
+                    segment=("train_cfg.max_iters=10",), seg_data=dict(n_train=200, n_val=50))
     return dict(techniques=TECHNIQUES,
                 pretrain=("schedule.epochs=2", "schedule.warmup_epochs=0.5"),
-                finetune=(), segment=())
+                knn=(), linear=(), finetune=(), segment=(), seg_data={})
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
@@ -110,13 +115,11 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     out = Path(out)
     scale = _scale(quick)
     configs = _configs_root()
-    evals = [("knn", configs / "demo" / "knn_fmnist.py", ()),
-             ("linear", configs / "demo" / "linear_fmnist.py", ()),
-             ("finetune", configs / "demo" / "finetune_fmnist.py", scale["finetune"])]
+    evals = [(task, configs / "demo" / f"{task}_fmnist.py", scale[task]) for task in ("knn", "linear", "finetune")]
     seg_config = configs / "segmentation" / "demo_fmnist_seg.py"
     from mimbench.data.seg import build_fashion_mnist_seg
 
-    seg_data = str(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg"))  # once, shared by every encoder
+    seg_data = str(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg", **scale["seg_data"]))  # shared
     encoders: dict[str, Path] = {}
     steps = len(scale["techniques"]) + 1 + (len(scale["techniques"]) + 1) * (len(evals) + 1)
     done = 0
@@ -143,9 +146,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     encoders["random-init"] = control
 
     for name, enc in encoders.items():
+        # k-NN and the cached linear probe share one feature cache per encoder: features are extracted once.
+        cache = f"cache_dir={str(out / 'features' / name)!r}"
         for task, cfg, overrides in evals:
             header(f"{task} on {name}")
             step_dir = out / "evals" / name / task
+            if task in ("knn", "linear"):
+                overrides = (*overrides, cache)
             if _finished_record(step_dir) is None:
                 run_eval(task, encoder=enc, config=cfg, data="builtin:fashion-mnist", out=step_dir,
                          overrides=list(overrides), resume=False)
@@ -154,8 +161,11 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
         header(f"segment on {name}")
         step_dir = out / "evals" / name / "segment"
         if _finished_record(step_dir) is None:
-            run_segment(encoder=enc, config=seg_config, data=seg_data, out=step_dir,
-                        overrides=list(scale["segment"]), launcher="none", resume=False)
+            step_dir.mkdir(parents=True, exist_ok=True)
+            # mmsegmentation prints every parameter's layer id; keep the terminal readable, the log complete.
+            with open(step_dir / "console.log", "w") as log, contextlib.redirect_stdout(log):
+                run_segment(encoder=enc, config=seg_config, data=seg_data, out=step_dir,
+                            overrides=list(scale["segment"]), launcher="none", resume=False)
         else:
             console.print(f"reusing {step_dir}")
 

@@ -1,0 +1,30 @@
+"""`mimbench demo --quick`: the whole pipeline end to end on the embedded data, then a rerun that reuses every step."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mimbench.cli import app
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    encoders = {p.parent.name for p in (out / "encoders").glob("*/encoder.safetensors")}
+    assert encoders == {"mae", "ddae", "random-init"}
+    records = [json.loads(p.read_text()) for p in (out / "evals").rglob("*-*.json")]
+    tasks = sorted((r["task"], r["encoder"]["technique"]) for r in records if "run_id" in r)
+    assert {t for t, _ in tasks} == {"knn", "linear", "finetune", "segment"}
+    assert len(tasks) == 12 and all(r["status"] == "ok" for r in records if "run_id" in r)
+    report = (out / "report.md").read_text()
+    for name in ("mae", "ddae", "random-init"):
+        assert name in report
+    assert "report:" in result.output
+
+    # second run: nothing is recomputed
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("reusing") == 3 + 3 * 4
+    assert len(list((out / "evals").rglob("*-*.json"))) == len(list((out / "evals").rglob("*-*.json")))

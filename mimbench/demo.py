@@ -101,7 +101,7 @@ def _scale(quick: bool) -> dict:
                     segment=("train_cfg.max_iters=10",), seg_data=dict(n_train=200, n_val=50))
     return dict(techniques=TECHNIQUES,
                 pretrain=("schedule.epochs=2", "schedule.warmup_epochs=0.5"),
-                knn=(), linear=(), finetune=(), segment=(), seg_data={})
+                knn=(), linear=(), finetune=(), segment=("train_cfg.max_iters=40",), seg_data={})
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
@@ -143,6 +143,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     control = out / "encoders" / "random-init" / "encoder.safetensors"
     if not control.is_file():
         _random_init_encoder(next(iter(encoders.values())), control)
+    else:
+        console.print(f"reusing {control}")
     encoders["random-init"] = control
 
     for name, enc in encoders.items():

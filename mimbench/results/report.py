@@ -167,7 +167,12 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
     for log in sorted(logs):
         its, _ = plots.read_loss_log(log)
         if its:
-            written.append(plots.plot_loss_curve(log, folder / f"{stem}_loss_{log.parent.name}.png"))
+            # name a log by its folder path below the given directory (e.g. mae-finetune), so that the logs of
+            # several encoders' evaluations do not overwrite each other's figure
+            rel = next((log.parent.relative_to(Path(d).resolve()) for d in dirs
+                        if log.parent.is_relative_to(Path(d).resolve())), None)
+            tag = "-".join(rel.parts) if rel is not None and rel.parts else log.parent.name
+            written.append(plots.plot_loss_curve(log, folder / f"{stem}_loss_{tag}.png"))
     return written
 
 

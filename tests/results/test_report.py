@@ -172,3 +172,14 @@ def test_report_errors(tmp_path, runs):
     (tmp_path / "empty").mkdir()
     text = write_report([tmp_path / "empty"], fmt="md")
     assert text.startswith("No finished evaluation runs found.") and "no run records" in text
+
+
+def test_loss_figures_of_several_encoders_do_not_overwrite_each_other(runs, tmp_path):
+    evals = tmp_path / "evals"
+    for enc in ("mae", "ddae"):
+        d = evals / enc / "finetune"
+        d.mkdir(parents=True)
+        (d / "log.jsonl").write_text("\n".join(json.dumps({"it": i, "loss": 1.0 / (i + 1)}) for i in range(4)))
+    text = write_report([runs, evals], fmt="md", out=tmp_path / "r" / "t.md")
+    names = {Path(line.split("figure: ")[1]).name for line in text.splitlines() if "figure: " in line}
+    assert {"t_loss_mae-finetune.png", "t_loss_ddae-finetune.png"} <= names

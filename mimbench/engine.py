@@ -24,7 +24,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
 
 __all__ = [
@@ -81,19 +81,6 @@ def set_rng_state(state: Mapping) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically.
 
@@ -101,26 +88,8 @@ def save_checkpoint(path, state: dict) -> None:
     renamed over ``path`` with ``os.replace``: a crash at any point leaves either the old file or
     the new one, never a truncated file. ``state`` must hold only tensors and primitives.
     """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise MimbenchError(f"Cannot write checkpoint {path}: {exc.strerror or exc}.",
-                            "Choose an output directory you can write to (--out).") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: torch.save(state, tmp), what="checkpoint",
+                 fix="Choose an output directory you can write to (--out) with free space.")
 
 
 def load_checkpoint(path) -> dict:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
 
 FORMAT_TAG = "mimbench-encoder/1"
@@ -165,20 +164,6 @@ def code_version() -> str:
     return f"{__version__}+g{commit[:12]}" if commit else __version__
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img_size: int, patch_size: int,
                  embed_dim: int, depth: int, num_heads: int, technique: str, config_sha256: str = "",
                  epochs: float = 0, data: str = "", source: str = "mimbench", mlp_ratio: float = 4.0,
@@ -215,26 +200,8 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img
 
     from safetensors.torch import save_file
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise MimbenchError(f"Cannot write the encoder file {path}: {e.strerror or e}.",
-                            "Choose an output folder you can write to.") from None
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MimbenchError(f"Cannot write the encoder file {path}: {e.strerror or e}.",
-                            "Check free disk space and permissions of the output folder.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), what="the encoder file",
+                        fix="Choose an output folder you can write to, with free disk space.")
 
 
 def _check_exists(path: Path) -> None:

@@ -23,14 +23,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 from mimbench.env import environment_info  # noqa: F401  (re-exported: records carry it)
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
 
 SCHEMA_VERSION = 1
@@ -171,31 +170,8 @@ def write_record(results_dir, record: dict) -> Path:
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"
     results_dir = Path(results_dir)
     target = results_dir / f"{record['task']}-{record['run_id']}.json"
-    tmp = None
-    try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=results_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as e:
-        raise MimbenchError(f"Cannot write the run record into {results_dir}: {e.strerror or e}.",
-                            "Give an output folder that is a directory you can write to (and has free space)."
-                            ) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename durable
-        dfd = os.open(results_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="the run record",
+                 fix="Give an output folder that is a directory you can write to (and has free space).")
     return target
 
 

@@ -36,12 +36,13 @@ def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
     p = tmp_path / "ck.pt"
     save_checkpoint(p, {"w": torch.ones(3), "epoch": 1})
 
-    def boom(obj, fh, *a, **k):
-        fh.write(b"partial")
+    def boom(obj, f, *a, **k):
+        with open(f, "wb") as fh:  # torch.save receives the temporary file's path
+            fh.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(engine.torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(MimbenchError, match="disk full"):
         save_checkpoint(p, {"w": torch.zeros(3), "epoch": 2})
     monkeypatch.undo()
     st = load_checkpoint(p)

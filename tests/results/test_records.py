@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from mimbench import atomic
+
 from mimbench.errors import MimbenchError
 from mimbench.results import records
 from mimbench.results.records import (SCHEMA_VERSION, load_records, new_record, record_problems, validate_record,
@@ -96,7 +98,7 @@ def test_failed_write_leaves_existing_record_untouched(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(records.os, "fsync", failing_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)  # the shared atomic writer
     with pytest.raises(MimbenchError, match="No space left"):
         write_record(tmp_path, r2)
     assert path.read_bytes() == before

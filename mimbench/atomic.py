@@ -1,0 +1,54 @@
+"""Atomic file writes: the one place that knows how to replace a file without ever leaving half of it.
+
+Checkpoints, encoder files and run records are all written the same way: into a temporary file in the
+target's own directory, fsynced, renamed over the target with ``os.replace``, and the directory fsynced
+so that the rename itself survives a power cut. A crash at any point leaves the old file or the new one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from mimbench.errors import MimbenchError
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where a directory cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str, fix: str) -> Path:
+    """Call ``write(tmp_path)`` to produce the new content, then move it over ``path`` atomically.
+
+    ``what`` names the file in the error (e.g. "the encoder file"), ``fix`` says what to do. Any
+    OSError becomes a MimbenchError; the temporary file never outlives the call.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise MimbenchError(f"Cannot write {what} {path}: {exc.strerror or exc}.", fix) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+    return path

@@ -52,3 +52,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str, f
             os.unlink(tmp)
     fsync_dir(path.parent)
     return path
+
+
+def check_writable_dir(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and prove it writable before any work starts (MimbenchError if not)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MimbenchError(f"Output directory {directory} is not writable ({exc.strerror or exc}).",
+                            "Pass an --out directory you can write to.") from exc
+    return directory

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mimbench.atomic import atomic_write
+from mimbench.atomic import atomic_write, check_writable_dir
 from mimbench.errors import MimbenchError
 
 __all__ = [
@@ -272,14 +272,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     rank, world, local = dist_info()
     distributed = _init_distributed()
     is_main = rank == 0
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise MimbenchError(f"Output directory {out_dir} is not writable ({exc.strerror or exc}).",
-                            "Pass an --out directory you can write to.") from exc
+    check_writable_dir(out_dir)
 
     extra_state = dict(extra_state or {})
     accum = max(int(cfg.accum_iter), 1)

@@ -8,11 +8,11 @@ Config schema: ``pretrain/configs/_base_/default.py``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from mimbench.atomic import check_writable_dir
 from mimbench.errors import MimbenchError
 
 __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
@@ -52,17 +52,6 @@ def resolve_batch(optim_cfg, world_size: int) -> tuple[int, int, int]:
     return batch, accum, batch * accum * world_size
 
 
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise MimbenchError(f"Output directory {out} is not writable ({exc.strerror or exc}).",
-                            "Pass an --out directory you can write to.") from exc
-
-
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
                  resume: bool = False) -> Path:
     """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
@@ -79,7 +68,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
 
     cfg = load_config(config, list(overrides))
     out = Path(out)
-    _check_out(out)
+    check_writable_dir(out)
     if resume and not (out / "checkpoint-latest.pt").is_file():
         raise MimbenchError(f"--resume was given but {out / 'checkpoint-latest.pt'} does not exist.",
                             "Start without --resume, or point --out at the directory of the interrupted run.")

@@ -5,6 +5,7 @@ from mimbench.encoders.format import (
     REQUIRED_METADATA,
     STANDARD_VITS,
     arch_name,
+    check_encoder_file,
     describe_encoder,
     encoder_sha256,
     load_encoder,
@@ -13,6 +14,6 @@ from mimbench.encoders.format import (
 )
 
 __all__ = [
-    "FORMAT_TAG", "REQUIRED_METADATA", "STANDARD_VITS", "arch_name", "convert_checkpoint", "describe_encoder",
+    "FORMAT_TAG", "REQUIRED_METADATA", "STANDARD_VITS", "arch_name", "check_encoder_file", "convert_checkpoint", "describe_encoder",
     "encoder_sha256", "load_encoder", "read_metadata", "save_encoder",
 ]

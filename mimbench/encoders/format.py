@@ -204,18 +204,21 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img
                         fix="Choose an output folder you can write to, with free disk space.")
 
 
-def _check_exists(path: Path) -> None:
+def check_encoder_file(path) -> Path:
+    """``path`` as a Path if it names an existing file, else MimbenchError saying what to pass."""
+    path = Path(path)
     if not path.exists():
         raise MimbenchError(f"Encoder file {path} does not exist.",
                             "Check the path; encoders are written by `mimbench pretrain` or `mimbench convert`.")
     if not path.is_file():
         raise MimbenchError(f"Encoder path {path} is not a file.", "Give the .safetensors file itself.")
+    return path
 
 
 def _open(path: Path):
     from safetensors import safe_open
 
-    _check_exists(path)
+    check_encoder_file(path)
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error type (and OSError) for bad headers / truncation
@@ -245,7 +248,7 @@ def read_metadata(path) -> dict[str, str]:
 def encoder_sha256(path) -> str:
     """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
     path = Path(path)
-    _check_exists(path)
+    check_encoder_file(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

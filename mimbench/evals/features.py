@@ -105,11 +105,10 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     loaded from disk), ``transform``, ``img_size`` and ``classes``.
     """
     from mimbench.data import build_dataset
-    from mimbench.encoders import encoder_sha256, load_encoder, read_metadata
+    from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
 
     encoder = Path(encoder)
-    if not encoder.is_file():
-        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    check_encoder_file(encoder)
     size = int(img_size or read_metadata(encoder)["img_size"])
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size)

@@ -73,7 +73,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
 
     from mimbench.config import config_sha256, load_config
     from mimbench.data import build_dataset, is_builtin
-    from mimbench.encoders import read_metadata
+    from mimbench.encoders import check_encoder_file, read_metadata
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, limited
     from mimbench.evals.linear import _accumulation, _scores, _topk
@@ -81,8 +81,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
 
     started = time.time()
     encoder, out = Path(encoder), Path(out)
-    if not encoder.is_file():
-        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    check_encoder_file(encoder)
     cfg = load_config(config, overrides)
     optim, sched, aug = dict(cfg.optim), dict(cfg.schedule), dict(cfg.augment)
     data_cfg = dict(cfg.get("data", {}))

@@ -145,15 +145,14 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
     from mimbench.config import config_sha256, load_config
     from mimbench.data import build_dataset
-    from mimbench.encoders import load_encoder, read_metadata
+    from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, extract_features, limited
     from mimbench.results.records import encoder_summary, new_record, write_record
 
     started = time.time()
     encoder, out = Path(encoder), Path(out)
-    if not encoder.is_file():
-        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    check_encoder_file(encoder)
     cfg = load_config(config, overrides)
     mode = cfg.get("mode", "protocol")
     if mode not in MODES:

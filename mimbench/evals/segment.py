@@ -129,8 +129,9 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     if launcher not in ("none", "pytorch", "slurm"):
         raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use none, pytorch or slurm.")
     encoder, out = Path(encoder), Path(out)
-    if not encoder.is_file():
-        raise MimbenchError(f"Encoder file {encoder} does not exist.", "Pass a .safetensors encoder file.")
+    from mimbench.encoders import check_encoder_file
+
+    check_encoder_file(encoder)
     started = time.time()
     cfg = load_config(config, overrides)
     protocol_sha = config_sha256(cfg)

@@ -11,6 +11,16 @@ from pathlib import Path
 from mimbench.errors import MimbenchError
 
 
+
+def _save(fig, out: str | Path) -> Path:
+    """Lay out, write as PNG (100 dpi) and close ``fig``; returns the path."""
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -43,11 +53,7 @@ def plot_metric_vs_epochs(summary, out: str | Path, *, tasks: dict[str, str] | N
         ax.set_ylabel(tasks[task])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_per_class_iou(per_class: dict[str, float], out: str | Path, *, title: str = "") -> Path:
@@ -65,11 +71,7 @@ def plot_per_class_iou(per_class: dict[str, float], out: str | Path, *, title: s
     ax.set_ylabel("IoU (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def read_loss_log(path: str | Path) -> tuple[list[int], list[float]]:
@@ -105,8 +107,4 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, *, title: str = "") -
     ax.set_ylabel("loss")
     ax.set_title(title or Path(log_path).parent.name, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

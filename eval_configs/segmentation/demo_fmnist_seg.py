@@ -20,6 +20,10 @@ data_preprocessor = dict(
     pad_val=0,
     seg_pad_val=255,
     size=crop_size,
+    # Test inputs smaller than the crop are padded up to it (and the padding cropped off the
+    # prediction): the MAE backbone only takes crop-sized windows, so without this the 0.5x
+    # multi-scale pass fails. Images at least crop-sized are left as they are.
+    test_cfg=dict(size=crop_size),
 )
 
 model = dict(
@@ -70,7 +74,9 @@ model = dict(
         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.4),
     ),
     train_cfg=dict(),
-    test_cfg=dict(mode="whole"),
+    # Sliding window as in the ADE20K protocol (stride 2/3 of the crop, there 341 of 512); a
+    # 64x64 image is one window, larger multi-scale copies several.
+    test_cfg=dict(mode="slide", crop_size=crop_size, stride=(43, 43)),
 )
 
 dataset_type = "FashionMNISTSegDataset"
@@ -89,6 +95,23 @@ test_pipeline = [
     dict(type="LoadAnnotations"),  # zero label kept: the dataset has reduce_zero_label=False
     dict(type="PackSegInputs"),
 ]
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # multi-scale (+flip) test, as for ADE20K
+tta_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(
+        type="TestTimeAug",
+        transforms=[
+            [dict(type="Resize", scale_factor=r, keep_ratio=True) for r in img_ratios],
+            [
+                dict(type="RandomFlip", prob=0.0, direction="horizontal"),
+                dict(type="RandomFlip", prob=1.0, direction="horizontal"),
+            ],
+            [dict(type="LoadAnnotations")],
+            [dict(type="PackSegInputs")],
+        ],
+    ),
+]
+tta_model = dict(type="SegTTAModel")
 train_dataloader = dict(
     batch_size=8,
     num_workers=0,
@@ -122,7 +145,9 @@ max_iters = 100  # ~2 s per iteration (batch 8, 64x64, tiny encoder) on a loaded
 optim_wrapper = dict(
     type="OptimWrapper",
     optimizer=dict(type="AdamW", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
-    constructor="LayerDecayOptimizerConstructor",
+    # mmseg's LayerDecayOptimizerConstructor but without weight decay on pos_embed, cls_token and
+    # relative_position_bias_table, as in BEiT/MAE (mimbench/seg/optim.py)
+    constructor="MimLayerDecayOptimizerConstructor",
     paramwise_cfg=dict(num_layers=12, layer_decay_rate=0.65),
 )
 param_scheduler = [

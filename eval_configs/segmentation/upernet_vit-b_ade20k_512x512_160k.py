@@ -8,13 +8,18 @@
 # Autoencoders Are Scalable Vision Learners", CVPR 2022, Table 7); mmsegmentation's re-run
 # 48.13 single-scale / 48.70 multi-scale (configs/mae/README.md).
 #
-# Two deliberate differences from the file, both marked below:
+# Three deliberate differences from the file, all marked below:
 #  * AMP: the file's `fp16 = dict(loss_scale='dynamic')` is a legacy mmseg 0.x key that 1.x
 #    silently ignores (its optim_wrapper is a plain OptimWrapper), so the published run name
 #    "amp" is only honoured here by AmpOptimWrapper with dynamic loss scaling.
 #  * weights: the file's `pretrained='./pretrain/mae_pretrain_vit_base_mmcls.pth'` is replaced by
 #    the encoder given on the command line (`mimbench segment --encoder ...`), converted to the
 #    mmseg MAE backbone layout at run time.
+#  * optimizer constructor: mmseg 1.x's LayerDecayOptimizerConstructor tests
+#    `name in ('pos_embed', 'cls_token')` against full names ('backbone.pos_embed'), so it applies
+#    weight decay 0.05 to pos_embed, cls_token and the relative position bias tables, which the
+#    BEiT/MAE recipes exempt. MimLayerDecayOptimizerConstructor (mimbench/seg/optim.py) keeps its
+#    layer ids and lr scales and gives those parameters weight decay 0; same paramwise_cfg.
 # Total batch 16 = 8 GPUs x 2 images (train_dataloader.batch_size is per GPU).
 
 default_scope = "mmseg"
@@ -154,7 +159,9 @@ optim_wrapper = dict(
     type="AmpOptimWrapper",  # differs on purpose: the file's ignored fp16= key meant AMP (see header)
     loss_scale="dynamic",
     optimizer=dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    constructor="LayerDecayOptimizerConstructor",
+    # differs on purpose: mmseg's LayerDecayOptimizerConstructor decays pos_embed/cls_token/
+    # relative_position_bias_table (see header); this one exempts them as BEiT/MAE do
+    constructor="MimLayerDecayOptimizerConstructor",
     paramwise_cfg=dict(num_layers=12, layer_decay_rate=0.65),
 )
 param_scheduler = [

@@ -11,8 +11,17 @@ plugs the encoder in and runs mmengine's ``Runner``:
    every such change is written to the record's ``protocol.deviations``;
 3. on a machine without CUDA, ``AmpOptimWrapper`` (CUDA-only in mmengine) becomes a plain
    fp32 ``OptimWrapper`` -- also listed as a deviation;
-4. after training, the test loop (single-scale, the config's test mode) gives aAcc/mIoU/mAcc
-   in percent, written as a ``segment`` record to ``out``.
+4. before training, every annotation map is checked to hold only labels the config's classes
+   allow (a bad label otherwise surfaces as an index error, or a CUDA device assert, mid-run);
+5. after training, the test loop (single-scale, the config's test mode) gives aAcc/mIoU/mAcc and
+   the per-class IoU, in percent; with ``aug_test`` (default: when the config defines
+   ``tta_model``/``tta_pipeline``, as the ADE20K protocol does) the trained model is tested again
+   with mmseg's ``SegTTAModel`` over the multi-scale + flip pipeline, giving ``mIoU_ms`` etc.
+   Both go into one ``segment`` record in ``out``.
+
+Single-process runs (``launcher="none"``) turn SyncBN layers into BatchNorm (mmengine does this
+when it wraps the model); the record lists that as a deviation, since batch statistics are then
+taken over one process's images only.
 """
 
 from __future__ import annotations
@@ -101,6 +110,85 @@ def _set_data_root(cfg, root: Path) -> None:
             loader.dataset.data_root = str(root)
 
 
+def check_labels(cfg) -> dict:
+    """Scan every annotation map of the train and test datasets; raise on a label the classes do not allow.
+
+    Allowed: ``0..num_classes-1`` and 255 (ignore); with ``reduce_zero_label`` (ADE20K) the maps hold
+    ``0..num_classes`` (0 = "other", ignored; k -> class k-1). Returns ``{split: files checked}``.
+    """
+    import numpy as np
+    from mmseg.registry import DATASETS
+    from PIL import Image
+
+    checked = {}
+    for name in ("train_dataloader", "test_dataloader"):
+        loader = cfg.get(name)
+        if loader is None:
+            continue
+        dataset_cfg = dict(loader.dataset, pipeline=[], lazy_init=False)
+        dataset = DATASETS.build(dataset_cfg)
+        reduce_zero = bool(getattr(dataset, "reduce_zero_label", False))
+        for step in loader.dataset.get("pipeline", []):
+            if step.get("type") == "LoadAnnotations" and step.get("reduce_zero_label") is not None:
+                reduce_zero = bool(step["reduce_zero_label"])
+        num_classes = len(dataset.metainfo["classes"])
+        highest = num_classes if reduce_zero else num_classes - 1
+        bad = []
+        for i in range(len(dataset)):
+            path = dataset.get_data_info(i)["seg_map_path"]
+            with Image.open(path) as im:
+                present = np.flatnonzero(np.bincount(np.asarray(im).ravel(), minlength=256))
+            wrong = [int(v) for v in present if highest < v < 255]
+            if wrong:
+                bad.append(f"{path} (labels {wrong[:5]})")
+        if bad:
+            raise MimbenchError(
+                f"{len(bad)} annotation map(s) of {name.split('_')[0]} hold labels above {highest} "
+                f"({num_classes} classes{', reduce_zero_label' if reduce_zero else ''}; 255 = ignore): "
+                + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
+                "Fix or remove those maps, or use a config whose dataset has that many classes.",
+            )
+        checked[name.split("_")[0]] = len(dataset)
+    return checked
+
+
+def _metric_type_with_per_class(evaluator):
+    """Swap mmseg's IoUMetric for the subclass that also returns per-class IoU (same summary values)."""
+    if isinstance(evaluator, dict) and evaluator.get("type") in ("IoUMetric", "mmseg.IoUMetric"):
+        evaluator["type"] = "PerClassIoUMetric"
+    return evaluator
+
+
+def _has_sync_bn(node) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") in ("SyncBN", "MMSyncBN") or any(_has_sync_bn(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_sync_bn(v) for v in node)
+    return False
+
+
+def _test_multi_scale(runner, cfg) -> dict:
+    """Test the trained model again under mmseg's SegTTAModel with the config's multi-scale + flip pipeline."""
+    import copy
+
+    import torch
+    from mmengine.model import is_model_wrapper
+    from mmseg.registry import MODELS
+
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    tta = MODELS.build(dict(copy.deepcopy(cfg.tta_model), module=model))
+    loader_cfg = copy.deepcopy(cfg.test_dataloader)
+    loader_cfg.dataset.pipeline = copy.deepcopy(cfg.tta_pipeline)
+    loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
+    evaluator = runner.build_evaluator(_metric_type_with_per_class(copy.deepcopy(cfg.test_evaluator)))
+    evaluator.dataset_meta = loader.dataset.metainfo
+    tta.eval()
+    with torch.no_grad():
+        for batch in loader:
+            evaluator.process(data_samples=tta.test_step(batch), data_batch=batch)
+    return evaluator.evaluate(len(loader.dataset))
+
+
 def _numeric(metrics: dict) -> dict[str, float]:
     """Scalar metrics as floats (IoUMetric returns numpy scalars, in percent)."""
     out = {}
@@ -113,11 +201,12 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                launcher: str = "none", resume: bool = False) -> dict:
+                launcher: str = "none", resume: bool = False, aug_test: bool | None = None) -> dict:
     """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
 
     ``launcher``: ``none`` (one process), ``pytorch`` (torchrun) or ``slurm``, as mmengine's.
     ``resume``: continue from the last checkpoint in ``out/mmseg``.
+    ``aug_test``: also test multi-scale + flip (None: when the config defines ``tta_model``).
     """
     import torch
 
@@ -148,6 +237,16 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
         raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
     ckpt, fields = write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
     deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available())
+    if launcher == "none" and _has_sync_bn(cfg.model):
+        deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
+    has_tta = cfg.get("tta_model") is not None and cfg.get("tta_pipeline") is not None
+    if aug_test is None:
+        aug_test = has_tta
+    elif aug_test and not has_tta:
+        raise MimbenchError(f"{config} defines no tta_model/tta_pipeline, so there is no multi-scale test to run.",
+                            "Leave out --aug-test, or use a config with a multi-scale + flip tta_pipeline.")
+    cfg.test_evaluator = _metric_type_with_per_class(cfg.test_evaluator)
+    check_labels(cfg)
     cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(ckpt))
     # mmengine draws a random seed when none is configured; fix one so the record's seed is the one used.
     if cfg.get("randomness", {}).get("seed") is None:
@@ -162,15 +261,23 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
 
     runner = Runner.from_cfg(cfg)
     runner.train()
-    metrics = runner.test()
+    from mimbench.seg.metrics import split_per_class
+
+    metrics, per_class = split_per_class(_numeric(runner.test()))
+    if per_class:
+        metrics["per_class_iou"] = per_class
+    if aug_test:
+        ms_metrics, _ = split_per_class(_numeric(_test_multi_scale(runner, cfg)))
+        metrics.update({f"{k}_ms": v for k, v in ms_metrics.items()})
     finished = time.time()
     record = new_record(
         "segment",
         protocol={"name": Path(config).stem, "sha256": protocol_sha, "config": str(config),
-                  "overrides": list(overrides), "deviations": deviations, "test_mode": cfg.model.test_cfg.get("mode")},
+                  "overrides": list(overrides), "deviations": deviations, "test_mode": cfg.model.test_cfg.get("mode"),
+                  "multi_scale_test": bool(aug_test)},
         encoder=encoder_summary(encoder),
         dataset={"name": dataset_name, "root": str(root)},
-        metrics=_numeric(metrics),
+        metrics=metrics,
         seed=int(cfg.randomness.seed),
         started=started,
         finished=finished,

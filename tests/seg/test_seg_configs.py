@@ -36,7 +36,7 @@ def test_ade20k_config_matches_published_protocol():
     assert ow.type == "AmpOptimWrapper" and ow.loss_scale == "dynamic"  # real AMP (fp16= is ignored by mmseg 1.x)
     assert (ow.optimizer.type, ow.optimizer.lr, ow.optimizer.weight_decay, ow.optimizer.betas) == (
         "AdamW", 1e-4, 0.05, (0.9, 0.999))
-    assert ow.constructor == "LayerDecayOptimizerConstructor"
+    assert ow.constructor == "MimLayerDecayOptimizerConstructor"  # mmseg's, without decay on pos_embed etc.
     assert (ow.paramwise_cfg.num_layers, ow.paramwise_cfg.layer_decay_rate) == (12, 0.65)
     warm, poly = cfg.param_scheduler
     assert (warm.type, warm.start_factor, warm.begin, warm.end) == ("LinearLR", 1e-6, 0, 1500)
@@ -76,10 +76,15 @@ def test_ade20k_config_differs_from_installed_mmseg_only_where_documented():
 
     walk(ours, ref, "")
     # fp16/optimizer: legacy keys unused by mmseg 1.x; num_classes: a named variable here;
-    # optim_wrapper: AmpOptimWrapper honours the intended AMP; pretrained: the encoder comes from --encoder.
+    # optim_wrapper: AmpOptimWrapper honours the intended AMP; pretrained: the encoder comes from --encoder;
+    # constructor: mmseg's LayerDecayOptimizerConstructor with the BEiT/MAE weight-decay exclusions fixed.
     assert sorted(differences) == sorted(
-        ["fp16", "optimizer", "num_classes", "optim_wrapper.loss_scale", "optim_wrapper.type", "model.pretrained"]
+        ["fp16", "optimizer", "num_classes", "optim_wrapper.loss_scale", "optim_wrapper.type", "model.pretrained",
+         "optim_wrapper.constructor"]
     )
+    assert (ours["optim_wrapper"]["constructor"], ref["optim_wrapper"]["constructor"]) == (
+        "MimLayerDecayOptimizerConstructor", "LayerDecayOptimizerConstructor")
+    assert ours["optim_wrapper"]["paramwise_cfg"] == ref["optim_wrapper"]["paramwise_cfg"]
 
 
 @pytest.mark.slow

@@ -24,14 +24,14 @@ def _encoder(tmp_path):
                         patch_size=8, embed_dim=32, depth=4, num_heads=2, technique="mae"), vit
 
 
-def _data(root, n_train=4, n_val=2):
+def _data(root, n_train=4, n_val=2, size=(64, 64)):
     rng = np.random.default_rng(0)
     for split, n in (("training", n_train), ("validation", n_val)):
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 11, (64, 64), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 11, size, dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
     return root
 
 
@@ -67,9 +67,14 @@ def test_run_segment_trains_tests_and_writes_record(tmp_path):
     data = _data(tmp_path / "fmseg")
     out = tmp_path / "run"
     record = run_segment(encoder=enc, config=DEMO, data=str(data), out=out,
-                         overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"])
+                         overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"], aug_test=False)
     assert record["task"] == "segment" and record["seed"] == 0
     assert 0.0 <= record["metrics"]["mIoU"] <= 100.0 and "aAcc" in record["metrics"]
+    per_class = record["metrics"]["per_class_iou"]
+    assert set(per_class) <= set(mimbench.seg.FASHION_MNIST_SEG_CLASSES) and len(per_class) >= 2
+    # mmseg's mIoU is the mean over the classes that occur: the per-class values must reproduce it
+    assert abs(np.mean(list(per_class.values())) - record["metrics"]["mIoU"]) < 0.02
+    assert "mIoU_ms" not in record["metrics"] and record["protocol"]["multi_scale_test"] is False
     assert any("num_layers: 12 -> 4" in d for d in record["protocol"]["deviations"])
     written = list(out.glob("*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["run_id"] == record["run_id"]
@@ -91,3 +96,109 @@ def test_builtin_data_needs_the_fashion_mnist_seg_config(tmp_path):
     ade = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
     with pytest.raises(MimbenchError, match="FashionMNISTSegDataset"):
         run_segment(encoder=enc, config=ade, data="builtin:fashion-mnist-seg", out=tmp_path / "run")
+
+
+def test_multi_scale_flip_and_sliding_window_test(tmp_path):
+    """Slide mode over 80x96 images with 64x64 windows, then SegTTAModel over 3 scales x 2 flips.
+
+    The MAE backbone only takes img_size inputs (its relative position tables are fixed), so
+    windows and scaled images smaller than the crop must be padded by the data preprocessor
+    (test_cfg size) -- without that the 0.5 scale fails with a size mismatch.
+    """
+    from mmseg.models.segmentors import EncoderDecoder
+
+    from mimbench.evals.segment import run_segment
+
+    calls = []
+    original = EncoderDecoder.slide_inference
+
+    def counting(self, inputs, batch_img_metas):
+        calls.append(tuple(inputs.shape[-2:]))
+        return original(self, inputs, batch_img_metas)
+
+    enc, _ = _encoder(tmp_path)
+    data = _data(tmp_path / "fmseg", n_val=2, size=(80, 96))
+    ratios = [0.5, 1.0, 1.5]
+    config = tmp_path / "three_scales.py"  # the demo config with 3 of its 6 test scales, to keep the test short
+    config.write_text(
+        f"_base_ = [{str(DEMO)!r}]\n"
+        "tta_pipeline = [dict(type='LoadImageFromFile'), dict(type='TestTimeAug', transforms=["
+        f"[dict(type='Resize', scale_factor=r, keep_ratio=True) for r in {ratios}], "
+        "[dict(type='RandomFlip', prob=0.0, direction='horizontal'), "
+        "dict(type='RandomFlip', prob=1.0, direction='horizontal')], "
+        "[dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
+    overrides = ["train_cfg.max_iters=1", "train_dataloader.batch_size=2",
+                 "test_dataloader.dataset.pipeline.1.keep_ratio=True",
+                 "test_dataloader.dataset.pipeline.1.scale=(96, 80)"]
+    EncoderDecoder.slide_inference = counting
+    try:
+        record = run_segment(encoder=enc, config=config, data=str(data), out=tmp_path / "run", overrides=overrides)
+    finally:
+        EncoderDecoder.slide_inference = original
+    m = record["metrics"]
+    assert record["protocol"]["test_mode"] == "slide" and record["protocol"]["multi_scale_test"] is True
+    for key in ("mIoU", "mIoU_ms", "aAcc_ms", "mAcc_ms"):
+        assert 0.0 <= m[key] <= 100.0, key
+    # single scale: 2 images at 80x96; multi-scale: 2 images x 3 scales x 2 flips
+    assert len(calls) == 2 + 2 * len(ratios) * 2
+    assert calls[:2] == [(80, 96)] * 2
+    # 0.5 scale (40x48) padded up to the 64x64 window; 1.5 scale 120x144 slides over several windows
+    assert (64, 64) in calls[2:] and (120, 144) in calls[2:]
+
+
+def test_labels_outside_the_classes_are_refused_before_training(tmp_path):
+    from mimbench.evals.segment import run_segment
+
+    enc, _ = _encoder(tmp_path)
+    data = _data(tmp_path / "fmseg")
+    bad = np.zeros((64, 64), dtype=np.uint8)
+    bad[0, :3] = [11, 40, 255]  # 11 classes: 11 and 40 are out of range; 255 is the ignore label
+    Image.fromarray(bad).save(data / "annotations" / "validation" / "1.png")
+    with pytest.raises(MimbenchError, match=r"1 annotation map\(s\) of test hold labels above 10") as err:
+        run_segment(encoder=enc, config=DEMO, data=str(data), out=tmp_path / "run")
+    assert "1.png (labels [11, 40])" in str(err.value.problem)
+    assert not (tmp_path / "run" / "mmseg").exists()  # refused before the Runner was built
+
+
+def test_label_check_follows_reduce_zero_label(tmp_path):
+    """ADE20K layout: 150 classes with reduce_zero_label, so raw labels 0..150 and 255 are valid, 151 is not."""
+    from mmengine.config import Config
+
+    from mimbench.evals.segment import check_labels
+
+    ade = Config.fromfile(str(REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"))
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "images" / split / "a.jpg")
+        Image.fromarray(np.array([[0, 150, 255]] * 3, dtype=np.uint8)).save(root / "annotations" / split / "a.png")
+    for name in ("train_dataloader", "test_dataloader"):
+        ade[name].dataset.data_root = str(root)
+    assert check_labels(ade) == {"train": 1, "test": 1}
+    Image.fromarray(np.array([[151]], dtype=np.uint8)).save(root / "annotations" / "training" / "a.png")
+    with pytest.raises(MimbenchError, match="above 150"):
+        check_labels(ade)
+
+
+def test_sync_bn_config_runs_in_one_process_and_says_so(tmp_path):
+    from mimbench.evals.segment import run_segment
+
+    enc, _ = _encoder(tmp_path)
+    data = _data(tmp_path / "fmseg")
+    sync = [f"model.{part}.norm_cfg.type=SyncBN" for part in ("neck", "decode_head", "auxiliary_head")]
+    record = run_segment(encoder=enc, config=DEMO, data=str(data), out=tmp_path / "run",
+                         overrides=["train_cfg.max_iters=1", "train_dataloader.batch_size=2", *sync])
+    assert any(d.startswith("SyncBN -> BatchNorm") for d in record["protocol"]["deviations"])
+    assert 0.0 <= record["metrics"]["mIoU"] <= 100.0
+
+
+def test_aug_test_needs_a_tta_pipeline(tmp_path):
+    from mimbench.evals.segment import run_segment
+
+    enc, _ = _encoder(tmp_path)
+    data = _data(tmp_path / "fmseg")
+    no_tta = tmp_path / "no_tta.py"
+    no_tta.write_text(f"_base_ = [{str(DEMO)!r}]\ntta_model = None\ntta_pipeline = None\n")
+    with pytest.raises(MimbenchError, match="no tta_model"):
+        run_segment(encoder=enc, config=no_tta, data=str(data), out=tmp_path / "run", aug_test=True)

@@ -6,12 +6,13 @@ import mimbench.seg  # noqa: F401  (mmcv.ops fallback before mmseg)
 
 REPO = Path(__file__).resolve().parents[2]
 ADE_CONFIG = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
+ADE_LARGE_CONFIG = REPO / "eval_configs" / "segmentation" / "upernet_vit-l_ade20k_512x512_160k.py"
 
 
-def _load():
+def _load(path=ADE_CONFIG):
     from mmengine.config import Config
 
-    return Config.fromfile(str(ADE_CONFIG))
+    return Config.fromfile(str(path))
 
 
 def test_ade20k_config_matches_published_protocol():
@@ -85,6 +86,35 @@ def test_ade20k_config_differs_from_installed_mmseg_only_where_documented():
     assert (ours["optim_wrapper"]["constructor"], ref["optim_wrapper"]["constructor"]) == (
         "MimLayerDecayOptimizerConstructor", "LayerDecayOptimizerConstructor")
     assert ours["optim_wrapper"]["paramwise_cfg"] == ref["optim_wrapper"]["paramwise_cfg"]
+
+
+def test_ade20k_vit_large_config_takes_sizes_and_beit_large_recipe():
+    # Values: microsoft/unilm beit/semantic_segmentation/configs/beit/upernet/
+    # upernet_beit_large_24_512_slide_160k_ade20k.py; everything else inherited from the ViT-B file.
+    cfg, base = _load(ADE_LARGE_CONFIG), _load()
+    b = cfg.model.backbone
+    assert (b.type, b.embed_dims, b.num_layers, b.num_heads, b.patch_size, b.mlp_ratio, list(b.out_indices)) == (
+        "MAE", 1024, 24, 16, 16, 4, [7, 11, 15, 23])
+    assert (b.drop_path_rate, b.init_values, b.img_size) == (0.2, 1.0, (512, 512))
+    assert cfg.model.neck.embed_dim == 1024 and list(cfg.model.neck.rescales) == [4, 2, 1, 0.5]
+    d, a = cfg.model.decode_head, cfg.model.auxiliary_head
+    assert (list(d.in_channels), d.channels, d.num_classes, tuple(d.pool_scales)) == (
+        [1024] * 4, 1024, 150, (1, 2, 3, 6))
+    assert (a.in_channels, a.channels, a.in_index, a.loss_decode.loss_weight) == (1024, 256, 2, 0.4)
+    ow = cfg.optim_wrapper
+    assert (ow.type, ow.loss_scale, ow.constructor) == (
+        "AmpOptimWrapper", "dynamic", "MimLayerDecayOptimizerConstructor")
+    assert (ow.optimizer.type, ow.optimizer.lr, ow.optimizer.weight_decay, ow.optimizer.betas) == (
+        "AdamW", 2e-5, 0.05, (0.9, 0.999))
+    assert dict(ow.paramwise_cfg) == dict(num_layers=24, layer_decay_rate=0.95)
+    warm, poly = cfg.param_scheduler
+    assert (warm.type, warm.start_factor, warm.begin, warm.end) == ("LinearLR", 1e-6, 0, 1500)
+    assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end) == ("PolyLR", 1.0, 0.0, 1500, 160000)
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2  # x 8 GPUs = 16
+    # data, test mode and runtime are the ViT-B protocol's
+    for key in ("train_dataloader", "val_dataloader", "val_evaluator", "default_hooks", "data_preprocessor"):
+        assert cfg[key] == base[key], key
+    assert cfg.model.test_cfg == base.model.test_cfg
 
 
 @pytest.mark.slow

@@ -15,13 +15,27 @@ from pathlib import Path
 from mimbench.errors import MimbenchError
 from mimbench.results.leaderboard import record_metric, run_deviations
 
-#: Record task -> report column, in display order.
+#: Record task -> report column, in display order. A segmentation column is named after its dataset
+#: (``segment_column``): ADE20K mIoU and the demo's FashionMNIST-Seg mIoU are different numbers.
 METRIC_COLUMNS = {
     "linear": "linear top-1",
     "finetune": "fine-tune top-1",
     "knn": "k-NN top-1",
     "segment": "ADE20K mIoU",
 }
+SEGMENT_DATASETS = {"ade20k": "ADE20K", "fashion-mnist-seg": "FashionMNIST-Seg"}
+
+
+def segment_column(dataset: str) -> str:
+    """Report column of a segmentation run on ``dataset`` (the record's dataset.name)."""
+    name = SEGMENT_DATASETS.get(dataset.lower(), dataset) if dataset else "ADE20K"
+    return f"{name} mIoU"
+
+
+def _column(task: str, dataset) -> str:
+    if task == "segment":
+        return segment_column("" if dataset is None or dataset != dataset else str(dataset))
+    return METRIC_COLUMNS[task]
 FORMATS = ("md", "csv", "latex", "html")
 PER_CLASS_PREFIX = "metrics.per_class_iou."
 
@@ -62,21 +76,22 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
         epochs = 0.0 if pd.isna(epochs) else float(epochs)
         path = "" if pd.isna(r.get("encoder.path")) else str(r.get("encoder.path"))
         rows.append({"label": _label(technique, epochs, path), "technique": technique, "epochs": epochs,
-                     "task": r["task"], "seed": r["seed"], "value": value,
-                     "deviations": run_deviations(r), "file": r["file"]})
-    cols = ["label", "technique", "epochs", "task", "seed", "value", "deviations", "file"]
+                     "task": r["task"], "column": _column(r["task"], r.get("dataset.name")), "seed": r["seed"],
+                     "value": value, "deviations": run_deviations(r), "file": r["file"]})
+    cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "file"]
     return pd.DataFrame(rows, columns=cols), problems
 
 
 def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
-    """Per (label, task): technique, epochs, mean, std (ddof=1; NaN when n=1), n, deviates (bool)."""
+    """Per (label, column): task, technique, epochs, mean, std (ddof=1; NaN when n=1), n, deviates (bool)."""
     import pandas as pd
 
     if runs.empty:
-        return pd.DataFrame(columns=["label", "technique", "epochs", "task", "mean", "std", "n", "deviates"])
+        return pd.DataFrame(columns=["label", "column", "task", "technique", "epochs", "mean", "std", "n",
+                                     "deviates"])
     runs = runs.assign(deviates=runs["deviations"].map(bool))
-    agg = runs.groupby(["label", "task"], sort=False).agg(
-        technique=("technique", "first"), epochs=("epochs", "first"), mean=("value", "mean"),
+    agg = runs.groupby(["label", "column"], sort=False).agg(
+        task=("task", "first"), technique=("technique", "first"), epochs=("epochs", "first"), mean=("value", "mean"),
         std=("value", "std"), n=("value", "size"), deviates=("deviates", "any"))
     return agg.reset_index()
 
@@ -94,16 +109,22 @@ def _ordered_labels(summary) -> list[str]:
     return list(first.sort_values(["_tech", "epochs", "label"], kind="stable")["label"])
 
 
+def _columns(summary) -> list[str]:
+    """The report columns present, in METRIC_COLUMNS task order (several segmentation datasets: by name)."""
+    order = list(METRIC_COLUMNS)
+    present = summary.drop_duplicates("column")[["task", "column"]]
+    return [c for _, c in sorted(zip(present["task"].map(order.index), present["column"]))]
+
+
 def pivot(summary, pm: str = "±") -> "pandas.DataFrame":  # noqa: F821
-    """Display table: index = technique/checkpoint, columns = METRIC_COLUMNS present, cells 'mean ± std (n=k)'."""
+    """Display table: index = technique/checkpoint, columns = the evaluations present, cells 'mean ± std (n=k)'."""
     import pandas as pd
 
-    tasks = [t for t in METRIC_COLUMNS if t in set(summary["task"])]
     labels = _ordered_labels(summary)
     out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"),
-                       columns=[METRIC_COLUMNS[t] for t in tasks], dtype=object).fillna("–")
+                       columns=_columns(summary), dtype=object).fillna("–")
     for _, s in summary.iterrows():
-        out.loc[s["label"], METRIC_COLUMNS[s["task"]]] = _cell(s["mean"], s["std"], int(s["n"]), s["deviates"], pm)
+        out.loc[s["label"], s["column"]] = _cell(s["mean"], s["std"], int(s["n"]), s["deviates"], pm)
     return out
 
 
@@ -113,9 +134,8 @@ def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
 
     labels = _ordered_labels(summary)
     out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"))
-    for task in [t for t in METRIC_COLUMNS if t in set(summary["task"])]:
-        sub = summary[summary["task"] == task].set_index("label")
-        name = METRIC_COLUMNS[task]
+    for name in _columns(summary):
+        sub = summary[summary["column"] == name].set_index("label")
         out[f"{name} mean"] = sub["mean"].reindex(labels).round(4)
         out[f"{name} std"] = sub["std"].reindex(labels).round(4)
         out[f"{name} n"] = sub["n"].reindex(labels).astype("Int64")
@@ -142,9 +162,10 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
     stem, folder = table_path.stem, table_path.parent
     written = []
     if not summary.empty and ((summary["epochs"] > 0) & summary["technique"].astype(bool)).any():
+        columns = _columns(summary)
         written.append(plots.plot_metric_vs_epochs(
-            summary, folder / f"{stem}_metric_vs_epochs.png",
-            tasks={t: METRIC_COLUMNS[t] for t in METRIC_COLUMNS}))
+            summary.assign(task=summary["column"]), folder / f"{stem}_metric_vs_epochs.png",
+            tasks={c: c for c in columns}))
     table, _ = load_records(*dirs)
     iou_cols = [c for c in table.columns if c.startswith(PER_CLASS_PREFIX)]
     if iou_cols:
@@ -236,5 +257,5 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     return text
 
 
-__all__ = ["FORMATS", "METRIC_COLUMNS", "numeric_pivot", "pivot", "run_table", "summarize", "write_plots",
+__all__ = ["FORMATS", "METRIC_COLUMNS", "segment_column", "numeric_pivot", "pivot", "run_table", "summarize", "write_plots",
            "write_report"]

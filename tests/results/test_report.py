@@ -13,7 +13,7 @@ import pytest
 from mimbench.errors import MimbenchError
 from mimbench.results import plots
 from mimbench.results.records import new_record, write_record
-from mimbench.results.report import run_table, summarize, write_report
+from mimbench.results.report import pivot, run_table, summarize, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +41,7 @@ def runs(tmp_path):
     add(d, "knn", 61.5, seed=1)  # mean 61, std 0.70711
     add(d, "linear", 65.0, technique="mae", epochs=100.0)
     add(d, "linear", 66.0, technique="ddae", epochs=100.0)
-    add(d, "segment", 40.25, technique="ddae", epochs=100.0,
+    add(d, "segment", 40.25, technique="ddae", epochs=100.0, dataset="ade20k",
         extra_metrics={"per_class_iou": {"background": 90.0, "t-shirt": 20.5, "bag": 10.25}})
     add(d, "linear", 30.0, technique="", epochs=0.0, path="random_init.safetensors",
         deviations=["fast linear probe: 5 epochs"], dataset="builtin:fashion-mnist")
@@ -62,6 +62,7 @@ def test_summary_mean_std_over_seeds(runs):
     assert any(("linear-" + "0" * 32 + ".json") in p and "not valid JSON" in p for p in problems)
     failed = (runs / "failed.txt").read_text()
     assert any(p == f"{failed}: status failed; left out" for p in problems)
+    assert set(table.loc[table["task"] == "segment", "column"]) == {"ADE20K mIoU"}
     s = summarize(table).set_index(["label", "task"])
     lin = s.loc[("mae @ 800 ep", "linear")]
     assert lin["mean"] == 72.0 and lin["std"] == 2.0 and lin["n"] == 3 and not lin["deviates"]
@@ -183,3 +184,18 @@ def test_loss_figures_of_several_encoders_do_not_overwrite_each_other(runs, tmp_
     text = write_report([runs, evals], fmt="md", out=tmp_path / "r" / "t.md")
     names = {Path(line.split("figure: ")[1]).name for line in text.splitlines() if "figure: " in line}
     assert {"t_loss_mae-finetune.png", "t_loss_ddae-finetune.png"} <= names
+
+
+def test_segmentation_column_names_its_dataset(tmp_path):
+    """The demo's FashionMNIST-Seg mIoU must not be shown as ADE20K mIoU; both datasets get their own column."""
+    from mimbench.results.report import segment_column
+
+    assert segment_column("ade20k") == "ADE20K mIoU" and segment_column("fashion-mnist-seg") == "FashionMNIST-Seg mIoU"
+    d = tmp_path / "seg"
+    add(d, "linear", 70.0)
+    add(d, "segment", 12.5, dataset="fashion-mnist-seg")
+    add(d, "segment", 47.0, dataset="ade20k")
+    df = pivot(summarize(run_table([d])[0]))
+    assert list(df.columns) == ["linear top-1", "ADE20K mIoU", "FashionMNIST-Seg mIoU"]
+    assert df.loc["mae @ 800 ep", "FashionMNIST-Seg mIoU"] == "12.50 (n=1)"
+    assert df.loc["mae @ 800 ep", "ADE20K mIoU"] == "47.00 (n=1)"

@@ -8,7 +8,7 @@
 # Autoencoders Are Scalable Vision Learners", CVPR 2022, Table 7); mmsegmentation's re-run
 # 48.13 single-scale / 48.70 multi-scale (configs/mae/README.md).
 #
-# Three deliberate differences from the file, all marked below:
+# Four deliberate differences from the file, all marked below:
 #  * AMP: the file's `fp16 = dict(loss_scale='dynamic')` is a legacy mmseg 0.x key that 1.x
 #    silently ignores (its optim_wrapper is a plain OptimWrapper), so the published run name
 #    "amp" is only honoured here by AmpOptimWrapper with dynamic loss scaling.
@@ -20,6 +20,11 @@
 #    weight decay 0.05 to pos_embed, cls_token and the relative position bias tables, which the
 #    BEiT/MAE recipes exempt. MimLayerDecayOptimizerConstructor (mimbench/seg/optim.py) keeps its
 #    layer ids and lr scales and gives those parameters weight decay 0; same paramwise_cfg.
+#  * test padding: data_preprocessor.test_cfg pads a test image smaller than the crop up to it
+#    (the padding is cropped off the prediction). The MAE backbone only takes 512x512 windows (its
+#    position embedding and relative position tables are fixed), so in the file the 0.5x/0.75x
+#    multi-scale passes and any image under 512 on a side after resizing fail with a size
+#    mismatch; every image the file can test is tested here exactly as there.
 # Total batch 16 = 8 GPUs x 2 images (train_dataloader.batch_size is per GPU).
 
 default_scope = "mmseg"
@@ -36,6 +41,7 @@ data_preprocessor = dict(
     pad_val=0,
     seg_pad_val=255,
     size=crop_size,
+    test_cfg=dict(size=crop_size),  # differs on purpose: pads small test inputs to the crop (see header)
 )
 
 model = dict(

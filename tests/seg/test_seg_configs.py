@@ -78,11 +78,14 @@ def test_ade20k_config_differs_from_installed_mmseg_only_where_documented():
     walk(ours, ref, "")
     # fp16/optimizer: legacy keys unused by mmseg 1.x; num_classes: a named variable here;
     # optim_wrapper: AmpOptimWrapper honours the intended AMP; pretrained: the encoder comes from --encoder;
-    # constructor: mmseg's LayerDecayOptimizerConstructor with the BEiT/MAE weight-decay exclusions fixed.
+    # constructor: mmseg's LayerDecayOptimizerConstructor with the BEiT/MAE weight-decay exclusions fixed;
+    # data_preprocessor.test_cfg: test inputs smaller than the crop padded up to it (the MAE backbone takes
+    # crop-sized windows only; without it the 0.5x multi-scale pass fails).
     assert sorted(differences) == sorted(
         ["fp16", "optimizer", "num_classes", "optim_wrapper.loss_scale", "optim_wrapper.type", "model.pretrained",
-         "optim_wrapper.constructor"]
+         "optim_wrapper.constructor", "data_preprocessor.test_cfg", "model.data_preprocessor.test_cfg"]
     )
+    assert ours["model"]["data_preprocessor"]["test_cfg"] == {"size": (512, 512)}
     assert (ours["optim_wrapper"]["constructor"], ref["optim_wrapper"]["constructor"]) == (
         "MimLayerDecayOptimizerConstructor", "LayerDecayOptimizerConstructor")
     assert ours["optim_wrapper"]["paramwise_cfg"] == ref["optim_wrapper"]["paramwise_cfg"]

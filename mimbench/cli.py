@@ -118,16 +118,23 @@ def segment(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     launcher: str = typer.Option("none", help="none | pytorch | slurm"),
     resume: bool = typer.Option(False),
+    aug_test: Optional[bool] = typer.Option(
+        None, "--aug-test/--no-aug-test",
+        help="Also test multi-scale + flip (mIoU_ms ...). Default: when the config defines tta_model/tta_pipeline"),
 ):
     """ADE20K UperNet semantic segmentation through mmsegmentation.
+
+    Trains, then tests single-scale (the config's test mode) and, by default, multi-scale + flip; the run
+    record holds aAcc/mIoU/mAcc, their _ms counterparts and the per-class IoU.
 
     Example: mimbench eval segment --encoder enc.safetensors --data /data/ADEChallengeData2016 --out runs/seg
     """
     from mimbench.evals.segment import run_segment
 
     record = run_segment(encoder=encoder, config=config, data=data, out=out, overrides=list(set_ or []),
-                         launcher=launcher, resume=resume)
-    typer.echo(f"segment: {record['metrics']}")
+                         launcher=launcher, resume=resume, aug_test=aug_test)
+    summary = {k: v for k, v in record["metrics"].items() if not isinstance(v, dict)}
+    typer.echo(f"segment: {summary}")
 
 
 @app.command()

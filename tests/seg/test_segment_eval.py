@@ -202,3 +202,20 @@ def test_aug_test_needs_a_tta_pipeline(tmp_path):
     no_tta.write_text(f"_base_ = [{str(DEMO)!r}]\ntta_model = None\ntta_pipeline = None\n")
     with pytest.raises(MimbenchError, match="no tta_model"):
         run_segment(encoder=enc, config=no_tta, data=str(data), out=tmp_path / "run", aug_test=True)
+
+
+def test_cli_segment_no_aug_test(tmp_path):
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+
+    enc, _ = _encoder(tmp_path)
+    data = _data(tmp_path / "fmseg")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "segment", "--encoder", str(enc), "--config", str(DEMO), "--data",
+                                      str(data), "--out", str(out), "--set", "train_cfg.max_iters=1",
+                                      "--set", "train_dataloader.batch_size=2", "--no-aug-test"])
+    assert result.exit_code == 0, result.output
+    assert "'mIoU':" in result.output and "per_class_iou" not in result.output and "mIoU_ms" not in result.output
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert record["protocol"]["multi_scale_test"] is False and "background" in record["metrics"]["per_class_iou"]

@@ -102,6 +102,35 @@ def adapt_config(cfg, fields: dict, *, cuda: bool) -> list[str]:
     return deviations
 
 
+def follow_max_iters(cfg, overrides) -> list[str]:
+    """A ``--set train_cfg.max_iters=N`` also moves the end of the last iteration scheduler to N.
+
+    In mmengine configs the schedulers' ``end`` is a number written when the file was read, so
+    shortening or lengthening the run alone would leave the poly decay ending elsewhere (at the old
+    160k, the learning rate would never come down; past an earlier end it would sit at 0). Not done
+    when the overrides also touch ``param_scheduler``. Returns the change made, for the record.
+    """
+    keys = [str(o).split("=", 1)[0].strip() for o in overrides]
+    if "train_cfg.max_iters" not in keys or any(k.startswith("param_scheduler") for k in keys):
+        return []
+    scheds = cfg.get("param_scheduler")
+    scheds = [scheds] if isinstance(scheds, dict) else list(scheds or [])
+    by_iter = [s for s in scheds if not s.get("by_epoch", True) and isinstance(s.get("end"), int)]
+    if not by_iter:
+        return []
+    last = max(by_iter, key=lambda s: s["end"])
+    max_iters = int(cfg.train_cfg.max_iters)
+    if last["end"] == max_iters:
+        return []
+    if last.get("begin", 0) >= max_iters:
+        raise MimbenchError(f"train_cfg.max_iters={max_iters} ends before the {last['type']} scheduler begins "
+                            f"(iteration {last.get('begin', 0)}).",
+                            "Use more iterations or also --set the param_scheduler begin/end values.")
+    change = f"param_scheduler {last['type']} end: {last['end']} -> {max_iters} (follows train_cfg.max_iters)"
+    last["end"] = max_iters
+    return [change]
+
+
 def _set_data_root(cfg, root: Path) -> None:
     cfg.data_root = str(root)
     for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -236,7 +265,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     if crop[0] != crop[1]:
         raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
     ckpt, fields = write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
-    deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available())
+    deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available()) + follow_max_iters(cfg, overrides)
     if launcher == "none" and _has_sync_bn(cfg.model):
         deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
     has_tta = cfg.get("tta_model") is not None and cfg.get("tta_pipeline") is not None

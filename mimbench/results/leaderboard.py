@@ -152,10 +152,21 @@ def record_metric(row, task: str) -> float | None:
     return None
 
 
+#: Last parts of override keys that change where or how verbosely a run works, never its numbers.
+NEUTRAL_OVERRIDES = frozenset({"num_workers", "persistent_workers", "cache_dir", "progress", "log_every", "ckpt_every",
+                               "log_level", "interval", "save_last", "max_keep_ckpts"})
+
+
 def run_deviations(row) -> list[str]:
-    """Why a run does not follow the published protocol: its recorded deviations, built-in demo data."""
+    """Why a run does not follow the published protocol: its recorded deviations, its ``--set`` overrides of
+    anything but the bookkeeping keys in NEUTRAL_OVERRIDES, built-in demo data."""
     devs = row.get("protocol.deviations")
     out = [str(d) for d in devs] if isinstance(devs, (list, tuple)) else []
+    overrides = row.get("protocol.overrides")
+    for item in overrides if isinstance(overrides, (list, tuple)) else []:
+        key = str(item).split("=", 1)[0].strip()
+        if key.rsplit(".", 1)[-1] not in NEUTRAL_OVERRIDES:
+            out.append(f"override {item}")
     name = _text(row.get("dataset.name"))
     if name.startswith("builtin:") or "fashion" in name.lower():
         out.append(f"demo scale (dataset {name})")

@@ -18,11 +18,11 @@ REPO_CSV = Path(__file__).resolve().parents[2] / "results" / "leaderboard.csv"
 
 
 def record(tmp_path, task="finetune", value=83.55, arch="vit-b/16", deviations=(), dataset="imagenet", seed=0,
-           technique="mae", epochs=800.0):
+           technique="mae", epochs=800.0, overrides=()):
     t = time.time()
     metric = {"mIoU": value} if task == "segment" else {"top1": value}
     rec = new_record(task, protocol={"name": f"{task}/vit-b16_in1k", "sha256": "cd" * 32,
-                                     "deviations": list(deviations)},
+                                     "deviations": list(deviations), "overrides": list(overrides)},
                      encoder={"path": str(tmp_path / "enc.safetensors"), "sha256": "ab" * 32, "arch": arch,
                               "technique": technique, "epochs": epochs},
                      dataset={"name": dataset, "sizes": {"train": 10, "val": 10}}, metrics=metric, seed=seed,
@@ -151,6 +151,7 @@ def test_compare_top_and_segment(tmp_path):
     (dict(dataset="builtin:fashion-mnist"), "demo scale"),
     (dict(arch="vit-d128x6/4"), "different architecture"),
     (dict(arch="vit-s/16"), "no finetune rows for vit-s/16"),
+    (dict(overrides=["schedule.epochs=10"]), r"override schedule\.epochs=10"),
 ])
 def test_compare_refuses_incomparable_runs(tmp_path, kwargs, message):
     path = record(tmp_path, **kwargs)
@@ -171,3 +172,9 @@ def test_show_leaderboard_unknown_filters():
         show_leaderboard(task="detection", console=Console(record=True))
     with pytest.raises(MimbenchError, match=r"No knn results for architecture 'vit-l/16'.*\n.*vit-b/16"):
         show_leaderboard(task="knn", arch="vit-l/16", console=Console(record=True))
+
+
+def test_bookkeeping_overrides_keep_a_run_comparable(tmp_path):
+    path = record(tmp_path, overrides=["num_workers=16", "default_hooks.checkpoint.interval=4000", "cache_dir='/x'"])
+    (res,) = compare_runs([path], console=Console(record=True))
+    assert res["above"]["value"] > 83.55 >= res["below"]["value"]

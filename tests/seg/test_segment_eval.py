@@ -219,3 +219,23 @@ def test_cli_segment_no_aug_test(tmp_path):
     assert "'mIoU':" in result.output and "per_class_iou" not in result.output and "mIoU_ms" not in result.output
     (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
     assert record["protocol"]["multi_scale_test"] is False and "background" in record["metrics"]["per_class_iou"]
+
+
+def test_shorter_run_moves_the_poly_decay_end():
+    from mmengine.config import Config
+
+    from mimbench.config import load_config
+    from mimbench.evals.segment import follow_max_iters
+
+    ade = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
+    cfg = load_config(ade, ["train_cfg.max_iters=8000"])
+    assert follow_max_iters(cfg, ["train_cfg.max_iters=8000"]) == [
+        "param_scheduler PolyLR end: 160000 -> 8000 (follows train_cfg.max_iters)"]
+    assert [s.end for s in cfg.param_scheduler] == [1500, 8000]
+    untouched = Config.fromfile(str(ade))
+    assert follow_max_iters(untouched, []) == [] and untouched.param_scheduler[1].end == 160000
+    explicit = ["train_cfg.max_iters=8000", "param_scheduler.1.end=4000"]
+    cfg = load_config(ade, explicit)
+    assert follow_max_iters(cfg, explicit) == [] and cfg.param_scheduler[1].end == 4000
+    with pytest.raises(MimbenchError, match="ends before the PolyLR scheduler begins"):
+        follow_max_iters(load_config(ade, ["train_cfg.max_iters=1000"]), ["train_cfg.max_iters=1000"])

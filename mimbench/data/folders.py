@@ -27,6 +27,19 @@ def check_imagefolder(root: str | Path, split: str) -> Path:
         if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in cls.iterdir()):
             raise MimbenchError(f"Class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)}).",
                                 f"Remove the empty folder or add its images. Expected layout: {LAYOUT}.")
+    train_dir = root / "train"
+    if split != "train" and train_dir.is_dir():
+        # ImageFolder numbers classes by their sorted folder names, split by split: a class folder missing
+        # from one split shifts every label after it, and the scores would be silently wrong.
+        names, train_names = {p.name for p in classes}, {p.name for p in train_dir.iterdir() if p.is_dir()}
+        if names != train_names:
+            missing, extra = sorted(train_names - names), sorted(names - train_names)
+            raise MimbenchError(
+                f"{split_dir} and {train_dir} hold different class folders"
+                + (f"; not in {split}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "")
+                + (f"; not in train: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "")
+                + ". Labels are numbered by sorted folder name, so they would not match between the splits.",
+                "Give both splits the same class folders (ImageNet: the 1,000 synset folders in each).")
     return split_dir
 
 

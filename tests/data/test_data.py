@@ -92,6 +92,23 @@ def test_imagefolder_layout_errors_name_the_path(tmp_path):
         check_imagefolder(tmp_path / "root", "train")
 
 
+def test_imagefolder_splits_must_hold_the_same_classes(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "root"
+    for split, classes in (("train", ("n01", "n02", "n03")), ("val", ("n01", "n03"))):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / c / "a.JPEG")
+    assert check_imagefolder(root, "train") == root / "train"
+    with pytest.raises(MimbenchError, match="not in val: n02") as err:
+        check_imagefolder(root, "val")
+    assert "would not match" in err.value.problem
+    (root / "val" / "n02").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "n02" / "a.JPEG")
+    assert check_imagefolder(root, "val") == root / "val"
+
+
 def test_imagefolder_reads_and_names_corrupt_images(tmp_path):
     _make_folder(tmp_path)
     ds = image_folder(tmp_path, "train")

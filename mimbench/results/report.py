@@ -172,9 +172,16 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
         for _, r in table[table["task"] == "segment"].iterrows():
             per_class = {c[len(PER_CLASS_PREFIX):]: float(r[c]) for c in iou_cols if not pd.isna(r[c])}
             if per_class:
-                name = Path(r["file"]).stem
-                written.append(plots.plot_per_class_iou(per_class, folder / f"{stem}_iou_{name}.png",
-                                                        title=name))
+                # named and titled after the encoder's row in the table (the run id keeps seeds apart)
+                technique = "" if pd.isna(r.get("encoder.technique")) else str(r.get("encoder.technique"))
+                epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
+                path = "" if pd.isna(r.get("encoder.path")) else str(r.get("encoder.path"))
+                label = _label(technique, 0.0 if pd.isna(epochs) else float(epochs), path)
+                slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in label.replace(" @ ", "-"))
+                run = Path(r["file"]).stem.rsplit("-", 1)[-1][:8]
+                dataset = _column("segment", r.get("dataset.name"))
+                written.append(plots.plot_per_class_iou(per_class, folder / f"{stem}_iou_{slug}_{run}.png",
+                                                        title=f"{label}: {dataset} per class (run {run})"))
     logs = set()
     for d in dirs:
         d = Path(d)

@@ -151,7 +151,7 @@ def test_report_with_out_writes_table_and_figures(runs, tmp_path):
     figures = [Path(line.split("figure: ")[1]) for line in text.splitlines() if "figure: " in line]
     names = {f.name for f in figures}
     assert "table_metric_vs_epochs.png" in names and "table_loss_pretrain.png" in names
-    assert any(n.startswith("table_iou_segment-") for n in names)
+    assert any(n.startswith("table_iou_ddae-100-ep_") for n in names)  # the segment run is ddae @ 100 ep
     for f in figures:
         assert f.parent == out.parent and f.stat().st_size > 1000 and f.read_bytes()[:8] == PNG_MAGIC
 

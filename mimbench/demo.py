@@ -90,7 +90,7 @@ def _random_init_encoder(reference: Path, dst: Path) -> Path:
 
 
 def _scale(quick: bool) -> dict:
-    """Budgets: full demo ≈ 15 min on 2 CPU cores, quick ≈ 3 min (toy sizes, used by the tests)."""
+    """Budgets: full demo ≈ 8 min on 2 idle CPU cores (limit 15), quick ≈ 35 s (toy sizes, used by the tests)."""
     if quick:
         small = ("data.limit_train=2048", "data.limit_val=500")
         return dict(techniques=QUICK_TECHNIQUES,

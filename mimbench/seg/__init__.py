@@ -2,17 +2,23 @@
 
 Importing this package first makes ``mmcv.ops`` importable on installs that only
 have ``mmcv-lite`` (see :mod:`mimbench.seg.mmcv_ops_fallback`), so it must be
-imported before anything from ``mmseg``; it then registers the project's
-dataset classes in mmseg's ``DATASETS`` registry.
+imported before anything from ``mmseg``. It then makes mmengine load local
+checkpoints weights-only (:mod:`mimbench.seg.checkpoint`) and registers the
+project's dataset, metric (per-class IoU) and optimizer constructor (layer-wise
+decay with the BEiT/MAE weight-decay exclusions) in mmseg's registries.
 """
 
 from mimbench.seg.mmcv_ops_fallback import install as _install_mmcv_ops_fallback
 
 MMCV_OPS_FALLBACK = _install_mmcv_ops_fallback()
 
-from mimbench.seg.checkpoint import install as _install_checkpoint_loader; _install_checkpoint_loader()  # noqa: E402,E702
-from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
-from mimbench.seg.metrics import PerClassIoUMetric  # noqa: E402,F401
-from mimbench.seg.optim import MimLayerDecayOptimizerConstructor  # noqa: E402,F401
+from mimbench.seg.checkpoint import install as _install_checkpoint_loader  # noqa: E402
 
-__all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset"]
+_install_checkpoint_loader()
+
+from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
+from mimbench.seg.metrics import PerClassIoUMetric  # noqa: E402
+from mimbench.seg.optim import MimLayerDecayOptimizerConstructor  # noqa: E402
+
+__all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset", "MimLayerDecayOptimizerConstructor",
+           "PerClassIoUMetric"]

@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 
 from mimbench.errors import MimbenchError
-from mimbench.results.leaderboard import record_metric, run_deviations
+from mimbench.results.leaderboard import _text, record_metric, run_deviations
 
 #: Record task -> report column, in display order. A segmentation column is named after its dataset
 #: (``segment_column``): ADE20K mIoU and the demo's FashionMNIST-Seg mIoU are different numbers.
@@ -33,9 +33,7 @@ def segment_column(dataset: str) -> str:
 
 
 def _column(task: str, dataset) -> str:
-    if task == "segment":
-        return segment_column("" if dataset is None or dataset != dataset else str(dataset))
-    return METRIC_COLUMNS[task]
+    return segment_column(_text(dataset)) if task == "segment" else METRIC_COLUMNS[task]
 FORMATS = ("md", "csv", "latex", "html")
 PER_CLASS_PREFIX = "metrics.per_class_iou."
 
@@ -44,6 +42,16 @@ def _label(technique: str, epochs: float, path: str) -> str:
     if technique:
         return f"{technique} @ {epochs:g} ep" if epochs > 0 else technique
     return Path(path).stem or "unknown encoder"
+
+
+def _encoder_row(r) -> tuple[str, str, float]:
+    """(table row label, technique, pre-training epochs) of a flattened record."""
+    import pandas as pd
+
+    technique = _text(r.get("encoder.technique"))
+    epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
+    epochs = 0.0 if pd.isna(epochs) else float(epochs)
+    return _label(technique, epochs, _text(r.get("encoder.path"))), technique, epochs
 
 
 def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
@@ -70,12 +78,8 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
         if value is None:
             problems.append(f"{r['file']}: no {'mIoU' if r['task'] == 'segment' else 'top1'} metric; left out")
             continue
-        technique = r.get("encoder.technique")
-        technique = "" if technique is None or pd.isna(technique) else str(technique)
-        epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
-        epochs = 0.0 if pd.isna(epochs) else float(epochs)
-        path = "" if pd.isna(r.get("encoder.path")) else str(r.get("encoder.path"))
-        rows.append({"label": _label(technique, epochs, path), "technique": technique, "epochs": epochs,
+        label, technique, epochs = _encoder_row(r)
+        rows.append({"label": label, "technique": technique, "epochs": epochs,
                      "task": r["task"], "column": _column(r["task"], r.get("dataset.name")), "seed": r["seed"],
                      "value": value, "deviations": run_deviations(r), "file": r["file"]})
     cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "file"]
@@ -173,10 +177,7 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
             per_class = {c[len(PER_CLASS_PREFIX):]: float(r[c]) for c in iou_cols if not pd.isna(r[c])}
             if per_class:
                 # named and titled after the encoder's row in the table (the run id keeps seeds apart)
-                technique = "" if pd.isna(r.get("encoder.technique")) else str(r.get("encoder.technique"))
-                epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
-                path = "" if pd.isna(r.get("encoder.path")) else str(r.get("encoder.path"))
-                label = _label(technique, 0.0 if pd.isna(epochs) else float(epochs), path)
+                label = _encoder_row(r)[0]
                 slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in label.replace(" @ ", "-"))
                 run = Path(r["file"]).stem.rsplit("-", 1)[-1][:8]
                 dataset = _column("segment", r.get("dataset.name"))

@@ -1,4 +1,4 @@
-# MAE linear probe, ViT-B on ImageNet-1k (facebookresearch/mae LINPROBE.md + main_linprobe.py):
+# MAE linear probe, ViT-B on ImageNet-1k (facebookresearch/mae FINETUNE.md "Linear Probing" + main_linprobe.py):
 # frozen encoder (eval mode), class token after the final norm, head BatchNorm1d(affine=False, eps=1e-6) + Linear
 # (trunc-normal std 0.01, bias 0); LARS momentum 0.9, trust 0.001, weight decay 0 (1-D params not adapted);
 # blr 0.1, lr = blr * 16384 / 256 = 6.4; effective batch 16384 = 512 per step x accumulation (512 x 32 GPUs in

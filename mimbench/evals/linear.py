@@ -4,7 +4,7 @@ Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight t
 bias 0) on the class token after the encoder's final norm. Only the linear layer has parameters; the
 batch norm (no affine, running statistics) whitens features whose scale differs between encoders.
 
-``mode="protocol"`` (facebookresearch/mae ``main_linprobe.py`` / ``LINPROBE.md``): the encoder is
+``mode="protocol"`` (facebookresearch/mae ``main_linprobe.py`` and the "Linear Probing" section of ``FINETUNE.md``): the encoder is
 frozen and in eval mode; training images go through RandomResizedCrop(bicubic) + horizontal flip;
 optimizer LARS (momentum 0.9, trust coefficient 0.001, weight decay 0; the weight matrix is
 adapted, 1-D parameters are not); ``lr = blr * effective_batch / 256`` with the effective batch

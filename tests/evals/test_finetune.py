@@ -44,6 +44,11 @@ def test_protocol_config_values():
     large = load_config("eval_configs/finetune/mae_vit-l_in1k.py")
     assert (large.optim.blr, large.optim.layer_decay, large.model.drop_path, large.schedule.epochs) == \
         (1e-3, 0.75, 0.2, 50)
+    huge = load_config("eval_configs/finetune/mae_vit-h_in1k.py")  # FINETUNE.md "Script for ViT-Huge"
+    assert (huge.optim.blr, huge.optim.layer_decay, huge.optim.weight_decay, huge.model.drop_path) == \
+        (1e-3, 0.75, 0.05, 0.3)
+    assert (huge.schedule.epochs, huge.schedule.warmup_epochs, huge.optim.eff_batch_size, huge.mixup.cutmix) == \
+        (50, 5, 1024, 1.0)
 
 
 def test_finetune_demo_runs_and_records(tiny_encoder, tmp_path):

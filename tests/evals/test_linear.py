@@ -8,7 +8,7 @@ from mimbench.evals.linear import CACHED_DEVIATION, build_head, build_optimizer
 
 
 def test_protocol_config_values():
-    # facebookresearch/mae LINPROBE.md / main_linprobe.py
+    # facebookresearch/mae FINETUNE.md "Linear Probing" / main_linprobe.py
     cfg = load_config("eval_configs/linear/mae_vit-b_in1k.py")
     assert cfg.mode == "protocol" and cfg.img_size == 224
     assert (cfg.optim.name, cfg.optim.blr, cfg.optim.momentum, cfg.optim.trust_coeff, cfg.optim.weight_decay) == \
@@ -17,6 +17,9 @@ def test_protocol_config_values():
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.min_lr) == (90, 10, 0.0)
     large = load_config("eval_configs/linear/mae_vit-l_in1k.py")
     assert large.schedule.epochs == 50 and large.optim.blr == 0.1
+    huge = load_config("eval_configs/linear/mae_vit-h_in1k.py")
+    assert (huge.schedule.epochs, huge.schedule.warmup_epochs, huge.optim.blr, huge.optim.eff_batch_size) == \
+        (50, 10, 0.1, 16384)
     assert load_config("eval_configs/linear/fast_cached.py").mode == "cached"
 
 

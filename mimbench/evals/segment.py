@@ -111,7 +111,9 @@ def follow_max_iters(cfg, overrides) -> list[str]:
     when the overrides also touch ``param_scheduler``, or when the run ends before that scheduler
     begins (e.g. a few-iteration smoke run inside the warm-up). Returns the change made, for the record.
     """
-    keys = [str(o).split("=", 1)[0].strip() for o in overrides]
+    from mimbench.config import parse_override
+
+    keys = [parse_override(o)[0] for o in overrides]
     if "train_cfg.max_iters" not in keys or any(k.startswith("param_scheduler") for k in keys):
         return []
     scheds = cfg.get("param_scheduler")
@@ -208,7 +210,7 @@ def _test_multi_scale(runner, cfg) -> dict:
     loader_cfg = copy.deepcopy(cfg.test_dataloader)
     loader_cfg.dataset.pipeline = copy.deepcopy(cfg.tta_pipeline)
     loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
-    evaluator = runner.build_evaluator(_metric_type_with_per_class(copy.deepcopy(cfg.test_evaluator)))
+    evaluator = runner.build_evaluator(copy.deepcopy(cfg.test_evaluator))  # already the per-class metric
     evaluator.dataset_meta = loader.dataset.metainfo
     tta.eval()
     with torch.no_grad():

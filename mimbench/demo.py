@@ -101,7 +101,7 @@ def _scale(quick: bool) -> dict:
                     segment=("train_cfg.max_iters=10",), seg_data=dict(n_train=200, n_val=50))
     return dict(techniques=TECHNIQUES,
                 pretrain=("schedule.epochs=2", "schedule.warmup_epochs=0.5"),
-                knn=(), linear=(), finetune=(), segment=("train_cfg.max_iters=40",), seg_data={})
+                knn=(), linear=(), finetune=(), segment=("train_cfg.max_iters=300",), seg_data={})
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:

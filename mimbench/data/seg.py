@@ -1,14 +1,22 @@
 """FashionMNIST-Seg: a deterministic segmentation set made of Fashion-MNIST garments, in the ADE20K layout.
 
-Each image is a ``canvas``×``canvas`` grey canvas (saved as RGB JPEG) holding 2–4 garments of the
-embedded subset (training garments for ``training``, validation garments for ``validation``) pasted at
-random positions with a random scale of 0.75–1.5; later garments occlude earlier ones. The label map
-(PNG, uint8) is ``class + 1`` where a garment's pixel intensity exceeds ``FOREGROUND_THRESHOLD`` and
-0 (background) elsewhere, so there are 11 classes and label 0 is a real, scored class (no
-zero-label reduction, unlike ADE20K's "other").
+Each image is a ``canvas``×``canvas`` grey canvas (saved as RGB JPEG, 32×32 by default) holding
+``garments`` garments of the embedded subset (training garments for ``training``, validation garments for
+``validation``), pasted at random positions with a random scale in ``scale`` (of the 28-pixel original);
+later garments occlude earlier ones. The label map (PNG, uint8) is ``class + 1`` where a garment's pixel
+intensity exceeds ``FOREGROUND_THRESHOLD`` and 0 (background) elsewhere, so there are 11 classes and label
+0 is a real, scored class (no zero-label reduction, unlike ADE20K's "other").
 
-It is a functional test of the segmentation pipeline, not a benchmark: numbers on it say nothing about
-ADE20K.
+Why one garment on a 32×32 canvas: that is the resolution and object scale the built-in encoders are
+pre-trained at (28-pixel garments in 32×32 images, patch 4, an 8×8 token grid), so the backbone runs
+on its own position-embedding grid. On the earlier 64×64 canvases with 2-4 garments (a 16×16 resampled
+grid) the patch tokens of even a supervised Fashion-MNIST classifier (81% top-1) held no more garment-class
+information than a random encoder's (token linear probe 20.0 vs 18.2 mIoU; UperNet after 300 iterations
+11.45 vs 11.63), so the set could not tell encoders apart. On this layout the same probe gives 46.8 vs
+31.2, and the UperNet demo config after 1,000 iterations 47.6 vs 33.6.
+
+It is a functional test of the segmentation pipeline that can rank encoders of the built-in scale, not a
+benchmark: numbers on it say nothing about ADE20K.
 """
 from __future__ import annotations
 
@@ -28,12 +36,13 @@ ADE_LAYOUT = "ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{trai
 MANIFEST = "fashion-mnist-seg.json"
 
 
-def _compose(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tensor, canvas: int):
+def _compose(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tensor, canvas: int,
+             garments: tuple[int, int], scale: tuple[float, float]):
     img = np.zeros((canvas, canvas), np.uint8)
     ann = np.zeros((canvas, canvas), np.uint8)
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(garments[0], garments[1] + 1))):
         idx = int(rng.integers(len(labels)))
-        size = int(round(28 * rng.uniform(0.75, 1.5)))
+        size = int(round(28 * rng.uniform(*scale)))
         size = min(size, canvas)
         g = (resize_grey(images[idx: idx + 1], size)[0, 0] * 255).round().to(torch.uint8).numpy()
         y, x = (int(rng.integers(0, canvas - size + 1)) for _ in range(2))
@@ -43,17 +52,25 @@ def _compose(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tenso
     return img, ann
 
 
-def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 200, canvas: int = 64,
-                            seed: int = 0) -> Path:
+def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 200, canvas: int = 32,
+                            seed: int = 0, garments: tuple[int, int] = (1, 1),
+                            scale: tuple[float, float] = (0.75, 32 / 28)) -> Path:
     """Write the set under ``root`` (ADE20K layout) unless the same parameters are already there; returns root.
 
-    The manifest is written last, so an interrupted build is detected and redone.
+    ``garments``: (fewest, most) garments per canvas; ``scale``: range of garment sizes relative to 28 pixels
+    (capped at the canvas). The manifest is written last, so an interrupted build is detected and redone.
     """
     from PIL import Image
 
+    if not 1 <= garments[0] <= garments[1]:
+        raise MimbenchError(f"garments={garments} must be (fewest, most) with 1 <= fewest <= most.",
+                            "Pass e.g. garments=(1, 1) or (2, 4).")
+    if not 0 < scale[0] <= scale[1]:
+        raise MimbenchError(f"scale={scale} must be (smallest, largest) with 0 < smallest <= largest.",
+                            "Pass e.g. scale=(0.75, 1.14).")
     root = Path(root)
     params = {"n_train": n_train, "n_val": n_val, "canvas": canvas, "seed": seed, "threshold": FOREGROUND_THRESHOLD,
-              "format": 1}
+              "garments": list(garments), "scale": [float(v) for v in scale], "format": 2}
     manifest = root / MANIFEST
     if manifest.is_file():
         try:
@@ -73,7 +90,7 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
                 for old in d.iterdir():
                     old.unlink()
             for i in range(count):
-                img, ann = _compose(rng, images, labels, canvas)
+                img, ann = _compose(rng, images, labels, canvas, garments, scale)
                 Image.fromarray(img).convert("RGB").save(img_dir / f"fmseg_{i:05d}.jpg", quality=95)
                 Image.fromarray(ann).save(ann_dir / f"fmseg_{i:05d}.png")
         tmp = manifest.with_suffix(".tmp")

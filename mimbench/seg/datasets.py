@@ -51,7 +51,7 @@ FASHION_MNIST_SEG_PALETTE = [
 
 @DATASETS.register_module()
 class FashionMNISTSegDataset(BaseSegDataset):
-    """FashionMNIST-Seg mosaics: 11 classes (background + 10 garments), ADE20K layout.
+    """FashionMNIST-Seg canvases: 11 classes (background + 10 garments), ADE20K layout.
 
     Config use: ``dict(type="FashionMNISTSegDataset", data_root=root,
     data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),

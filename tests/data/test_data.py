@@ -149,6 +149,22 @@ def test_seg_labels_agree_with_garment_pixels(tmp_path):
         assert (img[ann > 0] > FOREGROUND_THRESHOLD - 25).mean() > 0.97
 
 
+def test_seg_set_default_layout_is_one_garment_at_encoder_resolution(tmp_path):
+    # 32x32 canvases (the built-in encoders' pre-training size), one garment each: one class per map
+    root = build_fashion_mnist_seg(tmp_path / "s", n_train=12, n_val=2)
+    for ann_path in (root / "annotations" / "training").iterdir():
+        ann = np.array(Image.open(ann_path))
+        assert ann.shape == (32, 32) and len(set(np.unique(ann)) - {0}) == 1
+    several = build_fashion_mnist_seg(tmp_path / "m", n_train=12, n_val=2, canvas=64, garments=(3, 4))
+    classes = [len(set(np.unique(np.array(Image.open(p)))) - {0})
+               for p in (several / "annotations" / "training").iterdir()]
+    assert max(classes) >= 2
+    with pytest.raises(MimbenchError, match="garments"):
+        build_fashion_mnist_seg(tmp_path / "bad", garments=(0, 2))
+    with pytest.raises(MimbenchError, match="scale"):
+        build_fashion_mnist_seg(tmp_path / "bad", scale=(1.5, 1.0))
+
+
 def test_ade20k_layout_errors(tmp_path):
     with pytest.raises(MimbenchError, match="does not exist"):
         check_ade20k_layout(tmp_path / "ADEChallengeData2016")

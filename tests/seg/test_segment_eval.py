@@ -99,7 +99,7 @@ def test_builtin_data_needs_the_fashion_mnist_seg_config(tmp_path):
 
 
 def test_multi_scale_flip_and_sliding_window_test(tmp_path):
-    """Slide mode over 80x96 images with 64x64 windows, then SegTTAModel over 3 scales x 2 flips.
+    """Slide mode over 40x48 images with 32x32 windows, then SegTTAModel over 3 scales x 2 flips.
 
     The MAE backbone only takes img_size inputs (its relative position tables are fixed), so
     windows and scaled images smaller than the crop must be padded by the data preprocessor
@@ -117,7 +117,7 @@ def test_multi_scale_flip_and_sliding_window_test(tmp_path):
         return original(self, inputs, batch_img_metas)
 
     enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg", n_val=2, size=(80, 96))
+    data = _data(tmp_path / "fmseg", n_val=2, size=(40, 48))
     ratios = [0.5, 1.0, 1.5]
     config = tmp_path / "three_scales.py"  # the demo config with 3 of its 6 test scales, to keep the test short
     config.write_text(
@@ -129,7 +129,7 @@ def test_multi_scale_flip_and_sliding_window_test(tmp_path):
         "[dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
     overrides = ["train_cfg.max_iters=1", "train_dataloader.batch_size=2",
                  "test_dataloader.dataset.pipeline.1.keep_ratio=True",
-                 "test_dataloader.dataset.pipeline.1.scale=(96, 80)"]
+                 "test_dataloader.dataset.pipeline.1.scale=(48, 40)"]
     EncoderDecoder.slide_inference = counting
     try:
         record = run_segment(encoder=enc, config=config, data=str(data), out=tmp_path / "run", overrides=overrides)
@@ -139,11 +139,11 @@ def test_multi_scale_flip_and_sliding_window_test(tmp_path):
     assert record["protocol"]["test_mode"] == "slide" and record["protocol"]["multi_scale_test"] is True
     for key in ("mIoU", "mIoU_ms", "aAcc_ms", "mAcc_ms"):
         assert 0.0 <= m[key] <= 100.0, key
-    # single scale: 2 images at 80x96; multi-scale: 2 images x 3 scales x 2 flips
+    # single scale: 2 images at 40x48; multi-scale: 2 images x 3 scales x 2 flips
     assert len(calls) == 2 + 2 * len(ratios) * 2
-    assert calls[:2] == [(80, 96)] * 2
-    # 0.5 scale (40x48) padded up to the 64x64 window; 1.5 scale 120x144 slides over several windows
-    assert (64, 64) in calls[2:] and (120, 144) in calls[2:]
+    assert calls[:2] == [(40, 48)] * 2
+    # 0.5 scale (20x24) padded up to the 32x32 window; 1.5 scale 60x72 slides over several windows
+    assert (32, 32) in calls[2:] and (60, 72) in calls[2:]
 
 
 def test_labels_outside_the_classes_are_refused_before_training(tmp_path):

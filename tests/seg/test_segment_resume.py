@@ -59,7 +59,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     from mimbench.evals.segment import run_segment
 
     enc, data, out = _encoder(tmp_path), str(_data(tmp_path / "seg")), tmp_path / "run"
-    common = ["default_hooks.checkpoint.interval=1", "train_dataloader.batch_size=2"]
+    common = ["default_hooks.checkpoint.interval=1", "default_hooks.checkpoint.max_keep_ckpts=-1",
+              "train_dataloader.batch_size=2"]
     run_segment(encoder=enc, config=DEMO, data=data, out=out, overrides=common + ["train_cfg.max_iters=2"])
     work = out / "mmseg"
     assert (work / "last_checkpoint").read_text().strip().endswith("iter_2.pth")

@@ -4,8 +4,10 @@ Pre-trains small encoders under MAE, the robust-MAE recipe and DDAE, adds a rand
 encoder of the same architecture as the control, evaluates every encoder with k-NN, the linear probe,
 fine-tuning and FashionMNIST-Seg segmentation, and ends with the report table and plots.
 
-Each step writes into its own directory under ``out``; a step whose result is already there is reused,
-so a second run (or a run after an interruption) only does what is missing.
+Each step writes into its own directory under ``out``; a step whose result is already there, made from
+the same config, overrides and encoder, is reused, so a second run (or a run after an interruption) only
+does what is missing. A step left there by other settings (``--quick`` into the same folder, an older
+config, a re-trained encoder) is removed and redone, so the report never mixes the two.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mimbench.errors import MimbenchError
+from mimbench.results.records import encoder_made_by, finished_record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,17 +44,17 @@ def _pretrain_config(name: str) -> Path:
     return Path(pretrain.__file__).resolve().parent / "configs" / name
 
 
-def _finished_record(step_dir: Path) -> dict | None:
-    import json
+def _clear_stale(path: Path, console) -> None:
+    """Empty a step's directory that holds no finished result of these settings, so the report sees one run.
 
-    for path in sorted(step_dir.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("status") == "ok" and "metrics" in record:
-            return record
-    return None
+    What is there was made by other settings (another demo size, an older config, a re-trained encoder)
+    or did not finish; either way the step starts again from nothing.
+    """
+    import shutil
+
+    if path.exists() and any(path.iterdir()):
+        console.print(f"redoing {path}: no finished result of these settings there")
+        shutil.rmtree(path)
 
 
 # Pre-training configs of the demo (in pretrain/configs/) and the control. Each technique is a name the
@@ -87,6 +90,17 @@ def _random_init_encoder(reference: Path, dst: Path) -> Path:
                          mlp_ratio=float(meta.get("mlp_ratio", 4.0)), **arch)
     return save_encoder(model.encoder_state_dict(), dst, arch=meta["arch"], technique="random-init", epochs=0,
                         data="none", mlp_ratio=float(meta.get("mlp_ratio", 4.0)), **arch)
+
+
+def _same_architecture(control: Path, reference: Path) -> bool:
+    """The control file exists and has the reference encoder's architecture (it holds no trained weights)."""
+    if not control.is_file():
+        return False
+    from mimbench.encoders import read_metadata
+
+    keys = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    a, b = read_metadata(control), read_metadata(reference)
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _scale(quick: bool) -> dict:
@@ -133,7 +147,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     for name, cfg in scale["techniques"]:
         header(f"pre-train {name}")
         enc = out / "encoders" / name / "encoder.safetensors"
-        if not enc.is_file():
+        if not encoder_made_by(enc, _pretrain_config(cfg), scale["pretrain"]):
+            _clear_stale(enc.parent, console)
             enc = run_pretrain(_pretrain_config(cfg), data="builtin:fashion-mnist", out=enc.parent,
                                overrides=list(scale["pretrain"]))
         else:
@@ -141,7 +156,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
         encoders[name] = enc
     header("random-init control")
     control = out / "encoders" / "random-init" / "encoder.safetensors"
-    if not control.is_file():
+    if not _same_architecture(control, next(iter(encoders.values()))):
+        _clear_stale(control.parent, console)
         _random_init_encoder(next(iter(encoders.values())), control)
     else:
         console.print(f"reusing {control}")
@@ -155,14 +171,16 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
             step_dir = out / "evals" / name / task
             if task in ("knn", "linear"):
                 overrides = (*overrides, cache)
-            if _finished_record(step_dir) is None:
+            if finished_record(step_dir, cfg, overrides, enc) is None:
+                _clear_stale(step_dir, console)
                 run_eval(task, encoder=enc, config=cfg, data="builtin:fashion-mnist", out=step_dir,
                          overrides=list(overrides), resume=False)
             else:
                 console.print(f"reusing {step_dir}")
         header(f"segment on {name}")
         step_dir = out / "evals" / name / "segment"
-        if _finished_record(step_dir) is None:
+        if finished_record(step_dir, seg_config, scale["segment"], enc) is None:
+            _clear_stale(step_dir, console)
             step_dir.mkdir(parents=True, exist_ok=True)
             # mmsegmentation prints every parameter's layer id; keep the terminal readable, the log complete.
             with open(step_dir / "console.log", "w") as log, contextlib.redirect_stdout(log):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mimbench.errors import MimbenchError
+from mimbench.results.records import finished_record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPERS = ("robust-mae", "ddae")
@@ -303,17 +304,6 @@ def _rel(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ demo
-def _finished_record(step_dir: Path) -> dict | None:
-    for path in sorted(step_dir.glob("*.json")) if step_dir.is_dir() else []:
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("metrics"), dict):
-            return record
-    return None
-
-
 def _headline(metrics: dict) -> float | None:
     """The accuracy-like number of a record's metrics (top-1 in %)."""
     for key in ("top1", "acc1", "accuracy", "acc", "top1_acc"):
@@ -344,7 +334,7 @@ def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, flo
     results: dict[str, float | None] = {}
     for task, eval_cfg in DEMO_EVALS:
         edir = root / point.name / task
-        record = _finished_record(edir)
+        record = finished_record(edir)
         if record is None:
             log(f"[{point.name}] {task}")
             record = run_eval(task, encoder=encoder, config=REPO_ROOT / eval_cfg, data=DEMO_DATA, out=edir,

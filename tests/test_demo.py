@@ -29,3 +29,14 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing") == 2 + 1 + 3 * 4
     assert len(list((out / "evals").rglob("*-*.json"))) == n_records
+
+    # a step made with other settings (here: a linear-probe record whose resolved config differs, as one
+    # left by --quick in a full demo's folder, or by an older config) is redone, and its record replaced
+    linear = next((out / "evals" / "mae" / "linear").glob("linear-*.json"))
+    stale = json.loads(linear.read_text())
+    stale["protocol"]["sha256"] = "0" * 64
+    linear.write_text(json.dumps(stale))
+    third = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert third.exit_code == 0, third.output
+    assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 4 - 1
+    assert not linear.exists() and len(list((out / "evals").rglob("*-*.json"))) == n_records

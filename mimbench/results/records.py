@@ -265,3 +265,46 @@ def load_records(*dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
             table[col] = None
     table = table.sort_values(["started", "file"], kind="stable").reset_index(drop=True)
     return table, problems
+
+
+def finished_record(step_dir: Path, config: Path | None = None, overrides=(),
+                    encoder: Path | None = None) -> dict | None:
+    """A finished (status ok) record in ``step_dir``; with ``config``/``encoder``, only one made from them.
+
+    A record whose resolved config (``config`` with ``overrides``) or encoder hash differs -- one left by
+    another demo size, an older config or a re-trained encoder -- is not returned, so it is never reused
+    as if it were the step asked for.
+    """
+    want_sha = enc_sha = None
+    if config is not None:
+        from mimbench.config import config_sha256, load_config
+
+        want_sha = config_sha256(load_config(config, list(overrides)))
+    if encoder is not None:
+        from mimbench.encoders import encoder_sha256
+
+        enc_sha = encoder_sha256(encoder)
+    for path in sorted(step_dir.glob("*.json")) if step_dir.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        finished = isinstance(record, dict) and record.get("status") == "ok"
+        if not (finished and isinstance(record.get("metrics"), dict)):
+            continue
+        if want_sha is not None and (record.get("protocol") or {}).get("sha256") != want_sha:
+            continue
+        if enc_sha is not None and (record.get("encoder") or {}).get("sha256") != enc_sha:
+            continue
+        return record
+    return None
+
+
+def encoder_made_by(enc: Path, config: Path, overrides) -> bool:
+    """An encoder file already written by this pre-training config with these overrides."""
+    if not enc.is_file():
+        return False
+    from mimbench.config import config_sha256, load_config
+    from mimbench.encoders import read_metadata
+
+    return read_metadata(enc).get("config_sha256") == config_sha256(load_config(config, list(overrides)))

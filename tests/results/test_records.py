@@ -174,3 +174,35 @@ def test_encoder_summary_from_file(tmp_path):
     assert block == {"path": str(path), "sha256": encoder_sha256(path), "arch": "vit-d32x2/4", "technique": "ddae",
                      "epochs": 7.0, "source": "mimbench"}
     assert make(encoder=block)["encoder"]["technique"] == "ddae"
+
+
+def test_finished_record_is_reused_only_for_the_same_config_overrides_and_encoder(tmp_path):
+    import torch
+
+    from mimbench.config import config_sha256, load_config
+    from mimbench.encoders import encoder_sha256, save_encoder
+
+    cfg = tmp_path / "probe.py"
+    cfg.write_text("schedule = dict(epochs=5)\n")
+    from mimbench.encoders.format import expected_shapes
+
+    arch = dict(img_size=32, patch_size=4, embed_dim=8, depth=1, mlp_ratio=4.0)
+    sd = {k: torch.zeros(s) for k, s in expected_shapes(**arch).items()}
+    arch["num_heads"] = 1
+    # two encoder files that differ only in their metadata, hence in their bytes
+    enc = save_encoder(sd, tmp_path / "a.safetensors", arch="t", technique="mae", config_sha256="x", **arch)
+    other = save_encoder(sd, tmp_path / "b.safetensors", arch="t", technique="mae", config_sha256="y", **arch)
+    step = tmp_path / "step"
+    sha = config_sha256(load_config(cfg, ["schedule.epochs=2"]))
+    rec = make(protocol={"name": "probe", "sha256": sha, "deviations": []},
+               encoder={**ENCODER, "sha256": encoder_sha256(enc)})
+    write_record(step, rec)
+    assert records.finished_record(step)["run_id"] == rec["run_id"]
+    assert records.finished_record(step, cfg, ["schedule.epochs=2"], enc)["run_id"] == rec["run_id"]
+    assert records.finished_record(step, cfg, [], enc) is None  # other overrides
+    assert records.finished_record(step, cfg, ["schedule.epochs=2"], other) is None  # other encoder
+    assert records.finished_record(tmp_path / "missing") is None
+    assert not records.encoder_made_by(tmp_path / "missing.safetensors", cfg, [])
+    made = save_encoder(sd, tmp_path / "c.safetensors", arch="t", technique="mae",
+                        config_sha256=config_sha256(load_config(cfg, [])), **arch)
+    assert records.encoder_made_by(made, cfg, []) and not records.encoder_made_by(made, cfg, ["schedule.epochs=2"])

@@ -181,11 +181,10 @@ def test_finished_record_is_reused_only_for_the_same_config_overrides_and_encode
 
     from mimbench.config import config_sha256, load_config
     from mimbench.encoders import encoder_sha256, save_encoder
+    from mimbench.encoders.format import expected_shapes
 
     cfg = tmp_path / "probe.py"
     cfg.write_text("schedule = dict(epochs=5)\n")
-    from mimbench.encoders.format import expected_shapes
-
     arch = dict(img_size=32, patch_size=4, embed_dim=8, depth=1, mlp_ratio=4.0)
     sd = {k: torch.zeros(s) for k, s in expected_shapes(**arch).items()}
     arch["num_heads"] = 1

@@ -13,7 +13,7 @@ Augmentation (``augment.mode``): ``"timm"`` = timm ``create_transform`` (RandomR
 flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 pixel mode, 1 box), as the reference;
 ``"tensor"`` = a cheap subset on batched tensors (horizontal flip + timm ``RandomErasing``) for the
 built-in data's fast path -- recorded as a deviation.
-Metrics: top-1 / top-5 accuracy in percent on ``val`` (Resize S/0.875 bicubic + CenterCrop S).
+Metrics: top-1 / top-5 accuracy in percent on ``val`` (Resize int(S / (224/256)) bicubic, S above 224 unchanged, + CenterCrop S).
 """
 from __future__ import annotations
 
@@ -52,16 +52,14 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, l
 
 
 def _train_transform(data: str, img_size: int, aug: dict):
-    from timm.data import create_transform
-
     from mimbench.data import dataset_stats
+    from mimbench.data.transforms import finetune_train_transform
 
     mean, std = dataset_stats(data)
-    transform = create_transform(input_size=img_size, is_training=True, color_jitter=None,
-                                 auto_augment=aug.get("auto_augment", "rand-m9-mstd0.5-inc1"), interpolation="bicubic",
-                                 re_prob=float(aug.get("re_prob", 0.25)), re_mode=aug.get("re_mode", "pixel"),
-                                 re_count=int(aug.get("re_count", 1)), mean=mean, std=std)
-    return transform, repr(transform).replace("\n", " ")
+    return finetune_train_transform(img_size=img_size, mean=mean, std=std,
+                                    auto_augment=aug.get("auto_augment", "rand-m9-mstd0.5-inc1"),
+                                    re_prob=float(aug.get("re_prob", 0.25)), re_mode=aug.get("re_mode", "pixel"),
+                                    re_count=int(aug.get("re_count", 1)))
 
 
 def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),

@@ -21,16 +21,22 @@ import torch
 
 from mimbench.errors import MimbenchError
 
-#: Eval-time resize for folders: shorter side to img_size / 0.875 (256 for 224), then a centre crop,
-#: as in the DINO k-NN and MAE evaluation transforms.
-CROP_RATIO = 0.875
+#: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
+#: ``int(img_size / (224 / 256))`` (256 for 224, as DINO's k-NN and MAE's linear probe), above 224 the crop
+#: ratio is 1 (resize to img_size); then a centre crop of img_size.
+CROP_RATIO = 224 / 256
+
+
+def eval_resize(img_size: int) -> int:
+    """Shorter-side resize before the centre crop of ``img_size`` (see :data:`CROP_RATIO`)."""
+    return int(img_size / CROP_RATIO) if img_size <= 224 else int(img_size)
 
 
 def eval_transform(data: str, img_size: int):
     """(transform or None, description) of the deterministic evaluation pre-processing for ``data``.
 
     Built-in data uses its own tensor path (``transform=None``: pad/resize + the subset's statistics);
-    folders use Resize(img_size / 0.875, bicubic) + CenterCrop(img_size) + ImageNet normalisation.
+    folders use Resize(eval_resize(img_size), bicubic) + CenterCrop(img_size) + ImageNet normalisation.
     """
     from mimbench.data import dataset_stats, is_builtin
 
@@ -39,7 +45,7 @@ def eval_transform(data: str, img_size: int):
         return None, f"builtin-default(img_size={img_size},mean={mean},std={std})"
     from torchvision import transforms as T
 
-    resize = int(round(img_size / CROP_RATIO))
+    resize = eval_resize(int(img_size))
     transform = T.Compose([
         T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),

@@ -10,7 +10,7 @@ optimizer LARS (momentum 0.9, trust coefficient 0.001, weight decay 0; the weigh
 adapted, 1-D parameters are not); ``lr = blr * effective_batch / 256`` with the effective batch
 reached by gradient accumulation (batch statistics of the BN are those of a micro-batch, as they
 were per GPU in the reference); per-step warm-up + cosine schedule (``mimbench.engine``);
-cross-entropy without smoothing; evaluation with Resize(S/0.875, bicubic) + CenterCrop(S).
+cross-entropy without smoothing; evaluation with Resize(int(S / (224/256)), bicubic; S above 224: no enlargement) + CenterCrop(S), as MAE.
 
 ``mode="cached"``: features of the un-augmented training images are extracted once (``features``),
 and the same head is trained on them (LARS or Adam). This is much faster and is recorded as the

@@ -110,13 +110,21 @@ def _load_file(src: Path) -> object:
         except Exception as e:
             raise MimbenchError(f"{src} is not a readable safetensors file ({e}).",
                                 "The file is corrupt or truncated; download it again.") from None
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive; legacy files a pickle
+        raise MimbenchError(f"{src} cannot be read as a PyTorch checkpoint (neither a zip archive nor a pickle: it "
+                            f"starts with {magic!r}).", "The file is not a checkpoint, or is corrupt; download it again.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
+                      lines[0] if lines else "unsupported object")
         raise MimbenchError(
             f"{src} was refused for safety: loading it needs arbitrary unpickling, which can run code "
-            f"(torch.load with weights_only=True says: {str(e).splitlines()[0] if str(e) else 'unsupported object'}).",
+            f"(torch.load with weights_only=True says: {reason}).",
             "If you trust the file, re-save its weights only in a Python session that can load it: "
             "sd = torch.load(SRC, weights_only=False); sd = sd.get('model', sd); "
             "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'weights.pth'), "

@@ -26,9 +26,9 @@ BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
   (``{"model": sd}``, or ``{"module": sd}``): ``blocks.i.attn.q_bias/v_bias``,
   ``blocks.i.gamma_1/gamma_2``, a shared ``rel_pos_bias.relative_position_bias_table`` or per-block
   ``blocks.i.attn.relative_position_bias_table``; ``relative_position_index`` buffers,
-  ``mask_token``, ``lm_head`` and BEiT v2's ``cls_pt_layers`` dropped. The three share one key
-  layout; auto-detection tells BEiT v2 by ``cls_pt_layers`` and BEiT by ``lm_head`` and asks for
-  ``--from`` otherwise.
+  ``mask_token``, ``lm_head`` and BEiT v2's patch-aggregation head (``cls_pt_layers``,
+  ``cls_pt_norm``, ``cls_pt_lm_head``) dropped. The three share one key layout; auto-detection tells
+  BEiT v2 by ``cls_pt_*`` and BEiT by ``lm_head`` and asks for ``--from`` otherwise.
 
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
@@ -67,7 +67,7 @@ _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpre
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
 _BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
-_BEIT_DROP = ("lm_head.", "cls_pt_layers.", "head.")
+_BEIT_DROP = ("lm_head.", "cls_pt_", "head.")  # cls_pt_layers / cls_pt_norm / cls_pt_lm_head: BEiT v2
 _BEIT_DROP_EXACT = ("mask_token",)
 
 # mmpretrain VisionTransformer module names -> timm's (applied after stripping "backbone.")
@@ -191,7 +191,7 @@ def detect_layouts(obj: object) -> list[str]:
     if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
         return ["mmpretrain"]
     if any(k.startswith("rel_pos_bias.") or k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in keys):
-        if any(k.startswith("cls_pt_layers.") for k in keys):
+        if any(k.startswith("cls_pt_") for k in keys):
             return ["beitv2"]
         if any(k.startswith("lm_head.") for k in keys):
             return ["beit"]

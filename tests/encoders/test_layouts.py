@@ -153,7 +153,8 @@ def beit_ckpt(model, extra=None):
 
 
 def beitv2_ckpt(model):
-    pt = {"cls_pt_layers.0.norm1.weight": noise(D), "cls_pt_layers.0.attn.qkv.weight": noise(3 * D, D)}
+    pt = {"cls_pt_layers.0.norm1.weight": noise(D), "cls_pt_layers.0.attn.qkv.weight": noise(3 * D, D),
+          "cls_pt_norm.weight": noise(D), "cls_pt_lm_head.weight": noise(8192, D)}
     return beit_ckpt(model, pt)
 
 
@@ -177,7 +178,7 @@ CASES = {
     "beit": (partial(beit, **SHARED_BEIT), beit_ckpt, ".pth", True,
              "lm_head(2),mask_token(1),rel_pos_bias(1)", 800.0),
     "beitv2": (partial(beit, "beitv2_base_patch16_224"), beitv2_ckpt, ".pth", True,
-               "blocks(2),cls_pt_layers(2),lm_head(2),mask_token(1)", 800.0),
+               "blocks(2),cls_pt_layers(2),cls_pt_lm_head(1),cls_pt_norm(1),lm_head(2),mask_token(1)", 800.0),
     "data2vec-vision": (partial(beit, **SHARED_BEIT), data2vec_ckpt, ".pt", False,
                         "mask_token(1),rel_pos_bias(1)", 800.0),
 }

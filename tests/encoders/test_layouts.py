@@ -364,3 +364,21 @@ def test_truncated_non_checkpoint_and_malicious_files(tmp_path):
     with pytest.raises(MimbenchError, match="not a checkpoint dict|not a state dict"):
         torch.save([torch.zeros(2)], tmp_path / "list.pth")
         load_encoder(tmp_path / "list.pth")
+
+
+def test_checkpoint_whose_tensors_disagree_with_its_architecture_is_refused(tmp_path):
+    sd = vit().state_dict()
+    sd["blocks.1.mlp.fc1.weight"] = noise(2 * D, D)  # block 1 narrower than block 0
+    sd["blocks.1.mlp.fc1.bias"] = noise(2 * D)
+    sd["blocks.1.mlp.fc2.weight"] = noise(D, 2 * D)
+    torch.save({"model": sd}, tmp_path / "w.pth")
+    with pytest.raises(MimbenchError, match=r"blocks.1.mlp.fc1.weight: \(256, 128\) \(expected \(512, 128\)\)"):
+        load_encoder(tmp_path / "w.pth")
+    model = beit(use_abs_pos_emb=True)
+    sd = dict(model.state_dict(), pos_embed=noise(1, 1 + 8 * 8, D))  # a 8x8 grid, tables for 4x4
+    torch.save({"model": sd | {"lm_head.weight": noise(8, D)}}, tmp_path / "b.pth")
+    with pytest.raises(MimbenchError, match="relative_position_bias_table"):
+        load_encoder(tmp_path / "b.pth")
+    torch.save(mae_ckpt(vit()), tmp_path / "m.pth")
+    with pytest.raises(MimbenchError, match="given 3 does not divide"):
+        convert_checkpoint(tmp_path / "m.pth", tmp_path / "m.safetensors", num_heads=3)

@@ -56,13 +56,15 @@ def _user_errors(fn):
 
 @app.command()
 @_user_errors
-def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe.")):
-    """Print an encoder file's metadata and parameter count.
+def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe."),
+         from_: str = typer.Option("auto", "--from", help=FROM_HELP)):
+    """Print an encoder's metadata and parameter count (for a checkpoint: as it will be read).
 
     Example: mimbench info runs/demo/mae/encoder.safetensors
     """
     from mimbench.encoders import describe_encoder
 
+    _declare_layout(path, from_)
     typer.echo(describe_encoder(path))
 
 

@@ -11,7 +11,8 @@ ViT family (timm ``VisionTransformer``):
 * ``mmpretrain`` - ``{"state_dict": sd}``, encoder under ``backbone.`` with mmpretrain module names.
 * ``dino`` / ``ibot`` - full training checkpoints ``{"student": sd, "teacher": sd, ...}``: the
   teacher is taken (what both papers evaluate), ``backbone.`` / ``module.backbone.`` stripped,
-  projection heads dropped; iBOT's ``masked_embed`` (the mask token) dropped.
+  projection heads dropped; iBOT's ``masked_embed`` (the mask token) dropped. A single network
+  saved with its ``backbone.`` prefix (e.g. ``{"state_dict": teacher}``) is read the same way.
 * ``mocov3`` - ``{"state_dict": sd}`` with ``module.base_encoder.`` (kept, its ``head`` -- the
   projection MLP -- dropped), ``module.momentum_encoder.`` and ``module.predictor.`` (dropped).
 * ``vissl`` - ``{"classy_state_dict": {"base_model": {"model": {"trunk": sd, "heads": sd}}}}``;
@@ -196,6 +197,8 @@ def detect_layouts(obj: object) -> list[str]:
         if any(k.startswith("lm_head.") for k in keys):
             return ["beit"]
         return list(BEIT_LAYOUTS)
+    if any(k.startswith("backbone.") for k in keys):  # a DINO/iBOT teacher or student saved on its own
+        return ["ibot"] if any(k.endswith("masked_embed") for k in keys) else ["dino", "ibot"]
     if any(k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT for k in keys):
         return ["mae"]
     if any(k.startswith(_DISTILLED) for k in keys):

@@ -304,6 +304,16 @@ def test_detection_and_ambiguity(tmp_path):
         declare_layout(tmp_path / "d.pt", "beit3")
 
 
+def test_single_network_with_backbone_prefix(tmp_path):
+    source = vit()
+    torch.save({"state_dict": prefixed(source.state_dict(), "backbone.") | {"head.mlp.0.weight": noise(8, D)}},
+               tmp_path / "teacher.pth")
+    with pytest.raises(MimbenchError, match="dino, ibot"):
+        load_encoder(tmp_path / "teacher.pth")
+    ok, loaded = same_features(source, tmp_path / "teacher.pth", layout="ibot")
+    assert ok and loaded.mimbench_metadata["source_dropped"] == "head(1)"
+
+
 def test_layout_that_does_not_fit_the_checkpoint_is_refused(tmp_path):
     torch.save(mae_ckpt(vit()), tmp_path / "m.pth")
     with pytest.raises(MimbenchError, match="no base_encoder"):

@@ -137,7 +137,8 @@ def test_linear_protocol_two_processes_complete_and_agree(tmp_path, dist_encoder
     from mimbench.evals import run_eval
 
     common = ["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=16", "schedule.epochs=2",
-              "schedule.warmup_epochs=1", "data.limit_train=64", "data.limit_val=200", "progress=False"]
+              "schedule.warmup_epochs=1", "data.limit_train=64", "data.limit_val=200", "progress=False",
+              "num_workers=0"]
     one = run_eval("linear", encoder=dist_encoder, config=LINEAR_PROTOCOL, data="builtin:fashion-mnist",
                    out=tmp_path / "one", overrides=common)
     _two_procs(tmp_path, "linprot", ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_PROTOCOL,

@@ -75,8 +75,10 @@ def _env_int(name: str) -> int | None:
 def dist_info() -> tuple[int, int, int, str]:
     """``(rank, world_size, local_rank, launcher)`` from the environment, without initialising anything."""
     world = _env_int("WORLD_SIZE")
-    if world is not None:
+    if world is not None and world > 1:
         return _env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0, "pytorch"
+    if world is not None:  # torchrun with one process: nothing to set up
+        return 0, 1, _env_int("LOCAL_RANK") or 0, "none"
     ntasks = _env_int("SLURM_NTASKS")
     if ntasks is not None and ntasks > 1 and _env_int("SLURM_PROCID") is not None:
         return _env_int("SLURM_PROCID"), ntasks, _env_int("SLURM_LOCALID") or 0, "slurm"

@@ -134,3 +134,19 @@ def test_plain_log_lines_when_not_a_terminal(tmp_path, monkeypatch):
     buf.truncate(0)
     _tiny_fit(tmp_path, torch.nn.Linear(4, 3), log_every=4, progress=False)
     assert buf.getvalue() == ""
+
+
+def test_tensorboard_is_optional(tmp_path):
+    """tensorboard=True writes event files through mmengine's backend, or says how to install it."""
+    import importlib.util
+
+    torch.manual_seed(0)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(MimbenchError, match="needs the tensorboard package") as err:
+            _tiny_fit(tmp_path, torch.nn.Linear(4, 3), tensorboard=True, progress=False)
+        assert "pip install tensorboard" in err.value.fix
+    else:
+        _tiny_fit(tmp_path, torch.nn.Linear(4, 3), tensorboard=True, progress=False)
+        assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    _tiny_fit(tmp_path / "off", torch.nn.Linear(4, 3), progress=False)
+    assert not (tmp_path / "off" / "tensorboard").exists()

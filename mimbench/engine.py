@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -340,9 +339,9 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     it = start_epoch * iters_per_epoch
     scheduler.step_update(it)
     log_every = max(int(cfg.log_every), 1)
+    board = _tensorboard(out_dir) if (cfg.tensorboard and is_main) else None
     bar = _Progress(total_its, it, desc, enabled=cfg.progress and is_main)
     log_fh = open(log_path, "a") if is_main else None
-    board = _tensorboard(out_dir) if (cfg.tensorboard and is_main) else None
     try:
         for epoch in range(start_epoch, int(cfg.epochs)):
             model.train()

@@ -171,3 +171,28 @@ def test_segment_is_an_evaluation_task(tmp_path):
     with pytest.raises(MimbenchError, match="ADE20K-layout"):
         run_eval("segment", encoder=enc, config="eval_configs/segmentation/demo_fmnist_seg.py",
                  data=str(tmp_path / "empty"), out=tmp_path / "run", aug_test=False)
+
+
+def test_folder_pretrain_loader_gives_each_image_the_same_crop_on_any_process_count(tmp_path):
+    """ImageNet-style folder: 1 process at batch 4 = ranks 0 and 1 at batch 2 (same images, same crops/flips)."""
+    import numpy as np
+    from PIL import Image
+
+    from pretrain.data import build_pretrain_loader
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    mk = lambda **kw: build_pretrain_loader(str(tmp_path), img_size=16, seed=5, **kw)
+    one, r0, r1 = mk(batch_size=4), mk(batch_size=2, rank=0, world_size=2), mk(batch_size=2, rank=1, world_size=2)
+    for loader in (one, r0, r1):
+        loader.batch_sampler.set_epoch(1)
+    ref = list(one)
+    two = [(torch.cat([a[0], b[0]]), torch.cat([a[2], b[2]])) for a, b in zip(r0, r1)]
+    assert len(ref) == len(two) == 3
+    for (x, _, idx), (x2, idx2) in zip(ref, two):
+        assert torch.equal(idx, idx2) and torch.equal(x, x2)
+    one.batch_sampler.set_epoch(2)
+    assert not torch.equal(next(iter(one))[0], ref[0][0])

@@ -25,7 +25,6 @@ training amplifies over steps. Validation is sharded (each image scored once) an
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch

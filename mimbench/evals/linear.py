@@ -31,7 +31,6 @@ replaying them does not. Validation is sharded (each image scored once) and gath
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

@@ -131,7 +131,7 @@ def segment(
     data: str = typer.Option(..., help="ADE20K root (ADEChallengeData2016) or builtin:fashion-mnist-seg"),
     out: Path = typer.Option(...),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    launcher: str = typer.Option("none", help="none | pytorch | slurm"),
+    launcher: str = typer.Option("auto", help="auto (from the torchrun / Slurm environment) | none | pytorch | slurm"),
     resume: bool = typer.Option(False),
     aug_test: Optional[bool] = typer.Option(
         None, "--aug-test/--no-aug-test",

@@ -16,12 +16,20 @@ What it guarantees:
 * **Safety** - a non-finite loss stops training with a :class:`MimbenchError` that names the
   optimizer step and the loss terms; the last checkpoint on disk is the last good epoch.
 * **Speed** - the hot loop never synchronises with the device except at log steps.
+* **Processes** - the process group and device come from :func:`mimbench.dist.setup`; the model
+  must already be on that device (checked before DDP wraps it). Logged and per-epoch losses are
+  means over every micro-batch of every rank of the step / epoch, so they do not depend on the
+  number of processes; loss terms are those of rank 0's last micro-batch. Only rank 0 writes
+  the log, checkpoints and progress.
+* **Logs** - on a terminal a tqdm bar (stderr); otherwise (a batch job) a plain line on stdout
+  every ``log_every`` optimizer steps: step / total, epoch, loss, lr, img/s, ETA. With
+  ``tensorboard=True`` the same scalars also go to ``<out>/tensorboard`` through mmengine's
+  ``TensorboardVisBackend`` (needs the ``tensorboard`` package; off by default).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -39,7 +47,7 @@ from mimbench.errors import MimbenchError
 
 __all__ = [
     "seed_everything", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-    "build_scheduler", "LoopConfig", "fit", "dist_info",
+    "build_scheduler", "LoopConfig", "fit",
 ]
 
 
@@ -147,34 +155,15 @@ def build_scheduler(optimizer, *, epochs: float, warmup_epochs: float, iters_per
     )
 
 
-# ---------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the torchrun environment (0, 1, 0 without it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _init_distributed() -> bool:
-    rank, world, local = dist_info()
-    if world <= 1:
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return True
-
-
 # ---------------------------------------------------------------------------- loop
 @dataclass
 class LoopConfig:
     """Loop settings. ``epochs`` counts passes over ``loader``; ``accum_iter`` micro-batches make one
     optimizer step (an epoch uses ``len(loader) // accum_iter * accum_iter`` micro-batches);
     ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA, fp32
-    on CPU), "bf16", "fp16" (with a grad scaler) or "none"; ``log_every`` in optimizer steps."""
+    on CPU), "bf16", "fp16" (with a grad scaler) or "none"; ``log_every`` in optimizer steps;
+    ``progress``: show progress (bar or plain log lines); ``tensorboard``: also log scalars for
+    TensorBoard."""
 
     epochs: int
     warmup_epochs: float
@@ -186,12 +175,7 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 20
     progress: bool = True
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    tensorboard: bool = False
 
 
 def _autocast(amp: str, device: torch.device):
@@ -220,28 +204,49 @@ def _resolve_terms(terms) -> dict[str, float]:
 
 
 class _Progress:
-    """tqdm bar over optimizer steps (shown on rank 0 only; off when stderr is not a terminal
-    unless forced), postfix updated at log steps only."""
+    """Progress over optimizer steps, rank 0 only: a tqdm bar when stderr is a terminal, else a plain
+    log line on stdout at each log step (batch jobs, Slurm logs)."""
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled:
+        self.bar, self.plain = None, False
+        self.total, self.initial, self.desc = total, initial, desc
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
-                            disable=not sys.stderr.isatty(), file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True, file=sys.stderr)
+        elif enabled:
+            self.plain = True
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def show(self, loss: float, lr: float, ips: float) -> None:
+    def show(self, it: int, epoch: float, loss: float, lr: float, ips: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{"img/s": f"{ips:.0f}"}, refresh=False)
+        elif self.plain:
+            done = max(it - self.initial, 1)
+            eta = (time.perf_counter() - self.t0) / done * (self.total - it)
+            eta_s = int(round(eta))
+            print(f"{self.desc}: step {it}/{self.total} epoch {epoch:.2f} loss {loss:.4f} lr {lr:.3e} "
+                  f"img/s {ips:.0f} eta {eta_s // 3600}:{eta_s // 60 % 60:02d}:{eta_s % 60:02d}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _tensorboard(out_dir: Path):
+    """mmengine's TensorBoard backend writing to ``out_dir/tensorboard``."""
+    try:
+        import tensorboard  # noqa: F401  (mmengine's backend needs it; fail here with a clear message)
+    except ImportError as err:
+        raise MimbenchError("tensorboard=True needs the tensorboard package, which is not installed.",
+                            "pip install tensorboard, or leave tensorboard off.") from err
+    from mmengine.visualization import TensorboardVisBackend
+
+    return TensorboardVisBackend(save_dir=str(out_dir / "tensorboard"))
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -268,11 +273,13 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     batch sampler / loader ``set_epoch(epoch)`` is called each epoch (0-based); otherwise the
     order follows the global torch RNG, which checkpoints restore.
     """
+    from mimbench import dist
+
     out_dir = Path(out_dir)
-    rank, world, local = dist_info()
-    distributed = _init_distributed()
-    is_main = rank == 0
-    check_writable_dir(out_dir)
+    ctx = dist.setup()
+    rank, world, distributed, is_main = ctx.rank, ctx.world_size, ctx.distributed, ctx.is_main
+    if is_main:
+        check_writable_dir(out_dir)
 
     extra_state = dict(extra_state or {})
     accum = max(int(cfg.accum_iter), 1)
@@ -284,13 +291,14 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     total_its = iters_per_epoch * int(cfg.epochs)
     scheduler = build_scheduler(optimizer, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                 iters_per_epoch=iters_per_epoch, min_lr=cfg.min_lr)
-    device = _device_of(model)
+    dist.check_device(model)
+    device = ctx.device
     autocast, scaler = _autocast(cfg.amp, device)
     raw_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     latest = out_dir / "checkpoint-latest.pt"
     log_path = out_dir / "log.jsonl"
@@ -331,6 +339,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     it = start_epoch * iters_per_epoch
     scheduler.step_update(it)
     log_every = max(int(cfg.log_every), 1)
+    board = _tensorboard(out_dir) if (cfg.tensorboard and is_main) else None
     bar = _Progress(total_its, it, desc, enabled=cfg.progress and is_main)
     log_fh = open(log_path, "a") if is_main else None
     try:
@@ -338,6 +347,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
             model.train()
             _set_epoch(loader, epoch)
             epoch_loss = torch.zeros((), device=device)
+            step_loss = torch.zeros((), device=device)
             window_imgs, window_t0 = 0, time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             for micro, batch in enumerate(loader):
@@ -354,6 +364,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 epoch_loss += loss.detach()
+                step_loss += loss.detach()
                 window_imgs += _batch_size(batch)
                 if not last_micro:
                     continue
@@ -373,20 +384,26 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                 it += 1
                 bar.update()
                 if it % log_every == 0 or it == total_its or micro + 1 == micro_per_epoch:
-                    loss_v = float(loss.detach())
+                    # the step's loss: mean over its micro-batches on every rank (one collective per log step)
+                    loss_v = float(dist.all_sum(step_loss)) / (accum * world)
                     if not math.isfinite(loss_v):
                         _raise_non_finite(it - 1, loss, terms, out_dir, window=log_every)
                     now = time.perf_counter()
                     ips = window_imgs * world / max(now - window_t0, 1e-9)
                     window_imgs, window_t0 = 0, now
-                    bar.show(loss_v, lr, ips)
+                    epoch_f = round(it / iters_per_epoch, 4)
+                    bar.show(it, epoch_f, loss_v, lr, ips)
                     if log_fh is not None:
-                        rec = {"it": it, "epoch": round(it / iters_per_epoch, 4), "lr": lr, "loss": loss_v,
+                        rec = {"it": it, "epoch": epoch_f, "lr": lr, "loss": loss_v,
                                "terms": _resolve_terms(terms), "img_per_s": round(ips, 1)}
                         log_fh.write(json.dumps(rec) + "\n")
                         log_fh.flush()
+                        if board is not None:
+                            board.add_scalars({"loss": loss_v, "lr": lr, "img_per_s": ips,
+                                               **{f"terms/{k}": v for k, v in rec["terms"].items()}}, step=it)
+                step_loss.zero_()
                 scheduler.step_update(it)
-            mean_loss = float(epoch_loss) / micro_per_epoch
+            mean_loss = float(dist.all_sum(epoch_loss)) / (micro_per_epoch * world)
             entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
             if on_epoch_end is not None:
                 entry.update(on_epoch_end(epoch + 1) or {})
@@ -410,6 +427,8 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
         bar.close()
         if log_fh is not None:
             log_fh.close()
+        if board is not None:
+            board.close()
     return history
 
 

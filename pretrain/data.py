@@ -10,10 +10,14 @@
   ``RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=bicubic)``, ``RandomHorizontalFlip``,
   ``ToTensor``, ``Normalize(ImageNet mean, std)``.
 
-Both loaders draw the data order (and, for the tensor pipeline, the augmentation) from
-``(seed, epoch)`` only, and shard it over ``world_size`` ranks, so a resumed run sees exactly the
-batches of an uninterrupted one. Batches are ``(images N×3×S×S float32, labels N int64)``; labels
-are never used by pre-training.
+Both loaders take their data order from :class:`mimbench.batching.GlobalBatchSampler` (a function
+of ``(seed, epoch)``; each optimizer step's images are the same on any number of processes, each
+rank taking its slice) and draw each image's augmentation from ``(seed, epoch, image index)``
+(:func:`mimbench.batching.uniform_by_index` for the tensor pipeline, per-item seeding through
+:class:`mimbench.batching.SeededItems` for folders), so 1 and N processes - and a resumed run -
+see exactly the same augmented images. Batches are ``(images N×3×S×S float32, labels N int64,
+indices N int64)``; labels are never used by pre-training, indices seed per-image randomness
+(the mask noise, see ``pretrain.main``).
 """
 from __future__ import annotations
 
@@ -29,17 +33,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_FMNIST = "builtin:fashion-mnist"
 
 
-def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.Generator,
-                              scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
-    """Crop boxes ``(top, left, h, w)`` (N×4 int64, pixels) sampled like torchvision's RandomResizedCrop."""
+def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.Generator | None = None,
+                              scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10,
+                              uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop boxes ``(top, left, h, w)`` (N×4 int64, pixels) sampled like torchvision's RandomResizedCrop.
+
+    The random numbers come from ``generator`` or, when given, from ``uniforms`` (N × 4·tries,
+    uniform in [0, 1): per try area, log-ratio and two offsets), e.g. per-image numbers.
+    """
     area = height * width
-    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    if uniforms is None:
+        target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator)
+        log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+        u = torch.rand(n, tries, 2, generator=generator)
+    else:
+        if uniforms.shape != (n, 4 * tries):
+            raise MimbenchError(f"uniforms has shape {tuple(uniforms.shape)}, expected ({n}, {4 * tries}).")
+        uniforms = uniforms.double()
+        target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :tries])
+        lo, hi = math.log(ratio[0]), math.log(ratio[1])
+        log_r = lo + (hi - lo) * uniforms[:, tries:2 * tries]
+        u = uniforms[:, 2 * tries:].reshape(n, tries, 2)
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect)).long()
     h = torch.round(torch.sqrt(target / aspect)).long()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    u = torch.rand(n, tries, 2, generator=generator)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     rows = torch.arange(n)
     idx = first.clamp(min=0)
@@ -77,13 +95,16 @@ def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
 class TensorPretrainLoader:
     """Augmented batches from an in-memory uint8 image tensor (N×H×W grey or N×3×H×W).
 
-    ``len()`` = batches per epoch (last partial batch dropped); ``set_epoch(e)`` fixes order and
-    augmentation as a function of ``(seed, e)``; rank ``r`` of ``world_size`` takes every
-    ``world_size``-th sample of the shuffled order.
+    ``len()`` = micro-batches per epoch on this rank (see :class:`mimbench.batching.GlobalBatchSampler`;
+    the last partial global batch is dropped); ``set_epoch(e)`` selects the epoch. The crop box and
+    flip of image ``i`` are functions of ``(seed, e, i)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int,
-                 mean, std, seed: int = 0, rank: int = 0, world_size: int = 1, scale=(0.2, 1.0)):
+                 mean, std, seed: int = 0, rank: int = 0, world_size: int = 1, accum_iter: int = 1,
+                 scale=(0.2, 1.0)):
+        from mimbench.batching import GlobalBatchSampler
+
         if images.dtype != torch.uint8:
             raise MimbenchError(f"Expected uint8 images, got {images.dtype}.", "Pass the raw uint8 image tensor.")
         self.images = images if images.dim() == 4 else images[:, None]
@@ -92,31 +113,34 @@ class TensorPretrainLoader:
         self.rank, self.world_size, self.scale = int(rank), int(world_size), scale
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.epoch = 0
-        self.per_rank = len(self.images) // self.world_size
-        if len(self) < 1:
-            raise MimbenchError(f"{len(self.images)} images give no full batch of {batch_size} per rank.",
-                                "Lower optim.batch_size.")
+        self.sampler = GlobalBatchSampler(len(self.images), batch_size, accum_iter, seed=seed, rank=rank,
+                                          world_size=world_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def __len__(self) -> int:
-        return self.per_rank // self.batch_size
+        return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.images), generator=g)[self.rank::self.world_size][: self.per_rank]
+        from mimbench.batching import uniform_by_index
+
         _, _, height, width = self.images.shape
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        epoch = self.epoch
+        for chunk in self.sampler:
+            idx = torch.tensor(chunk, dtype=torch.int64)
             x = self.images[idx].float().div_(255.0)
-            boxes = random_resized_crop_boxes(len(idx), height, width, g, scale=self.scale)
-            flip = torch.rand(len(idx), generator=g) < 0.5
+            boxes = random_resized_crop_boxes(len(idx), height, width, scale=self.scale,
+                                              uniforms=uniform_by_index(self.seed, epoch, idx, 40, "crop"))
+            flip = uniform_by_index(self.seed, epoch, idx, 1, "flip")[:, 0] < 0.5
             x = crop_resize_flip(x, boxes, flip, self.img_size).clamp_(0.0, 1.0)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            yield (x - self.mean) / self.std, self.labels[idx]
+            yield (x - self.mean) / self.std, self.labels[idx], idx
 
 
 def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -132,9 +156,12 @@ def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: int = 0, rank: int = 0,
-                          world_size: int = 1, num_workers: int = 0, limit: int | None = None):
+                          world_size: int = 1, accum_iter: int = 1, num_workers: int = 0, limit: int | None = None):
     """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root);
-    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks)."""
+    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks). The loader
+    has ``set_epoch(e)`` (directly or on its batch sampler) and yields ``(images, labels, indices)``."""
+    from mimbench.batching import GlobalBatchSampler, SeededItems
+
     if data == BUILTIN_FMNIST:
         from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset
 
@@ -143,17 +170,17 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
         images, labels = ds.images, torch.as_tensor(ds.labels)
         if limit:
             images, labels = images[: int(limit)], labels[: int(limit)]
-        loader = TensorPretrainLoader(images, labels, batch_size=batch_size, img_size=img_size,
-                                      mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
-        return loader
-    from torch.utils.data import DataLoader, DistributedSampler
+        return TensorPretrainLoader(images, labels, batch_size=batch_size, img_size=img_size, mean=mean, std=std,
+                                    seed=seed, rank=rank, world_size=world_size, accum_iter=accum_iter)
+    from torch.utils.data import DataLoader
 
     from mimbench.data import build_dataset
 
     ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(int(limit), len(ds))))
-    # DistributedSampler also for one process: its order is a pure function of (seed, epoch).
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0)
+    sampler = GlobalBatchSampler(len(ds), batch_size, accum_iter, seed=seed, rank=rank, world_size=world_size,
+                                 with_epoch=True)
+    return DataLoader(SeededItems(ds, seed, stream="pretrain-augment"), batch_sampler=sampler,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)

@@ -3,8 +3,14 @@
 Optimisation follows the official MAE recipe: AdamW with betas (0.9, 0.95), weight decay on
 weight matrices only (1-D parameters and ``model.no_weight_decay()`` names excluded, frozen
 parameters such as an EMA teacher left out), ``lr = blr * effective_batch / 256`` with
-``effective_batch = batch_size * accum_iter * world_size``, per-step warm-up + cosine schedule.
-Config schema: ``pretrain/configs/_base_/default.py``.
+``effective_batch = batch_size * accum_iter * world_size`` (or ``optim.eff_batch_size``, reached by
+accumulation whatever the number of processes: :func:`mimbench.batching.resolve_batch`), per-step
+warm-up + cosine schedule. Config schema: ``pretrain/configs/_base_/default.py``.
+
+Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
+the global batch of every step holds the same images, each image's crop, flip and MAE mask noise
+are functions of ``(seed, epoch, image index)`` (the mask through the model's ``noise=`` argument),
+and only rank 0 writes the config, log, checkpoints and encoder file.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mimbench.atomic import check_writable_dir
+from mimbench.batching import resolve_batch
 from mimbench.errors import MimbenchError
 
 __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
@@ -36,22 +43,6 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
-def resolve_batch(optim_cfg, world_size: int) -> tuple[int, int, int]:
-    """(per-process batch, accum_iter, effective batch). ``optim.eff_batch_size`` (if set) fixes the
-    effective batch whatever the number of processes by deriving ``accum_iter``."""
-    batch = int(optim_cfg["batch_size"])
-    accum = int(optim_cfg.get("accum_iter", 1) or 1)
-    eff = optim_cfg.get("eff_batch_size")
-    if eff:
-        eff = int(eff)
-        if eff % (batch * world_size):
-            raise MimbenchError(
-                f"optim.eff_batch_size={eff} is not a multiple of batch_size {batch} x {world_size} processes.",
-                "Change optim.batch_size or the number of processes so that they divide the effective batch.")
-        accum = eff // (batch * world_size)
-    return batch, accum, batch * accum * world_size
-
-
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
                  resume: bool = False) -> Path:
     """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
@@ -60,15 +51,21 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config) and the
     encoder file. ``resume=True`` continues from ``out/checkpoint-latest.pt``.
     """
+    import inspect
+
+    from mimbench import dist
+    from mimbench.batching import uniform_by_index
     from mimbench.config import config_sha256, load_config
     from mimbench.encoders import arch_name, save_encoder
-    from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
+    from mimbench.engine import LoopConfig, fit, seed_everything
     from pretrain import create_model
     from pretrain.data import build_pretrain_loader
 
+    ctx = dist.setup()  # process group and device before any model or tensor exists
     cfg = load_config(config, list(overrides))
     out = Path(out)
-    check_writable_dir(out)
+    if ctx.is_main:
+        check_writable_dir(out)
     if resume and not (out / "checkpoint-latest.pt").is_file():
         raise MimbenchError(f"--resume was given but {out / 'checkpoint-latest.pt'} does not exist.",
                             "Start without --resume, or point --out at the directory of the interrupted run.")
@@ -76,7 +73,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
         if cfg.get(section) is None:
             raise MimbenchError(f"Config {config} has no `{section}` section.",
                                 "Start from pretrain/configs/_base_/default.py (see its schema).")
-    rank, world, local = dist_info()
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     rt, opt_cfg, sch = cfg.runtime, cfg.optim, cfg.schedule
     seed = int(rt.get("seed", 0))
     seed_everything(seed)
@@ -86,7 +83,6 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     if not name:
         raise MimbenchError(f"Config {config} does not name its model.", "Set model=dict(name='mae_vit_tiny_patch4_32', ...).")
     model = create_model(name, **model_kwargs)
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
     batch, accum, eff = resolve_batch(opt_cfg, world)
@@ -96,18 +92,26 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     data_cfg = cfg.get("data", {})
     img_size = int(data_cfg.get("img_size", model.encoder_arch()["img_size"]))
     loader = build_pretrain_loader(data, img_size=img_size, batch_size=batch, seed=seed, rank=rank,
-                                   world_size=world, num_workers=int(data_cfg.get("num_workers", 0)),
+                                   world_size=world, accum_iter=accum, num_workers=int(data_cfg.get("num_workers", 0)),
                                    limit=data_cfg.get("limit"))
+    sampler = getattr(loader, "batch_sampler", None) or loader.sampler
     mask_ratio = float(rt.get("mask_ratio", 0.75))
+    takes_noise = "noise" in inspect.signature(model.forward).parameters
+    patch = int(model.encoder_arch()["patch_size"])
 
     def step(m, b):
         imgs = b[0].to(device, non_blocking=True)
-        loss, _, _ = m(imgs, mask_ratio=mask_ratio)
+        kwargs = {}
+        if takes_noise:  # the mask of image i: a function of (seed, epoch, i), not of the rank or batch
+            num_patches = (imgs.shape[-2] // patch) * (imgs.shape[-1] // patch)
+            kwargs["noise"] = uniform_by_index(seed, sampler.epoch, b[2], num_patches, "mask", device=device)
+        loss, _, _ = m(imgs, mask_ratio=mask_ratio, **kwargs)
         return loss, lambda: model.loss_terms
 
     loop = LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.get("min_lr", 0.0)),
                       accum_iter=accum, clip_grad=opt_cfg.get("clip_grad"), amp=str(rt.get("amp", "auto")),
-                      ckpt_every=int(rt.get("ckpt_every", 1)), seed=seed, log_every=int(rt.get("log_every", 20)))
+                      ckpt_every=int(rt.get("ckpt_every", 1)), seed=seed, log_every=int(rt.get("log_every", 20)),
+                      progress=bool(rt.get("progress", True)), tensorboard=bool(rt.get("tensorboard", False)))
     if rank == 0:
         cfg.dump(str(out / "config.py"))
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
@@ -120,4 +124,5 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
                      arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                      technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
                      data=str(data), **arch)
+    dist.barrier()  # every rank returns once the encoder file exists
     return path

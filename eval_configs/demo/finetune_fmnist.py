@@ -14,6 +14,7 @@ amp = "none"
 ckpt_every = 0
 log_every = 20
 progress = False
+tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 deviations = [
     "dataset: embedded Fashion-MNIST subset (32x32, first 2,048 training images) instead of ImageNet-1k",
     "schedule: 2 epochs, 1 warm-up, batch 64, blr 1e-3 instead of 100 / 5 epochs, batch 1024, blr 5e-4",

@@ -12,6 +12,7 @@ amp = "none"
 ckpt_every = 0
 log_every = 20
 progress = False
+tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 cache_dir = None
 feature_batch_size = 256
 deviations = [

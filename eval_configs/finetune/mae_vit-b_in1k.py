@@ -19,5 +19,6 @@ amp = "auto"
 ckpt_every = 10
 log_every = 20
 progress = True
+tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 deviations = []
 seed = 0

@@ -17,6 +17,7 @@ amp = "auto"
 ckpt_every = 10
 log_every = 20
 progress = True
+tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 cache_dir = None
 feature_batch_size = 256
 deviations = []

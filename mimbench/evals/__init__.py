@@ -15,15 +15,17 @@ TASKS = {
     "knn": ("mimbench.evals.knn", "run_knn"),
     "linear": ("mimbench.evals.linear", "run_linear"),
     "finetune": ("mimbench.evals.finetune", "run_finetune"),
+    "segment": ("mimbench.evals.segment", "run_segment"),
 }
 
 
 def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-             resume: bool = False) -> dict:
+             resume: bool = False, **options) -> dict:
     """Run evaluation ``task`` of ``encoder`` with protocol ``config`` on ``data``; write and return its record.
 
     The record (``mimbench.results.records`` schema) is also written into ``out``; ``record["metrics"]``
-    holds the accuracies in percent.
+    holds the accuracies in percent (segmentation: aAcc / mIoU / mAcc). ``options`` are passed on to
+    the task (``segment``: ``launcher``, ``aug_test``).
     """
     if task not in TASKS:
         raise MimbenchError(f"Unknown evaluation task {task!r}.", f"Use one of {', '.join(sorted(TASKS))}.")
@@ -37,4 +39,4 @@ def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, ov
                             "Use one of the available tasks.") from err
     func = getattr(module, func_name)
     return func(encoder=Path(encoder), config=Path(config), data=str(data), out=Path(out),
-                overrides=list(overrides or []), resume=bool(resume))
+                overrides=list(overrides or []), resume=bool(resume), **options)

@@ -108,11 +108,18 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
-    loaded from disk), ``transform``, ``img_size`` and ``classes``.
+    loaded from disk), ``transform``, ``img_size`` and ``classes``. Under several processes each rank
+    computes a contiguous shard, the shards are gathered (every rank returns all N rows, in dataset
+    order), rank 0 writes the cache and the others wait for it; whether the cache is valid is rank 0's
+    decision, so all ranks take the same path. ``device`` defaults to the process's device
+    (:func:`mimbench.dist.context`).
     """
+    from mimbench import dist
+    from mimbench.batching import shard_range
     from mimbench.data import build_dataset
     from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
 
+    ctx = dist.setup()
     encoder = Path(encoder)
     check_encoder_file(encoder)
     size = int(img_size or read_metadata(encoder)["img_size"])
@@ -124,23 +131,45 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     cache_dir = Path(cache_dir)
     feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
     info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
-    if feat_path.is_file() and label_path.is_file():
-        try:
-            feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
-            if feats.ndim == 2 and labels.shape == (feats.shape[0],):
-                return feats, labels, {**info, "cached": True}
-        except (ValueError, OSError):
-            pass  # unreadable cache entry: recompute and overwrite it
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist.broadcast_flag(ctx.is_main and _valid_cache(feat_path, label_path)):
+        feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
+        return feats, labels, {**info, "cached": True}
+    device = torch.device(device) if device is not None else ctx.device
     model = load_encoder(encoder, img_size=size).to(device)
-    loader = torch.utils.data.DataLoader(limited(dataset, limit), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    feats, labels = compute_features(model, loader)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy(feat_path, feats)
-        _save_npy(label_path, labels)
-    except OSError as err:
-        raise MimbenchError(f"Feature cache {cache_dir} is not writable ({err}).",
-                            "Set cache_dir in the config (or --set cache_dir=...) to a writable folder.") from err
+    items = limited(dataset, limit)
+    if len(items) == 0:
+        raise MimbenchError(f"The {split} split of {data} is empty; no features to compute.",
+                            "Check the data path and split.")
+    shard = torch.utils.data.Subset(items, shard_range(len(items), ctx.rank, ctx.world_size))
+    if len(shard):
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        feats, labels = compute_features(model, loader)
+    else:  # more ranks than items
+        feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
+    if ctx.distributed:
+        feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device)).cpu().numpy()
+        labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device)).cpu().numpy()
+    error = None
+    if ctx.is_main:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _save_npy(feat_path, feats)
+            _save_npy(label_path, labels)
+        except OSError as err:
+            error = err
+    if not dist.broadcast_flag(error is None):
+        raise MimbenchError(f"Feature cache {cache_dir} is not writable ({error or 'on rank 0'}).",
+                            "Set cache_dir in the config (or --set cache_dir=...) to a writable folder.")
     return feats, labels, {**info, "cached": False}
+
+
+def _valid_cache(feat_path: Path, label_path: Path) -> bool:
+    """Both cache files exist and hold N×D features and N labels (an unreadable entry is recomputed)."""
+    if not (feat_path.is_file() and label_path.is_file()):
+        return False
+    try:
+        feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return feats.ndim == 2 and labels.shape == (feats.shape[0],)

@@ -14,10 +14,17 @@ flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 pixel mode, 1 bo
 ``"tensor"`` = a cheap subset on batched tensors (horizontal flip + timm ``RandomErasing``) for the
 built-in data's fast path -- recorded as a deviation.
 Metrics: top-1 / top-5 accuracy in percent on ``val`` (Resize int(S / (224/256)) bicubic, S above 224 unchanged, + CenterCrop S).
+
+Several processes: every optimizer step holds the same images on any number of processes, each
+image's crop / flip / RandAugment / erasing is drawn from ``(seed, epoch, image index)``, and the
+per-batch draws (Mixup/CutMix, stochastic depth, tensor-mode flip and erasing) from the global
+generators seeded by ``(seed, epoch, first image of the micro-batch)`` - the micro-batches are the
+same chunks on any number of processes (:mod:`mimbench.batching`). What remains different is the
+floating-point summation order of the gradient (DDP all-reduce vs accumulation), which the
+training amplifies over steps. Validation is sharded (each image scored once) and gathered.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -69,18 +76,15 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from timm.data.random_erasing import RandomErasing
     from timm.loss import SoftTargetCrossEntropy
 
-    from mimbench.config import config_sha256, load_config
+    from mimbench.batching import seed_batch
     from mimbench.data import build_dataset, is_builtin
-    from mimbench.encoders import check_encoder_file, read_metadata
-    from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
+    from mimbench.encoders import read_metadata
+    from mimbench.engine import fit
+    from mimbench.evals import runner
     from mimbench.evals.features import eval_transform, limited
-    from mimbench.evals.linear import _accumulation, _scores, _topk
-    from mimbench.results.records import encoder_summary, new_record, write_record
 
-    started = time.time()
-    encoder, out = Path(encoder), Path(out)
-    check_encoder_file(encoder)
-    cfg = load_config(config, overrides)
+    run = runner.start("finetune", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    cfg, device = run.cfg, run.device
     optim, sched, aug = dict(cfg.optim), dict(cfg.schedule), dict(cfg.augment)
     data_cfg = dict(cfg.get("data", {}))
     mode = aug.get("mode", "timm")
@@ -89,38 +93,28 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     if mode == "tensor" and not is_builtin(data):
         raise MimbenchError("augment.mode='tensor' works on the built-in data's tensor path only.",
                             "Use augment.mode='timm' (the protocol) for image folders.")
-    rank, world, _ = dist_info()
-    batch, accum, eff = _accumulation(optim, world)
+    batch, accum, eff, lr = runner.batch_rule(run, optim)
     if batch % 2:
         raise MimbenchError(f"optim.batch_size={batch} is odd; timm Mixup needs an even batch.",
                             "Use an even batch size.")
-    lr = float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * eff / 256
-    seed = int(cfg.get("seed", 0))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = int(cfg.get("img_size") or read_metadata(encoder)["img_size"])
+    size = int(cfg.get("img_size") or read_metadata(run.encoder)["img_size"])
     num_workers = int(cfg.get("num_workers", 0))
-    deviations = list(cfg.get("deviations", []))
 
-    seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     if mode == "timm":
         train_tf, train_desc = _train_transform(data, size, aug)
     else:
         train_tf, train_desc = None, f"builtin tensor path + hflip + RandomErasing({aug.get('re_prob', 0.25)}, pixel)"
         dev = "augmentation: horizontal flip + random erasing on tensors only (no RandomResizedCrop, no RandAugment)"
-        if dev not in deviations:
-            deviations.append(dev)
+        if dev not in run.deviations:
+            run.deviations.append(dev)
     val_tf, val_desc = eval_transform(data, size)
     train_set = limited(build_dataset(data, "train", transform=train_tf, img_size=size), data_cfg.get("limit_train"))
     val_set = limited(build_dataset(data, "val", transform=val_tf, img_size=size), data_cfg.get("limit_val"))
     classes = build_dataset(data, "val", transform=val_tf, img_size=size).classes
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=num_workers > 0)
+    loader = runner.train_loader(run, train_set, batch, accum, num_workers=num_workers)
+    sampler = loader.batch_sampler
 
-    model = build_model(encoder, len(classes), img_size=size, drop_path=float(cfg.model.drop_path),
+    model = build_model(run.encoder, len(classes), img_size=size, drop_path=float(cfg.model.drop_path),
                         head_init_std=float(cfg.model.get("head_init_std", 2e-5))).to(device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=float(optim["weight_decay"]),
                                 layer_decay=float(optim["layer_decay"]), betas=optim.get("betas", (0.9, 0.999)))
@@ -133,8 +127,9 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                             max_count=int(aug.get("re_count", 1)), device=str(device)) if mode == "tensor" else None
 
     def step(m, batch_):
-        x, y = batch_
+        x, y, idx = batch_
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        seed_batch(run.seed, sampler.epoch, idx)  # per-batch draws: a function of the micro-batch, not the rank
         if erasing is not None:
             flip = torch.rand(x.shape[0], device=device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -142,34 +137,17 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         x, soft = mixup(x, y)
         return criterion(m(x), soft), {}
 
-    loop = LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
-                      min_lr=float(sched.get("min_lr", 1e-6)), accum_iter=accum,
-                      clip_grad=cfg.get("clip_grad"), amp=cfg.get("amp", "auto"),
-                      ckpt_every=int(cfg.get("ckpt_every", 0)), seed=seed, log_every=int(cfg.get("log_every", 20)),
-                      progress=bool(cfg.get("progress", True)))
-    history = fit(model, optimizer, loader, step, loop, out, resume=resume, desc="finetune")
+    loop = runner.loop_config(run, sched, accum, min_lr=1e-6, clip_grad=cfg.get("clip_grad"))
+    history = fit(model, optimizer, loader, step, loop, run.out, resume=resume, desc="finetune")
     model.eval()
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=num_workers)
-    logits, labels = _scores(lambda x: model(x.to(device)), val_loader)
-    metrics = _topk(logits, labels)
+    logits, labels = runner.score(run, model, val_set, batch, num_workers=num_workers)
+    metrics = runner.topk_metrics(logits, labels)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
-    finished = time.time()
-    record = new_record(
-        "finetune",
-        protocol={"name": Path(config).stem, "sha256": config_sha256(cfg), "config": str(config),
-                  "overrides": list(overrides), "deviations": deviations, "lr": lr, "eff_batch_size": eff,
-                  "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  "layer_decay": float(optim["layer_decay"]), "drop_path": float(cfg.model.drop_path),
-                  "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
-        encoder=encoder_summary(encoder),
-        dataset={"name": data, "root": None if is_builtin(data) else str(Path(data).resolve()),
-                 "sizes": {"train": len(train_set), "val": len(val_set)}},
-        metrics=metrics,
-        seed=seed,
-        started=started,
-        finished=finished,
-    )
-    if rank == 0:
-        write_record(out, record)
-    return record
+    return runner.finish(
+        run,
+        protocol={"lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
+                  "warmup_epochs": loop.warmup_epochs, "layer_decay": float(optim["layer_decay"]),
+                  "drop_path": float(cfg.model.drop_path), "train_transform": train_desc,
+                  "val_transform": val_desc, "img_size": size},
+        metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)}})

@@ -8,7 +8,6 @@ DINO's defaults: k=20, T=0.07 (facebookresearch/dino eval_knn.py: ``--nb_knn 20`
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,40 +64,30 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     """k-NN evaluation: features of train and val (cached), weighted vote, record written to ``out``.
 
     ``resume`` has no effect beyond the feature cache, which is always reused when it matches.
+    Several processes: features are extracted sharded and gathered (``features.extract_features``);
+    the vote then runs on the gathered features on every rank, so the metrics are those of one process.
     """
-    from mimbench.config import config_sha256, load_config
+    from mimbench.evals import runner
     from mimbench.evals.features import extract_features
-    from mimbench.results.records import encoder_summary, new_record, write_record
 
-    started = time.time()
-    cfg = load_config(config, overrides)
+    run = runner.start("knn", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    cfg = run.cfg
     knn = cfg.get("knn", {})
     k, temperature = int(knn.get("k", 20)), float(knn.get("temperature", 0.07))
     data_cfg = cfg.get("data", {})
-    out = Path(out)
-    cache_dir = Path(cfg.get("cache_dir") or out / "feature_cache")
+    cache_dir = Path(cfg.get("cache_dir") or run.out / "feature_cache")
     common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 64)),
                   num_workers=int(cfg.get("num_workers", 0)))
-    train_x, train_y, train_info = extract_features(encoder, data, "train", limit=data_cfg.get("limit_train"), **common)
-    val_x, val_y, val_info = extract_features(encoder, data, "val", limit=data_cfg.get("limit_val"), **common)
+    train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=data_cfg.get("limit_train"),
+                                                    **common)
+    val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=data_cfg.get("limit_val"), **common)
     scores = knn_predict(torch.from_numpy(np.asarray(train_x)), torch.from_numpy(np.asarray(train_y)),
                          torch.from_numpy(np.asarray(val_x)), k=k, temperature=temperature,
                          num_classes=len(train_info["classes"]))
     acc = topk_accuracy(scores, torch.from_numpy(np.asarray(val_y)))
-    finished = time.time()
-    deviations = list(cfg.get("deviations", []))
-    record = new_record(
-        "knn",
-        protocol={"name": Path(config).stem, "sha256": config_sha256(cfg), "config": str(config),
-                  "overrides": list(overrides), "deviations": deviations, "k": k, "temperature": temperature,
-                  "feature": "class token after final norm, L2-normalised", "transform": val_info["transform"]},
-        encoder=encoder_summary(encoder),
-        dataset={"name": data, "root": None if data.startswith("builtin:") else str(Path(data).resolve()),
-                 "sizes": {"train": int(len(train_y)), "val": int(len(val_y))}},
+    return runner.finish(
+        run,
+        protocol={"k": k, "temperature": temperature, "feature": "class token after final norm, L2-normalised",
+                  "transform": val_info["transform"]},
         metrics={"top1": acc[1], "top5": acc[5]},
-        seed=int(cfg.get("seed", 0)),
-        started=started,
-        finished=finished,
-    )
-    write_record(out, record)
-    return record
+        dataset={"sizes": {"train": int(len(train_y)), "val": int(len(val_y))}})

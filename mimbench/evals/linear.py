@@ -17,10 +17,20 @@ and the same head is trained on them (LARS or Adam). This is much faster and is 
 deviation "fast linear probe on cached features".
 
 Metrics: top-1 / top-5 accuracy in percent on the ``val`` split.
+
+Several processes (torchrun, Slurm): the global batch of every optimizer step, and its split into
+micro-batches of ``optim.batch_size``, are the same on any number of processes
+(:mod:`mimbench.batching`), so the batch norm normalises the same micro-batches as a 1-process run
+with accumulation. Its running statistics are made identical on every rank, and equal to that
+1-process run's: each micro-batch's mean and variance are kept until the optimizer step, then the
+statistics of every micro-batch of every rank are gathered and applied, in global order (rank 0's
+micro-batches first), as the momentum updates one process would have made one after the other
+(:class:`StepBatchNorm1d`). The reference keeps per-GPU running statistics and averages the
+per-GPU accuracies instead; averaging the statistics would depend on the number of processes,
+replaying them does not. Validation is sharded (each image scored once) and gathered.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimbench import dist
 from mimbench.errors import MimbenchError
 
 CACHED_DEVIATION = "fast linear probe on cached features"
@@ -35,14 +46,51 @@ MODES = ("protocol", "cached")
 OPTIMIZERS = ("lars", "adam")
 
 
+class StepBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d(affine=False)`` whose running statistics are updated at the optimizer step.
+
+    Training mode normalises with the micro-batch's statistics, as ``BatchNorm1d`` does, and keeps
+    its mean and unbiased variance; :meth:`commit` (called once per optimizer step on every rank)
+    gathers the kept statistics of all ranks and applies the momentum updates in global micro-batch
+    order (rank ``r``'s ``k``-th micro-batch is number ``r * accum_iter + k``), the same updates, in
+    the same order, as one process accumulating the same micro-batches. Buffers and state-dict keys
+    are ``BatchNorm1d``'s.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, momentum: float = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False, track_running_stats=True)
+        self._pending: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n = x.shape[0]
+        if n < 2:
+            raise MimbenchError("A batch-norm micro-batch has a single sample.", "Use optim.batch_size of 2 or more.")
+        var, mean = torch.var_mean(x.detach().float(), dim=0, unbiased=False)
+        self._pending.append(torch.stack([mean, var * (n / (n - 1))]))
+        return F.batch_norm(x, None, None, training=True, momentum=0.0, eps=self.eps)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the kept micro-batch statistics of every rank to the running statistics (collective)."""
+        local = torch.stack(self._pending) if self._pending else self.running_mean.new_zeros(0, 2, self.num_features)
+        self._pending.clear()
+        for mean, var in dist.gather_rows(local):
+            self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
+            self.num_batches_tracked += 1
+
+
 def build_head(embed_dim: int, num_classes: int) -> nn.Sequential:
-    """BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, C), weight ~ trunc-normal(std 0.01), bias 0."""
+    """BatchNorm1d(D, affine=False, eps=1e-6) (as :class:`StepBatchNorm1d`) + Linear(D, C),
+    weight ~ trunc-normal(std 0.01), bias 0."""
     from timm.layers import trunc_normal_
 
     linear = nn.Linear(embed_dim, num_classes)
     trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
-    return nn.Sequential(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), linear)
+    return nn.Sequential(StepBatchNorm1d(embed_dim, eps=1e-6), linear)
 
 
 def build_optimizer(head: nn.Module, optim: dict, lr: float) -> torch.optim.Optimizer:
@@ -70,60 +118,6 @@ def build_optimizer(head: nn.Module, optim: dict, lr: float) -> torch.optim.Opti
                  {"params": vectors, "weight_decay": 0.0, "always_adapt": False}], **common)
 
 
-class FeatureBatches:
-    """Shuffled mini-batches of in-memory features: ``(x B×D, y B)``; order = f(seed, epoch), last partial batch dropped.
-
-    Under torchrun each rank takes every ``world``-th sample of the epoch's permutation.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.x, self.y, self.batch_size, self.seed, self.rank, self.world = x, y, int(batch_size), seed, rank, world
-        self.per_rank = len(x) // world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.per_rank // self.batch_size
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(len(self.x), generator=g)[self.rank::self.world][: self.per_rank].to(self.x.device)
-        for i in range(len(self)):
-            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
-
-
-def _accumulation(optim: dict, world: int) -> tuple[int, int, int]:
-    """(micro batch per process, accum_iter, effective batch) from ``optim.batch_size`` / ``eff_batch_size``."""
-    batch = int(optim["batch_size"])
-    eff = optim.get("eff_batch_size")
-    if eff is None:
-        return batch, int(optim.get("accum_iter", 1)), batch * int(optim.get("accum_iter", 1)) * world
-    eff = int(eff)
-    if eff % (batch * world):
-        raise MimbenchError(f"Effective batch {eff} is not a multiple of batch_size {batch} x {world} processes.",
-                            "Choose optim.batch_size (per process) dividing optim.eff_batch_size / world size.")
-    return batch, eff // (batch * world), eff
-
-
-@torch.no_grad()
-def _scores(fn, batches) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, labels = [], []
-    for x, y in batches:
-        logits.append(fn(x).float().cpu())
-        labels.append(torch.as_tensor(y).cpu())
-    return torch.cat(logits), torch.cat(labels)
-
-
-def _topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    from mimbench.evals.knn import topk_accuracy
-
-    acc = topk_accuracy(logits, labels, ks=(1, 5))
-    return {"top1": acc[1], "top5": acc[5]}
-
-
 def _train_transform(data: str, img_size: int, aug: dict):
     from torchvision import transforms as T
 
@@ -143,53 +137,42 @@ def _train_transform(data: str, img_size: int, aug: dict):
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                resume: bool = False) -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
-    from mimbench.config import config_sha256, load_config
     from mimbench.data import build_dataset
-    from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
-    from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
+    from mimbench.encoders import load_encoder, read_metadata
+    from mimbench.engine import fit
+    from mimbench.evals import runner
     from mimbench.evals.features import eval_transform, extract_features, limited
-    from mimbench.results.records import encoder_summary, new_record, write_record
 
-    started = time.time()
-    encoder, out = Path(encoder), Path(out)
-    check_encoder_file(encoder)
-    cfg = load_config(config, overrides)
+    run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    cfg, device = run.cfg, run.device
     mode = cfg.get("mode", "protocol")
     if mode not in MODES:
         raise MimbenchError(f"Unknown linear-probe mode {mode!r}.", f"Use mode in {MODES}.")
     optim, sched, data_cfg = dict(cfg.optim), dict(cfg.schedule), dict(cfg.get("data", {}))
-    rank, world, _ = dist_info()
-    batch, accum, eff = _accumulation(optim, world)
-    lr = float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * eff / 256
-    seed = int(cfg.get("seed", 0))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = int(cfg.get("img_size") or read_metadata(encoder)["img_size"])
-    loop = LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
-                      min_lr=float(sched.get("min_lr", 0.0)), accum_iter=accum, amp=cfg.get("amp", "auto"),
-                      ckpt_every=int(cfg.get("ckpt_every", 0)), seed=seed, log_every=int(cfg.get("log_every", 20)),
-                      progress=bool(cfg.get("progress", True)))
-    deviations = list(cfg.get("deviations", []))
+    batch, accum, eff, lr = runner.batch_rule(run, optim)
+    size = int(cfg.get("img_size") or read_metadata(run.encoder)["img_size"])
+    loop = runner.loop_config(run, sched, accum)
     num_workers = int(cfg.get("num_workers", 0))
     limit_train, limit_val = data_cfg.get("limit_train"), data_cfg.get("limit_val")
 
-    seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     if mode == "cached":
-        if CACHED_DEVIATION not in deviations:
-            deviations.insert(0, CACHED_DEVIATION)
-        common = dict(cache_dir=Path(cfg.get("cache_dir") or out / "feature_cache"), img_size=size,
+        if CACHED_DEVIATION not in run.deviations:
+            run.deviations.insert(0, CACHED_DEVIATION)
+        common = dict(cache_dir=Path(cfg.get("cache_dir") or run.out / "feature_cache"), img_size=size,
                       batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers)
-        tx, ty, tinfo = extract_features(encoder, data, "train", limit=limit_train, **common)
-        vx, vy, vinfo = extract_features(encoder, data, "val", limit=limit_val, **common)
+        tx, ty, tinfo = extract_features(run.encoder, data, "train", limit=limit_train, **common)
+        vx, vy, vinfo = extract_features(run.encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]
+        train_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(tx)).to(device),
+                                                   torch.from_numpy(np.array(ty)).to(device))
+        val_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(vx)), torch.from_numpy(np.array(vy)))
+        loader = runner.TensorBatches(run, *train_set.tensors, batch, accum)
         head = build_head(int(tx.shape[1]), len(classes)).to(device)
-        train_x = torch.from_numpy(np.asarray(tx)).to(device)
-        train_y = torch.from_numpy(np.asarray(ty)).to(device)
-        loader = FeatureBatches(train_x, train_y, batch, seed, rank, world)
         encoder_model = None
         train_desc, val_desc = tinfo["transform"] + " (no augmentation)", vinfo["transform"]
-        sizes = {"train": int(len(ty)), "val": int(len(vy))}
+        eval_batch = 4096
     else:
-        encoder_model = load_encoder(encoder, img_size=size).to(device).eval()
+        encoder_model = load_encoder(run.encoder, img_size=size).to(device).eval()
         for p in encoder_model.parameters():
             p.requires_grad_(False)
         train_tf, train_desc = _train_transform(data, size, dict(cfg.get("augment", {})))
@@ -198,15 +181,10 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         val_set = build_dataset(data, "val", transform=val_tf, img_size=size)
         classes = list(train_set.classes)
         train_set, val_set = limited(train_set, limit_train), limited(val_set, limit_val)
-        sampler = None
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=seed)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                                             num_workers=num_workers, pin_memory=device.type == "cuda",
-                                             drop_last=True, persistent_workers=num_workers > 0)
         head = build_head(encoder_model.embed_dim, len(classes)).to(device)
-        sizes = {"train": len(train_set), "val": len(val_set)}
+        eval_batch = batch
+        loader = runner.train_loader(run, train_set, batch, accum, num_workers=num_workers)
+    sizes = {"train": len(train_set), "val": len(val_set)}
     optimizer = build_optimizer(head, optim, lr)
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -216,39 +194,21 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
             return encoder_model.forward_features(x)[:, 0]
 
     def step(model, batch_):
-        x, y = batch_
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
         logits = model(features(x).float())
         return F.cross_entropy(logits, y), {}
 
-    history = fit(head, optimizer, loader, step, loop, out, resume=resume, desc=f"linear ({mode})")
+    history = fit(head, optimizer, loader, step, loop, run.out, resume=resume, desc=f"linear ({mode})",
+                  on_step_end=lambda it, total: head[0].commit())
     head.eval()
-    if encoder_model is None:
-        val_x = torch.from_numpy(np.asarray(vx)).to(device)
-        chunks = [(val_x[i:i + 4096], torch.from_numpy(np.asarray(vy[i:i + 4096]))) for i in range(0, len(val_x), 4096)]
-        logits, labels = _scores(head, chunks)
-    else:
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=num_workers)
-        logits, labels = _scores(lambda x: head(features(x.to(device)).float()), val_loader)
-    metrics = _topk(logits, labels)
+    logits, labels = runner.score(run, lambda x: head(features(x).float()), val_set, eval_batch,
+                                  num_workers=num_workers)
+    metrics = runner.topk_metrics(logits, labels)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
-    finished = time.time()
-    record = new_record(
-        "linear",
-        protocol={"name": Path(config).stem, "sha256": config_sha256(cfg), "config": str(config),
-                  "overrides": list(overrides), "deviations": deviations, "mode": mode,
-                  "optimizer": str(optim.get("name", "lars")), "lr": lr, "eff_batch_size": eff,
+    return runner.finish(
+        run,
+        protocol={"mode": mode, "optimizer": str(optim.get("name", "lars")), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
                   "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
-        encoder=encoder_summary(encoder),
-        dataset={"name": data, "root": None if data.startswith("builtin:") else str(Path(data).resolve()),
-                 "sizes": sizes},
-        metrics=metrics,
-        seed=seed,
-        started=started,
-        finished=finished,
-    )
-    if rank == 0:
-        write_record(out, record)
-    return record
+        metrics=metrics, dataset={"sizes": sizes})

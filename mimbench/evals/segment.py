@@ -20,14 +20,18 @@ plugs the encoder in and runs mmengine's ``Runner``:
    with mmseg's ``SegTTAModel`` over the multi-scale + flip pipeline, giving ``mIoU_ms`` etc.
    Both go into one ``segment`` record in ``out``.
 
-Single-process runs (``launcher="none"``) turn SyncBN layers into BatchNorm (mmengine does this
-when it wraps the model); the record lists that as a deviation, since batch statistics are then
-taken over one process's images only.
+Processes: the launcher is taken from the environment (``launcher="auto"``, the default): under
+``torchrun`` mmengine's ``pytorch`` launcher, under ``srun`` without torchrun its ``slurm`` one,
+else ``none``; the process group is the one :func:`mimbench.dist.setup` created, which mmengine's
+Runner then uses. Under several processes on GPUs SyncBN stays SyncBN. Single-process runs turn
+SyncBN layers into BatchNorm (mmengine does this when it wraps the model), and so do multi-process
+runs on CPUs (torch's SyncBatchNorm needs a GPU); the record lists either as a deviation, since
+batch statistics are then taken over one process's images only. The built-in data and the backbone
+checkpoint are written by rank 0 (the others wait); the record is written by rank 0 only.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from mimbench.errors import MimbenchError
@@ -231,45 +235,79 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
+def _backbone_fields(encoder: Path, img_size: int) -> dict:
+    """The mmseg backbone fields of ``encoder`` at crop ``img_size`` (as ``write_backbone_checkpoint`` returns)."""
+    from mimbench.encoders import read_metadata
+    from mimbench.seg.backbone import backbone_cfg_from_metadata
+
+    return backbone_cfg_from_metadata(read_metadata(encoder), img_size)
+
+
+def _replace_sync_bn(node) -> None:
+    """SyncBN / MMSyncBN norm configs -> BN, in place."""
+    if isinstance(node, dict):
+        if node.get("type") in ("SyncBN", "MMSyncBN"):
+            node["type"] = "BN"
+        for value in node.values():
+            _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _replace_sync_bn(value)
+
+
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                launcher: str = "none", resume: bool = False, aug_test: bool | None = None) -> dict:
+                launcher: str = "auto", resume: bool = False, aug_test: bool | None = None) -> dict:
     """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
 
-    ``launcher``: ``none`` (one process), ``pytorch`` (torchrun) or ``slurm``, as mmengine's.
+    ``launcher``: ``auto`` (from the environment: torchrun -> ``pytorch``, srun -> ``slurm``, else
+    ``none``) or one of mmengine's ``none`` / ``pytorch`` / ``slurm``.
     ``resume``: continue from the last checkpoint in ``out/mmseg``.
     ``aug_test``: also test multi-scale + flip (None: when the config defines ``tta_model``).
     """
     import torch
 
     import mimbench.seg  # noqa: F401  (mmcv.ops fallback and dataset registration before mmseg)
-    from mimbench.config import config_sha256, load_config
-    from mimbench.results.records import encoder_summary, new_record, write_record
+    from mimbench import dist
+    from mimbench.config import config_sha256
+    from mimbench.evals import runner as evals
     from mimbench.seg.backbone import write_backbone_checkpoint
 
-    if launcher not in ("none", "pytorch", "slurm"):
-        raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use none, pytorch or slurm.")
-    encoder, out = Path(encoder), Path(out)
-    from mimbench.encoders import check_encoder_file
-
-    check_encoder_file(encoder)
-    started = time.time()
-    cfg = load_config(config, overrides)
+    if launcher not in ("auto", "none", "pytorch", "slurm"):
+        raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use auto, none, pytorch or slurm.")
+    run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    ctx, cfg, encoder, out = run.ctx, run.cfg, run.encoder, run.out
+    if launcher == "auto":
+        launcher = ctx.launcher
+    elif (launcher == "none") != (ctx.world_size == 1):
+        raise MimbenchError(f"--launcher {launcher} does not match this job of {ctx.world_size} process(es).",
+                            "Leave --launcher at auto (the launcher is read from the torchrun / Slurm environment).")
     protocol_sha = config_sha256(cfg)
     dataset_type = cfg.train_dataloader.dataset.type
     if data == BUILTIN_SEG and dataset_type != "FashionMNISTSegDataset":
         raise MimbenchError(f"{BUILTIN_SEG} needs a FashionMNISTSegDataset config, {config} uses {dataset_type}.",
                             "Use eval_configs/segmentation/demo_fmnist_seg.py.")
-    out.mkdir(parents=True, exist_ok=True)
-    root, dataset_name = _resolve_data(data, out)
-    _set_data_root(cfg, root)
-
     crop = tuple(cfg.crop_size)
     if crop[0] != crop[1]:
         raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
-    ckpt, fields = write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
-    deviations = adapt_config(cfg, fields, cuda=torch.cuda.is_available()) + follow_max_iters(cfg, overrides)
-    if launcher == "none" and _has_sync_bn(cfg.model):
+    if ctx.is_main:  # files shared by all ranks: written once, the others wait at the barrier
+        out.mkdir(parents=True, exist_ok=True)
+        _resolve_data(data, out)
+        write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
+    dist.barrier()
+    root, dataset_name = _resolve_data(data, out)  # the built-in set now exists: this only returns its path
+    _set_data_root(cfg, root)
+    ckpt, fields = out / "backbone_init.pth", _backbone_fields(encoder, crop[0])
+    cuda = torch.cuda.is_available()
+    deviations = run.deviations + adapt_config(cfg, fields, cuda=cuda) + follow_max_iters(cfg, overrides)
+    if _has_sync_bn(cfg.model) and launcher == "none":
         deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
+    elif _has_sync_bn(cfg.model) and not cuda:
+        _replace_sync_bn(cfg.model)
+        deviations.append("SyncBN -> BatchNorm (CPU processes: torch's SyncBatchNorm needs a GPU; "
+                          "batch statistics over each process's images only)")
+    if launcher != "none" and not cuda:  # DDP of a CPU module takes no device ids (mmengine passes LOCAL_RANK)
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
     has_tta = cfg.get("tta_model") is not None and cfg.get("tta_pipeline") is not None
     if aug_test is None:
         aug_test = has_tta
@@ -287,7 +325,6 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     cfg.resume = bool(resume)
     cfg.load_from = None
 
-    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
 
     runner = Runner.from_cfg(cfg)
@@ -300,19 +337,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     if aug_test:
         ms_metrics, _ = split_per_class(_numeric(_test_multi_scale(runner, cfg)))
         metrics.update({f"{k}_ms": v for k, v in ms_metrics.items()})
-    finished = time.time()
-    record = new_record(
-        "segment",
-        protocol={"name": Path(config).stem, "sha256": protocol_sha, "config": str(config),
-                  "overrides": list(overrides), "deviations": deviations, "test_mode": cfg.model.test_cfg.get("mode"),
-                  "multi_scale_test": bool(aug_test)},
-        encoder=encoder_summary(encoder),
-        dataset={"name": dataset_name, "root": str(root)},
-        metrics=metrics,
-        seed=int(cfg.randomness.seed),
-        started=started,
-        finished=finished,
-    )
-    if is_main_process():
-        write_record(out, record)
-    return record
+    run.deviations, run.seed = deviations, int(cfg.randomness.seed)
+    return evals.finish(run, protocol={"sha256": protocol_sha, "test_mode": cfg.model.test_cfg.get("mode"),
+                                        "multi_scale_test": bool(aug_test)},
+                        metrics=metrics, dataset={"root": str(root)}, name=dataset_name)

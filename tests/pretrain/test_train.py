@@ -38,20 +38,41 @@ def test_crop_boxes_follow_scale_and_bounds():
 
 def test_tensor_loader_order_is_a_function_of_seed_and_epoch():
     imgs = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
-    mk = lambda **kw: TensorPretrainLoader(imgs, torch.arange(40), batch_size=8, img_size=32,
-                                           mean=(0.5,), std=(0.25,), seed=1, **kw)
+    mk = lambda **kw: TensorPretrainLoader(imgs, torch.arange(40), img_size=32,
+                                           mean=(0.5,), std=(0.25,), seed=1, **{"batch_size": 8, **kw})
     a, b = mk(), mk()
     a.set_epoch(3)
     b.set_epoch(3)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ya)  # labels here = indices
     assert xa.shape == (8, 3, 32, 32) and len(a) == 5
     b.set_epoch(4)
     assert not torch.equal(next(iter(a))[1], next(iter(b))[1])
-    r0, r1 = mk(rank=0, world_size=2), mk(rank=1, world_size=2)
-    seen0 = torch.cat([y for _, y in r0])
-    seen1 = torch.cat([y for _, y in r1])
-    assert len(r0) == 2 and not set(seen0.tolist()) & set(seen1.tolist())
+    r0, r1 = mk(rank=0, world_size=2, batch_size=4), mk(rank=1, world_size=2, batch_size=4)
+    for r in (r0, r1):
+        r.set_epoch(3)
+    seen0 = torch.cat([y for _, y, _ in r0])
+    seen1 = torch.cat([y for _, y, _ in r1])
+    assert len(r0) == 5 and not set(seen0.tolist()) & set(seen1.tolist())
+
+
+def test_tensor_loader_images_do_not_depend_on_the_process_count():
+    """Batch 8 on one process = batch 4 on each of two processes (or accumulated twice on one):
+    the same images, the same crops and flips, in the same global steps."""
+    imgs = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    mk = lambda **kw: TensorPretrainLoader(imgs, torch.arange(40), img_size=32, mean=(0.5,), std=(0.25,), seed=1, **kw)
+    one = mk(batch_size=8)
+    accum = mk(batch_size=4, accum_iter=2)
+    r0, r1 = mk(batch_size=4, rank=0, world_size=2), mk(batch_size=4, rank=1, world_size=2)
+    for loader in (one, accum, r0, r1):
+        loader.set_epoch(2)
+    two = [torch.cat([a[0], b[0]]) for a, b in zip(r0, r1)]
+    acc = list(accum)
+    acc = [torch.cat([acc[i][0], acc[i + 1][0]]) for i in range(0, len(acc), 2)]
+    ref = [x for x, _, _ in one]
+    assert len(ref) == len(two) == len(acc) == 5
+    for x, y, z in zip(ref, two, acc):
+        assert torch.equal(x, y) and torch.equal(x, z)
 
 
 def test_optimizer_groups_exclude_1d_named_and_frozen_params():

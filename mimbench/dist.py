@@ -1,0 +1,246 @@
+"""The one distributed setup of every command (pretrain, eval linear / finetune / knn / segment).
+
+:func:`setup` runs first, before any model or tensor exists, and fixes for the whole process:
+
+* **who** - rank, world size and local rank, from the ``torchrun`` environment (``RANK``,
+  ``WORLD_SIZE``, ``LOCAL_RANK``) or, without torchrun, from Slurm's (``SLURM_PROCID``,
+  ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master address is the job's first node, the port
+  ``MASTER_PORT`` or 29500). torchrun's variables win when both are present (torchrun inside srun).
+* **the process group** - NCCL on CUDA (through ``mmengine.dist.init_dist``, which also calls
+  ``torch.cuda.set_device(local_rank)``), gloo on CPU, with a finite collective timeout
+  (``MIMBENCH_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died leaves the others
+  blocked for a bounded time, after which they fail and the job exits non-zero.
+* **the device** - ``cuda:<local_rank>`` (made the current CUDA device) or ``cpu``: one
+  ``torch.device`` that every runner places its models and batches on.
+* **who speaks** - rank 0 writes files and prints; the standard output of every other rank is
+  discarded and its Python warnings are silenced (they repeat rank 0's). Errors (stderr) stay.
+
+The collective helpers below (:func:`gather_rows`, :func:`all_mean`, :func:`broadcast_flag`,
+:func:`barrier`) are no-ops in a single process, so the runners call them unconditionally.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from mimbench.errors import MimbenchError
+
+__all__ = ["DistContext", "setup", "context", "dist_info", "is_main", "barrier", "gather_rows", "all_mean",
+           "all_sum", "broadcast_flag", "check_device", "DEFAULT_TIMEOUT_S"]
+
+#: Collective timeout in seconds (``MIMBENCH_DIST_TIMEOUT`` overrides it).
+DEFAULT_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """What :func:`setup` fixed: ``rank`` / ``world_size`` / ``local_rank``, the ``device`` and the
+    ``launcher`` (``"none"``, ``"pytorch"`` for torchrun, ``"slurm"`` for srun without torchrun)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_CONTEXT: DistContext | None = None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MimbenchError(f"Environment variable {name}={value!r} is not an integer.",
+                            "Launch with torchrun or srun, which set it, or unset it.") from None
+
+
+def dist_info() -> tuple[int, int, int, str]:
+    """``(rank, world_size, local_rank, launcher)`` from the environment, without initialising anything."""
+    world = _env_int("WORLD_SIZE")
+    if world is not None and world > 1:
+        return _env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0, "pytorch"
+    if world is not None:  # torchrun with one process: nothing to set up
+        return 0, 1, _env_int("LOCAL_RANK") or 0, "none"
+    ntasks = _env_int("SLURM_NTASKS")
+    if ntasks is not None and ntasks > 1 and _env_int("SLURM_PROCID") is not None:
+        return _env_int("SLURM_PROCID"), ntasks, _env_int("SLURM_LOCALID") or 0, "slurm"
+    return 0, 1, 0, "none"
+
+
+def _timeout_s() -> int:
+    value = os.environ.get("MIMBENCH_DIST_TIMEOUT")
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = int(float(value))
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise MimbenchError(f"MIMBENCH_DIST_TIMEOUT={value!r} is not a positive number of seconds.",
+                            "Set it to e.g. 1800, or unset it.")
+    return seconds
+
+
+def _slurm_env(rank: int, world: int, local: int) -> None:
+    """Export the variables ``init_process_group(init_method='env://')`` reads, from Slurm's."""
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+        addr = ""
+        if nodes:
+            try:
+                addr = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                      check=True, timeout=60).stdout.split()[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                addr = ""
+        if not addr:
+            raise MimbenchError(f"Cannot find the Slurm job's first node (nodelist {nodes!r}; scontrol failed).",
+                                "Export MASTER_ADDR (the first node's host name) before srun, or launch with torchrun.")
+        os.environ["MASTER_ADDR"] = addr
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+
+
+def _quiet() -> None:
+    """Non-zero ranks: discard standard output and warnings; errors still reach stderr."""
+    sys.stdout = open(os.devnull, "w")
+    warnings.simplefilter("ignore")
+
+
+def setup() -> DistContext:
+    """Initialise the process group (when launched as several processes) and fix the device; idempotent."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        return _CONTEXT
+    import torch.distributed as tdist
+
+    rank, world, local, launcher = dist_info()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise MimbenchError(f"Local rank {local} has no GPU: this node shows {torch.cuda.device_count()}.",
+                                "Start at most one process per visible GPU (torchrun --nproc_per_node, srun "
+                                "--ntasks-per-node) or check CUDA_VISIBLE_DEVICES.")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        timeout = _timeout_s()
+        if launcher == "slurm":
+            _slurm_env(rank, world, local)
+        if cuda:
+            from mmengine.dist import init_dist
+
+            init_dist(launcher, backend="nccl", timeout=timeout)
+        else:
+            tdist.init_process_group(backend="gloo", rank=rank, world_size=world,
+                                     timeout=datetime.timedelta(seconds=timeout))
+    if world > 1 and rank != 0:
+        _quiet()
+    _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local, device=device, launcher=launcher)
+    return _CONTEXT
+
+
+def context() -> DistContext:
+    """The context fixed by :func:`setup` (set up now when it has not been)."""
+    return _CONTEXT if _CONTEXT is not None else setup()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return context().is_main
+
+
+def _active() -> bool:
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point."""
+    if _active():
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor; the input is untouched)."""
+    out = tensor.detach().clone()
+    if _active():
+        import torch.distributed as tdist
+
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out
+
+
+def all_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks."""
+    return all_sum(tensor) / (context().world_size if _active() else 1)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (decisions that must not differ, e.g. "the cache is valid")."""
+    if not _active():
+        return bool(flag)
+    import torch.distributed as tdist
+
+    t = torch.tensor([int(bool(flag))], device=context().device)
+    tdist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` (shape ``n_r x ...``, ``n_r`` may differ) in rank order, on all ranks.
+
+    Rows stay in each rank's order, so shards taken as contiguous ranges (``batching.shard_range``)
+    come back in dataset order. The result is on the input's device.
+    """
+    if not _active():
+        return tensor
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size()
+    device = context().device
+    local = tensor.detach().to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    tdist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device)
+
+
+def check_device(model: torch.nn.Module, what: str = "model") -> None:
+    """Raise unless every parameter and buffer of ``model`` is on this process's device.
+
+    Called by the training loop before DDP wraps a model: a model left on another rank's GPU
+    (``cuda`` instead of ``cuda:<local_rank>``) or on the CPU would otherwise train slowly or hang.
+    """
+    device = context().device
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device != device:
+            raise MimbenchError(f"The {what}'s tensor {name!r} is on {t.device}, this process's device is {device}.",
+                                "Create models after mimbench.dist.setup() and move them to its device "
+                                "(mimbench.dist.context().device).")

@@ -1,0 +1,212 @@
+"""What every evaluation does, written once: the task modules (``linear``, ``finetune``, ``knn``,
+``segment``) keep only their model, optimizer, step and metric.
+
+:func:`start` - distributed setup (:func:`mimbench.dist.setup`, before any model exists), encoder
+check, config + ``--set`` overrides, the recorded seed; returns an :class:`EvalRun`.
+:func:`batch_rule` - micro-batch, accumulation, effective batch and learning rate, the rule
+pre-training uses too (:mod:`mimbench.batching`).
+:func:`loop_config` - the training loop settings from the config.
+:func:`train_loader` - a loader whose optimizer steps hold the same images on any number of
+processes, each image's augmentation seeded by ``(seed, epoch, index)``; batches are
+``(images, labels, indices)``.
+:func:`score` - the validation set sharded over ranks (each image scored once), scores gathered
+in dataset order on every rank, so metrics are identical on all ranks.
+:func:`finish` - record assembly; rank 0 writes it, every rank returns it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from mimbench.errors import MimbenchError
+
+__all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
+           "dataset_root"]
+
+
+@dataclass
+class EvalRun:
+    """One evaluation run: its inputs, loaded config, seed and the process's place in the job."""
+
+    task: str
+    encoder: Path
+    config_path: Path
+    cfg: Any
+    data: str
+    out: Path
+    overrides: list[str]
+    seed: int
+    ctx: Any  # mimbench.dist.DistContext
+    started: float
+    deviations: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+
+def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
+          check_encoder: bool = True) -> EvalRun:
+    """Set up the processes and device, check the encoder, load the config, seed everything."""
+    from mimbench import dist
+    from mimbench.config import load_config
+    from mimbench.encoders import check_encoder_file
+    from mimbench.engine import seed_everything
+
+    started = time.time()
+    ctx = dist.setup()
+    encoder, out = Path(encoder), Path(out)
+    if check_encoder:
+        check_encoder_file(encoder)
+    cfg = load_config(config, list(overrides))
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
+    return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
+                   overrides=list(overrides), seed=seed, ctx=ctx, started=started,
+                   deviations=list(cfg.get("deviations", [])))
+
+
+def batch_rule(run: EvalRun, optim: Mapping) -> tuple[int, int, int, float]:
+    """``(micro-batch per process, accum_iter, effective batch, lr)``; see :mod:`mimbench.batching`."""
+    from mimbench.batching import resolve_batch, scaled_lr
+
+    batch, accum, eff = resolve_batch(optim, run.world_size)
+    return batch, accum, eff, scaled_lr(optim, eff)
+
+
+def loop_config(run: EvalRun, sched: Mapping, accum: int, *, min_lr: float = 0.0, clip_grad=None):
+    """:class:`mimbench.engine.LoopConfig` from the schedule section and the config's loop keys."""
+    from mimbench.engine import LoopConfig
+
+    cfg = run.cfg
+    return LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
+                      min_lr=float(sched.get("min_lr", min_lr)), accum_iter=accum, clip_grad=clip_grad,
+                      amp=cfg.get("amp", "auto"), ckpt_every=int(cfg.get("ckpt_every", 0)), seed=run.seed,
+                      log_every=int(cfg.get("log_every", 20)), progress=bool(cfg.get("progress", True)),
+                      tensorboard=bool(cfg.get("tensorboard", False)))
+
+
+def train_loader(run: EvalRun, dataset, batch: int, accum: int, *, num_workers: int = 0):
+    """Training batches ``(images, labels, indices)`` of ``dataset`` for this rank.
+
+    Optimizer step ``t`` holds the same images on any number of processes (order = f(seed, epoch),
+    :class:`mimbench.batching.GlobalBatchSampler`), and image ``i``'s random transform is drawn
+    with the RNGs seeded by ``(seed, epoch, i)``. ``loader.batch_sampler.epoch`` is the epoch.
+    """
+    from mimbench.batching import GlobalBatchSampler, SeededItems
+
+    sampler = GlobalBatchSampler(len(dataset), batch, accum, seed=run.seed, rank=run.rank,
+                                 world_size=run.world_size, with_epoch=True)
+    return torch.utils.data.DataLoader(SeededItems(dataset, run.seed, stream=f"{run.task}-augment"),
+                                       batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=run.device.type == "cuda", persistent_workers=num_workers > 0)
+
+
+class TensorBatches:
+    """:func:`train_loader`'s batching for tensors already in memory (e.g. cached features, no
+    augmentation): ``(x[idx], y[idx], idx)`` for this rank's micro-batches, indexed on the tensors' device."""
+
+    def __init__(self, run: EvalRun, x: torch.Tensor, y: torch.Tensor, batch: int, accum: int):
+        from mimbench.batching import GlobalBatchSampler
+
+        self.x, self.y = x, y
+        self.batch_sampler = GlobalBatchSampler(len(x), batch, accum, seed=run.seed, rank=run.rank,
+                                                world_size=run.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for chunk in self.batch_sampler:
+            idx = torch.tensor(chunk, dtype=torch.int64)
+            dev_idx = idx.to(self.x.device)
+            yield self.x[dev_idx], self.y[dev_idx], idx
+
+
+@torch.no_grad()
+def score(run: EvalRun, fn: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int, *,
+          num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores N×C float32, labels N)`` of all of ``dataset`` on every rank, each item computed once.
+
+    Rank ``r`` runs ``fn`` (inputs already on the run's device) over its contiguous shard
+    (:func:`mimbench.batching.shard_range`); the shards are gathered in rank order, i.e. dataset order.
+    """
+    from mimbench import dist
+    from mimbench.batching import shard_range
+
+    part = torch.utils.data.Subset(dataset, shard_range(len(dataset), run.rank, run.world_size))
+    loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False, num_workers=num_workers,
+                                         pin_memory=run.device.type == "cuda")
+    logits, labels = [], []
+    for x, y, *_ in loader:
+        logits.append(fn(x.to(run.device, non_blocking=True)).float())
+        labels.append(torch.as_tensor(y).to(run.device))
+    if logits:
+        logits_t, labels_t = torch.cat(logits), torch.cat(labels).long()
+    else:  # more ranks than items: this rank's shard is empty; one probe item gives the score width
+        logits_t = fn(torch.as_tensor(dataset[0][0]).unsqueeze(0).to(run.device)).float()[:0]
+        labels_t = torch.zeros(0, dtype=torch.long, device=run.device)
+    logits_t, labels_t = dist.gather_rows(logits_t), dist.gather_rows(labels_t)
+    if logits_t.shape[0] != len(dataset):
+        raise MimbenchError(f"Gathered {logits_t.shape[0]} scores for {len(dataset)} validation items.",
+                            "This is a bug; please report it with the command line.")
+    return logits_t.cpu(), labels_t.cpu()
+
+
+def topk_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``{"top1", "top5"}`` accuracies in percent (top-5 is top-C with fewer than 5 classes)."""
+    from mimbench.evals.knn import topk_accuracy
+
+    acc = topk_accuracy(logits, labels, ks=(1, 5))
+    return {"top1": acc[1], "top5": acc[5]}
+
+
+def dataset_root(data: str) -> str | None:
+    """The record's ``dataset.root``: None for built-in data, else the absolute path."""
+    from mimbench.data import is_builtin
+
+    return None if is_builtin(data) else str(Path(data).resolve())
+
+
+def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mapping | None = None,
+           name: str | None = None) -> dict:
+    """Assemble the run record (protocol name / sha256 / config / overrides / deviations filled in);
+    rank 0 writes it to ``run.out``; every rank returns it once the file exists."""
+    from mimbench import dist
+    from mimbench.config import config_sha256
+    from mimbench.results.records import encoder_summary, new_record, write_record
+
+    record = new_record(
+        run.task,
+        protocol={"name": run.config_path.stem, "sha256": config_sha256(run.cfg), "config": str(run.config_path),
+                  "overrides": list(run.overrides), "deviations": list(run.deviations), **protocol},
+        encoder=encoder_summary(run.encoder),
+        dataset={"name": name or run.data, "root": dataset_root(run.data), **(dataset or {})},
+        metrics=dict(metrics),
+        seed=run.seed,
+        started=run.started,
+        finished=time.time(),
+    )
+    if run.is_main:
+        write_record(run.out, record)
+    dist.barrier()
+    return record

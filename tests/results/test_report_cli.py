@@ -38,7 +38,7 @@ def test_cli_report_csv_and_out(tmp_path):
 def test_cli_report_bad_format_exits_2(tmp_path):
     _record(tmp_path / "runs")
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--format", "xlsx"])
-    assert result.exit_code == 2 and "Unknown report format" in result.output
+    assert result.exit_code == 2 and "is not one of" in result.output and "latex" in result.output
 
 
 def test_cli_leaderboard_and_compare(tmp_path):

@@ -198,13 +198,18 @@ def report(
     format: ReportFormat = typer.Option("md", help="Table format"),
     out: Optional[Path] = typer.Option(None, help="Output file (default: print)"),
 ):
-    """Aggregate run records into a table (mean ± std over seeds).
+    """Aggregate run records into a table (mean ± std over seeds), with the figures when --out is given.
+
+    Printed to a terminal, the Markdown table is drawn to fit its width; piped, it is plain Markdown.
 
     Example: mimbench report runs/demo --format md
     """
-    from mimbench.results.report import write_report
+    from mimbench.results.report import console_table, write_report
 
-    typer.echo(write_report(dirs, fmt=format, out=out))
+    if out is None and format == "md":
+        console_table(dirs)
+    else:
+        typer.echo(write_report(dirs, fmt=format, out=out))
 
 
 @app.command()

@@ -178,6 +178,33 @@ def segment(
 
 @app.command()
 @_user_errors
+def control(
+    out: Path = typer.Option(..., help="Encoder file to write (.safetensors)"),
+    like: Optional[Path] = typer.Option(None, help="Encoder file (ViT) whose architecture to copy"),
+    config: Optional[Path] = typer.Option(None, help="Pre-training config whose model to build at initialisation"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Only with --config."),
+    seed: int = typer.Option(0, help="Seed of the initialisation (0: the pre-training configs' seed)"),
+):
+    """Write the random-initialisation control: an encoder of the same architecture, never trained.
+
+    With --config it is the encoder that pre-training starts from; evaluate it beside the pre-trained one
+    with the same configs to see what pre-training added.
+
+    Example: mimbench control --config pretrain/configs/mae_tiny_fmnist.py --out runs/control/encoder.safetensors
+    """
+    from mimbench.control import build_control
+    from mimbench.paths import resolve_config
+
+    if set_ and config is None:
+        raise MimbenchError("--set changes a pre-training config, and none was given.",
+                            "Use --set together with --config.")
+    path = build_control(out, like=like, config=resolve_config(config) if config is not None else None,
+                         overrides=list(set_ or []), seed=seed)
+    typer.echo(f"random-initialisation control written to {path}")
+
+
+@app.command()
+@_user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes encoders, records and the report"),
     quick: bool = typer.Option(False, help="Toy size, under 3 minutes"),

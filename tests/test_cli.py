@@ -9,7 +9,8 @@ from mimbench.cli import app
 
 runner = CliRunner()
 
-COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval"]
+COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval",
+            "control"]
 EVAL_COMMANDS = ["linear", "finetune", "knn", "segment"]
 
 

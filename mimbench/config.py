@@ -3,8 +3,8 @@
 Every pre-training and evaluation setting lives in an mmengine config file (``.py`` with
 ``_base_`` inheritance). Command-line overrides are merged with
 ``Config.merge_from_dict`` after their values are parsed (:func:`parse_override`: Python
-literals, and ``true``/``false``/``null``/``none`` in any case as mmengine's ``DictAction``
-reads them), and an override naming a key that the config does not have is refused before
+literals, and ``true``/``false``/``null`` in any case as mmengine's ``DictAction`` reads them),
+and an override naming a key that the config does not have is refused before
 any work starts (a typo would otherwise silently train with the default).
 """
 from __future__ import annotations
@@ -19,13 +19,15 @@ from mimbench.errors import MimbenchError
 
 
 #: Words read as constants whatever their case, as mmengine's ``DictAction`` does (``--set progress=false``
-#: must give False: the string 'false' would be truthy).
-_WORDS = {"true": True, "false": False, "none": None, "null": None}
+#: must give False: the string 'false' would be truthy). Unlike DictAction, lower-case ``none`` stays a string:
+#: it is a value of some knobs (``model.target_norm=none``: no target normalisation), where None would mean
+#: "the default". Python's ``None`` and ``null`` give None.
+_WORDS = {"true": True, "false": False, "null": None}
 
 
 def parse_value(raw: str) -> Any:
-    """One override value: a Python literal (``3``, ``1e-3``, ``[1, 2]``, ``'x'``, ``True``), else
-    ``true``/``false``/``none``/``null`` in any case, else the text itself (stripped)."""
+    """One override value: a Python literal (``3``, ``1e-3``, ``[1, 2]``, ``'x'``, ``True``, ``None``), else
+    ``true``/``false``/``null`` in any case, else the text itself (stripped)."""
     text = raw.strip()
     try:
         return ast.literal_eval(text)

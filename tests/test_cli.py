@@ -55,7 +55,8 @@ def test_unknown_override_key_is_refused_before_work(tmp_path):
 
 
 @pytest.mark.parametrize("raw,value", [("false", False), ("False", False), ("TRUE", True), ("true", True),
-                                       ("null", None), ("none", None), ("None", None), ("1e-3", 1e-3), ("3", 3),
+                                       ("null", None), ("NULL", None), ("None", None), ("1e-3", 1e-3), ("3", 3),
+                                       ("none", "none"),  # a knob value (target_norm='none'), not the default
                                        ("[1, 2]", [1, 2]), ("'x'", "x"), ("adamw", "adamw"), (" 0.5 ", 0.5)])
 def test_set_values_read_like_mmengine(raw, value):
     from mimbench.config import parse_override

@@ -9,7 +9,8 @@
 The reuse rule, the same for every step: a step is reused only when its result is already there and was
 made from the same config, the same ``--set`` overrides and, for an evaluation, the same encoder file:
 
-- pre-training: the encoder file's ``config_sha256`` equals the hash of the resolved config;
+- pre-training: the encoder file's ``config_sha256`` equals the hash of the resolved config (an interrupted
+  pre-training whose folder holds ``checkpoint-latest.pt`` and the same resolved ``config.py`` is resumed);
 - control: the control file's recipe hash (:func:`mimbench.control.control_sha256`) matches;
 - evaluation: a finished record (status ok) whose ``protocol.sha256`` is the resolved config's hash and whose
   ``encoder.sha256`` is the encoder file's (so a re-trained encoder is evaluated again).
@@ -169,9 +170,27 @@ class StepRunner:
             return Outcome(step, True, enc)
         from pretrain.main import run_pretrain
 
+        if self._interrupted_same_run(enc.parent, step):
+            self.log(f"resuming {enc.parent} from its last checkpoint")
+            path = run_pretrain(step.config, data=step.data, out=enc.parent, overrides=list(step.overrides),
+                                resume=True)
+            return Outcome(step, False, Path(path))
         self._clear(enc.parent)
         path = Path(run_pretrain(step.config, data=step.data, out=enc.parent, overrides=list(step.overrides)))
         return Outcome(step, False, path)
+
+    @staticmethod
+    def _interrupted_same_run(folder: Path, step: Pretrain) -> bool:
+        """``folder`` holds a checkpoint of a pre-training whose resolved config (``config.py``) is this step's."""
+        if not ((folder / "checkpoint-latest.pt").is_file() and (folder / "config.py").is_file()):
+            return False
+        from mimbench.config import config_sha256, load_config
+
+        try:
+            done = config_sha256(load_config(folder / "config.py"))
+        except MimbenchError:
+            return False
+        return done == config_sha256(load_config(step.config, list(step.overrides)))
 
     def _control(self, step: Control) -> Outcome:
         from mimbench.control import build_control, is_control

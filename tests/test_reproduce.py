@@ -228,7 +228,7 @@ def _fake_pipeline(monkeypatch, calls):
     from mimbench.encoders import encoder_sha256
 
     def run_pretrain(config, data, out, overrides, resume=False):
-        calls.append(("pretrain", Path(out).name, tuple(overrides)))
+        calls.append(("pretrain", Path(out).name, tuple(overrides)) + (("resume",) if resume else ()))
         path = build_control(Path(out) / "encoder.safetensors", config=config, overrides=overrides)
         # an encoder as pre-training exports it: technique of the config, its resolved config's hash
         from safetensors.torch import load_file, save_file
@@ -313,6 +313,20 @@ def test_reproduce_redoes_a_step_whose_config_changed_and_reuses_one_whose_hashe
     calls.clear()
     R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lambda s: None)
     assert calls == [("linear", "mae_dds")]
+
+    # an interrupted pre-training of these very settings resumes from its checkpoint; one of other settings restarts
+    folder = tmp_path / "runs" / "ddae" / "encoders" / "mae"
+    (folder / "encoder.safetensors").unlink()
+    (folder / "checkpoint-latest.pt").write_bytes(b"")
+    load_config(mae_cfg).dump(str(folder / "config.py"))
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae"], log=lambda s: None)
+    assert calls[0] == ("pretrain", "mae", (), "resume")
+    (folder / "encoder.safetensors").unlink()
+    load_config(mae_cfg, ["optim.lr=1.0"]).dump(str(folder / "config.py"))
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae"], log=lambda s: None)
+    assert calls[0] == ("pretrain", "mae", ()) and not (folder / "checkpoint-latest.pt").exists()
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     report = out / "report.md"
     note = reuse_note(outcomes)
     text = write_report([runner.evals_root], fmt="md", out=report)
-    closing = f"The demo took {elapsed / 60:.1f} min ({elapsed:.0f} s) on this machine."
+    closing = f"This run of the demo took {elapsed / 60:.1f} min ({elapsed:.0f} s) on this machine."
     body = text + "\n\n" + closing + ("\n\n" + note if note else "") + "\n"
     atomic_write(report, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), what="the demo report",
                  fix="Choose an --out folder you can write to.")

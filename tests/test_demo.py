@@ -21,7 +21,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     report = (out / "report.md").read_text()
     for name in ("mae", "ddae", "random-init"):
         assert name in report
-    assert "report:" in result.output and "The demo took" in report and "How to read this:" in report
+    assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
     assert rows[-1] == "random-init"  # the control is the last row

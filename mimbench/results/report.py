@@ -162,8 +162,8 @@ def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
 
 def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str, str]]:
     """Each distinct deviation once, with where it applies: ``[(deviation, "linear top-1, k-NN top-1: all
-    rows; fine-tune top-1: mae, ddae"), ...]``, deviations in order of first appearance, columns in the
-    table's order.
+    rows; fine-tune top-1: mae, ddae"), ...]``: deviations by the first table column they apply to (then in
+    order of first appearance), columns in the table's order.
 
     Columns whose runs deviate alike for the same rows share one entry; "all rows" means every row of the
     table (``labels``, default: every label in ``runs``).
@@ -177,7 +177,8 @@ def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str,
             where.setdefault(dev, {}).setdefault(r["column"], set()).add(r["label"])
     order = _columns(summarize(runs))
     out = []
-    for dev, columns in where.items():
+    # the deviations of the first column first, then those only of the second, ...; within that, first seen first
+    for dev, columns in sorted(where.items(), key=lambda item: min(order.index(c) for c in item[1])):
         by_rows: dict[tuple, list[str]] = {}
         for column, rows in sorted(columns.items(), key=lambda item: order.index(item[0])):
             by_rows.setdefault(tuple(lab for lab in labels if lab in rows), []).append(column)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -19,16 +19,27 @@ app = typer.Typer(
     help="Pre-train masked-image-modelling ViT encoders and evaluate them under the published protocols.\n\n"
     "Example: mimbench demo",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 eval_app = typer.Typer(help="Evaluate an encoder: linear probe, fine-tune, k-NN, ADE20K segmentation.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-SET_HELP = "Override a config value, e.g. --set optim.lr=1e-3 (repeatable)."
+SET_HELP = ("Override a config value, e.g. --set optim.lr=1e-3 (repeatable). Values are Python literals, "
+            "or true/false/null; anything else is a string.")
+
+# Typed choices: Typer refuses any other value and lists these. Each mirrors the constant of the module that
+# implements it (tests/test_cli.py checks that they agree).
+ReportFormat = Literal["md", "csv", "latex", "html"]               # mimbench.results.report.FORMATS
+Launcher = Literal["auto", "none", "pytorch", "slurm"]              # mimbench.evals.segment
+LeaderboardTask = Literal["linear", "finetune", "knn", "ade20k"]    # mimbench.results.leaderboard.TASK_METRIC
+Layout = Literal["auto", "mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "beit", "beitv2",
+                 "data2vec-vision"]                                  # mimbench.encoders.convert.LAYOUTS
+Paper = Literal["robust-mae", "ddae"]                               # mimbench.reproduce.PAPERS
+Scale = Literal["demo", "full"]                                     # mimbench.reproduce.SCALES
+BenchWhat = Literal["train", "forward"]                             # mimbench.bench.WHAT
 ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
-FROM_HELP = ("Checkpoint layout of --encoder: auto | mae | timm | deit | mmpretrain | dino | ibot | mocov3 | vissl | "
-             "beit | beitv2 | data2vec-vision (docs/checkpoints.md)")
+FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
 
 
 def _declare_layout(encoder: Path, layout: str) -> None:
@@ -57,7 +68,7 @@ def _user_errors(fn):
 @app.command()
 @_user_errors
 def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe."),
-         from_: str = typer.Option("auto", "--from", help=FROM_HELP)):
+         from_: Layout = typer.Option("auto", "--from", help=FROM_HELP)):
     """Print an encoder's metadata and parameter count (for a checkpoint: as it will be read).
 
     Example: mimbench info runs/demo/mae/encoder.safetensors
@@ -81,18 +92,41 @@ def pretrain(
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
+    from mimbench.paths import resolve_config
     from pretrain.main import run_pretrain
 
-    path = run_pretrain(config, data=data, out=out, overrides=list(set_ or []), resume=resume)
+    path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
     typer.echo(f"encoder written to {path}")
 
 
-def _eval_command(task: str, default_config: str, example: str):
+# Every `eval` subcommand defaults to the demo config of its task on the built-in data (the default --data):
+# a published protocol on the 12,000-image subset would be meaningless (LARS at batch 16,384, 100 epochs), and a
+# demo config on ImageNet would be mislabelled. The protocols are one --config away, named in each --help.
+DEFAULT_EVAL_CONFIGS = {
+    "linear": "eval_configs/demo/linear_fmnist.py",
+    "finetune": "eval_configs/demo/finetune_fmnist.py",
+    "knn": "eval_configs/demo/knn_fmnist.py",
+    "segment": "eval_configs/segmentation/demo_fmnist_seg.py",
+}
+PROTOCOL_CONFIGS = {
+    "linear": "eval_configs/linear/mae_vit-b_in1k.py",
+    "finetune": "eval_configs/finetune/mae_vit-b_in1k.py",
+    "knn": "eval_configs/knn/dino_k20.py",
+    "segment": "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py",
+}
+CONFIG_HELP = ("Evaluation config. Default: the demo config for the built-in data (its departures from the "
+               "published protocol are recorded); the published protocol: {protocol}")
+
+
+def _eval_command(task: str, example: str):
+    from mimbench.paths import resolve_config
+
     @_user_errors
     def command(
         encoder: Path = typer.Option(..., help=ENCODER_HELP),
-        from_: str = typer.Option("auto", "--from", help=FROM_HELP),
-        config: Path = typer.Option(Path(default_config), help="Protocol config under eval_configs/"),
+        from_: Layout = typer.Option("auto", "--from", help=FROM_HELP),
+        config: Path = typer.Option(Path(DEFAULT_EVAL_CONFIGS[task]),
+                                    help=CONFIG_HELP.format(protocol=PROTOCOL_CONFIGS[task])),
         data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
         out: Path = typer.Option(..., help="Output directory (checkpoint, run record)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -101,24 +135,25 @@ def _eval_command(task: str, default_config: str, example: str):
         from mimbench.evals import run_eval
 
         _declare_layout(encoder, from_)
-        record = run_eval(task, encoder=encoder, config=config, data=data, out=out,
+        record = run_eval(task, encoder=encoder, config=resolve_config(config), data=data, out=out,
                           overrides=list(set_ or []), resume=resume)
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
         typer.echo(f"{task}: {metrics}")
 
-    command.__doc__ = f"{task} evaluation of an encoder.\n\nExample: {example}"
+    command.__doc__ = (f"{task} evaluation of an encoder (default: the demo config on the built-in data).\n\n"
+                       f"Example: {example}")
     command.__name__ = task
     return command
 
 
 eval_app.command("linear")(_eval_command(
-    "linear", "eval_configs/demo/linear_fmnist.py",
+    "linear",
     "mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py --data /data/imagenet --out runs/lin"))
 eval_app.command("finetune")(_eval_command(
-    "finetune", "eval_configs/demo/finetune_fmnist.py",
+    "finetune",
     "mimbench eval finetune --encoder enc.safetensors --config eval_configs/finetune/mae_vit-b_in1k.py --data /data/imagenet --out runs/ft"))
 eval_app.command("knn")(_eval_command(
-    "knn", "eval_configs/demo/knn_fmnist.py",
+    "knn",
     "mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn"))
 
 
@@ -126,31 +161,63 @@ eval_app.command("knn")(_eval_command(
 @_user_errors
 def segment(
     encoder: Path = typer.Option(..., help=ENCODER_HELP),
-    from_: str = typer.Option("auto", "--from", help=FROM_HELP),
-    config: Path = typer.Option(Path("eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py")),
-    data: str = typer.Option(..., help="ADE20K root (ADEChallengeData2016) or builtin:fashion-mnist-seg"),
+    from_: Layout = typer.Option("auto", "--from", help=FROM_HELP),
+    config: Path = typer.Option(Path(DEFAULT_EVAL_CONFIGS["segment"]),
+                                help=CONFIG_HELP.format(protocol=PROTOCOL_CONFIGS["segment"])),
+    data: str = typer.Option("builtin:fashion-mnist-seg",
+                             help="builtin:fashion-mnist-seg or an ADE20K root (ADEChallengeData2016)"),
     out: Path = typer.Option(...),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    launcher: str = typer.Option("auto", help="auto (from the torchrun / Slurm environment) | none | pytorch | slurm"),
+    launcher: Launcher = typer.Option("auto", help="mmengine launcher: auto (from the torchrun / Slurm environment), "
+                                                   "none (one process), pytorch (torchrun) or slurm (srun)"),
     resume: bool = typer.Option(False),
     aug_test: Optional[bool] = typer.Option(
         None, "--aug-test/--no-aug-test",
         help="Also test multi-scale + flip (mIoU_ms ...). Default: when the config defines tta_model/tta_pipeline"),
 ):
-    """ADE20K UperNet semantic segmentation through mmsegmentation.
+    """UperNet semantic segmentation through mmsegmentation (default: the demo config on FashionMNIST-Seg).
 
     Trains, then tests single-scale (the config's test mode) and, by default, multi-scale + flip; the run
     record holds aAcc/mIoU/mAcc, their _ms counterparts and the per-class IoU.
 
-    Example: mimbench eval segment --encoder enc.safetensors --data /data/ADEChallengeData2016 --out runs/seg
+    Example: mimbench eval segment --encoder enc.safetensors --config eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py --data /data/ADEChallengeData2016 --out runs/seg
     """
     from mimbench.evals.segment import run_segment
 
+    from mimbench.paths import resolve_config
+
     _declare_layout(encoder, from_)
-    record = run_segment(encoder=encoder, config=config, data=data, out=out, overrides=list(set_ or []),
+    record = run_segment(encoder=encoder, config=resolve_config(config), data=data, out=out, overrides=list(set_ or []),
                          launcher=launcher, resume=resume, aug_test=aug_test)
     summary = {k: v for k, v in record["metrics"].items() if not isinstance(v, dict)}
     typer.echo(f"segment: {summary}")
+
+
+@app.command()
+@_user_errors
+def control(
+    out: Path = typer.Option(..., help="Encoder file to write (.safetensors)"),
+    like: Optional[Path] = typer.Option(None, help="Encoder file (ViT) whose architecture to copy"),
+    config: Optional[Path] = typer.Option(None, help="Pre-training config whose model to build at initialisation"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Only with --config."),
+    seed: int = typer.Option(0, help="Seed of the initialisation (0: the pre-training configs' seed)"),
+):
+    """Write the random-initialisation control: an encoder of the same architecture, never trained.
+
+    With --config it is the encoder that pre-training starts from; evaluate it beside the pre-trained one
+    with the same configs to see what pre-training added.
+
+    Example: mimbench control --config pretrain/configs/mae_tiny_fmnist.py --out runs/control/encoder.safetensors
+    """
+    from mimbench.control import build_control
+    from mimbench.paths import resolve_config
+
+    if set_ and config is None:
+        raise MimbenchError("--set changes a pre-training config, and none was given.",
+                            "Use --set together with --config.")
+    path = build_control(out, like=like, config=resolve_config(config) if config is not None else None,
+                         overrides=list(set_ or []), seed=seed)
+    typer.echo(f"random-initialisation control written to {path}")
 
 
 @app.command()
@@ -172,22 +239,27 @@ def demo(
 @_user_errors
 def report(
     dirs: List[Path] = typer.Argument(..., help="Directories holding run records"),
-    format: str = typer.Option("md", help="md | csv | latex | html"),
+    format: ReportFormat = typer.Option("md", help="Table format"),
     out: Optional[Path] = typer.Option(None, help="Output file (default: print)"),
 ):
-    """Aggregate run records into a table (mean ± std over seeds).
+    """Aggregate run records into a table (mean ± std over seeds), with the figures when --out is given.
+
+    Printed to a terminal, the Markdown table is drawn to fit its width; piped, it is plain Markdown.
 
     Example: mimbench report runs/demo --format md
     """
-    from mimbench.results.report import write_report
+    from mimbench.results.report import console_table, write_report
 
-    typer.echo(write_report(dirs, fmt=format, out=out))
+    if out is None and format == "md":
+        console_table(dirs)
+    else:
+        typer.echo(write_report(dirs, fmt=format, out=out))
 
 
 @app.command()
 @_user_errors
 def leaderboard(
-    task: Optional[str] = typer.Option(None, help="linear | finetune | knn | ade20k"),
+    task: Optional[LeaderboardTask] = typer.Option(None, help="Only this task"),
     arch: Optional[str] = typer.Option(None, help="e.g. vit-b/16"),
     include_runs: Optional[Path] = typer.Option(None, help="Directory of your own run records to rank alongside"),
 ):
@@ -217,7 +289,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 def convert(
     src: Path = typer.Argument(..., help="Checkpoint in a supported layout (official MAE, BEiT, DINO ... .pth)"),
     dst: Path = typer.Argument(..., help="Encoder file to write (.safetensors)"),
-    layout: str = typer.Option("auto", "--from", "--layout", help=FROM_HELP),
+    layout: Layout = typer.Option("auto", "--from", "--layout", help=FROM_HELP),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads, only for non-standard widths"),
     technique: Optional[str] = typer.Option(None, help="Provenance: pre-training technique (default from the layout)"),
     epochs: Optional[float] = typer.Option(None, help="Provenance: pre-training epochs (default from the checkpoint)"),
@@ -235,8 +307,8 @@ def convert(
 
 @app.command()
 @_user_errors
-def reproduce(paper: str = typer.Argument(..., help="robust-mae | ddae"),
-              scale: str = typer.Option("demo", help="demo (run on the embedded data) | full (write ImageNet commands)"),
+def reproduce(paper: Paper = typer.Argument(..., help="The paper whose ablation grid to run"),
+              scale: Scale = typer.Option("demo", help="demo (run on the embedded data) | full (write ImageNet commands)"),
               out: Path = typer.Option(Path("runs/reproduce"), help="Output directory"),
               quick: bool = typer.Option(False, help="Smallest demo configs (smoke run)")):
     """Run (demo) or emit (full) the ablation grid of a seed paper.
@@ -250,7 +322,7 @@ def reproduce(paper: str = typer.Argument(..., help="robust-mae | ddae"),
 
 @app.command()
 @_user_errors
-def bench(what: str = typer.Argument("train", help="train (a full pre-training step) | forward (encoder only)"),
+def bench(what: BenchWhat = typer.Argument("train", help="train (a full pre-training step) | forward (encoder only)"),
           preset: str = typer.Option("mae_vit_tiny_patch4_32"), batch: int = typer.Option(64), steps: int = typer.Option(10)):
     """Measure throughput (img/s) of a hot loop on this machine.
 

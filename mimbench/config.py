@@ -2,9 +2,10 @@
 
 Every pre-training and evaluation setting lives in an mmengine config file (``.py`` with
 ``_base_`` inheritance). Command-line overrides are merged with
-``Config.merge_from_dict`` after their values are parsed as Python literals, and an
-override naming a key that the config does not have is refused before any work starts
-(a typo would otherwise silently train with the default).
+``Config.merge_from_dict`` after their values are parsed (:func:`parse_override`: Python
+literals, and ``true``/``false``/``null`` in any case as mmengine's ``DictAction`` reads them),
+and an override naming a key that the config does not have is refused before
+any work starts (a typo would otherwise silently train with the default).
 """
 from __future__ import annotations
 
@@ -17,8 +18,31 @@ from typing import Any, Iterable
 from mimbench.errors import MimbenchError
 
 
+#: Words read as constants whatever their case, as mmengine's ``DictAction`` does (``--set progress=false``
+#: must give False: the string 'false' would be truthy). Unlike DictAction, lower-case ``none`` stays a string:
+#: it is a value of some knobs (``model.target_norm=none``: no target normalisation), where None would mean
+#: "the default". Python's ``None`` and ``null`` give None.
+_WORDS = {"true": True, "false": False, "null": None}
+
+
+def parse_value(raw: str) -> Any:
+    """One override value: a Python literal (``3``, ``1e-3``, ``[1, 2]``, ``'x'``, ``True``, ``None``), else
+    ``true``/``false``/``null`` in any case, else the text itself (stripped)."""
+    text = raw.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    return text
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``"a.b=3"`` into ``("a.b", 3)``; values are Python literals, else strings."""
+    """Split ``"a.b=3"`` into ``("a.b", 3)``; the value is read by :func:`parse_value`.
+
+    ``x=false`` gives False, ``x=null`` None, ``x=1e-3`` 0.001, ``x=[1,2]`` a list, ``x=adamw`` the string.
+    """
     if "=" not in item:
         raise MimbenchError(f"Override {item!r} is not of the form key=value.",
                             "Write overrides as --set optim.lr=1e-3 (dotted key, '=', a Python literal).")
@@ -26,11 +50,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise MimbenchError(f"Override {item!r} has an empty key.", "Write --set key=value.")
-    try:
-        value = ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
-        value = raw.strip()
-    return key, value
+    return key, parse_value(raw)
 
 
 def _has_key(cfg: Any, dotted: str) -> bool:

@@ -22,22 +22,22 @@ ddae
     full DDAE row only; they are never comparable with demo-scale numbers.
 
 ``scale="demo"`` trains every point on the embedded Fashion-MNIST subset at CPU size (k-NN and
-the demo linear probe), reuses every finished step and writes the tables; ``scale="full"`` runs
-nothing and writes, per point, the resolved config, the ``torchrun`` pre-training command, a
-Slurm script and the evaluation commands for ImageNet-1k / ADE20K.
+the demo linear probe) as steps of :mod:`mimbench.steps` -- the control is built by
+:mod:`mimbench.control`, and a step is reused only when its config, overrides and encoder match --
+and writes the tables; ``scale="full"`` runs nothing and writes, per point, the resolved config, the
+``torchrun`` pre-training command, a Slurm script and the evaluation commands for ImageNet-1k / ADE20K
+(:mod:`mimbench.jobs`).
 """
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mimbench import paths
 from mimbench.errors import MimbenchError
-from mimbench.results.records import finished_record
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mimbench.jobs import FULL_EVALS, write_full_grid  # noqa: F401  (the full scale's job files live there)
 PAPERS = ("robust-mae", "ddae")
 SCALES = ("demo", "full")
 
@@ -64,11 +64,6 @@ BASE_CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
 # varies at the model's defaults, so that the grid can --set them.)
 
 DEMO_EVALS = (("knn", "eval_configs/demo/knn_fmnist.py"), ("linear", "eval_configs/demo/linear_fmnist.py"))
-FULL_EVALS = (
-    ("finetune", "eval_configs/finetune/mae_vit-b_in1k.py", "$IMAGENET"),
-    ("linear", "eval_configs/linear/mae_vit-b_in1k.py", "$IMAGENET"),
-    ("segment", "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py", "$ADE20K"),
-)
 DEMO_DATA = "builtin:fashion-mnist"
 
 # Numbers the DDAE paper reports (ViT-B/16, ImageNet-1k pre-training): reference only.
@@ -124,8 +119,8 @@ def _set(key_prefix: str, **knobs) -> tuple[str, ...]:
 
 def _find_base(scale: str, role: str) -> Path:
     for rel in BASE_CONFIGS[scale][role]:
-        if (REPO_ROOT / rel).is_file():
-            return REPO_ROOT / rel
+        if (paths.REPO_ROOT / rel).is_file():
+            return paths.REPO_ROOT / rel
     raise MimbenchError(
         f"No {role} pre-training config for scale {scale!r} was found (looked for: "
         f"{', '.join(BASE_CONFIGS[scale][role])}).",
@@ -296,13 +291,6 @@ def _check_paper(paper: str) -> str:
     return paper
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
 # ------------------------------------------------------------------------------------ demo
 def _headline(metrics: dict) -> float | None:
     """The accuracy-like number of a record's metrics (top-1 in %)."""
@@ -313,56 +301,6 @@ def _headline(metrics: dict) -> float | None:
         if isinstance(value, (int, float)) and "top1" in key:
             return float(value)
     return None
-
-
-def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, float | None]:
-    from mimbench.evals import run_eval
-    from pretrain.main import run_pretrain
-
-    pdir = root / point.name / "pretrain"
-    encoders = sorted(pdir.glob("*.safetensors")) if pdir.is_dir() else []
-    if encoders:
-        encoder = encoders[0]
-        log(f"[{point.name}] reusing encoder {encoder}")
-    elif not point.pretrain:
-        log(f"[{point.name}] exporting the randomly initialised encoder of {_rel(config)}")
-        encoder = _random_encoder(config, pdir / "encoder.safetensors")
-    else:
-        log(f"[{point.name}] pre-training {_rel(config)} " + " ".join(point.overrides))
-        encoder = Path(run_pretrain(config, data=DEMO_DATA, out=pdir, overrides=list(point.overrides),
-                                    resume=(pdir / "checkpoint-latest.pt").is_file()))
-    results: dict[str, float | None] = {}
-    for task, eval_cfg in DEMO_EVALS:
-        edir = root / point.name / task
-        record = finished_record(edir)
-        if record is None:
-            log(f"[{point.name}] {task}")
-            record = run_eval(task, encoder=encoder, config=REPO_ROOT / eval_cfg, data=DEMO_DATA, out=edir,
-                              overrides=[], resume=False)
-        results[task] = _headline(record.get("metrics", {}))
-    return results
-
-
-def _random_encoder(config: Path, path: Path, seed: int = 0) -> Path:
-    """Export the encoder of the config's model at initialisation (seeded), as the control."""
-    import torch
-
-    from mimbench.config import config_sha256, load_config
-    from mimbench.encoders import save_encoder
-    from mimbench.encoders.format import arch_name
-    from pretrain import create_model
-
-    cfg = load_config(config)
-    model_cfg = dict(_model_section(cfg, config))
-    name = model_cfg.pop(_model_name_key(model_cfg, config))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create_model(name, **model_cfg)
-    arch = model.encoder_arch()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_encoder(model.encoder_state_dict(), path,
-                        arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                        technique="random-init", config_sha256=config_sha256(cfg), epochs=0, data="none", **arch)
 
 
 def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: Sequence[str]) -> str:
@@ -386,118 +324,56 @@ def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: S
     return "\n".join(lines) + "\n"
 
 
+def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrides: Sequence[str] = ()) -> list:
+    """The demo-scale grid as steps (:mod:`mimbench.steps`): per point, its pre-training (or, for the control,
+    the base config's model at initialisation) and the :data:`DEMO_EVALS` evaluations."""
+    from mimbench.steps import Control, Evaluate, Pretrain
+
+    wanted = None if points is None else set(points)
+    steps = []
+    for point in grid.points:
+        if wanted is not None and point.name not in wanted:
+            continue
+        config = grid.base_paths[point.base]
+        overrides = tuple(point.overrides) + tuple(pretrain_overrides)
+        if point.pretrain:
+            steps.append(Pretrain(point.name, config, overrides, DEMO_DATA))
+        else:
+            steps.append(Control(point.name, config=config, overrides=overrides))
+        steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg, (), DEMO_DATA) for task, cfg in DEMO_EVALS]
+    return steps
+
+
 def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, log=print,
                   pretrain_overrides: Sequence[str] = ()) -> Path:
     """Train and evaluate the grid's points (all, or those named), reuse finished steps, write table.md.
 
+    Steps run through :class:`mimbench.steps.StepRunner` under ``out/<paper>/`` (encoders/, evals/): a step
+    is reused only when its config, overrides and encoder match; table.md says which were.
     ``pretrain_overrides`` are appended to every point's (e.g. ``data.limit=512`` for a smoke run).
     """
+    from mimbench.steps import Evaluate, StepRunner, reuse_note
+
     root = Path(out) / grid.paper
     root.mkdir(parents=True, exist_ok=True)
-    wanted = None if points is None else set(points)
-    results = {}
-    for point in grid.points:
-        if wanted is not None and point.name not in wanted:
-            continue
-        if pretrain_overrides:
-            point = GridPoint(point.name, point.base, point.overrides + tuple(pretrain_overrides), point.paper,
-                              point.pretrain)
-        results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
+    runner = StepRunner(root, log=log)
+    outcomes = runner.run(grid_steps(grid, points, pretrain_overrides))
+    results: dict[str, dict[str, float | None]] = {}
+    for o in outcomes:
+        if isinstance(o.step, Evaluate):
+            results.setdefault(o.step.encoder, {})[o.step.task] = _headline((o.record or {}).get("metrics", {}))
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
+    note = reuse_note(outcomes)
+    from mimbench.atomic import atomic_write
+
     path = root / "table.md"
-    path.write_text(f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table)
-    (root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    text = (f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table
+            + (f"\n{note}\n" if note else ""))
+    fix = "Choose an --out folder you can write to."
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), what="the grid table", fix=fix)
+    atomic_write(root / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True)),
+                 what="the grid results", fix=fix)
     return path
-
-
-# ------------------------------------------------------------------------------------ full
-SBATCH_HEAD = """#!/bin/bash
-# Pre-training of grid point {name} ({paper}). Edit the #SBATCH values and the variables below for your cluster.
-#SBATCH --job-name={paper}-{name}
-#SBATCH --nodes=1                 # NODES: nodes for this job (see the batch note below)
-#SBATCH --gpus-per-node=8         # GPUS_PER_NODE: must equal GPUS_PER_NODE below
-#SBATCH --time=72:00:00           # TIME: wall-clock limit
-#SBATCH --partition=gpu           # PARTITION: your GPU partition
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=32
-#SBATCH --output=%x-%j.out
-set -euo pipefail
-
-GPUS_PER_NODE=8
-IMAGENET=${{IMAGENET:-/path/to/imagenet}}   # ImageNet-1k root with train/<class>/*, val/<class>/*
-RUNS=${{RUNS:-runs/reproduce/{paper}}}
-
-# Batch: the config fixes the effective batch (optim.eff_batch_size; the gradient accumulation follows from
-# the number of processes), so any node count trains the same recipe.
-# One torchrun per node; rendezvous on the first node of the allocation.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-"""
-
-
-def _pretrain_args(config: str, point: GridPoint) -> list[str]:
-    args = ["-m", "mimbench.cli", "pretrain", "--config", config, "--data", "$IMAGENET",
-            "--out", f"$RUNS/{point.name}/pretrain"]
-    for o in point.overrides:
-        args += ["--set", o]
-    return args
-
-
-def _sh(args: Sequence[str]) -> str:
-    """Shell words; $VARIABLES stay expandable (double quotes), everything else is quoted literally."""
-    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
-
-
-def write_full_grid(grid: Grid, out: Path) -> Path:
-    """Write configs/<point>.py, sbatch/<point>.sbatch and commands.sh under out/<paper>/; return that folder."""
-    from mimbench.config import load_config
-
-    root = Path(out) / grid.paper
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    (root / "sbatch").mkdir(parents=True, exist_ok=True)
-    commands = [
-        "#!/bin/bash",
-        f"# {grid.paper}: full-scale ablation grid (ViT-B/16, ImageNet-1k pre-training, 8 GPUs per node).",
-        "# Set the data roots, then run the pre-training lines (or submit sbatch/*.sbatch), then the evaluations.",
-        "set -euo pipefail",
-        "IMAGENET=${IMAGENET:-/path/to/imagenet}",
-        "ADE20K=${ADE20K:-/path/to/ADEChallengeData2016}",
-        f"RUNS=${{RUNS:-runs/reproduce/{grid.paper}}}",
-        "",
-        "# ---- pre-training (single node, 8 GPUs)",
-    ]
-    evals = ["", "# ---- evaluation of every pre-trained encoder"]
-    for point in grid.points:
-        if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
-            continue
-        base = grid.base_paths[point.base]
-        cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
-        rel_base = _rel(base)
-        header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
-                  f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
-        (root / "configs" / f"{point.name}.py").write_text(header + cfg.pretty_text + "\n")
-        args = _pretrain_args(rel_base, point)
-        commands.append(f"# {point.name}")
-        commands.append("torchrun --nproc_per_node=8 " + _sh(args))
-        sbatch = SBATCH_HEAD.format(name=point.name, paper=grid.paper)
-        sbatch += ('srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" '
-                   '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
-                   + _sh(args) + "\n")
-        sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
-        sbatch_path.write_text(sbatch)
-        sbatch_path.chmod(0o755)
-        encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
-        for task, eval_cfg, data in FULL_EVALS:
-            words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
-                     "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
-            if task == "segment":
-                words += ["--launcher", "pytorch"]
-            evals.append("torchrun --nproc_per_node=8 " + _sh(words))
-    # Every point records its own technique name, so one report keeps them apart.
-    evals += ["", 'mimbench report "$RUNS" --format md']
-    path = root / "commands.sh"
-    path.write_text("\n".join(commands + evals) + "\n")
-    path.chmod(0o755)
-    return root
 
 
 # ------------------------------------------------------------------------------------ entry

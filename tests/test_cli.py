@@ -1,5 +1,6 @@
 """The command line: every command documented with an example; user errors exit 2 with a readable message."""
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -8,7 +9,8 @@ from mimbench.cli import app
 
 runner = CliRunner()
 
-COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval"]
+COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval",
+            "control"]
 EVAL_COMMANDS = ["linear", "finetune", "knn", "segment"]
 
 
@@ -50,3 +52,72 @@ def test_unknown_override_key_is_refused_before_work(tmp_path):
         load_config(cfg, ["optim.lrr=0.5"])
     with pytest.raises(MimbenchError, match="key=value"):
         load_config(cfg, ["optim.lr"])
+
+
+@pytest.mark.parametrize("raw,value", [("false", False), ("False", False), ("TRUE", True), ("true", True),
+                                       ("null", None), ("NULL", None), ("None", None), ("1e-3", 1e-3), ("3", 3),
+                                       ("none", "none"),  # a knob value (target_norm='none'), not the default
+                                       ("[1, 2]", [1, 2]), ("'x'", "x"), ("adamw", "adamw"), (" 0.5 ", 0.5)])
+def test_set_values_read_like_mmengine(raw, value):
+    from mimbench.config import parse_override
+
+    key, got = parse_override(f"a.b={raw}")
+    assert key == "a.b" and got == value and type(got) is type(value)
+
+
+def test_set_false_reaches_the_config_as_a_bool(tmp_path):
+    from mimbench.config import load_config
+
+    cfg = tmp_path / "c.py"
+    cfg.write_text("progress = True\ncache_dir = 'x'\n")
+    loaded = load_config(cfg, ["progress=false", "cache_dir=null"])
+    assert loaded.progress is False and loaded.cache_dir is None
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["report", ".", "--format", "docx"], "--format"),
+    (["reproduce", "beit"], "PAPER"),
+    (["reproduce", "ddae", "--scale", "huge"], "--scale"),
+    (["leaderboard", "--task", "segmentation"], "--task"),
+    (["convert", "a.pth", "b.safetensors", "--layout", "caffe"], "--layout"),
+    (["bench", "backward"], "WHAT"),
+    (["eval", "segment", "--encoder", "e.safetensors", "--out", "o", "--launcher", "mpi"], "--launcher"),
+])
+def test_bad_choice_is_refused_with_the_list(argv, option):
+    result = runner.invoke(app, argv, terminal_width=200)
+    out = _plain(result.output)
+    assert result.exit_code == 2, out
+    assert "Invalid value" in out and option.lower() in out.lower() and "is not one of" in out
+
+
+def test_cli_choices_match_the_modules_that_implement_them():
+    import typing
+
+    from mimbench import bench, cli, reproduce
+    from mimbench.encoders import convert
+    from mimbench.results import leaderboard, report
+
+    assert typing.get_args(cli.ReportFormat) == report.FORMATS
+    assert typing.get_args(cli.Layout) == convert.LAYOUTS
+    assert set(typing.get_args(cli.LeaderboardTask)) == set(leaderboard.TASK_METRIC)
+    assert typing.get_args(cli.Paper) == reproduce.PAPERS
+    assert typing.get_args(cli.Scale) == reproduce.SCALES
+    assert typing.get_args(cli.BenchWhat) == bench.WHAT
+
+
+def test_every_eval_subcommand_states_a_default_config_of_the_same_kind():
+    from mimbench import cli
+    from mimbench.paths import REPO_ROOT
+
+    assert set(cli.DEFAULT_EVAL_CONFIGS) == set(EVAL_COMMANDS) == set(cli.PROTOCOL_CONFIGS)
+    for task in EVAL_COMMANDS:
+        default, protocol = cli.DEFAULT_EVAL_CONFIGS[task], cli.PROTOCOL_CONFIGS[task]
+        assert (REPO_ROOT / default).is_file() and (REPO_ROOT / protocol).is_file()
+        assert "demo" in default and "fmnist" in default  # all four: the built-in data's demo configs
+        out = " ".join(_plain(runner.invoke(app, ["eval", task, "--help"], env={"COLUMNS": "400"}).output).split())
+        assert default in out and protocol in out, task
+
+
+def test_shell_completion_is_offered():
+    out = _plain(runner.invoke(app, ["--help"], terminal_width=200).output)
+    assert "--install-completion" in out and "--show-completion" in out

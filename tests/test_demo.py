@@ -21,7 +21,16 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     report = (out / "report.md").read_text()
     for name in ("mae", "ddae", "random-init"):
         assert name in report
-    assert "report:" in result.output
+    assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
+    assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
+    assert rows[-1] == "random-init"  # the control is the last row
+    # one config per task for every encoder, the control included (nothing tuned per technique)
+    for task in ("finetune", "segment"):
+        assert len({r["protocol"]["sha256"] for r in records if r.get("task") == task}) == 1
+    devs = [line for line in report.splitlines() if line.startswith("- †")]
+    # each distinct deviation once; every encoder runs the same configs, so each applies to all rows of its columns
+    assert devs and len(devs) == len(set(devs)) and all(d.endswith("all rows)") for d in devs)
 
     # second run: nothing is recomputed (2 pre-trainings + the control + 3 encoders x 4 evaluations)
     n_records = len(list((out / "evals").rglob("*-*.json")))
@@ -29,6 +38,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing") == 2 + 1 + 3 * 4
     assert len(list((out / "evals").rglob("*-*.json"))) == n_records
+    assert "15 of 15 steps" in (out / "report.md").read_text()  # the report says what was reused
 
     # a step made with other settings (here: a linear-probe record whose resolved config differs, as one
     # left by --quick in a full demo's folder, or by an older config) is redone, and its record replaced

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mimbench import paths
 from mimbench import reproduce as R
 from mimbench.config import load_config, parse_override
 from mimbench.errors import MimbenchError
@@ -31,14 +32,22 @@ model = dict(name="ddae_vit_micro_patch4_32", target_norm="patch", dds_depths=No
 
 @pytest.fixture()
 def fake_repo(tmp_path, monkeypatch):
-    """A repository root with one MAE and one DDAE config per scale (micro ViT, depth 4)."""
+    """A repository root with one MAE and one DDAE config per scale (micro ViT, depth 4) and the real demo
+    evaluation configs."""
+    import shutil
+
+    from mimbench import paths
+
     root = tmp_path / "repo"
     texts = {"mae": MAE_CFG, "mae_dds": MAE_DDS_CFG, "ddae": DDAE_CFG}
     for scale, roles in R.BASE_CONFIGS.items():
         for role, candidates in roles.items():
             (root / candidates[0]).parent.mkdir(parents=True, exist_ok=True)
             (root / candidates[0]).write_text(texts[role])
-    monkeypatch.setattr(R, "REPO_ROOT", root)
+    for _, cfg in R.DEMO_EVALS:
+        (root / cfg).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(paths.REPO_ROOT / cfg, root / cfg)
+    monkeypatch.setattr(paths, "REPO_ROOT", root)
     return root
 
 
@@ -211,41 +220,113 @@ def test_table_keeps_paper_numbers_apart(fake_repo):
     assert "not comparable" in table
 
 
-def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, monkeypatch):
-    calls = []
+def _fake_pipeline(monkeypatch, calls):
+    """Pre-training and evaluation stand-ins that write what the real ones write (an encoder file carrying the
+    resolved config's hash; a record carrying the protocol's and the encoder's hashes), in milliseconds."""
+    from mimbench.config import config_sha256, load_config
+    from mimbench.control import build_control
+    from mimbench.encoders import encoder_sha256
 
-    def run_pretrain(config, data, out, overrides, resume):
-        calls.append(("pretrain", Path(config).name, tuple(overrides)))
-        Path(out).mkdir(parents=True, exist_ok=True)
-        path = Path(out) / "encoder.safetensors"
-        path.write_bytes(b"x")
+    def run_pretrain(config, data, out, overrides, resume=False):
+        calls.append(("pretrain", Path(out).name, tuple(overrides)) + (("resume",) if resume else ()))
+        path = build_control(Path(out) / "encoder.safetensors", config=config, overrides=overrides)
+        # an encoder as pre-training exports it: technique of the config, its resolved config's hash
+        from safetensors.torch import load_file, save_file
+        from mimbench.encoders import read_metadata
+
+        meta = dict(read_metadata(path))
+        meta.update(technique="mae", epochs="1.0",
+                    config_sha256=config_sha256(load_config(config, list(overrides))))
+        save_file(load_file(str(path)), str(path), metadata=meta)
         return path
 
     def run_eval(task, *, encoder, config, data, out, overrides, resume):
-        calls.append((task, Path(encoder).parent.parent.name))
-        record = {"status": "ok", "metrics": {"top1": 50.0 if task == "knn" else 60.0}}
+        calls.append((task, Path(out).parent.name))
+        record = {"status": "ok", "metrics": {"top1": 50.0 if task == "knn" else 60.0},
+                  "protocol": {"sha256": config_sha256(load_config(config, list(overrides)))},
+                  "encoder": {"sha256": encoder_sha256(encoder)}}
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "record.json").write_text(json.dumps(record))
+        (Path(out) / f"{task}-record.json").write_text(json.dumps(record))
         return record
 
     monkeypatch.setitem(sys.modules, "pretrain.main", types.SimpleNamespace(run_pretrain=run_pretrain))
     monkeypatch.setitem(sys.modules, "mimbench.evals", types.SimpleNamespace(run_eval=run_eval))
+
+
+def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, monkeypatch):
+    calls = []
+    _fake_pipeline(monkeypatch, calls)
     grid = R.build_grid("ddae", "demo")
     table = R.run_demo_grid(grid, tmp_path / "runs", points=["mae_dds"], log=lambda s: None)
-    assert calls == [("pretrain", "mae-dds_tiny_fmnist.py", ()),
-                     ("knn", "mae_dds"), ("linear", "mae_dds")]
+    assert calls == [("pretrain", "mae_dds", ()), ("knn", "mae_dds"), ("linear", "mae_dds")]
     assert "| mae_dds | 50.00 | 60.00 |" in table.read_text()
+    assert "Reused" not in table.read_text()
     calls.clear()
     R.run_demo_grid(grid, tmp_path / "runs", points=["mae_dds"], log=lambda s: None)
     assert calls == []
+    assert "3 of 3 steps: pre-train mae_dds, knn on mae_dds, linear on mae_dds" in table.read_text()
     # the control is exported at initialisation, never pre-trained, and evaluated like the others
     R.run_demo_grid(grid, tmp_path / "runs", points=["random_init"], log=lambda s: None)
     assert calls == [("knn", "random_init"), ("linear", "random_init")]
     from mimbench.encoders import load_encoder, read_metadata
 
-    enc = tmp_path / "runs" / "ddae" / "random_init" / "pretrain" / "encoder.safetensors"
+    enc = tmp_path / "runs" / "ddae" / "encoders" / "random_init" / "encoder.safetensors"
     assert read_metadata(enc)["technique"] == "random-init"
     assert load_encoder(enc).embed_dim == 64
+
+
+def test_reproduce_redoes_a_step_whose_config_changed_and_reuses_one_whose_hashes_match(
+        fake_repo, tmp_path, monkeypatch):
+    calls = []
+    _fake_pipeline(monkeypatch, calls)
+    grid = R.build_grid("ddae", "demo")
+    lines = []
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lines.append)
+    assert [c[0] for c in calls] == ["pretrain", "knn", "linear"] * 2
+    first_mae = (tmp_path / "runs" / "ddae" / "encoders" / "mae" / "encoder.safetensors").read_bytes()
+
+    # the MAE pre-training config changes: MAE is pre-trained and evaluated again (its encoder's hash changed
+    # with it); MAE+DDS, whose config, overrides and encoder are unchanged, is reused step by step
+    mae_cfg = fake_repo / R.BASE_CONFIGS["demo"]["mae"][0]
+    mae_cfg.write_text(mae_cfg.read_text().replace("lr=1.5e-4", "lr=3e-4"))
+    calls.clear()
+    lines.clear()
+    table = R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lines.append)
+    assert calls == [("pretrain", "mae", ()), ("knn", "mae"), ("linear", "mae")]
+    assert (tmp_path / "runs" / "ddae" / "encoders" / "mae" / "encoder.safetensors").read_bytes() != first_mae
+    assert sum(line.startswith("reusing") for line in lines) == 3
+    assert sum(line.startswith("redoing") for line in lines) == 3
+    assert "3 of 6 steps: pre-train mae_dds, knn on mae_dds, linear on mae_dds" in table.read_text()
+
+    # an evaluation config changes: only the evaluations are redone, the encoders are reused
+    knn_cfg = fake_repo / R.DEMO_EVALS[0][1]
+    knn_cfg.write_text(knn_cfg.read_text() + "\nbatch_size = 128\n")
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lambda s: None)
+    assert calls == [("knn", "mae"), ("knn", "mae_dds")]
+
+    # a record left by another encoder file (same config) is not reused either
+    record = next((tmp_path / "runs" / "ddae" / "evals" / "mae_dds" / "linear").glob("*.json"))
+    stale = json.loads(record.read_text())
+    stale["encoder"]["sha256"] = "0" * 64
+    record.write_text(json.dumps(stale))
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lambda s: None)
+    assert calls == [("linear", "mae_dds")]
+
+    # an interrupted pre-training of these very settings resumes from its checkpoint; one of other settings restarts
+    folder = tmp_path / "runs" / "ddae" / "encoders" / "mae"
+    (folder / "encoder.safetensors").unlink()
+    (folder / "checkpoint-latest.pt").write_bytes(b"")
+    load_config(mae_cfg).dump(str(folder / "config.py"))
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae"], log=lambda s: None)
+    assert calls[0] == ("pretrain", "mae", (), "resume")
+    (folder / "encoder.safetensors").unlink()
+    load_config(mae_cfg, ["optim.lr=1.0"]).dump(str(folder / "config.py"))
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["mae"], log=lambda s: None)
+    assert calls[0] == ("pretrain", "mae", ()) and not (folder / "checkpoint-latest.pt").exists()
 
 
 @pytest.mark.slow
@@ -258,6 +339,7 @@ def test_demo_end_to_end_on_one_micro_point(tmp_path):
     grid = _real_grid("ddae", "demo", quick=True)
     table = R.run_demo_grid(grid, tmp_path, points=["mae"], log=lambda s: None, pretrain_overrides=["data.limit=512"])
     results = json.loads((tmp_path / "ddae" / "results.json").read_text())
+    assert (tmp_path / "ddae" / "encoders" / "mae" / "encoder.safetensors").is_file()
     assert set(results) == {"mae"}
     assert all(isinstance(results["mae"][t], float) and 0 <= results["mae"][t] <= 100 for t in ("knn", "linear"))
     assert "| mae |" in table.read_text()
@@ -287,7 +369,7 @@ def test_ddae_grid_gives_mae_rows_the_ddae_budget(fake_repo):
 
 @pytest.mark.parametrize("task,config,data", R.FULL_EVALS)
 def test_full_scale_evaluation_configs_exist(task, config, data):
-    path = R.REPO_ROOT / config
+    path = paths.REPO_ROOT / config
     if not path.parent.is_dir():
         pytest.skip(f"{path.parent} not present in this checkout")
     assert path.is_file(), f"{config} is named in the full-scale commands but missing"
@@ -298,8 +380,8 @@ def test_full_scale_evaluation_configs_exist(task, config, data):
 def test_reproduce_ddae_bases_only_write_out_model_defaults(name):
     from pretrain.models.ddae import DDAE, MAEWithDDS
 
-    base = load_config(R.REPO_ROOT / "eval_configs" / "reproduce" / f"{name}.py")
-    parent = load_config(R.REPO_ROOT / "pretrain" / "configs" / f"{name}.py")
+    base = load_config(paths.REPO_ROOT / "eval_configs" / "reproduce" / f"{name}.py")
+    parent = load_config(paths.REPO_ROOT / "pretrain" / "configs" / f"{name}.py")
     defaults = {**{k: p.default for k, p in inspect.signature(MAEWithDDS.__init__).parameters.items()},
                 **{k: p.default for k, p in inspect.signature(DDAE.__init__).parameters.items()}}
     added = {k: v for k, v in base.model.items() if k not in parent.model}

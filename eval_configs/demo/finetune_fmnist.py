@@ -1,13 +1,23 @@
-# Fine-tuning demo on the embedded Fashion-MNIST subset (32x32): the MAE recipe (avg pool + fc_norm, layer decay,
-# AdamW, Mixup/CutMix + smoothing, drop path) at CPU scale, about a minute. Deviations are listed and recorded.
+# Fine-tuning demo on the embedded Fashion-MNIST subset (32x32): the MAE recipe (avg pool + fc_norm, layer-wise lr
+# decay, AdamW, label smoothing, random erasing) at CPU scale, on all 12,000 training images for 2 epochs (375 steps
+# of 64), about 90 s for a ViT-tiny/4 on 2 idle CPU cores. One config for every encoder, the random control included.
+#
+# Why not the ImageNet regularisers: Mixup/CutMix and drop path are there to stop a 100-epoch run from over-fitting
+# 1.28M images; in 2 epochs on 2,048 images (blr 1e-3, layer decay 0.65) they kept every encoder from fitting at all
+# (fine-tune top-1 34.0-40.8 against a linear probe of about 70 on the same encoders). Without them, at blr 4e-3 and
+# layer decay 0.75 (MAE's ViT-L value), the demo's 2-epoch MAE
+# encoder reaches 74.05 (linear probe 69.95) in about 90 s, and the random-initialisation control 72.20: fine-tuning
+# all weights on 12,000 images lifts a random encoder too, so the pre-trained lead is under 2 points (one seed each).
+# Label smoothing 0.1 and random erasing 0.25 are kept.
 img_size = None          # the encoder's own resolution
-model = dict(drop_path=0.1, head_init_std=2e-5)
-optim = dict(blr=1e-3, lr=None, weight_decay=0.05, layer_decay=0.65, betas=(0.9, 0.999),
+model = dict(drop_path=0.0, head_init_std=2e-5)
+optim = dict(blr=4e-3, lr=None, weight_decay=0.05, layer_decay=0.75, betas=(0.9, 0.999),
              batch_size=64, eff_batch_size=None, accum_iter=1)
 schedule = dict(epochs=2, warmup_epochs=1, min_lr=1e-6)
-mixup = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, prob=1.0, switch_prob=0.5, mode="batch")
+# prob 0: no sample is mixed (timm Mixup then only smooths the labels)
+mixup = dict(mixup=0.0, cutmix=0.0, smoothing=0.1, prob=0.0, switch_prob=0.5, mode="batch")
 augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", re_count=1)
-data = dict(limit_train=2048, limit_val=None)
+data = dict(limit_train=None, limit_val=None)
 clip_grad = None
 num_workers = 0
 amp = "none"
@@ -16,7 +26,9 @@ log_every = 20
 progress = False
 tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 deviations = [
-    "dataset: embedded Fashion-MNIST subset (32x32, first 2,048 training images) instead of ImageNet-1k",
-    "schedule: 2 epochs, 1 warm-up, batch 64, blr 1e-3 instead of 100 / 5 epochs, batch 1024, blr 5e-4",
+    "dataset: embedded Fashion-MNIST subset (32x32, 12,000 training images) instead of ImageNet-1k",
+    "schedule: 2 epochs, 1 warm-up, batch 64, blr 4e-3, layer decay 0.75 instead of 100 / 5 epochs, batch 1024, "
+    "blr 5e-4, layer decay 0.65",
+    "regularisation: no Mixup/CutMix, no drop path instead of Mixup 0.8 / CutMix 1.0 (prob 1.0) and drop path 0.1",
 ]
 seed = 0

@@ -1,4 +1,5 @@
-"""Figures for reports: metric vs pre-training epochs, per-class IoU, pre-training loss curves.
+"""Figures for reports: encoders against the random control, metric vs pre-training epochs, per-class IoU,
+pre-training loss curves.
 
 Everything renders with matplotlib's Agg backend (no display needed) and is saved as PNG;
 each function returns the path it wrote.
@@ -28,6 +29,63 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+#: Technique name of a randomly initialised, never trained encoder (``mimbench control``): the reference line.
+CONTROL_TECHNIQUE = "random-init"
+
+
+def plot_summary(summary, out: str | Path, *, columns: list[str], labels: list[str],
+                 control: str = CONTROL_TECHNIQUE) -> Path:
+    """One panel per metric: a bar per encoder (mean, ± std as an error bar when n > 1), side by side.
+
+    The random control's bar is grey and hatched and its mean is drawn across the panel as a dashed line,
+    so a reader sees at once which encoders beat it; the value axis starts a little below the lowest bar, so
+    that differences of a point or two are visible. ``summary``: DataFrame with label, column, technique,
+    mean, std, n (as :func:`mimbench.results.report.summarize`); ``columns``: the panels in order;
+    ``labels``: the bars in order.
+    """
+    if summary.empty:
+        raise MimbenchError("No results to plot.", "Give folders holding finished run records.")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(3.2, 0.55 * len(labels) + 1.6) * len(columns), 3.8),
+                             squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        sub = summary[summary["column"] == column].set_index("label")
+        names = [lab for lab in labels if lab in sub.index]
+        means = [float(sub.loc[n, "mean"]) for n in names]
+        is_control = [sub.loc[n, "technique"] == control for n in names]
+        bars = ax.bar(range(len(names)), means, color=["0.75" if c else f"C{i}" for i, c in enumerate(is_control)],
+                      edgecolor="0.3", linewidth=0.6)
+        for bar, c in zip(bars, is_control):
+            if c:
+                bar.set_hatch("//")
+        several = [i for i, n in enumerate(names) if int(sub.loc[n, "n"]) > 1]
+        if several:  # ± std over seeds, only where a bar is the mean of several runs
+            ax.errorbar(several, [means[i] for i in several],
+                        yerr=[float(sub.loc[names[i], "std"]) for i in several], fmt="none", ecolor="k", capsize=3)
+        for i, m in enumerate(means):
+            ax.annotate(f"{m:.1f}", (i, m), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                        textcoords="offset points")
+        controls = [m for m, c in zip(means, is_control) if c]
+        if controls:
+            ax.axhline(controls[0], color="0.3", ls="--", lw=1)
+        low = min(means) if means else 0.0
+        ax.set_ylim(max(0.0, low - 0.25 * (max(means) - low + 5.0)), None)  # differences, not the axis floor
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(column)
+        ax.grid(axis="y", alpha=0.3)
+    if (summary["technique"] == control).any():
+        fig.suptitle("grey hatched bar and dashed line: random initialisation, no pre-training; "
+                     "error bars: ± std over seeds", fontsize=8)
+    return _save(fig, out)
+
+
+def has_epoch_series(summary) -> bool:
+    """Whether some technique has results at two or more pre-training epoch values (else no line to draw)."""
+    data = summary[(summary["epochs"] > 0) & summary["technique"].astype(bool)]
+    return bool((data.groupby("technique")["epochs"].nunique() >= 2).any()) if not data.empty else False
 
 
 def plot_metric_vs_epochs(summary, out: str | Path, *, tasks: dict[str, str] | None = None) -> Path:

@@ -2,10 +2,12 @@
 
 Rows are the encoder's technique and pre-training epochs (``mae @ 800 ep``), or the encoder
 file's stem when the record has no technique. Cells are the mean ± sample standard deviation
-(ddof=1) over the runs of that row and evaluation, with the run count n; a single run shows
-its value and n=1. Runs whose protocol deviates from the published one (recorded deviations,
-built-in demo data) are marked with a dagger and their deviations listed under the table, as
-are the files ``load_records`` had to skip.
+(ddof=1) over the runs of that row and evaluation with the run count, ``72.00 ± 2.00 (n=3)``,
+when several runs (seeds) make the cell; a single run shows its value alone. Runs whose
+protocol deviates from the published one (recorded deviations, built-in demo data) are marked
+with a dagger; under the table each distinct deviation is listed once, with the rows and columns
+it applies to, followed by the files ``load_records`` had to skip. A one-line "how to read this"
+precedes the notes. :func:`console_table` renders the same table for a terminal (rich).
 """
 from __future__ import annotations
 
@@ -101,16 +103,27 @@ def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
 
 
 def _cell(mean: float, std: float, n: int, deviates: bool, pm: str) -> str:
+    """``mean ± std (n=k)`` over k > 1 runs; a single run's value alone; `` †`` when a run deviates."""
     import math
 
-    text = f"{mean:.2f}" if n == 1 or math.isnan(std) else f"{mean:.2f} {pm} {std:.2f}"
-    return f"{text} (n={n})" + (" †" if deviates else "")
+    text = f"{mean:.2f}" if n == 1 or math.isnan(std) else f"{mean:.2f} {pm} {std:.2f} (n={n})"
+    return text + (" †" if deviates else "")
+
+
+#: One line under every table: what a cell is and what the marks mean.
+HOW_TO_READ = ("How to read this: one row per encoder (technique @ pre-training epochs), one column per "
+               "evaluation; a cell is one run's score, or mean ± std (n=runs) over seeds; † = the run departs "
+               "from the published protocol (listed below); higher is better.")
 
 
 def _ordered_labels(summary) -> list[str]:
+    """Rows by technique, then epochs; the random-initialisation control last, as the reference line."""
+    from mimbench.results.plots import CONTROL_TECHNIQUE
+
     first = summary.drop_duplicates("label")
-    first = first.assign(_tech=first["technique"].where(first["technique"] != "", first["label"]))
-    return list(first.sort_values(["_tech", "epochs", "label"], kind="stable")["label"])
+    first = first.assign(_tech=first["technique"].where(first["technique"] != "", first["label"]),
+                         _control=first["technique"] == CONTROL_TECHNIQUE)
+    return list(first.sort_values(["_control", "_tech", "epochs", "label"], kind="stable")["label"])
 
 
 def _columns(summary) -> list[str]:
@@ -121,7 +134,7 @@ def _columns(summary) -> list[str]:
 
 
 def pivot(summary, pm: str = "±") -> "pandas.DataFrame":  # noqa: F821
-    """Display table: index = technique/checkpoint, columns = the evaluations present, cells 'mean ± std (n=k)'."""
+    """Display table: index = technique/checkpoint, columns = the evaluations present, cells from :func:`_cell`."""
     import pandas as pd
 
     labels = _ordered_labels(summary)
@@ -147,17 +160,76 @@ def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
     return out
 
 
-def _notes(runs, problems: list[str]) -> list[str]:
-    notes = []
-    deviating = runs[runs["deviations"].map(bool)] if not runs.empty else runs
-    for _, r in deviating.iterrows():
-        notes.append(f"† {Path(r['file']).name} ({r['label']}, {r['task']}): " + "; ".join(r["deviations"]))
+def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str, str]]:
+    """Each distinct deviation once, with where it applies: ``[(deviation, "linear top-1, k-NN top-1: all
+    rows; fine-tune top-1: mae, ddae"), ...]``: deviations by the first table column they apply to (then in
+    order of first appearance), columns in the table's order.
+
+    Columns whose runs deviate alike for the same rows share one entry; "all rows" means every row of the
+    table (``labels``, default: every label in ``runs``).
+    """
+    if runs.empty:
+        return []
+    labels = list(labels) if labels is not None else list(dict.fromkeys(runs["label"]))
+    where: dict[str, dict[str, set]] = {}
+    for _, r in runs.iterrows():
+        for dev in dict.fromkeys(r["deviations"]):
+            where.setdefault(dev, {}).setdefault(r["column"], set()).add(r["label"])
+    order = _columns(summarize(runs))
+    out = []
+    # the deviations of the first column first, then those only of the second, ...; within that, first seen first
+    for dev, columns in sorted(where.items(), key=lambda item: min(order.index(c) for c in item[1])):
+        by_rows: dict[tuple, list[str]] = {}
+        for column, rows in sorted(columns.items(), key=lambda item: order.index(item[0])):
+            by_rows.setdefault(tuple(lab for lab in labels if lab in rows), []).append(column)
+        parts = []
+        for rows, cols in by_rows.items():
+            who = "all rows" if len(rows) == len(labels) else ", ".join(rows)
+            parts.append(f"{', '.join(cols)}: {who}")
+        out.append((dev, "; ".join(parts)))
+    return out
+
+
+def _notes(runs, problems: list[str], labels: list[str] | None = None) -> list[str]:
+    notes = [f"† {dev} ({where})" for dev, where in grouped_deviations(runs, labels)]
     notes += [f"skipped: {p}" for p in problems]
     return notes
 
 
+def console_table(dirs, console=None) -> None:
+    """Print the report of ``dirs`` to ``console`` (rich): a table sized to the terminal, the how-to-read
+    line and the grouped notes. On a console that is not a terminal (output piped or redirected) the
+    Markdown text of :func:`write_report` is printed instead, with no colour codes and no box drawing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not console.is_terminal:
+        console.print(write_report(dirs, fmt="md"), markup=False, highlight=False, soft_wrap=True)
+        return
+    dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
+    runs, problems = run_table(dirs)
+    summary = summarize(runs)
+    if summary.empty:
+        console.print("No finished evaluation runs found.")
+    else:
+        table_df = pivot(summary)
+        table = Table(show_lines=False, header_style="bold", expand=False)
+        table.add_column(table_df.index.name, no_wrap=False)
+        for column in table_df.columns:
+            table.add_column(column, justify="right")
+        for label, row in table_df.iterrows():
+            table.add_row(label, *row.tolist())
+        console.print(table)
+        console.print(HOW_TO_READ, style="dim", highlight=False)
+    for note in _notes(runs, problems, _ordered_labels(summary) if not summary.empty else None):
+        console.print(f"- {note}", markup=False, highlight=False)
+
+
 def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
-    """PNG figures next to ``table_path``: metric vs epochs, per-class IoU per segment run, loss curves."""
+    """PNG figures next to ``table_path``: the summary (every encoder per metric, the random control marked),
+    metric vs epochs (only when a technique has two or more epoch values), per-class IoU per segment run,
+    loss curves."""
     import pandas as pd
 
     from mimbench.results import plots
@@ -165,7 +237,10 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
 
     stem, folder = table_path.stem, table_path.parent
     written = []
-    if not summary.empty and ((summary["epochs"] > 0) & summary["technique"].astype(bool)).any():
+    if not summary.empty:
+        written.append(plots.plot_summary(summary, folder / f"{stem}_summary.png", columns=_columns(summary),
+                                          labels=_ordered_labels(summary)))
+    if not summary.empty and plots.has_epoch_series(summary):
         columns = _columns(summary)
         written.append(plots.plot_metric_vs_epochs(
             summary.assign(task=summary["column"]), folder / f"{stem}_metric_vs_epochs.png",
@@ -217,7 +292,7 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
     runs, problems = run_table(dirs)
     summary = summarize(runs)
-    notes = _notes(runs, problems)
+    notes = _notes(runs, problems, _ordered_labels(summary) if not summary.empty else None)
     if summary.empty:
         text = {"md": "No finished evaluation runs found.", "csv": "# no finished evaluation runs found",
                 "latex": "% no finished evaluation runs found",
@@ -232,6 +307,9 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
         text = text.replace("†", r"$^\dagger$")
     else:
         text = pivot(summary).to_html(border=0)
+    if not summary.empty:
+        text += {"md": "\n\n" + HOW_TO_READ, "csv": "\n# " + HOW_TO_READ, "latex": "\n% " + HOW_TO_READ,
+                 "html": f"\n<p>{html.escape(HOW_TO_READ)}</p>"}[fmt]
     if notes:
         if fmt == "md":
             text += "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -265,5 +343,5 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     return text
 
 
-__all__ = ["FORMATS", "METRIC_COLUMNS", "segment_column", "numeric_pivot", "pivot", "run_table", "summarize", "write_plots",
-           "write_report"]
+__all__ = ["FORMATS", "HOW_TO_READ", "METRIC_COLUMNS", "console_table", "grouped_deviations", "numeric_pivot", "pivot",
+           "run_table", "segment_column", "summarize", "write_plots", "write_report"]

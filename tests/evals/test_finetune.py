@@ -55,7 +55,7 @@ def test_finetune_demo_runs_and_records(tiny_encoder, tmp_path):
     record = run_eval("finetune", encoder=tiny_encoder, config="eval_configs/demo/finetune_fmnist.py",
                       data="builtin:fashion-mnist", out=tmp_path,
                       overrides=["data.limit_train=64", "data.limit_val=32", "optim.batch_size=16"])
-    assert record["task"] == "finetune" and record["protocol"]["lr"] == pytest.approx(1e-3 * 16 / 256)
+    assert record["task"] == "finetune" and record["protocol"]["lr"] == pytest.approx(4e-3 * 16 / 256)  # demo blr
     assert any("random erasing" in d for d in record["protocol"]["deviations"])
     assert 0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100
     ck = torch.load(tmp_path / "checkpoint-latest.pt", weights_only=True)

@@ -80,15 +80,16 @@ def test_markdown_report(runs):
         assert col in header
     row = next(line for line in lines if line.startswith("| mae @ 800 ep"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["mae @ 800 ep", "72.00 ± 2.00 (n=3)", "83.10 (n=1)", "61.00 ± 0.71 (n=2)", "–"]
+    assert cells == ["mae @ 800 ep", "72.00 ± 2.00 (n=3)", "83.10", "61.00 ± 0.71 (n=2)", "–"]
     ddae = [c.strip() for c in next(line for line in lines if line.startswith("| ddae @ 100 ep")).strip("|").split("|")]
-    assert ddae == ["ddae @ 100 ep", "66.00 (n=1)", "–", "–", "40.25 (n=1)"]
+    assert ddae == ["ddae @ 100 ep", "66.00", "–", "–", "40.25"]
     # rows ordered by technique then epochs
     order = [line.split("|")[1].strip() for line in lines[2:] if line.startswith("|")]
     assert order == ["ddae @ 100 ep", "mae @ 100 ep", "mae @ 800 ep", "random_init"]
-    assert "30.00 (n=1) †" in text
-    assert any(line.startswith("- †") and "fast linear probe: 5 epochs" in line and "demo scale" in line
-               for line in lines)
+    assert "30.00 †" in text and "(n=1)" not in text
+    assert "- † fast linear probe: 5 epochs (linear top-1: random_init)" in lines
+    assert any(line.startswith("- † demo scale") and line.endswith("(linear top-1: random_init)") for line in lines)
+    assert "How to read this:" in text
     assert any(line.startswith("- skipped:") and ("linear-" + "0" * 32 + ".json") in line for line in lines)
 
 
@@ -109,7 +110,7 @@ def test_latex_report(runs):
     text = write_report([runs], fmt="latex")
     assert text.startswith("\\begin{tabular}{lrrrr}") and "\\end{tabular}" in text
     assert "72.00 $\\pm$ 2.00 (n=3)" in text and "\\toprule" in text
-    assert "30.00 (n=1) $^\\dagger$" in text
+    assert "30.00 $^\\dagger$" in text and "\n% How to read this:" in text
     assert "\n% skipped:" in text
 
 
@@ -150,7 +151,7 @@ def test_report_with_out_writes_table_and_figures(runs, tmp_path):
     assert out.read_text().rstrip("\n") == text
     figures = [Path(line.split("figure: ")[1]) for line in text.splitlines() if "figure: " in line]
     names = {f.name for f in figures}
-    assert "table_metric_vs_epochs.png" in names and "table_loss_pretrain.png" in names
+    assert {"table_summary.png", "table_metric_vs_epochs.png", "table_loss_pretrain.png"} <= names
     assert any(n.startswith("table_iou_ddae-100-ep_") for n in names)  # the segment run is ddae @ 100 ep
     for f in figures:
         assert f.parent == out.parent and f.stat().st_size > 1000 and f.read_bytes()[:8] == PNG_MAGIC
@@ -197,5 +198,91 @@ def test_segmentation_column_names_its_dataset(tmp_path):
     add(d, "segment", 47.0, dataset="ade20k")
     df = pivot(summarize(run_table([d])[0]))
     assert list(df.columns) == ["linear top-1", "ADE20K mIoU", "FashionMNIST-Seg mIoU"]
-    assert df.loc["mae @ 800 ep", "FashionMNIST-Seg mIoU"] == "12.50 (n=1) †"  # built-in data: demo scale
-    assert df.loc["mae @ 800 ep", "ADE20K mIoU"] == "47.00 (n=1)"
+    assert df.loc["mae @ 800 ep", "FashionMNIST-Seg mIoU"] == "12.50 †"  # built-in data: demo scale
+    assert df.loc["mae @ 800 ep", "ADE20K mIoU"] == "47.00"
+
+
+DEMO_DEVS = ["dataset: embedded Fashion-MNIST subset instead of ImageNet-1k", "schedule: 20 epochs instead of 90"]
+
+
+@pytest.fixture
+def demo_like(tmp_path):
+    """Three encoders and the random control, k-NN and linear each, every run with the same deviations
+    (as the demo's records); the linear probe of one encoder run over two seeds."""
+    d = tmp_path / "demo"
+    for technique, base in (("mae", 70.0), ("ddae", 72.0), ("robust-mae", 71.0), ("random-init", 60.0)):
+        epochs = 0.0 if technique == "random-init" else 2.0
+        for task, offset in (("knn", 0.0), ("linear", 3.0)):
+            devs = DEMO_DEVS if task == "linear" else DEMO_DEVS[:1]
+            add(d, task, base + offset, technique=technique, epochs=epochs, deviations=devs,
+                dataset="builtin:fashion-mnist", path=f"{technique}.safetensors")
+    add(d, "linear", 76.0, seed=1, technique="ddae", epochs=2.0, deviations=DEMO_DEVS,
+        dataset="builtin:fashion-mnist", path="ddae.safetensors")
+    return d
+
+
+def test_grouped_deviations_list_each_distinct_deviation_once(demo_like):
+    text = write_report([demo_like], fmt="md")
+    bullets = [line for line in text.splitlines() if line.startswith("- †")]
+    # 9 records share three distinct deviations (two recorded + demo scale): three lines, not one per record
+    assert len(bullets) == 3
+    assert f"- † {DEMO_DEVS[0]} (linear top-1, k-NN top-1: all rows)" in bullets
+    assert f"- † {DEMO_DEVS[1]} (linear top-1: all rows)" in bullets
+    assert "- † demo scale (dataset builtin:fashion-mnist) (linear top-1, k-NN top-1: all rows)" in bullets
+    for dev in DEMO_DEVS:
+        assert sum(dev in line for line in text.splitlines()) == 1
+    ddae = next(line for line in text.splitlines() if line.startswith("| ddae @ 2 ep"))
+    assert "75.50 ± 0.71 (n=2) †" in ddae and "72.00 †" in ddae  # n only where two runs make the cell
+
+
+def test_grouped_deviations_name_the_rows_when_not_all(tmp_path):
+    from mimbench.results.report import grouped_deviations
+
+    d = tmp_path / "r"
+    add(d, "linear", 70.0, technique="mae", deviations=["fast probe"])
+    add(d, "knn", 60.0, technique="mae", deviations=["fast probe"])
+    add(d, "linear", 71.0, technique="ddae", deviations=["fast probe"])
+    add(d, "knn", 61.0, technique="ddae")
+    runs, _ = run_table([d])
+    assert grouped_deviations(runs) == [("fast probe", "linear top-1: all rows; k-NN top-1: mae @ 800 ep")]
+    assert grouped_deviations(runs, labels=["ddae @ 800 ep", "mae @ 800 ep", "x"]) == [
+        ("fast probe", "linear top-1: ddae @ 800 ep, mae @ 800 ep; k-NN top-1: mae @ 800 ep")]
+
+
+def test_summary_figure_marks_the_control_and_epoch_figure_needs_two_epoch_values(demo_like, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    drawn = []
+    real = plots._save
+
+    def keep(fig, out):
+        drawn.append((Path(out).name, fig))
+        axes = fig.get_axes()
+        drawn.append(([ax.get_ylabel() for ax in axes],
+                      [[p.get_hatch() for p in ax.patches] for ax in axes],
+                      [[ln.get_linestyle() for ln in ax.get_lines()] for ax in axes]))
+        return real(fig, out)
+
+    out = tmp_path / "rep" / "report.md"
+    import unittest.mock
+
+    with unittest.mock.patch.object(plots, "_save", keep):
+        text = write_report([demo_like], fmt="md", out=out)
+    names = {Path(line.split("figure: ")[1]).name for line in text.splitlines() if "figure: " in line}
+    assert "report_summary.png" in names
+    assert "report_metric_vs_epochs.png" not in names  # every pre-trained encoder at 2 epochs: no line to draw
+    summary = out.parent / "report_summary.png"
+    assert summary.read_bytes()[:8] == PNG_MAGIC and summary.stat().st_size > 5000
+    ylabels, hatches, styles = drawn[1]
+    assert ylabels == ["linear top-1", "k-NN top-1"]
+    for panel in hatches:  # four bars, the control (last) hatched
+        assert [bool(h) for h in panel] == [False, False, False, True] and panel[-1] == "//"
+    assert all("--" in panel for panel in styles)  # the control's level drawn across each panel
+    plt.close("all")
+    # with a second epoch value for one technique, the epochs figure appears
+    add(demo_like, "knn", 75.0, technique="mae", epochs=10.0, dataset="builtin:fashion-mnist")
+    text = write_report([demo_like], fmt="md", out=out)
+    assert "report_metric_vs_epochs.png" in text

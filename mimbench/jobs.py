@@ -1,0 +1,113 @@
+"""Job files for a cluster: the full-scale grid of ``mimbench reproduce --scale full`` as commands.
+
+For each pre-training point of a grid (:class:`mimbench.reproduce.Grid`) it writes, under ``out/<paper>/``:
+``configs/<point>.py`` (the resolved config, for the record), ``sbatch/<point>.sbatch`` (a Slurm script
+that runs ``torchrun`` on every node of the allocation, rendezvous on the first) and one ``commands.sh``
+with the single-node ``torchrun`` pre-training lines, then the evaluations of every encoder
+(:data:`FULL_EVALS`: ImageNet-1k fine-tune and linear probe, ADE20K UperNet), then the report. Nothing is run.
+Paths inside are repository-relative and data roots are shell variables (``$IMAGENET``, ``$ADE20K``).
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+from mimbench.paths import relative
+
+FULL_EVALS = (
+    ("finetune", "eval_configs/finetune/mae_vit-b_in1k.py", "$IMAGENET"),
+    ("linear", "eval_configs/linear/mae_vit-b_in1k.py", "$IMAGENET"),
+    ("segment", "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py", "$ADE20K"),
+)
+
+SBATCH_HEAD = """#!/bin/bash
+# Pre-training of grid point {name} ({paper}). Edit the #SBATCH values and the variables below for your cluster.
+#SBATCH --job-name={paper}-{name}
+#SBATCH --nodes=1                 # NODES: nodes for this job (see the batch note below)
+#SBATCH --gpus-per-node=8         # GPUS_PER_NODE: must equal GPUS_PER_NODE below
+#SBATCH --time=72:00:00           # TIME: wall-clock limit
+#SBATCH --partition=gpu           # PARTITION: your GPU partition
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=32
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE=8
+IMAGENET=${{IMAGENET:-/path/to/imagenet}}   # ImageNet-1k root with train/<class>/*, val/<class>/*
+RUNS=${{RUNS:-runs/reproduce/{paper}}}
+
+# Batch: the config fixes the effective batch (optim.eff_batch_size; the gradient accumulation follows from
+# the number of processes), so any node count trains the same recipe.
+# One torchrun per node; rendezvous on the first node of the allocation.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+"""
+
+
+def _pretrain_args(config: str, point) -> list[str]:
+    args = ["-m", "mimbench.cli", "pretrain", "--config", config, "--data", "$IMAGENET",
+            "--out", f"$RUNS/{point.name}/pretrain"]
+    for o in point.overrides:
+        args += ["--set", o]
+    return args
+
+
+def _sh(args: Sequence[str]) -> str:
+    """Shell words; $VARIABLES stay expandable (double quotes), everything else is quoted literally."""
+    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
+
+
+def write_full_grid(grid, out: Path) -> Path:
+    """Write configs/<point>.py, sbatch/<point>.sbatch and commands.sh under out/<paper>/; return that folder."""
+    from mimbench.config import load_config
+
+    root = Path(out) / grid.paper
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "sbatch").mkdir(parents=True, exist_ok=True)
+    commands = [
+        "#!/bin/bash",
+        f"# {grid.paper}: full-scale ablation grid (ViT-B/16, ImageNet-1k pre-training, 8 GPUs per node).",
+        "# Set the data roots, then run the pre-training lines (or submit sbatch/*.sbatch), then the evaluations.",
+        "set -euo pipefail",
+        "IMAGENET=${IMAGENET:-/path/to/imagenet}",
+        "ADE20K=${ADE20K:-/path/to/ADEChallengeData2016}",
+        f"RUNS=${{RUNS:-runs/reproduce/{grid.paper}}}",
+        "",
+        "# ---- pre-training (single node, 8 GPUs)",
+    ]
+    evals = ["", "# ---- evaluation of every pre-trained encoder"]
+    for point in grid.points:
+        if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
+            continue
+        base = grid.base_paths[point.base]
+        cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
+        rel_base = relative(base)
+        header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
+                  f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
+        (root / "configs" / f"{point.name}.py").write_text(header + cfg.pretty_text + "\n")
+        args = _pretrain_args(rel_base, point)
+        commands.append(f"# {point.name}")
+        commands.append("torchrun --nproc_per_node=8 " + _sh(args))
+        sbatch = SBATCH_HEAD.format(name=point.name, paper=grid.paper)
+        sbatch += ('srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" '
+                   '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
+                   + _sh(args) + "\n")
+        sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
+        sbatch_path.write_text(sbatch)
+        sbatch_path.chmod(0o755)
+        encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
+        for task, eval_cfg, data in FULL_EVALS:
+            words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
+                     "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
+            if task == "segment":
+                words += ["--launcher", "pytorch"]
+            evals.append("torchrun --nproc_per_node=8 " + _sh(words))
+    # Every point records its own technique name, so one report keeps them apart.
+    evals += ["", 'mimbench report "$RUNS" --format md']
+    path = root / "commands.sh"
+    path.write_text("\n".join(commands + evals) + "\n")
+    path.chmod(0o755)
+    return root
+
+
+__all__ = ["FULL_EVALS", "SBATCH_HEAD", "write_full_grid"]

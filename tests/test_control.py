@@ -65,11 +65,18 @@ def test_control_needs_exactly_one_source_and_a_vit_to_copy(tmp_path):
         build_control(tmp_path / "x.safetensors")
     with pytest.raises(MimbenchError, match="exactly one"):
         build_control(tmp_path / "x.safetensors", config=MICRO, like=tmp_path / "y.safetensors")
-    vit = build_control(tmp_path / "v.safetensors", config=MICRO)
-    meta = read_metadata(vit)
-    fields = {k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    other = save_encoder(_weights(vit), tmp_path / "other.safetensors", arch=meta["arch"], technique="x",
-                         extra={"family": "beit-like"}, **fields)
+    import timm
+
+    from mimbench.encoders.beit import beit_metadata
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=2, num_classes=0, global_pool="token")
+    flags = dict(use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
+                 layer_scale_init_value=0.1)
+    weights = {k: v for k, v in beit.state_dict().items() if not k.endswith("relative_position_index")}
+    other = save_encoder(weights, tmp_path / "other.safetensors", arch="vit-d64x2/8", img_size=32, patch_size=8,
+                         embed_dim=64, depth=2, num_heads=2, technique="beit", family="beit",
+                         extra=beit_metadata(flags))
     with pytest.raises(MimbenchError, match="--config"):
         build_control(tmp_path / "z.safetensors", like=other)
 

@@ -105,14 +105,21 @@ class TensorPretrainLoader:
         self.epoch = int(epoch)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The epoch's batches from batch ``start`` on (resume): skipped batches draw their crop
+        boxes and flips (so later batches get the same ones) but are never resampled."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.images), generator=g)[self.rank::self.world_size][: self.per_rank]
         _, _, height, width = self.images.shape
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].float().div_(255.0)
             boxes = random_resized_crop_boxes(len(idx), height, width, g, scale=self.scale)
             flip = torch.rand(len(idx), generator=g) < 0.5
+            if b < start:
+                continue
+            x = self.images[idx].float().div_(255.0)
             x = crop_resize_flip(x, boxes, flip, self.img_size).clamp_(0.0, 1.0)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)

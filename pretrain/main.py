@@ -107,7 +107,8 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
 
     loop = LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.get("min_lr", 0.0)),
                       accum_iter=accum, clip_grad=opt_cfg.get("clip_grad"), amp=str(rt.get("amp", "auto")),
-                      ckpt_every=int(rt.get("ckpt_every", 1)), seed=seed, log_every=int(rt.get("log_every", 20)))
+                      ckpt_every=int(rt.get("ckpt_every", 1)),
+                      ckpt_every_steps=int(rt.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(rt.get("log_every", 20)))
     if rank == 0:
         cfg.dump(str(out / "config.py"))
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,

@@ -12,6 +12,7 @@ clip_grad = None
 num_workers = 0
 amp = "none"
 ckpt_every = 0
+ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20
 progress = False
 deviations = [

@@ -10,6 +10,7 @@ data = dict(limit_train=None, limit_val=None)
 num_workers = 0
 amp = "none"
 ckpt_every = 0
+ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20
 progress = False
 cache_dir = None

@@ -17,6 +17,7 @@ clip_grad = None
 num_workers = 10
 amp = "auto"
 ckpt_every = 10
+ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20
 progress = True
 deviations = []

@@ -88,9 +88,13 @@ class FeatureBatches:
         return self.per_rank // self.batch_size
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The epoch's batches from batch ``start`` on (mid-epoch resume)."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         perm = torch.randperm(len(self.x), generator=g)[self.rank::self.world][: self.per_rank].to(self.x.device)
-        for i in range(len(self)):
+        for i in range(int(start), len(self)):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
 
@@ -166,7 +170,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     size = int(cfg.get("img_size") or read_metadata(encoder)["img_size"])
     loop = LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
                       min_lr=float(sched.get("min_lr", 0.0)), accum_iter=accum, amp=cfg.get("amp", "auto"),
-                      ckpt_every=int(cfg.get("ckpt_every", 0)), seed=seed, log_every=int(cfg.get("log_every", 20)),
+                      ckpt_every=int(cfg.get("ckpt_every", 0)),
+                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(cfg.get("log_every", 20)),
                       progress=bool(cfg.get("progress", True)))
     deviations = list(cfg.get("deviations", []))
     num_workers = int(cfg.get("num_workers", 0))

@@ -1,0 +1,117 @@
+"""SIGKILL at a random optimizer step, resume from the mid-epoch checkpoint: the same weights, losses and
+metrics as an uninterrupted run, bit for bit on CPU, and one run record."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimbench.engine import load_checkpoint
+
+# 256 images / batch 32 = 8 optimizer steps per epoch, 2 epochs; checkpoints after in-epoch steps 3 and 6 and at
+# epoch ends. Kill steps whose last checkpoint is a mid-epoch one (the kill lands after the optimizer step and
+# before that step's checkpoint).
+MID_EPOCH_KILLS = [4, 5, 6, 7, 12, 13, 14, 15]
+PRETRAIN_SET = ["data.limit=256", "optim.batch_size=32", "runtime.ckpt_every_steps=3", "runtime.log_every=1"]
+
+
+def _pretrain_code(config: str, out, resume: bool) -> str:
+    return (f"from pretrain.main import run_pretrain\n"
+            f"run_pretrain({config!r}, out={str(out)!r}, overrides={PRETRAIN_SET!r}, resume={resume})\n")
+
+
+def _log(path):
+    return [(r["it"], r["loss"], r["terms"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["pretrain/configs/mae_micro_fmnist.py", "pretrain/configs/ddae_micro_fmnist.py"])
+def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, config):
+    from pretrain.main import run_pretrain
+
+    kill_at = random.Random(config).choice(MID_EPOCH_KILLS)
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_pretrain(config, out=full, overrides=PRETRAIN_SET)
+
+    killed_run(_pretrain_code(config, part, resume=False), kill_at)
+    ck = load_checkpoint(part / "checkpoint-latest.pt")
+    assert ck["step_in_epoch"] > 0, f"kill at {kill_at}: the last checkpoint should be mid-epoch"
+    assert not (part / "encoder.safetensors").exists()
+    torch.manual_seed(12345)  # whatever RNG state the resuming process has
+    run_pretrain(config, out=part, overrides=PRETRAIN_SET, resume=True)
+
+    # The whole training state: student, EMA teacher, beta parameters / schedule buffers, optimizer moments.
+    a, b = load_checkpoint(full / "checkpoint-latest.pt"), load_checkpoint(part / "checkpoint-latest.pt")
+    _assert_same_state(a["model"], b["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        _assert_same_state(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
+    _assert_same_state(load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors"))
+    assert _log(full / "log.jsonl") == _log(part / "log.jsonl"), f"kill at {kill_at}"
+
+
+def _encoder(path):
+    from functools import partial
+
+    import timm.models.vision_transformer as tvit
+
+    from mimbench.encoders import save_encoder
+
+    torch.manual_seed(0)
+    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    return save_encoder(vit.state_dict(), path, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32,
+                        depth=2, num_heads=2, technique="random-init")
+
+
+EVALS = {
+    # Protocol linear probe: a shuffling DataLoader with PIL RandomResizedCrop/flip drawing from the global RNG.
+    "linear": ("run_linear", "eval_configs/demo/linear_fmnist.py",
+               ["mode='protocol'", "data.limit_train=256", "data.limit_val=64", "optim.batch_size=32",
+                "schedule.epochs=2", "schedule.warmup_epochs=1", "ckpt_every_steps=3", "log_every=1"]),
+    # Fine-tune: drop path, tensor flips/erasing (torch RNG) and Mixup/CutMix (NumPy RNG).
+    "finetune": ("run_finetune", "eval_configs/demo/finetune_fmnist.py",
+                 ["data.limit_train=256", "data.limit_val=64", "optim.batch_size=32", "ckpt_every_steps=3",
+                  "log_every=1"]),
+}
+
+
+def _eval_code(task, encoder, out, resume):
+    fn, config, sets = EVALS[task]
+    module = "linear" if task == "linear" else "finetune"
+    return (f"from mimbench.evals.{module} import {fn}\n"
+            f"{fn}(encoder={str(encoder)!r}, config={config!r}, data='builtin:fashion-mnist', out={str(out)!r}, "
+            f"overrides={sets!r}, resume={resume})\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(EVALS))
+def test_evaluation_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, killed_run, task):
+    import mimbench.evals.finetune as ft
+    import mimbench.evals.linear as lin
+
+    encoder = _encoder(tmp_path / "enc.safetensors")
+    fn_name, config, sets = EVALS[task]
+    fn = getattr(lin if task == "linear" else ft, fn_name)
+    kill_at = random.Random(task).choice(MID_EPOCH_KILLS)
+    full, part = tmp_path / "full", tmp_path / "part"
+    ref = fn(encoder=encoder, config=config, data="builtin:fashion-mnist", out=full, overrides=sets)
+
+    killed_run(_eval_code(task, encoder, part, resume=False), kill_at)
+    assert load_checkpoint(part / "checkpoint-latest.pt")["step_in_epoch"] > 0
+    assert not list(part.glob(f"{task}-*.json")), "a killed run must not leave a record"
+    torch.manual_seed(999)
+    got = fn(encoder=encoder, config=config, data="builtin:fashion-mnist", out=part, overrides=sets, resume=True)
+
+    assert got["metrics"] == ref["metrics"], f"kill at {kill_at}"
+    _assert_same_state(load_checkpoint(full / "checkpoint-latest.pt")["model"],
+                       load_checkpoint(part / "checkpoint-latest.pt")["model"])
+    assert _log(full / "log.jsonl") == _log(part / "log.jsonl")
+    assert len(list(part.glob(f"{task}-*.json"))) == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mimbench.atomic import check_writable_dir
+from mimbench.atomic import atomic_write_text, check_writable_dir
 from mimbench.errors import MimbenchError
 
 __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
@@ -110,7 +110,8 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
                       ckpt_every=int(rt.get("ckpt_every", 1)),
                       ckpt_every_steps=int(rt.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(rt.get("log_every", 20)))
     if rank == 0:
-        cfg.dump(str(out / "config.py"))
+        atomic_write_text(out / "config.py", cfg.pretty_text, what="the resolved config",
+                          fix="Pass an --out directory you can write to.")
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {name}")
 

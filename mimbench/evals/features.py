@@ -6,8 +6,13 @@ computed with the encoder in eval mode under ``torch.no_grad``; shape ``(N, D)``
 Cache: ``<cache_dir>/<key>.features.npy`` (N×D float32) and ``<key>.labels.npy`` (N int64), read back as
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
-so a changed encoder, dataset, split or pre-processing never reuses stale features. Files are written
-to a temporary name and renamed, so an interrupted extraction leaves no partial cache entry.
+so a changed encoder, dataset, split or pre-processing never reuses stale features. ``<key>.manifest.json``
+is written last and holds what the entry was built from (that spec plus a sha256 of the dataset's sample
+list - relative paths, labels and file sizes for folders) and the shape, dtype and byte size of both
+arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
+mid-write), truncated, stale (images added, removed or replaced) or malformed entry is rebuilt. Every file
+goes through :mod:`mimbench.atomic`; ``np.load`` runs with ``allow_pickle=False``, so a cache file can
+never run code.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.errors import MimbenchError
 
 #: Eval-time resize for folders: shorter side to img_size / 0.875 (256 for 224), then a centre crop,
@@ -87,13 +93,66 @@ def compute_features(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.nda
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+CACHE_FIX = "Set cache_dir in the config (or --set cache_dir=...) to a writable folder with free space."
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of what a split holds: for folders the relative path, label and byte size of every sample
+    (so added, removed, relabelled or replaced images change it), for built-in data its length."""
+    h = hashlib.sha256()
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        h.update(f"{type(dataset).__name__}:{len(dataset)}".encode())
+        return h.hexdigest()
+    root = Path(getattr(dataset, "root", "."))
+    for path, label in samples:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        h.update(f"{os.path.relpath(path, root)}\t{label}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def _array_info(path: Path, array: np.ndarray) -> dict:
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size}
+
+
+def _read_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_from: dict):
+    """(features, labels) memory maps when the entry is complete and was built from ``built_from``; else None."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("built_from") != built_from:
+            return None
+        feats = np.load(feat_path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(label_path, mmap_mode="r", allow_pickle=False)
+        if (manifest.get("features") != _array_info(feat_path, feats)
+                or manifest.get("labels") != _array_info(label_path, labels)
+                or feats.ndim != 2 or labels.shape != (feats.shape[0],)):
+            return None
+        return feats, labels
+    except (OSError, ValueError, AttributeError, TypeError):  # missing, truncated, not .npy, object arrays, ...
+        return None
+
+
+def _npy_writer(array: np.ndarray):
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    return write
+
+
+def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_from: dict, feats, labels) -> None:
+    try:
+        manifest_path.unlink(missing_ok=True)  # the old entry stops being valid before its arrays change
+    except OSError as err:
+        raise MimbenchError(f"Feature cache {manifest_path.parent} is not writable ({err.strerror or err}).",
+                            CACHE_FIX) from None
+    atomic_write(feat_path, _npy_writer(feats), what="the feature cache", fix=CACHE_FIX)
+    atomic_write(label_path, _npy_writer(labels), what="the label cache", fix=CACHE_FIX)
+    manifest = {"built_from": built_from, "features": _array_info(feat_path, feats),
+                "labels": _array_info(label_path, labels)}
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1), what="the feature-cache manifest", fix=CACHE_FIX)
 
 
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
@@ -113,28 +172,21 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size)
     classes = list(dataset.classes)
-    key = cache_key(encoder_sha=encoder_sha256(encoder), data=data, split=split, transform_desc=desc,
-                    img_size=size, limit=limit)
+    enc_sha = encoder_sha256(encoder)
+    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit)
     cache_dir = Path(cache_dir)
     feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
+    manifest_path = cache_dir / f"{key}.manifest.json"
+    built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
+                  "img_size": size, "limit": limit, "samples_sha256": dataset_fingerprint(dataset)}
     info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
-    if feat_path.is_file() and label_path.is_file():
-        try:
-            feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
-            if feats.ndim == 2 and labels.shape == (feats.shape[0],):
-                return feats, labels, {**info, "cached": True}
-        except (ValueError, OSError):
-            pass  # unreadable cache entry: recompute and overwrite it
+    cached = _read_cache(feat_path, label_path, manifest_path, built_from)
+    if cached is not None:
+        return cached[0], cached[1], {**info, "cached": True}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_encoder(encoder, img_size=size).to(device)
     loader = torch.utils.data.DataLoader(limited(dataset, limit), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     feats, labels = compute_features(model, loader)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy(feat_path, feats)
-        _save_npy(label_path, labels)
-    except OSError as err:
-        raise MimbenchError(f"Feature cache {cache_dir} is not writable ({err}).",
-                            "Set cache_dir in the config (or --set cache_dir=...) to a writable folder.") from err
+    _write_cache(feat_path, label_path, manifest_path, built_from, feats, labels)
     return feats, labels, {**info, "cached": False}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
 
 _BLOCK_RULES = (
@@ -128,9 +129,6 @@ def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[
         )
     grid = (img_size // fields["patch_size"],) * 2
     converted = timm_to_mmseg_mae(load_file(str(encoder)), grid=grid)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(dst.suffix + ".tmp")
-    torch.save({"state_dict": converted}, tmp)
-    tmp.replace(dst)
+    dst = atomic_write(dst, lambda tmp: torch.save({"state_dict": converted}, tmp), what="the backbone checkpoint",
+                       fix="Pass an --out directory you can write to, with free space.")
     return dst, fields

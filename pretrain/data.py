@@ -139,9 +139,12 @@ def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: int = 0, rank: int = 0,
-                          world_size: int = 1, num_workers: int = 0, limit: int | None = None):
+                          world_size: int = 1, num_workers: int = 0, limit: int | None = None,
+                          max_bad_fraction: float | None = None):
     """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root);
-    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks)."""
+    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks); folders skip
+    broken files up to ``max_bad_fraction`` (``mimbench.data.image_folder``; ``loader.dataset``
+    lists them through ``mimbench.data.skipped_files``)."""
     if data == BUILTIN_FMNIST:
         from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset
 
@@ -157,7 +160,8 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
 
     from mimbench.data import build_dataset
 
-    ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
+    ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size,
+                       max_bad_fraction=max_bad_fraction)
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(int(limit), len(ds))))
     # DistributedSampler also for one process: its order is a pure function of (seed, epoch).

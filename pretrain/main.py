@@ -8,6 +8,7 @@ Config schema: ``pretrain/configs/_base_/default.py``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,10 +58,11 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
-    line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config) and the
-    encoder file. ``resume=True`` continues from ``out/checkpoint-latest.pt``.
+    line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config), the
+    encoder file, and ``skipped_files.json`` when broken training images were left out. ``resume=True`` continues from ``out/checkpoint-latest.pt``.
     """
     from mimbench.config import config_sha256, load_config
+    from mimbench.data import skipped_files
     from mimbench.encoders import arch_name, save_encoder
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from pretrain import create_model
@@ -97,7 +99,11 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     img_size = int(data_cfg.get("img_size", model.encoder_arch()["img_size"]))
     loader = build_pretrain_loader(data, img_size=img_size, batch_size=batch, seed=seed, rank=rank,
                                    world_size=world, num_workers=int(data_cfg.get("num_workers", 0)),
-                                   limit=data_cfg.get("limit"))
+                                   limit=data_cfg.get("limit"), max_bad_fraction=data_cfg.get("max_bad_fraction"))
+    skipped = skipped_files(getattr(loader, "dataset", None))
+    if rank == 0 and skipped:  # broken training images left out (mimbench.data.image_folder)
+        atomic_write_text(out / "skipped_files.json", json.dumps(skipped, indent=1) + "\n",
+                          what="the list of skipped files", fix="Pass an --out directory you can write to.")
     mask_ratio = float(rt.get("mask_ratio", 0.75))
 
     def step(m, b):

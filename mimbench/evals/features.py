@@ -157,20 +157,21 @@ def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_f
 
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
-                     device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     device: str | torch.device | None = None,
+                     max_bad_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
-    loaded from disk), ``transform``, ``img_size`` and ``classes``.
+    loaded from disk), ``transform``, ``img_size``, ``classes`` and ``skipped`` (broken files left out).
     """
-    from mimbench.data import build_dataset
+    from mimbench.data import build_dataset, skipped_files
     from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
 
     encoder = Path(encoder)
     check_encoder_file(encoder)
     size = int(img_size or read_metadata(encoder)["img_size"])
     transform, desc = eval_transform(data, size)
-    dataset = build_dataset(data, split, transform=transform, img_size=size)
+    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     classes = list(dataset.classes)
     enc_sha = encoder_sha256(encoder)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit)
@@ -179,7 +180,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     manifest_path = cache_dir / f"{key}.manifest.json"
     built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
                   "img_size": size, "limit": limit, "samples_sha256": dataset_fingerprint(dataset)}
-    info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
+    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "skipped": skipped_files(dataset)}
     cached = _read_cache(feat_path, label_path, manifest_path, built_from)
     if cached is not None:
         return cached[0], cached[1], {**info, "cached": True}

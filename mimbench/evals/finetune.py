@@ -72,7 +72,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from timm.loss import SoftTargetCrossEntropy
 
     from mimbench.config import config_sha256, load_config
-    from mimbench.data import build_dataset, is_builtin
+    from mimbench.data import build_dataset, is_builtin, skipped_files
     from mimbench.encoders import check_encoder_file, read_metadata
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, limited
@@ -112,9 +112,11 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         if dev not in deviations:
             deviations.append(dev)
     val_tf, val_desc = eval_transform(data, size)
-    train_set = limited(build_dataset(data, "train", transform=train_tf, img_size=size), data_cfg.get("limit_train"))
-    val_set = limited(build_dataset(data, "val", transform=val_tf, img_size=size), data_cfg.get("limit_val"))
-    classes = build_dataset(data, "val", transform=val_tf, img_size=size).classes
+    bad_fraction = data_cfg.get("max_bad_fraction")
+    full_val = build_dataset(data, "val", transform=val_tf, img_size=size, max_bad_fraction=bad_fraction)
+    train_set = limited(build_dataset(data, "train", transform=train_tf, img_size=size, max_bad_fraction=bad_fraction),
+                        data_cfg.get("limit_train"))
+    val_set, classes = limited(full_val, data_cfg.get("limit_val")), full_val.classes
     sampler = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
@@ -167,7 +169,8 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                   "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
         encoder=encoder_summary(encoder),
         dataset={"name": data, "root": None if is_builtin(data) else str(Path(data).resolve()),
-                 "sizes": {"train": len(train_set), "val": len(val_set)}},
+                 "sizes": {"train": len(train_set), "val": len(val_set)},
+                 "skipped": {"train": skipped_files(train_set), "val": skipped_files(val_set)}},
         metrics=metrics,
         seed=seed,
         started=started,

@@ -78,7 +78,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     out = Path(out)
     cache_dir = Path(cfg.get("cache_dir") or out / "feature_cache")
     common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 64)),
-                  num_workers=int(cfg.get("num_workers", 0)))
+                  num_workers=int(cfg.get("num_workers", 0)), max_bad_fraction=data_cfg.get("max_bad_fraction"))
     train_x, train_y, train_info = extract_features(encoder, data, "train", limit=data_cfg.get("limit_train"), **common)
     val_x, val_y, val_info = extract_features(encoder, data, "val", limit=data_cfg.get("limit_val"), **common)
     scores = knn_predict(torch.from_numpy(np.asarray(train_x)), torch.from_numpy(np.asarray(train_y)),
@@ -94,7 +94,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
                   "feature": "class token after final norm, L2-normalised", "transform": val_info["transform"]},
         encoder=encoder_summary(encoder),
         dataset={"name": data, "root": None if data.startswith("builtin:") else str(Path(data).resolve()),
-                 "sizes": {"train": int(len(train_y)), "val": int(len(val_y))}},
+                 "sizes": {"train": int(len(train_y)), "val": int(len(val_y))},
+                 "skipped": {"train": train_info["skipped"], "val": val_info["skipped"]}},
         metrics={"top1": acc[1], "top5": acc[5]},
         seed=int(cfg.get("seed", 0)),
         started=started,

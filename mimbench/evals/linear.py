@@ -148,7 +148,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
                resume: bool = False) -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
     from mimbench.config import config_sha256, load_config
-    from mimbench.data import build_dataset
+    from mimbench.data import build_dataset, skipped_files
     from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, extract_features, limited
@@ -182,7 +182,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         if CACHED_DEVIATION not in deviations:
             deviations.insert(0, CACHED_DEVIATION)
         common = dict(cache_dir=Path(cfg.get("cache_dir") or out / "feature_cache"), img_size=size,
-                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers)
+                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
+                      max_bad_fraction=data_cfg.get("max_bad_fraction"))
         tx, ty, tinfo = extract_features(encoder, data, "train", limit=limit_train, **common)
         vx, vy, vinfo = extract_features(encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]
@@ -193,14 +194,17 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         encoder_model = None
         train_desc, val_desc = tinfo["transform"] + " (no augmentation)", vinfo["transform"]
         sizes = {"train": int(len(ty)), "val": int(len(vy))}
+        skipped = {"train": tinfo["skipped"], "val": vinfo["skipped"]}
     else:
         encoder_model = load_encoder(encoder, img_size=size).to(device).eval()
         for p in encoder_model.parameters():
             p.requires_grad_(False)
         train_tf, train_desc = _train_transform(data, size, dict(cfg.get("augment", {})))
         val_tf, val_desc = eval_transform(data, size)
-        train_set = build_dataset(data, "train", transform=train_tf, img_size=size)
-        val_set = build_dataset(data, "val", transform=val_tf, img_size=size)
+        bad_fraction = data_cfg.get("max_bad_fraction")
+        train_set = build_dataset(data, "train", transform=train_tf, img_size=size, max_bad_fraction=bad_fraction)
+        val_set = build_dataset(data, "val", transform=val_tf, img_size=size, max_bad_fraction=bad_fraction)
+        skipped = {"train": skipped_files(train_set), "val": skipped_files(val_set)}
         classes = list(train_set.classes)
         train_set, val_set = limited(train_set, limit_train), limited(val_set, limit_val)
         sampler = None
@@ -248,7 +252,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
                   "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
         encoder=encoder_summary(encoder),
         dataset={"name": data, "root": None if data.startswith("builtin:") else str(Path(data).resolve()),
-                 "sizes": sizes},
+                 "sizes": sizes, "skipped": skipped},
         metrics=metrics,
         seed=seed,
         started=started,

@@ -6,7 +6,8 @@
 # technique: name recorded in the encoder file (mae, robust-mae, ddae, mae+dds).
 # data:     img_size = training resolution; num_workers = loader processes for image folders (the built-in
 #           Fashion-MNIST pipeline runs batched in the main process); limit = use only the first n training
-#           images (None = all; for smoke tests). The dataset itself is --data.
+#           images (None = all; for smoke tests); max_bad_fraction = largest fraction of broken image files
+#           (empty, truncated, not an image) skipped before the run refuses to start. The dataset itself is --data.
 # optim:    AdamW. lr = blr * eff_batch / 256 with eff_batch = batch_size * accum_iter * processes;
 #           eff_batch_size (optional) fixes the effective batch and derives accum_iter from the process count.
 #           weight_decay applies to weight matrices only (1-D params and model.no_weight_decay() excluded).
@@ -19,7 +20,7 @@
 #           fp32 on CPU | "bf16" | "fp16" | "none").
 technique = "mae"
 model = dict(name="mae_vit_base_patch16")
-data = dict(img_size=224, num_workers=10, limit=None)
+data = dict(img_size=224, num_workers=10, limit=None, max_bad_fraction=0.001)
 optim = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=64, accum_iter=1,
              eff_batch_size=None, clip_grad=None)
 schedule = dict(epochs=400, warmup_epochs=40, min_lr=0.0)

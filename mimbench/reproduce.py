@@ -111,11 +111,9 @@ class Grid:
 
 def _fmt(value) -> str:
     """A value as a Python literal that :func:`mimbench.config.parse_override` reads back unchanged."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, str):  # double quotes: the override then needs no escaping inside shell single quotes
-        return json.dumps(value)
-    return repr(value)
+    from mimbench.config import format_value
+
+    return format_value(value)
 
 
 def _set(key_prefix: str, **knobs) -> tuple[str, ...]:

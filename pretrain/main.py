@@ -68,7 +68,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     from pretrain import create_model
     from pretrain.data import build_pretrain_loader
 
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides), kind="pretrain")
     out = Path(out)
     check_writable_dir(out)
     if resume and not (out / "checkpoint-latest.pt").is_file():

@@ -82,7 +82,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     started = time.time()
     encoder, out = Path(encoder), Path(out)
     check_encoder_file(encoder)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, kind="finetune")
     optim, sched, aug = dict(cfg.optim), dict(cfg.schedule), dict(cfg.augment)
     data_cfg = dict(cfg.get("data", {}))
     mode = aug.get("mode", "timm")

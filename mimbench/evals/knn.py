@@ -71,7 +71,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     from mimbench.results.records import encoder_summary, new_record, write_record
 
     started = time.time()
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, kind="knn")
     knn = cfg.get("knn", {})
     k, temperature = int(knn.get("k", 20)), float(knn.get("temperature", 0.07))
     data_cfg = cfg.get("data", {})

@@ -157,7 +157,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     started = time.time()
     encoder, out = Path(encoder), Path(out)
     check_encoder_file(encoder)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, kind="linear")
     mode = cfg.get("mode", "protocol")
     if mode not in MODES:
         raise MimbenchError(f"Unknown linear-probe mode {mode!r}.", f"Use mode in {MODES}.")

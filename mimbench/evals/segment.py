@@ -252,7 +252,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
 
     check_encoder_file(encoder)
     started = time.time()
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, kind="segment")
     protocol_sha = config_sha256(cfg)
     dataset_type = cfg.train_dataloader.dataset.type
     if data == BUILTIN_SEG and dataset_type != "FashionMNISTSegDataset":

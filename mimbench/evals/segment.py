@@ -281,6 +281,9 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     # mmengine draws a random seed when none is configured; fix one so the record's seed is the one used.
     if cfg.get("randomness", {}).get("seed") is None:
         cfg.randomness = dict(cfg.get("randomness", {}), seed=0)
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(h.get("type") == "RngStateHook" for h in hooks):  # exact resume (mimbench.seg.resume)
+        cfg.custom_hooks = hooks + [dict(type="RngStateHook")]
     cfg.work_dir = str(out / "mmseg")
     cfg.launcher = launcher
     cfg.resume = bool(resume)

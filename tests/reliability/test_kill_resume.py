@@ -2,12 +2,15 @@
 metrics as an uninterrupted run, bit for bit on CPU, and one run record."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mimbench.engine import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
 
 # 256 images / batch 32 = 8 optimizer steps per epoch, 2 epochs; checkpoints after in-epoch steps 3 and 6 and at
 # epoch ends. Kill steps whose last checkpoint is a mid-epoch one (the kill lands after the optimizer step and
@@ -32,11 +35,12 @@ def _assert_same_state(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["pretrain/configs/mae_micro_fmnist.py", "pretrain/configs/ddae_micro_fmnist.py"])
+@pytest.mark.parametrize("config", [str(REPO / "pretrain/configs/mae_micro_fmnist.py"),
+                                    str(REPO / "pretrain/configs/ddae_micro_fmnist.py")], ids=["mae", "ddae"])
 def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, config):
     from pretrain.main import run_pretrain
 
-    kill_at = random.Random(config).choice(MID_EPOCH_KILLS)
+    kill_at = random.Random(Path(config).name).choice(MID_EPOCH_KILLS)
     full, part = tmp_path / "full", tmp_path / "part"
     run_pretrain(config, out=full, overrides=PRETRAIN_SET)
 
@@ -73,11 +77,11 @@ def _encoder(path):
 
 EVALS = {
     # Protocol linear probe: a shuffling DataLoader with PIL RandomResizedCrop/flip drawing from the global RNG.
-    "linear": ("run_linear", "eval_configs/demo/linear_fmnist.py",
+    "linear": ("run_linear", str(REPO / "eval_configs/demo/linear_fmnist.py"),
                ["mode='protocol'", "data.limit_train=256", "data.limit_val=64", "optim.batch_size=32",
                 "schedule.epochs=2", "schedule.warmup_epochs=1", "ckpt_every_steps=3", "log_every=1"]),
     # Fine-tune: drop path, tensor flips/erasing (torch RNG) and Mixup/CutMix (NumPy RNG).
-    "finetune": ("run_finetune", "eval_configs/demo/finetune_fmnist.py",
+    "finetune": ("run_finetune", str(REPO / "eval_configs/demo/finetune_fmnist.py"),
                  ["data.limit_train=256", "data.limit_val=64", "optim.batch_size=32", "ckpt_every_steps=3",
                   "log_every=1"]),
 }
@@ -115,3 +119,51 @@ def test_evaluation_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, kille
                        load_checkpoint(part / "checkpoint-latest.pt")["model"])
     assert _log(full / "log.jsonl") == _log(part / "log.jsonl")
     assert len(list(part.glob(f"{task}-*.json"))) == 1
+
+
+@pytest.mark.slow
+def test_segmentation_killed_mid_run_resumes_bit_exact(tmp_path, killed_run):
+    """UperNet through mmengine: checkpoints every 2 iterations carry the RNG state (mimbench.seg.resume)."""
+    import numpy as np
+    from PIL import Image
+
+    import mimbench.seg  # noqa: F401  (weights-only checkpoint loading)
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from mimbench.encoders import save_encoder
+    from mimbench.evals.segment import run_segment
+
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                            depth=4, num_heads=2, num_classes=0)
+    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32, patch_size=8,
+                       embed_dim=32, depth=4, num_heads=2, technique="mae")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seg"
+    for split in ("training", "validation"):
+        for sub in ("images", "annotations"):
+            (root / sub / split).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 11, (48, 48), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+    config = str(REPO / "eval_configs/segmentation/demo_fmnist_seg.py")
+    sets = ["default_hooks.checkpoint.interval=2", "default_hooks.checkpoint.max_keep_ckpts=-1",
+            "train_dataloader.batch_size=2", "train_cfg.max_iters=6"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    ref = run_segment(encoder=enc, config=config, data=str(root), out=full, overrides=sets)
+    kill_at = random.Random("segment").choice([3, 5])
+
+    code = (f"from mimbench.evals.segment import run_segment\n"
+            f"run_segment(encoder={str(enc)!r}, config={config!r}, data={str(root)!r}, out={str(part)!r}, "
+            f"overrides={sets!r}, resume=RESUME)\n")
+    killed_run(code.replace("RESUME", "False"), kill_at)
+    assert not list(part.glob("segment-*.json"))
+    got = run_segment(encoder=enc, config=config, data=str(root), out=part, overrides=sets, resume=True)
+
+    assert got["metrics"] == ref["metrics"], f"kill at {kill_at}"
+    a = _load_checkpoint(str(full / "mmseg" / "iter_6.pth"), map_location="cpu")
+    b = _load_checkpoint(str(part / "mmseg" / "iter_6.pth"), map_location="cpu")
+    _assert_same_state(a["state_dict"], b["state_dict"])
+    assert len(list(part.glob("segment-*.json"))) == 1

@@ -1,8 +1,8 @@
 """A file that would run code when unpickled is refused by every load path - encoder files, `mimbench info`,
 converters, training checkpoints (and --resume), feature caches, mmengine resume and the segmentation
 backbone's Pretrained init - and the code never runs."""
-import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +74,7 @@ def _pretrain_resume(tmp_path, marker):
     out = tmp_path / "run"
     out.mkdir()
     _malicious(out / "checkpoint-latest.pt", marker)
-    run_pretrain("pretrain/configs/mae_micro_fmnist.py", out=out, resume=True, overrides=["data.limit=64"])
+    run_pretrain(Path(__file__).resolve().parents[2] / "pretrain/configs/mae_micro_fmnist.py", out=out, resume=True, overrides=["data.limit=64"])
 
 
 def _feature_cache(tmp_path, marker):
@@ -129,7 +129,6 @@ PATHS = {"load_encoder": (_load_encoder, NOT_SAFETENSORS), "mimbench info": (_in
 def test_code_in_a_pickle_never_runs(tmp_path, monkeypatch, path, force_unsafe_env):
     if force_unsafe_env:  # makes torch.load unsafe wherever a caller leaves weights_only unset
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
     marker = tmp_path / "marker"
     load, refusal = PATHS[path]
     with pytest.raises(MimbenchError, match=refusal):

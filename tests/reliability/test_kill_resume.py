@@ -167,3 +167,63 @@ def test_segmentation_killed_mid_run_resumes_bit_exact(tmp_path, killed_run):
     b = _load_checkpoint(str(part / "mmseg" / "iter_6.pth"), map_location="cpu")
     _assert_same_state(a["state_dict"], b["state_dict"])
     assert len(list(part.glob("segment-*.json"))) == 1
+
+
+class _CountingSet(torch.utils.data.Dataset):
+    """Random-augmented samples (global torch RNG) that count how often each index is loaded."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
+        self.loads = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.loads.append(i)
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_mid_epoch_resume_skips_batches_without_loading_them(tmp_path):
+    from mimbench.engine import LoopConfig, fit
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        ds = _CountingSet()
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2), ds, torch.utils.data.DataLoader(
+            ds, batch_size=4, shuffle=True)
+
+    def step(model, batch):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        return loss, {"mse": loss.detach()}
+
+    # 10 micro-batches / accum 2 = 5 optimizer steps per epoch; checkpoints after in-epoch steps 2 and 4
+    cfg = LoopConfig(epochs=2, warmup_epochs=1, accum_iter=2, ckpt_every_steps=2, log_every=1, progress=False)
+    net, opt, _, loader = setup()
+    fit(net, opt, loader, step, cfg, tmp_path / "full")
+
+    net2, opt2, _, loader2 = setup()
+
+    def stop(it, total):
+        if it == 8:  # epoch 2, in-epoch step 4 done (0-based it 8); the step-4 checkpoint is not written yet
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(net2, opt2, loader2, step, cfg, tmp_path / "part", on_step_end=stop)
+    ck = load_checkpoint(tmp_path / "part" / "checkpoint-latest.pt")
+    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 2)
+
+    torch.manual_seed(77)
+    net3, opt3, ds3, loader3 = setup()
+    fit(net3, opt3, loader3, step, cfg, tmp_path / "part", resume=True)
+    _assert_same_state(net.state_dict(), net3.state_dict())
+    assert _log(tmp_path / "full" / "log.jsonl") == _log(tmp_path / "part" / "log.jsonl")
+    # 2 steps x 2 micro-batches x 4 images were skipped: only the other 6 micro-batches were read
+    assert len(ds3.loads) == (10 - 4) * 4

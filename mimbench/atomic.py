@@ -1,7 +1,8 @@
 """Atomic file writes: the one place that knows how to replace a file without ever leaving half of it.
 
 Every file the project writes (checkpoints, encoder files, run records, feature caches, the
-segmentation backbone checkpoint, the generated segmentation set, resolved configs) is written the same way: into a temporary file in the
+segmentation backbone checkpoint, the generated segmentation set, resolved configs) is written the
+same way: into a temporary file in the
 target's own directory, fsynced, renamed over the target with ``os.replace``, and the directory fsynced
 so that the rename itself survives a power cut. A crash at any point leaves the old file or the new one.
 """

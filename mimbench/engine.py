@@ -10,9 +10,9 @@ What it guarantees:
   every ``ckpt_every`` epochs) holding model, optimizer, grad scaler, scheduler, caller state,
   RNG state and the number of finished epochs; with ``ckpt_every_steps = n`` also every ``n``
   optimizer steps inside an epoch, then holding the data position (optimizer steps done in the
-  epoch), the RNG state at the epoch's start and the epoch's running loss. Files are written atomically (temp file in the
-  same directory, fsync, ``os.replace``) and contain only tensors and primitives, so they load
-  with ``torch.load(weights_only=True)``.
+  epoch), the RNG state at the epoch's start and the epoch's running loss. Files are written
+  atomically (temp file in the same directory, fsync, ``os.replace``) and contain only tensors and
+  primitives, so they load with ``torch.load(weights_only=True)``.
 * **Resume** - from the last checkpoint, at an epoch boundary or mid-epoch; on CPU the resumed run is
   bit-for-bit the uninterrupted one. Mid-epoch, the loader is re-created under the epoch-start RNG
   state (so a shuffling sampler draws the same order), the consumed batches are skipped through the
@@ -27,7 +27,7 @@ What it guarantees:
   whose gradients overflow (and lowers its scale), as mixed-precision training is meant to; a
   non-finite *loss* still stops. On CPU every step is checked at once; on accelerators the checks
   accumulate on the device and are read at log steps and before every checkpoint.
-* **Speed** - the hot loop never synchronises with the device except at log steps.
+* **Speed** - the hot loop never synchronises with the device except at log steps and checkpoints.
 """
 from __future__ import annotations
 

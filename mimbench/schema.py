@@ -138,8 +138,8 @@ INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
 FRACTION = Num(float, 0.0, 1.0)
 AMP = Choice(("auto", "bf16", "fp16", "none"))
 SCHEDULE = Section({"epochs": INT_GE1, "warmup_epochs": Num(float, lo=0), "min_lr": Num(float, lo=0)},
-                   checks=((lambda s: "epochs" not in s or "warmup_epochs" not in s
-                            or s["warmup_epochs"] < s["epochs"], "schedule.warmup_epochs must be below schedule.epochs"),))
+                   checks=((lambda s: "epochs" not in s or "warmup_epochs" not in s or s["warmup_epochs"] < s["epochs"],
+                            "schedule.warmup_epochs must be below schedule.epochs"),))
 BETAS = Seq(Num(float, 0.0, 1.0, hi_open=True), length=2)
 LR = Num(float, lo=0, lo_open=True, none=True)
 LOOP = {"amp": AMP, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1, "progress": Flag(),
@@ -156,7 +156,8 @@ SCHEMAS: dict[str, Section] = {
         "data": Section({"img_size": INT_GE1, "num_workers": INT_GE0, "limit": Num(int, lo=1, none=True),
                          "max_bad_fraction": FRACTION}),
         "optim": Section({"blr": Num(float, lo=0, lo_open=True), "weight_decay": Num(float, lo=0), "betas": BETAS,
-                          "clip_grad": Num(float, lo=0, lo_open=True, none=True), **BATCH}, required=("blr", "batch_size")),
+                          "clip_grad": Num(float, lo=0, lo_open=True, none=True), **BATCH},
+                         required=("blr", "batch_size")),
         "schedule": SCHEDULE,
         "runtime": Section({"seed": INT_GE0, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1,
                             "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True), "amp": AMP}),
@@ -177,8 +178,9 @@ SCHEMAS: dict[str, Section] = {
                           "layer_decay": Num(float, 0.0, 1.0, lo_open=True), "betas": BETAS, **BATCH},
                          required=("batch_size", "weight_decay", "layer_decay"), checks=HAS_LR),
         "schedule": SCHEDULE,
-        "mixup": Section({"mixup": Num(float, lo=0), "cutmix": Num(float, lo=0), "smoothing": Num(float, 0.0, 1.0, hi_open=True),
-                          "prob": FRACTION, "switch_prob": FRACTION, "mode": Choice(("batch", "pair", "elem"))},
+        "mixup": Section({"mixup": Num(float, lo=0), "cutmix": Num(float, lo=0),
+                          "smoothing": Num(float, 0.0, 1.0, hi_open=True), "prob": FRACTION, "switch_prob": FRACTION,
+                          "mode": Choice(("batch", "pair", "elem"))},
                          required=("mixup", "cutmix", "smoothing")),
         "augment": Section({"mode": Choice(("timm", "tensor")), "auto_augment": Text(none=True), "re_prob": FRACTION,
                             "re_mode": Choice(("const", "rand", "pixel")), "re_count": INT_GE1}),

@@ -59,7 +59,9 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
     line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config), the
-    encoder file, and ``skipped_files.json`` when broken training images were left out. ``resume=True`` continues from ``out/checkpoint-latest.pt``.
+    encoder file, and ``skipped_files.json`` when broken training images were left out.
+    ``resume=True`` continues from ``out/checkpoint-latest.pt`` (mid-epoch when
+    ``runtime.ckpt_every_steps`` wrote it there).
     """
     from mimbench.config import config_sha256, load_config
     from mimbench.data import skipped_files
@@ -113,8 +115,8 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
 
     loop = LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.get("min_lr", 0.0)),
                       accum_iter=accum, clip_grad=opt_cfg.get("clip_grad"), amp=str(rt.get("amp", "auto")),
-                      ckpt_every=int(rt.get("ckpt_every", 1)),
-                      ckpt_every_steps=int(rt.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(rt.get("log_every", 20)))
+                      ckpt_every=int(rt.get("ckpt_every", 1)), ckpt_every_steps=int(rt.get("ckpt_every_steps", 0) or 0),
+                      seed=seed, log_every=int(rt.get("log_every", 20)))
     if rank == 0:
         atomic_write_text(out / "config.py", cfg.pretty_text, what="the resolved config",
                           fix="Pass an --out directory you can write to.")

@@ -150,7 +150,8 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                       min_lr=float(sched.get("min_lr", 1e-6)), accum_iter=accum,
                       clip_grad=cfg.get("clip_grad"), amp=cfg.get("amp", "auto"),
                       ckpt_every=int(cfg.get("ckpt_every", 0)),
-                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(cfg.get("log_every", 20)),
+                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0),
+                      seed=seed, log_every=int(cfg.get("log_every", 20)),
                       progress=bool(cfg.get("progress", True)))
     history = fit(model, optimizer, loader, step, loop, out, resume=resume, desc="finetune")
     model.eval()

@@ -171,7 +171,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     loop = LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
                       min_lr=float(sched.get("min_lr", 0.0)), accum_iter=accum, amp=cfg.get("amp", "auto"),
                       ckpt_every=int(cfg.get("ckpt_every", 0)),
-                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=seed, log_every=int(cfg.get("log_every", 20)),
+                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0),
+                      seed=seed, log_every=int(cfg.get("log_every", 20)),
                       progress=bool(cfg.get("progress", True)))
     deviations = list(cfg.get("deviations", []))
     num_workers = int(cfg.get("num_workers", 0))

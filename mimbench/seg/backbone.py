@@ -129,6 +129,8 @@ def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[
         )
     grid = (img_size // fields["patch_size"],) * 2
     converted = timm_to_mmseg_mae(load_file(str(encoder)), grid=grid)
-    dst = atomic_write(dst, lambda tmp: torch.save({"state_dict": converted}, tmp), what="the backbone checkpoint",
-                       fix="Pass an --out directory you can write to, with free space.")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, lambda tmp: torch.save({"state_dict": converted}, tmp), what="the backbone checkpoint",
+                 fix="Choose an output folder you can write to, with free disk space.")
     return dst, fields

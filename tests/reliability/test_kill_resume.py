@@ -19,9 +19,19 @@ MID_EPOCH_KILLS = [4, 5, 6, 7, 12, 13, 14, 15]
 PRETRAIN_SET = ["data.limit=256", "optim.batch_size=32", "runtime.ckpt_every_steps=3", "runtime.log_every=1"]
 
 
-def _pretrain_code(config: str, out, resume: bool) -> str:
+def _pretrain_code(config: str, out, resume: bool, sets) -> str:
     return (f"from pretrain.main import run_pretrain\n"
-            f"run_pretrain({config!r}, out={str(out)!r}, overrides={PRETRAIN_SET!r}, resume={resume})\n")
+            f"run_pretrain({config!r}, out={str(out)!r}, overrides={sets!r}, resume={resume})\n")
+
+
+# every technique: MAE; robust MAE (EMA target statistics in buffers, updated in forward); DDAE (EMA teacher,
+# learnable beta, persistent schedule progress); MAE+DDS (beta schedule kept outside the state dict)
+TECHNIQUES = {
+    "mae": ("pretrain/configs/mae_micro_fmnist.py", []),
+    "robust-mae": ("pretrain/configs/robust-mae_tiny_fmnist.py", ["model.name='robust_mae_vit_micro_patch4_32'"]),
+    "ddae": ("pretrain/configs/ddae_micro_fmnist.py", []),
+    "mae+dds": ("eval_configs/reproduce/mae-dds_micro_fmnist.py", []),
+}
 
 
 def _log(path):
@@ -35,21 +45,22 @@ def _assert_same_state(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [str(REPO / "pretrain/configs/mae_micro_fmnist.py"),
-                                    str(REPO / "pretrain/configs/ddae_micro_fmnist.py")], ids=["mae", "ddae"])
-def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, config):
+@pytest.mark.parametrize("technique", sorted(TECHNIQUES))
+def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, technique):
     from pretrain.main import run_pretrain
 
-    kill_at = random.Random(Path(config).name).choice(MID_EPOCH_KILLS)
+    config, extra = TECHNIQUES[technique]
+    config, sets = str(REPO / config), PRETRAIN_SET + extra
+    kill_at = random.Random(technique).choice(MID_EPOCH_KILLS)
     full, part = tmp_path / "full", tmp_path / "part"
-    run_pretrain(config, out=full, overrides=PRETRAIN_SET)
+    run_pretrain(config, out=full, overrides=sets)
 
-    killed_run(_pretrain_code(config, part, resume=False), kill_at)
+    killed_run(_pretrain_code(config, part, resume=False, sets=sets), kill_at)
     ck = load_checkpoint(part / "checkpoint-latest.pt")
     assert ck["step_in_epoch"] > 0, f"kill at {kill_at}: the last checkpoint should be mid-epoch"
     assert not (part / "encoder.safetensors").exists()
     torch.manual_seed(12345)  # whatever RNG state the resuming process has
-    run_pretrain(config, out=part, overrides=PRETRAIN_SET, resume=True)
+    run_pretrain(config, out=part, overrides=sets, resume=True)
 
     # The whole training state: student, EMA teacher, beta parameters / schedule buffers, optimizer moments.
     a, b = load_checkpoint(full / "checkpoint-latest.pt"), load_checkpoint(part / "checkpoint-latest.pt")

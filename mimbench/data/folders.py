@@ -9,6 +9,11 @@ listed in the run record (``dataset.skipped``). The run fails before any work wh
 ``max_bad_fraction`` of a split is broken (default 0.1 %: one broken file in ImageNet's 50,000
 validation images is tolerated, a half-copied tree is not). A file that passes the scan but still
 cannot be decoded stops the run with an error naming it.
+
+Cost: JPEG and PNG are recognised by their signatures and checked by reading 8 bytes at the start and
+64 at the end (other formats by PIL's header parser), on a thread pool: about 5,500 files/s on 2 CPU
+cores from the page cache (decoding the same JPEGs runs at about 110 files/s), so ImageNet's 50,000
+validation images take seconds and its 1.28 M training images a few minutes, once per run.
 """
 from __future__ import annotations
 
@@ -80,8 +85,15 @@ def image_problem(path: str | Path) -> str | None:
         if size == 0:
             return "empty file (0 bytes)"
         with open(path, "rb") as fh:
-            with Image.open(fh) as im:
-                fmt = im.format
+            head = fh.read(8)
+            if head.startswith(b"\xff\xd8\xff"):  # JPEG and PNG by signature: no parser needed
+                fmt = "JPEG"
+            elif head == b"\x89PNG\r\n\x1a\n":
+                fmt = "PNG"
+            else:
+                fh.seek(0)
+                with Image.open(fh) as im:
+                    fmt = im.format
             tail_len = min(size, 64)
             fh.seek(size - tail_len)
             tail = fh.read(tail_len)

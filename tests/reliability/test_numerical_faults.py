@@ -90,3 +90,53 @@ def test_fp16_grad_scaler_skips_the_overflowing_step(tmp_path):
     ck = load_checkpoint(tmp_path / "checkpoint-latest.pt")
     assert ck["scaler"]["scale"] < 65536.0  # the scaler lowered its scale after the overflow
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.slow
+def test_segmentation_stops_at_a_non_finite_loss_before_checkpointing_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    import mimbench.seg  # noqa: F401
+    from mmseg.models.decode_heads import UPerHead
+
+    from mimbench.encoders import save_encoder
+    from mimbench.evals.segment import run_segment
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                            depth=4, num_heads=2, num_classes=0)
+    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32, patch_size=8,
+                       embed_dim=32, depth=4, num_heads=2, technique="mae")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seg"
+    for split in ("training", "validation"):
+        for sub in ("images", "annotations"):
+            (root / sub / split).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 11, (48, 48), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+
+    real, calls = UPerHead.loss_by_feat, {"n": 0}
+
+    def diverging(self, *a, **k):
+        losses = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third iteration's main loss is NaN
+            losses["loss_ce"] = losses["loss_ce"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(UPerHead, "loss_by_feat", diverging, raising=False)
+    config = Path(__file__).resolve().parents[2] / "eval_configs/segmentation/demo_fmnist_seg.py"
+    out = tmp_path / "run"
+    with pytest.raises(MimbenchError, match=r"non-finite at iteration 3; loss terms: .*decode.loss_ce=nan"):
+        run_segment(encoder=enc, config=config, data=str(root), out=out,
+                    overrides=["default_hooks.checkpoint.interval=1", "default_hooks.checkpoint.max_keep_ckpts=-1",
+                               "train_dataloader.batch_size=2", "train_cfg.max_iters=5"])
+    work = out / "mmseg"
+    assert (work / "iter_2.pth").is_file() and not (work / "iter_3.pth").exists()
+    assert (work / "last_checkpoint").read_text().strip().endswith("iter_2.pth")
+    assert not list(out.glob("segment-*.json"))

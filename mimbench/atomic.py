@@ -9,6 +9,7 @@ so that the rename itself survives a power cut. A crash at any point leaves the 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _mode_for(path: Path) -> int:
+    """An existing file's permission bits, else what ``open(path, "w")`` would create (0666 minus the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str, fix: str,
                  durable: bool = True) -> Path:
     """Call ``write(tmp_path)`` to produce the new content, then move it over ``path`` atomically.
@@ -47,6 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, what: str, f
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600 files; give the permissions a plain write would
         if durable:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())

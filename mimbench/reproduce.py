@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mimbench.atomic import atomic_write_text
 from mimbench.errors import MimbenchError
 from mimbench.results.records import finished_record
 
@@ -403,8 +404,8 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
         results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
     path = root / "table.md"
-    path.write_text(f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table)
-    (root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    atomic_write_text(path, f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table, what="a reproduce file", fix="Pass an --out folder you can write to.")
+    atomic_write_text(root / "results.json", json.dumps(results, indent=1, sort_keys=True), what="a reproduce file", fix="Pass an --out folder you can write to.")
     return path
 
 
@@ -472,7 +473,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
         rel_base = _rel(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
                   f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
-        (root / "configs" / f"{point.name}.py").write_text(header + cfg.pretty_text + "\n")
+        atomic_write_text(root / "configs" / f"{point.name}.py", header + cfg.pretty_text + "\n", what="a reproduce file", fix="Pass an --out folder you can write to.")
         args = _pretrain_args(rel_base, point)
         commands.append(f"# {point.name}")
         commands.append("torchrun --nproc_per_node=8 " + _sh(args))
@@ -481,7 +482,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
                    '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
                    + _sh(args) + "\n")
         sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
-        sbatch_path.write_text(sbatch)
+        atomic_write_text(sbatch_path, sbatch, what="a reproduce file", fix="Pass an --out folder you can write to.")
         sbatch_path.chmod(0o755)
         encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
         for task, eval_cfg, data in FULL_EVALS:
@@ -493,7 +494,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
     # Every point records its own technique name, so one report keeps them apart.
     evals += ["", 'mimbench report "$RUNS" --format md']
     path = root / "commands.sh"
-    path.write_text("\n".join(commands + evals) + "\n")
+    atomic_write_text(path, "\n".join(commands + evals) + "\n", what="a reproduce file", fix="Pass an --out folder you can write to.")
     path.chmod(0o755)
     return root
 

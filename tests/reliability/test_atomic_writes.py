@@ -201,3 +201,17 @@ def test_segmentation_set_interrupted_or_damaged_is_rebuilt(tmp_path, monkeypatc
     build_fashion_mnist_seg(root, n_train=3, n_val=2)
     assert (root / MANIFEST).stat().st_mtime_ns != stamp and victim.stat().st_size == \
         json.loads((root / MANIFEST).read_text())["files"]["images/training/fmseg_00001.jpg"]
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
+    from mimbench.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        new = atomic_write_text(tmp_path / "new.txt", "a", what="a file", fix="-")
+        assert (new.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600: others on a cluster can read results
+        os.chmod(new, 0o640)
+        atomic_write_text(new, "b", what="a file", fix="-")
+        assert (new.stat().st_mode & 0o777) == 0o640 and new.read_text() == "b"  # a replaced file keeps its mode
+    finally:
+        os.umask(umask)

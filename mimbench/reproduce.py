@@ -110,6 +110,10 @@ class Grid:
     base_paths: dict
 
 
+def _write(path: Path, text: str) -> None:
+    atomic_write_text(path, text, what="a reproduce file", fix="Pass an --out folder you can write to.")
+
+
 def _fmt(value) -> str:
     """A value as a Python literal that :func:`mimbench.config.parse_override` reads back unchanged."""
     from mimbench.config import format_value
@@ -404,8 +408,8 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
         results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
     path = root / "table.md"
-    atomic_write_text(path, f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table, what="a reproduce file", fix="Pass an --out folder you can write to.")
-    atomic_write_text(root / "results.json", json.dumps(results, indent=1, sort_keys=True), what="a reproduce file", fix="Pass an --out folder you can write to.")
+    _write(path, f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table)
+    _write(root / "results.json", json.dumps(results, indent=1, sort_keys=True))
     return path
 
 
@@ -473,7 +477,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
         rel_base = _rel(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
                   f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
-        atomic_write_text(root / "configs" / f"{point.name}.py", header + cfg.pretty_text + "\n", what="a reproduce file", fix="Pass an --out folder you can write to.")
+        _write(root / "configs" / f"{point.name}.py", header + cfg.pretty_text + "\n")
         args = _pretrain_args(rel_base, point)
         commands.append(f"# {point.name}")
         commands.append("torchrun --nproc_per_node=8 " + _sh(args))
@@ -482,7 +486,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
                    '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
                    + _sh(args) + "\n")
         sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
-        atomic_write_text(sbatch_path, sbatch, what="a reproduce file", fix="Pass an --out folder you can write to.")
+        _write(sbatch_path, sbatch)
         sbatch_path.chmod(0o755)
         encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
         for task, eval_cfg, data in FULL_EVALS:
@@ -494,7 +498,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
     # Every point records its own technique name, so one report keeps them apart.
     evals += ["", 'mimbench report "$RUNS" --format md']
     path = root / "commands.sh"
-    atomic_write_text(path, "\n".join(commands + evals) + "\n", what="a reproduce file", fix="Pass an --out folder you can write to.")
+    _write(path, "\n".join(commands + evals) + "\n")
     path.chmod(0o755)
     return root
 

@@ -260,7 +260,8 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
         try:
             from mimbench.atomic import atomic_write_text
 
-            atomic_write_text(out, text + "\n", what="the report", fix="Give --out a path in a folder you can write to.")
+            atomic_write_text(out, text + "\n", what="the report",
+                              fix="Give --out a path in a folder you can write to.")
         except OSError as e:
             raise MimbenchError(f"Cannot write the report to {out}: {e.strerror or e}.",
                                 "Give --out a path in a folder you can write to.") from e

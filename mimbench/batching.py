@@ -77,8 +77,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     """Batch sampler of this rank's micro-batches (lists of dataset indices); see the module docstring.
 
     ``len()`` = micro-batches per epoch on this rank = ``(n // eff) * accum_iter`` (the last partial
-    global batch is dropped). ``set_epoch(e)`` selects the epoch. With ``with_epoch=True`` each index
-    is yielded as ``(epoch, index)`` for :class:`SeededItems`.
+    global batch is dropped). ``set_epoch(e)`` selects the epoch; ``iter_from(k)`` starts at
+    micro-batch ``k``. With ``with_epoch=True`` each index is yielded as ``(epoch, index)`` for
+    :class:`SeededItems`.
     """
 
     def __init__(self, n: int, batch_size: int, accum_iter: int = 1, *, seed: int = 0, rank: int = 0,
@@ -101,10 +102,16 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return (self.n // self.eff) * self.accum
 
     def __iter__(self) -> Iterator[list]:
+        return self.iter_from(0)
+
+    def iter_from(self, first: int) -> Iterator[list]:
+        """This rank's micro-batches of the current epoch from micro-batch ``first`` on (a mid-epoch
+        resume): the order is a function of ``(seed, epoch)``, so the skipped ones are not drawn."""
         order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
         order = order.tolist()
-        for t in range(self.n // self.eff):
-            for k in range(self.accum):
+        first = max(int(first), 0)
+        for t in range(first // self.accum, self.n // self.eff):
+            for k in range(first - t * self.accum if t == first // self.accum else 0, self.accum):
                 start = t * self.eff + (self.rank * self.accum + k) * self.batch_size
                 chunk = order[start:start + self.batch_size]
                 yield [(self.epoch, i) for i in chunk] if self.with_epoch else chunk

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,7 +32,7 @@ def parse_value(raw: str) -> Any:
     text = raw.strip()
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # e.g. {[1]: 2}: unhashable key
         pass
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
@@ -53,6 +54,33 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, parse_value(raw)
 
 
+def format_value(value: Any) -> str:
+    """``value`` written so that :func:`parse_override` reads it back equal (tuples come back as lists).
+
+    Strings are double-quoted JSON (no shell-hostile quoting; every JSON escape means the same in
+    Python, and non-ASCII characters stay literal so astral characters are not split into
+    surrogates); numbers, booleans and None are Python literals; lists, tuples and dicts recurse.
+    """
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MimbenchError(f"The value {value!r} cannot be written as an override.",
+                            "Use a finite number.")
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{format_value(k)}:{format_value(v)}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    raise MimbenchError(f"A {type(value).__name__} ({value!r}) cannot be written as an override.",
+                        "Overrides hold numbers, strings, booleans, None, lists and dicts.")
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` that :func:`parse_override` splits back into ``(key, value)``."""
+    return f"{key}={format_value(value)}"
+
+
 def _has_key(cfg: Any, dotted: str) -> bool:
     node = cfg
     for part in dotted.split("."):
@@ -67,10 +95,15 @@ def _has_key(cfg: Any, dotted: str) -> bool:
     return True
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), allow_new_keys: bool = False):
+def load_config(path: str | Path, overrides: Iterable[str] = (), allow_new_keys: bool = False,
+                kind: str | None = None):
     """Load an mmengine config and apply ``key=value`` overrides.
 
-    Raises MimbenchError for a missing/unparsable file or an override naming an unknown key.
+    Raises MimbenchError for a missing/unparsable file or an override naming an unknown key. With
+    ``kind`` (pretrain, linear, finetune, knn, segment) the merged config is checked against that
+    kind's schema (:mod:`mimbench.schema`): unknown keys, wrong types and out-of-range values in the
+    file or in the overrides are refused, naming key, value and what is allowed; an override may
+    then also set a key the schema knows but the file leaves at its default.
     """
     from mmengine.config import Config
 
@@ -83,12 +116,25 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), allow_new_keys:
     except Exception as exc:  # mmengine raises many types for a broken config
         raise MimbenchError(f"Config file {p} could not be read: {exc}", "Fix the Python syntax of the config file.") from exc
     parsed = dict(parse_override(o) for o in overrides)
-    unknown = [k for k in parsed if not _has_key(cfg, k)]
+    if kind is not None:
+        from mimbench.schema import knows_key
+
+        unknown = [k for k in parsed if not _has_key(cfg, k) and not knows_key(kind, k)]
+    else:
+        unknown = [k for k in parsed if not _has_key(cfg, k)]
     if unknown and not allow_new_keys:
         raise MimbenchError(f"Override key(s) {', '.join(unknown)} do not exist in {p}.",
                             "Check the spelling against the config file (keys are dotted paths, e.g. optim.lr).")
     if parsed:
-        cfg.merge_from_dict(parsed)
+        try:
+            cfg.merge_from_dict(parsed)
+        except Exception as exc:  # e.g. a.b=1 where a is not a section
+            raise MimbenchError(f"Overrides {', '.join(overrides)} cannot be merged into {p} ({exc}).",
+                                "Override leaf keys with values of their type (--set optim.lr=1e-3).") from exc
+    if kind is not None:
+        from mimbench.schema import validate
+
+        validate(cfg.to_dict(), kind, source=str(p), overridden=parsed)
     return cfg
 
 

@@ -8,14 +8,26 @@ What it guarantees:
   (layer-wise decay) multiplies its rate.
 * **Checkpoints** - ``checkpoint-latest.pt`` after every epoch (and ``checkpoint-<epoch>.pt``
   every ``ckpt_every`` epochs) holding model, optimizer, grad scaler, scheduler, caller state,
-  RNG state and the number of finished epochs. Files are written atomically (temp file in the
-  same directory, fsync, ``os.replace``) and contain only tensors and primitives, so they load
-  with ``torch.load(weights_only=True)``.
-* **Resume** - at epoch boundaries; on CPU the resumed run is bit-for-bit the uninterrupted one
-  (all RNG streams are restored and the data order is a function of the seed and the epoch).
-* **Safety** - a non-finite loss stops training with a :class:`MimbenchError` that names the
-  optimizer step and the loss terms; the last checkpoint on disk is the last good epoch.
-* **Speed** - the hot loop never synchronises with the device except at log steps.
+  RNG state and the number of finished epochs; with ``ckpt_every_steps = n`` also every ``n``
+  optimizer steps inside an epoch, then holding the data position (optimizer steps done in the
+  epoch), the RNG state at the epoch's start and the epoch's running loss. Files are written
+  atomically (temp file in the same directory, fsync, ``os.replace``) and contain only tensors and
+  primitives, so they load with ``torch.load(weights_only=True)``.
+* **Resume** - from the last checkpoint, at an epoch boundary or mid-epoch; on CPU the resumed run is
+  bit-for-bit the uninterrupted one. Mid-epoch, the loader is re-created under the epoch-start RNG
+  state (so a shuffling sampler draws the same order), the consumed batches are skipped through the
+  batch sampler without loading them (loaders with ``iter_from(n)`` skip themselves; any other
+  iterable is advanced batch by batch), and then the RNG state of the checkpoint is restored.
+  Bit-identical needs in-process loading (``num_workers=0``) or a loader whose randomness is a
+  function of (seed, epoch, index); with worker processes the data order is still exact but the
+  workers' augmentation streams restart.
+* **Safety** - a non-finite loss or gradient stops training with a :class:`MimbenchError` that names
+  the optimizer step, the loss terms and the gradient norm; no checkpoint is written after it, so the
+  last one on disk is the last good state. Under ``amp="fp16"`` the grad scaler instead skips steps
+  whose gradients overflow (and lowers its scale), as mixed-precision training is meant to; a
+  non-finite *loss* still stops. On CPU every step is checked at once; on accelerators the checks
+  accumulate on the device and are read at log steps and before every checkpoint.
+* **Speed** - the hot loop never synchronises with the device except at log steps and checkpoints.
 * **Processes** - the process group and device come from :func:`mimbench.dist.setup`; the model
   must already be on that device (checked before DDP wraps it). Logged and per-epoch losses are
   means over every micro-batch of every rank of the step / epoch, so they do not depend on the
@@ -47,7 +59,7 @@ from mimbench.errors import MimbenchError
 
 __all__ = [
     "seed_everything", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-    "build_scheduler", "LoopConfig", "fit",
+    "build_scheduler", "LoopConfig", "fit", "resume_from",
 ]
 
 
@@ -163,7 +175,9 @@ class LoopConfig:
     ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA, fp32
     on CPU), "bf16", "fp16" (with a grad scaler) or "none"; ``log_every`` in optimizer steps;
     ``progress``: show progress (bar or plain log lines); ``tensorboard``: also log scalars for
-    TensorBoard."""
+    TensorBoard.;
+    ``ckpt_every_steps`` > 0 also writes ``checkpoint-latest.pt`` every that many optimizer steps
+    inside an epoch (0: at epoch ends only)."""
 
     epochs: int
     warmup_epochs: float
@@ -172,6 +186,7 @@ class LoopConfig:
     clip_grad: float | None = None
     amp: str = "auto"
     ckpt_every: int = 1
+    ckpt_every_steps: int = 0
     seed: int = 0
     log_every: int = 20
     progress: bool = True
@@ -302,7 +317,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
 
     latest = out_dir / "checkpoint-latest.pt"
     log_path = out_dir / "log.jsonl"
-    start_epoch = 0
+    start_epoch, skip_steps, resume_ck = 0, 0, None
     if resume:
         if not latest.is_file():
             raise MimbenchError(f"--resume was given but {latest} does not exist.",
@@ -316,6 +331,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
             for name, obj in extra_state.items():
                 obj.load_state_dict(ck["extra_state"][name])
             start_epoch = int(ck["epoch"])
+            skip_steps = int(ck.get("step_in_epoch", 0))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise MimbenchError(f"Checkpoint {latest} does not match this model/config ({exc}).",
                                 "Resume with the config the run was started with, or start a new --out.") from exc
@@ -324,19 +340,25 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                 f"Checkpoint {latest} was written with {ck['iters_per_epoch']} steps per epoch, this run has {iters_per_epoch}.",
                 "Resume with the same data, batch size and accum_iter.")
         set_rng_state(ck["rng"])
+        resume_ck = ck if skip_steps else None
+        done = start_epoch * iters_per_epoch + skip_steps
         if hasattr(raw_model, "set_progress"):
-            raw_model.set_progress(start_epoch * iters_per_epoch, total_its)
-        if is_main and log_path.is_file():  # drop log lines of the interrupted, uncheckpointed epoch
+            raw_model.set_progress(done, total_its)
+        if is_main and log_path.is_file():  # drop log lines of steps after the checkpoint
             keep = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("it", 0) <= start_epoch * iters_per_epoch]
-            log_path.write_text("".join(ln + "\n" for ln in keep))
+                    if ln.strip() and json.loads(ln).get("it", 0) <= done]
+            text = "".join(ln + "\n" for ln in keep)
+            atomic_write(log_path, lambda tmp: Path(tmp).write_text(text), what="the training log",
+                         fix="Point --out at a directory you can write to.")
     else:
         seed_everything(cfg.seed + rank)
         if is_main and log_path.exists():
             log_path.unlink()
 
     history: list[dict] = []
-    it = start_epoch * iters_per_epoch
+    it = start_epoch * iters_per_epoch + skip_steps
+    ckpt_steps = max(int(cfg.ckpt_every_steps or 0), 0)
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # accelerators: non-finite seen, read lazily
     scheduler.step_update(it)
     log_every = max(int(cfg.log_every), 1)
     board = _tensorboard(out_dir) if (cfg.tensorboard and is_main) else None
@@ -348,9 +370,19 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
             _set_epoch(loader, epoch)
             epoch_loss = torch.zeros((), device=device)
             step_loss = torch.zeros((), device=device)
+            mid_resume = resume_ck is not None and epoch == start_epoch
+            if mid_resume:  # the loader must draw its order from the epoch-start RNG state again
+                set_rng_state(resume_ck["rng_epoch_start"])
+            epoch_rng = rng_state() if ckpt_steps else None
+            first_micro = skip_steps * accum if mid_resume else 0
+            if mid_resume:
+                epoch_loss += resume_ck["epoch_loss"].to(device)
+                batches = resume_from(loader, first_micro, then=lambda: set_rng_state(resume_ck["rng"]))
+            else:
+                batches = iter(loader)
             window_imgs, window_t0 = 0, time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            for micro, batch in enumerate(loader):
+            for micro, batch in enumerate(batches, start=first_micro):
                 if micro >= micro_per_epoch:
                     break
                 last_micro = (micro + 1) % accum == 0
@@ -359,8 +391,11 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                     with autocast():
                         loss, terms = step_fn(model, batch)
                     # CPU: checking every step costs nothing; on accelerators this would sync each step.
-                    if device.type == "cpu" and not bool(torch.isfinite(loss.detach())):
-                        _raise_non_finite(it, loss, terms, out_dir)
+                    if device.type == "cpu":
+                        if not bool(torch.isfinite(loss.detach())):
+                            _raise_non_finite(it, loss, terms, out_dir)
+                    else:
+                        bad |= ~torch.isfinite(loss.detach())
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 epoch_loss += loss.detach()
@@ -371,7 +406,16 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                elif scaler is None:
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in raw_model.parameters() if p.grad is not None])
+                if scaler is None:  # the fp16 grad scaler skips overflowing steps itself
+                    if device.type == "cpu":
+                        if not bool(torch.isfinite(grad_norm)):
+                            _raise_non_finite(it, loss, terms, out_dir, grad_norm=grad_norm)
+                    else:
+                        bad |= ~torch.isfinite(grad_norm)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -386,7 +430,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                 if it % log_every == 0 or it == total_its or micro + 1 == micro_per_epoch:
                     # the step's loss: mean over its micro-batches on every rank (one collective per log step)
                     loss_v = float(dist.all_sum(step_loss)) / (accum * world)
-                    if not math.isfinite(loss_v):
+                    if not math.isfinite(loss_v) or bool(bad):
                         _raise_non_finite(it - 1, loss, terms, out_dir, window=log_every)
                     now = time.perf_counter()
                     ips = window_imgs * world / max(now - window_t0, 1e-9)
@@ -403,23 +447,26 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                                                **{f"terms/{k}": v for k, v in rec["terms"].items()}}, step=it)
                 step_loss.zero_()
                 scheduler.step_update(it)
+                in_epoch = it - epoch * iters_per_epoch
+                if ckpt_steps and in_epoch % ckpt_steps == 0 and in_epoch < iters_per_epoch:
+                    if bool(dist.all_sum(bad.float()) > 0):  # every rank stops together, none writes
+                        _raise_non_finite(it - 1, loss, terms, out_dir, window=ckpt_steps)
+                    # the running loss as a per-rank mean: each rank resumes from it, so the epoch-end
+                    # sum over ranks still counts every micro-batch once
+                    shared_loss = dist.all_sum(epoch_loss) / world
+                    if is_main:
+                        save_checkpoint(latest, _train_state(raw_model, optimizer, scaler, extra_state, epoch,
+                                                             iters_per_epoch, cfg, it, step_in_epoch=in_epoch,
+                                                             epoch_rng=epoch_rng, epoch_loss=shared_loss))
             mean_loss = float(dist.all_sum(epoch_loss)) / (micro_per_epoch * world)
             entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"]}
             if on_epoch_end is not None:
                 entry.update(on_epoch_end(epoch + 1) or {})
             history.append(entry)
+            if bool(dist.all_sum(bad.float()) > 0):
+                _raise_non_finite(it - 1, loss, terms, out_dir, window=iters_per_epoch)
             if is_main:
-                state = {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "scheduler": {"it": it},  # the schedule is a pure function of the step
-                    "extra_state": {k: v.state_dict() for k, v in extra_state.items()},
-                    "rng": rng_state(),
-                    "epoch": epoch + 1,
-                    "iters_per_epoch": iters_per_epoch,
-                    "loop": {k: v for k, v in asdict(cfg).items()},
-                }
+                state = _train_state(raw_model, optimizer, scaler, extra_state, epoch + 1, iters_per_epoch, cfg, it)
                 save_checkpoint(latest, state)
                 if cfg.ckpt_every and (epoch + 1) % int(cfg.ckpt_every) == 0:
                     save_checkpoint(out_dir / f"checkpoint-{epoch + 1}.pt", state)
@@ -432,14 +479,87 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     return history
 
 
-def _raise_non_finite(it: int, loss: torch.Tensor, terms, out_dir: Path, window: int = 0) -> None:
+def _train_state(raw_model, optimizer, scaler, extra_state, epoch: int, iters_per_epoch: int, cfg: LoopConfig,
+                 it: int, *, step_in_epoch: int = 0, epoch_rng=None, epoch_loss=None) -> dict:
+    """Everything :func:`fit` needs to continue: ``epoch`` finished epochs plus ``step_in_epoch``
+    optimizer steps of the next one (mid-epoch: with the epoch-start RNG state and running loss)."""
+    state = {
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "scheduler": {"it": it},  # the schedule is a pure function of the step
+        "extra_state": {k: v.state_dict() for k, v in extra_state.items()},
+        "rng": rng_state(),
+        "epoch": epoch,
+        "iters_per_epoch": iters_per_epoch,
+        "loop": {k: v for k, v in asdict(cfg).items()},
+    }
+    if step_in_epoch:
+        state.update(step_in_epoch=step_in_epoch, rng_epoch_start=epoch_rng,
+                     epoch_loss=epoch_loss.detach().cpu().clone())
+    return state
+
+
+class _SkipBatches:
+    """A batch sampler that drops the first ``skip`` index lists of ``inner`` (never loading them;
+    one with ``iter_from(skip)`` starts there without drawing them), then calls ``then()`` - lazily, at the first request, as the wrapped sampler would draw."""
+
+    def __init__(self, inner, skip: int, then: Callable[[], None]):
+        self.inner, self.skip, self.then = inner, skip, then
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+    def __iter__(self):
+        if hasattr(self.inner, "iter_from"):  # e.g. mimbench.batching.GlobalBatchSampler: starts there itself
+            indices = self.inner.iter_from(self.skip)
+        else:
+            indices = iter(self.inner)
+            for _ in range(self.skip):
+                next(indices, None)
+        self.then()
+        yield from indices
+
+
+def resume_from(loader, skip: int, then: Callable[[], None] = lambda: None):
+    """An iterator over ``loader``'s current epoch from batch ``skip`` on; ``then()`` runs once the
+    skipped part is passed (the caller restores the RNG state there).
+
+    A torch ``DataLoader`` is rebuilt around a batch sampler that skips index lists, so skipped
+    images are never read or decoded; a loader with ``iter_from(skip)`` (whose randomness must not
+    come from the global RNG) skips itself; any other iterable is advanced ``skip`` batches.
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        rebuilt = DataLoader(
+            loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip, then),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+            multiprocessing_context=loader.multiprocessing_context,
+            prefetch_factor=loader.prefetch_factor if loader.num_workers else None)
+        return iter(rebuilt)
+    if hasattr(loader, "iter_from"):
+        batches = loader.iter_from(skip)
+        then()
+        return batches
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    then()
+    return batches
+
+
+def _raise_non_finite(it: int, loss: torch.Tensor, terms, out_dir: Path, window: int = 0, grad_norm=None) -> None:
     try:
         shown = ", ".join(f"{k}={v:.6g}" for k, v in _resolve_terms(terms).items()) or "none reported"
     except Exception:  # terms may themselves be unusable once the loss diverged
         shown = "unavailable"
     where = f"optimizer step {it}" if not window else f"the {window} optimizer steps up to step {it}"
+    what = "loss or gradient" if window else ("gradient" if grad_norm is not None else "loss")
+    grad = f"; gradient norm {float(grad_norm)}" if grad_norm is not None else ""
     raise MimbenchError(
-        f"The loss became non-finite ({float(loss.detach())}) at {where}; loss terms: {shown}.",
-        f"Training stopped; {Path(out_dir) / 'checkpoint-latest.pt'} still holds the last finished epoch. "
+        f"The {what} became non-finite at {where} (loss {float(loss.detach())}{grad}); loss terms: {shown}.",
+        f"Training stopped; {Path(out_dir) / 'checkpoint-latest.pt'} still holds the last good state. "
         "Lower the learning rate (optim.blr), enable gradient clipping, or use amp='none', then resume.",
     )

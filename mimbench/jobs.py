@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from mimbench.atomic import atomic_write_text
 from mimbench.paths import relative
 
 FULL_EVALS = (
@@ -57,6 +58,10 @@ def _sh(args: Sequence[str]) -> str:
     return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
 
 
+def _write(path: Path, text: str) -> None:
+    atomic_write_text(path, text, what="a job file", fix="Pass an --out folder you can write to.")
+
+
 def write_full_grid(grid, out: Path) -> Path:
     """Write configs/<point>.py, sbatch/<point>.sbatch and commands.sh under out/<paper>/; return that folder."""
     from mimbench.config import load_config
@@ -80,11 +85,11 @@ def write_full_grid(grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         base = grid.base_paths[point.base]
-        cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
+        cfg = load_config(base, point.overrides, kind="pretrain")  # refuses bad keys before anything is written
         rel_base = relative(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
                   f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")
-        (root / "configs" / f"{point.name}.py").write_text(header + cfg.pretty_text + "\n")
+        _write(root / "configs" / f"{point.name}.py", header + cfg.pretty_text + "\n")
         args = _pretrain_args(rel_base, point)
         commands.append(f"# {point.name}")
         commands.append("torchrun --nproc_per_node=8 " + _sh(args))
@@ -93,7 +98,7 @@ def write_full_grid(grid, out: Path) -> Path:
                    '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
                    + _sh(args) + "\n")
         sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
-        sbatch_path.write_text(sbatch)
+        _write(sbatch_path, sbatch)
         sbatch_path.chmod(0o755)
         encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
         for task, eval_cfg, data in FULL_EVALS:
@@ -105,7 +110,7 @@ def write_full_grid(grid, out: Path) -> Path:
     # Every point records its own technique name, so one report keeps them apart.
     evals += ["", 'mimbench report "$RUNS" --format md']
     path = root / "commands.sh"
-    path.write_text("\n".join(commands + evals) + "\n")
+    _write(path, "\n".join(commands + evals) + "\n")
     path.chmod(0o755)
     return root
 

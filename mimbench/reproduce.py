@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mimbench import paths
+from mimbench.atomic import atomic_write_text
 from mimbench.errors import MimbenchError
 from mimbench.jobs import FULL_EVALS, write_full_grid  # noqa: F401  (the full scale's job files live there)
 PAPERS = ("robust-mae", "ddae")
@@ -104,13 +105,15 @@ class Grid:
     base_paths: dict
 
 
+def _write(path: Path, text: str) -> None:
+    atomic_write_text(path, text, what="a reproduce file", fix="Pass an --out folder you can write to.")
+
+
 def _fmt(value) -> str:
     """A value as a Python literal that :func:`mimbench.config.parse_override` reads back unchanged."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, str):  # double quotes: the override then needs no escaping inside shell single quotes
-        return json.dumps(value)
-    return repr(value)
+    from mimbench.config import format_value
+
+    return format_value(value)
 
 
 def _set(key_prefix: str, **knobs) -> tuple[str, ...]:
@@ -364,15 +367,10 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
             results.setdefault(o.step.encoder, {})[o.step.task] = _headline((o.record or {}).get("metrics", {}))
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
     note = reuse_note(outcomes)
-    from mimbench.atomic import atomic_write
-
     path = root / "table.md"
-    text = (f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table
-            + (f"\n{note}\n" if note else ""))
-    fix = "Choose an --out folder you can write to."
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), what="the grid table", fix=fix)
-    atomic_write(root / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=True)),
-                 what="the grid results", fix=fix)
+    _write(path, f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table
+           + (f"\n{note}\n" if note else ""))
+    _write(root / "results.json", json.dumps(results, indent=1, sort_keys=True))
     return path
 
 

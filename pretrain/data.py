@@ -127,11 +127,16 @@ class TensorPretrainLoader:
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The epoch's batches from micro-batch ``start`` on (resume): crops and flips are functions of
+        ``(seed, epoch, index)``, so the skipped batches are neither loaded nor drawn."""
         from mimbench.batching import uniform_by_index
 
         _, _, height, width = self.images.shape
         epoch = self.epoch
-        for chunk in self.sampler:
+        for chunk in self.sampler.iter_from(start):
             idx = torch.tensor(chunk, dtype=torch.int64)
             x = self.images[idx].float().div_(255.0)
             boxes = random_resized_crop_boxes(len(idx), height, width, scale=self.scale,
@@ -156,10 +161,13 @@ def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: int = 0, rank: int = 0,
-                          world_size: int = 1, accum_iter: int = 1, num_workers: int = 0, limit: int | None = None):
+                          world_size: int = 1, accum_iter: int = 1, num_workers: int = 0, limit: int | None = None,
+                          max_bad_fraction: float | None = None):
     """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root);
-    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks). The loader
-    has ``set_epoch(e)`` (directly or on its batch sampler) and yields ``(images, labels, indices)``."""
+    ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks); folders skip
+    broken files up to ``max_bad_fraction`` (``mimbench.data.image_folder``; ``loader.dataset``
+    lists them through ``mimbench.data.skipped_files``). The loader has ``set_epoch(e)`` (directly or
+    on its batch sampler) and yields ``(images, labels, indices)``."""
     from mimbench.batching import GlobalBatchSampler, SeededItems
 
     if data == BUILTIN_FMNIST:
@@ -176,7 +184,8 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
 
     from mimbench.data import build_dataset
 
-    ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
+    ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size,
+                       max_bad_fraction=max_bad_fraction)
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(int(limit), len(ds))))
     sampler = GlobalBatchSampler(len(ds), batch_size, accum_iter, seed=seed, rank=rank, world_size=world_size,

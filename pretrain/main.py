@@ -14,11 +14,12 @@ and only rank 0 writes the config, log, checkpoints and encoder file.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from mimbench.atomic import check_writable_dir
+from mimbench.atomic import atomic_write_text, check_writable_dir
 from mimbench.batching import resolve_batch
 from mimbench.errors import MimbenchError
 
@@ -48,21 +49,24 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
-    line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config) and the
-    encoder file. ``resume=True`` continues from ``out/checkpoint-latest.pt``.
+    line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config), the
+    encoder file, and ``skipped_files.json`` when broken training images were left out.
+    ``resume=True`` continues from ``out/checkpoint-latest.pt`` (mid-epoch when
+    ``runtime.ckpt_every_steps`` wrote it there).
     """
     import inspect
 
     from mimbench import dist
     from mimbench.batching import uniform_by_index
     from mimbench.config import config_sha256, load_config
+    from mimbench.data import skipped_files
     from mimbench.encoders import arch_name, save_encoder
     from mimbench.engine import LoopConfig, fit, seed_everything
     from pretrain import create_model
     from pretrain.data import build_pretrain_loader
 
     ctx = dist.setup()  # process group and device before any model or tensor exists
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides), kind="pretrain")
     out = Path(out)
     if ctx.is_main:
         check_writable_dir(out)
@@ -93,8 +97,12 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     img_size = int(data_cfg.get("img_size", model.encoder_arch()["img_size"]))
     loader = build_pretrain_loader(data, img_size=img_size, batch_size=batch, seed=seed, rank=rank,
                                    world_size=world, accum_iter=accum, num_workers=int(data_cfg.get("num_workers", 0)),
-                                   limit=data_cfg.get("limit"))
+                                   limit=data_cfg.get("limit"), max_bad_fraction=data_cfg.get("max_bad_fraction"))
     sampler = getattr(loader, "batch_sampler", None) or loader.sampler
+    skipped = skipped_files(getattr(loader, "dataset", None))
+    if rank == 0 and skipped:  # broken training images left out (mimbench.data.image_folder)
+        atomic_write_text(out / "skipped_files.json", json.dumps(skipped, indent=1) + "\n",
+                          what="the list of skipped files", fix="Pass an --out directory you can write to.")
     mask_ratio = float(rt.get("mask_ratio", 0.75))
     takes_noise = "noise" in inspect.signature(model.forward).parameters
     patch = int(model.encoder_arch()["patch_size"])
@@ -110,10 +118,12 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
 
     loop = LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.get("min_lr", 0.0)),
                       accum_iter=accum, clip_grad=opt_cfg.get("clip_grad"), amp=str(rt.get("amp", "auto")),
-                      ckpt_every=int(rt.get("ckpt_every", 1)), seed=seed, log_every=int(rt.get("log_every", 20)),
+                      ckpt_every=int(rt.get("ckpt_every", 1)), ckpt_every_steps=int(rt.get("ckpt_every_steps", 0) or 0),
+                      seed=seed, log_every=int(rt.get("log_every", 20)),
                       progress=bool(rt.get("progress", True)), tensorboard=bool(rt.get("tensorboard", False)))
     if rank == 0:
-        cfg.dump(str(out / "config.py"))
+        atomic_write_text(out / "config.py", cfg.pretty_text, what="the resolved config",
+                          fix="Pass an --out directory you can write to.")
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {name}")
 

@@ -17,11 +17,12 @@ schedule = dict(epochs=2, warmup_epochs=1, min_lr=1e-6)
 # prob 0: no sample is mixed (timm Mixup then only smooths the labels)
 mixup = dict(mixup=0.0, cutmix=0.0, smoothing=0.1, prob=0.0, switch_prob=0.5, mode="batch")
 augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", re_count=1)
-data = dict(limit_train=None, limit_val=None)
+data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 clip_grad = None
 num_workers = 0
 amp = "none"
 ckpt_every = 0
+ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20
 progress = False
 tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)

@@ -6,10 +6,11 @@ optim = dict(name="adam", blr=None, lr=1e-3, betas=(0.9, 0.999), momentum=0.9, t
              weight_decay=0.0, batch_size=256, eff_batch_size=None, accum_iter=1)
 schedule = dict(epochs=20, warmup_epochs=2, min_lr=0.0)
 augment = dict(scale=(0.08, 1.0))
-data = dict(limit_train=None, limit_val=None)
+data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 num_workers = 0
 amp = "none"
 ckpt_every = 0
+ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20
 progress = False
 tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)

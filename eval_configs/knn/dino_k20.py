@@ -6,7 +6,7 @@ knn = dict(k=20, temperature=0.07)
 img_size = None          # None: the encoder's own resolution
 batch_size = 128         # feature extraction only; does not change the result
 num_workers = 8
-data = dict(limit_train=None, limit_val=None)
+data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 cache_dir = None         # None: <out>/feature_cache
 deviations = []
 seed = 0

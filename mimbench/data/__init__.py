@@ -9,13 +9,15 @@ from pathlib import Path
 
 from mimbench.data.builtin import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                                    FashionMNISTSubset)
-from mimbench.data.folders import IMAGENET_MEAN, IMAGENET_STD, check_imagefolder, image_folder
+from mimbench.data.folders import (IMAGENET_MEAN, IMAGENET_STD, MAX_BAD_FRACTION, check_imagefolder, image_folder,
+                                   skipped_files)
 from mimbench.errors import MimbenchError
 
 BUILTIN_CLASSIFICATION = ("builtin:fashion-mnist",)
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FashionMNISTSubset",
-           "build_dataset", "dataset_stats", "check_imagefolder", "image_folder", "is_builtin"]
+           "build_dataset", "dataset_stats", "check_imagefolder", "image_folder", "is_builtin", "MAX_BAD_FRACTION",
+           "skipped_files"]
 
 
 def is_builtin(spec: str) -> bool:
@@ -28,13 +30,15 @@ def _check_builtin(spec: str) -> None:
                             f"Known: {', '.join(BUILTIN_CLASSIFICATION)} (or pass an ImageNet-style folder).")
 
 
-def build_dataset(spec: str, split: str, transform=None, img_size: int = 32):
-    """Classification dataset for ``spec`` (builtin name or ImageNet-style root) and ``split`` (train|val)."""
+def build_dataset(spec: str, split: str, transform=None, img_size: int = 32, max_bad_fraction: float | None = None):
+    """Classification dataset for ``spec`` (builtin name or ImageNet-style root) and ``split`` (train|val).
+
+    Folders skip broken files up to ``max_bad_fraction`` of the split (:func:`image_folder`)."""
     spec = str(spec)
     if is_builtin(spec):
         _check_builtin(spec)
         return FashionMNISTSubset(split, img_size=img_size, transform=transform)
-    return image_folder(Path(spec), split, transform=transform)
+    return image_folder(Path(spec), split, transform=transform, max_bad_fraction=max_bad_fraction)
 
 
 def dataset_stats(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

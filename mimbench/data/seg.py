@@ -22,12 +22,12 @@ benchmark: numbers on it say nothing about ADE20K.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.data.builtin import _arrays, resize_grey
 from mimbench.errors import MimbenchError
 
@@ -59,7 +59,9 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
     """Write the set under ``root`` (ADE20K layout) unless the same parameters are already there; returns root.
 
     ``garments``: (fewest, most) garments per canvas; ``scale``: range of garment sizes relative to 28 pixels
-    (capped at the canvas). The manifest is written last, so an interrupted build is detected and redone.
+    (capped at the canvas). The manifest (parameters, sha256 of the embedded source data, and the size of
+    every file) is written last, atomically: the set is reused only when the manifest matches and every
+    listed file is there with its size, so an interrupted, tampered or stale build is redone, never read.
     """
     from PIL import Image
 
@@ -71,14 +73,12 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
                             "Pass e.g. scale=(0.75, 1.14).")
     root = Path(root)
     params = {"n_train": n_train, "n_val": n_val, "canvas": canvas, "seed": seed, "threshold": FOREGROUND_THRESHOLD,
-              "garments": list(garments), "scale": [float(v) for v in scale], "format": 2}
+              "garments": list(garments), "scale": [float(v) for v in scale], "format": 2,
+              "source_sha256": _source_sha256()}
     manifest = root / MANIFEST
     if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()) == params:
-                return root
-        except ValueError:
-            pass
+        if _manifest_holds(root, manifest, params):
+            return root
         manifest.unlink()
     try:
         for split, src in SPLITS.items():
@@ -90,17 +90,51 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
                 d.mkdir(parents=True, exist_ok=True)
                 for old in d.iterdir():
                     old.unlink()
+            fix = "Choose a writable output directory with free space."
             for i in range(count):
                 img, ann = _compose(rng, images, labels, canvas, garments, scale)
-                Image.fromarray(img).convert("RGB").save(img_dir / f"fmseg_{i:05d}.jpg", quality=95)
-                Image.fromarray(ann).save(ann_dir / f"fmseg_{i:05d}.png")
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(params))
-        os.replace(tmp, manifest)
+                img_rgb = Image.fromarray(img).convert("RGB")
+                # many small files: no fsync each; the durable manifest written last is the commit point
+                atomic_write(img_dir / f"fmseg_{i:05d}.jpg", lambda t: img_rgb.save(t, format="JPEG", quality=95),
+                             what="a FashionMNIST-Seg image", fix=fix, durable=False)
+                atomic_write(ann_dir / f"fmseg_{i:05d}.png", lambda t: Image.fromarray(ann).save(t, format="PNG"),
+                             what="a FashionMNIST-Seg label map", fix=fix, durable=False)
+        files = {str(f.relative_to(root)): f.stat().st_size
+                 for sub in ("images", "annotations") for f in sorted((root / sub).rglob("*")) if f.is_file()}
+        atomic_write_text(manifest, json.dumps({**params, "files": files}), what="the FashionMNIST-Seg manifest",
+                          fix="Choose a writable output directory with free space.")
     except OSError as exc:
         raise MimbenchError(f"FashionMNIST-Seg could not be written under {root} ({exc}).",
                             "Choose a writable output directory.") from exc
     return root
+
+
+def _source_sha256() -> str:
+    import hashlib
+
+    from mimbench.data.builtin import SUBSET_FILE
+
+    return hashlib.sha256(SUBSET_FILE.read_bytes()).hexdigest()
+
+
+def _manifest_holds(root: Path, manifest: Path, params: dict) -> bool:
+    """True when ``manifest`` was written for ``params`` and every file it lists has its recorded size."""
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "files"} != params:
+        return False
+    files = saved.get("files")
+    if not isinstance(files, dict) or len(files) != 2 * (params["n_train"] + params["n_val"]):
+        return False
+    for rel, size in files.items():
+        try:
+            if (root / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def check_ade20k_layout(root: str | Path) -> Path:

@@ -6,8 +6,13 @@ computed with the encoder in eval mode under ``torch.no_grad``; shape ``(N, D)``
 Cache: ``<cache_dir>/<key>.features.npy`` (N×D float32) and ``<key>.labels.npy`` (N int64), read back as
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
-so a changed encoder, dataset, split or pre-processing never reuses stale features. Files are written
-to a temporary name and renamed, so an interrupted extraction leaves no partial cache entry.
+so a changed encoder, dataset, split or pre-processing never reuses stale features. ``<key>.manifest.json``
+is written last and holds what the entry was built from (that spec plus a sha256 of the dataset's sample
+list - relative paths, labels and file sizes for folders) and the shape, dtype and byte size of both
+arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
+mid-write), truncated, stale (images added, removed or replaced) or malformed entry is rebuilt. Every file
+goes through :mod:`mimbench.atomic`; ``np.load`` runs with ``allow_pickle=False``, so a cache file can
+never run code.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.errors import MimbenchError
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
@@ -93,30 +99,84 @@ def compute_features(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.nda
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+CACHE_FIX = "Set cache_dir in the config (or --set cache_dir=...) to a writable folder with free space."
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of what a split holds: for folders the relative path, label and byte size of every sample
+    (so added, removed, relabelled or replaced images change it), for built-in data its length."""
+    h = hashlib.sha256()
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        h.update(f"{type(dataset).__name__}:{len(dataset)}".encode())
+        return h.hexdigest()
+    root = Path(getattr(dataset, "root", "."))
+    for path, label in samples:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        h.update(f"{os.path.relpath(path, root)}\t{label}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def _array_info(path: Path, array: np.ndarray) -> dict:
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size}
+
+
+def _read_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_from: dict):
+    """(features, labels) memory maps when the entry is complete and was built from ``built_from``; else None."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("built_from") != built_from:
+            return None
+        feats = np.load(feat_path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(label_path, mmap_mode="r", allow_pickle=False)
+        if (manifest.get("features") != _array_info(feat_path, feats)
+                or manifest.get("labels") != _array_info(label_path, labels)
+                or feats.ndim != 2 or labels.shape != (feats.shape[0],)):
+            return None
+        return feats, labels
+    except (OSError, ValueError, AttributeError, TypeError):  # missing, truncated, not .npy, object arrays, ...
+        return None
+
+
+def _npy_writer(array: np.ndarray):
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    return write
+
+
+def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_from: dict, feats, labels) -> None:
+    try:
+        manifest_path.unlink(missing_ok=True)  # the old entry stops being valid before its arrays change
+    except OSError as err:
+        raise MimbenchError(f"Feature cache {manifest_path.parent} is not writable ({err.strerror or err}).",
+                            CACHE_FIX) from None
+    atomic_write(feat_path, _npy_writer(feats), what="the feature cache", fix=CACHE_FIX)
+    atomic_write(label_path, _npy_writer(labels), what="the label cache", fix=CACHE_FIX)
+    manifest = {"built_from": built_from, "features": _array_info(feat_path, feats),
+                "labels": _array_info(label_path, labels)}
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1), what="the feature-cache manifest", fix=CACHE_FIX)
 
 
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
-                     device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     device: str | torch.device | None = None,
+                     max_bad_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
-    loaded from disk), ``transform``, ``img_size`` and ``classes``. Under several processes each rank
-    computes a contiguous shard, the shards are gathered (every rank returns all N rows, in dataset
-    order), rank 0 writes the cache and the others wait for it; whether the cache is valid is rank 0's
-    decision, so all ranks take the same path. ``device`` defaults to the process's device
-    (:func:`mimbench.dist.context`).
+    loaded from disk), ``transform``, ``img_size``, ``classes`` and ``skipped`` (broken files left out).
+    Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
+    returns all N rows, in dataset order), rank 0 writes the cache and its manifest and the others wait
+    for it; whether the cache is valid is rank 0's decision, so all ranks take the same path. ``device``
+    defaults to the process's device (:func:`mimbench.dist.context`).
     """
     from mimbench import dist
     from mimbench.batching import shard_range
-    from mimbench.data import build_dataset
+    from mimbench.data import build_dataset, skipped_files
     from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
 
     ctx = dist.setup()
@@ -124,16 +184,22 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     check_encoder_file(encoder)
     size = int(img_size or read_metadata(encoder)["img_size"])
     transform, desc = eval_transform(data, size)
-    dataset = build_dataset(data, split, transform=transform, img_size=size)
+    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     classes = list(dataset.classes)
-    key = cache_key(encoder_sha=encoder_sha256(encoder), data=data, split=split, transform_desc=desc,
-                    img_size=size, limit=limit)
+    enc_sha = encoder_sha256(encoder)
+    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit)
     cache_dir = Path(cache_dir)
     feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
-    info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
-    if dist.broadcast_flag(ctx.is_main and _valid_cache(feat_path, label_path)):
-        feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
-        return feats, labels, {**info, "cached": True}
+    manifest_path = cache_dir / f"{key}.manifest.json"
+    built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
+                  "img_size": size, "limit": limit, "samples_sha256": dataset_fingerprint(dataset)}
+    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "skipped": skipped_files(dataset)}
+    cached = _read_cache(feat_path, label_path, manifest_path, built_from) if ctx.is_main else None
+    if dist.broadcast_flag(cached is not None):
+        if cached is None:  # rank 0 checked the entry against its manifest
+            cached = (np.load(feat_path, mmap_mode="r", allow_pickle=False),
+                      np.load(label_path, mmap_mode="r", allow_pickle=False))
+        return cached[0], cached[1], {**info, "cached": True}
     device = torch.device(device) if device is not None else ctx.device
     model = load_encoder(encoder, img_size=size).to(device)
     items = limited(dataset, limit)
@@ -153,23 +219,10 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     error = None
     if ctx.is_main:
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            _save_npy(feat_path, feats)
-            _save_npy(label_path, labels)
-        except OSError as err:
+            _write_cache(feat_path, label_path, manifest_path, built_from, feats, labels)
+        except MimbenchError as err:
             error = err
     if not dist.broadcast_flag(error is None):
-        raise MimbenchError(f"Feature cache {cache_dir} is not writable ({error or 'on rank 0'}).",
-                            "Set cache_dir in the config (or --set cache_dir=...) to a writable folder.")
+        raise error or MimbenchError(f"Feature cache {cache_dir} could not be written on rank 0.", CACHE_FIX)
     return feats, labels, {**info, "cached": False}
 
-
-def _valid_cache(feat_path: Path, label_path: Path) -> bool:
-    """Both cache files exist and hold N×D features and N labels (an unreadable entry is recomputed)."""
-    if not (feat_path.is_file() and label_path.is_file()):
-        return False
-    try:
-        feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
-    except (ValueError, OSError):
-        return False
-    return feats.ndim == 2 and labels.shape == (feats.shape[0],)

@@ -77,7 +77,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from timm.loss import SoftTargetCrossEntropy
 
     from mimbench.batching import seed_batch
-    from mimbench.data import build_dataset, is_builtin
+    from mimbench.data import is_builtin
     from mimbench.encoders import read_metadata
     from mimbench.engine import fit
     from mimbench.evals import runner
@@ -108,9 +108,9 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         if dev not in run.deviations:
             run.deviations.append(dev)
     val_tf, val_desc = eval_transform(data, size)
-    train_set = limited(build_dataset(data, "train", transform=train_tf, img_size=size), data_cfg.get("limit_train"))
-    val_set = limited(build_dataset(data, "val", transform=val_tf, img_size=size), data_cfg.get("limit_val"))
-    classes = build_dataset(data, "val", transform=val_tf, img_size=size).classes
+    train_set = limited(runner.build_split(run, "train", transform=train_tf, img_size=size), data_cfg.get("limit_train"))
+    full_val = runner.build_split(run, "val", transform=val_tf, img_size=size)
+    val_set, classes = limited(full_val, data_cfg.get("limit_val")), full_val.classes
     loader = runner.train_loader(run, train_set, batch, accum, num_workers=num_workers)
     sampler = loader.batch_sampler
 
@@ -150,4 +150,5 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                   "warmup_epochs": loop.warmup_epochs, "layer_decay": float(optim["layer_decay"]),
                   "drop_path": float(cfg.model.drop_path), "train_transform": train_desc,
                   "val_transform": val_desc, "img_size": size},
-        metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)}})
+        metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)},
+                                  "skipped": runner.skipped(train_set, val_set)})

@@ -77,7 +77,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     data_cfg = cfg.get("data", {})
     cache_dir = Path(cfg.get("cache_dir") or run.out / "feature_cache")
     common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 64)),
-                  num_workers=int(cfg.get("num_workers", 0)))
+                  num_workers=int(cfg.get("num_workers", 0)), max_bad_fraction=runner.max_bad_fraction(run))
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=data_cfg.get("limit_train"),
                                                     **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=data_cfg.get("limit_val"), **common)
@@ -90,4 +90,5 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
         protocol={"k": k, "temperature": temperature, "feature": "class token after final norm, L2-normalised",
                   "transform": val_info["transform"]},
         metrics={"top1": acc[1], "top5": acc[5]},
-        dataset={"sizes": {"train": int(len(train_y)), "val": int(len(val_y))}})
+        dataset={"sizes": {"train": int(len(train_y)), "val": int(len(val_y))},
+                 "skipped": {"train": train_info["skipped"], "val": val_info["skipped"]}})

@@ -137,7 +137,6 @@ def _train_transform(data: str, img_size: int, aug: dict):
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                resume: bool = False) -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
-    from mimbench.data import build_dataset
     from mimbench.encoders import load_encoder, read_metadata
     from mimbench.engine import fit
     from mimbench.evals import runner
@@ -159,7 +158,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         if CACHED_DEVIATION not in run.deviations:
             run.deviations.insert(0, CACHED_DEVIATION)
         common = dict(cache_dir=Path(cfg.get("cache_dir") or run.out / "feature_cache"), img_size=size,
-                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers)
+                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
+                      max_bad_fraction=runner.max_bad_fraction(run))
         tx, ty, tinfo = extract_features(run.encoder, data, "train", limit=limit_train, **common)
         vx, vy, vinfo = extract_features(run.encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]
@@ -171,14 +171,16 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         encoder_model = None
         train_desc, val_desc = tinfo["transform"] + " (no augmentation)", vinfo["transform"]
         eval_batch = 4096
+        skipped = {"train": tinfo["skipped"], "val": vinfo["skipped"]}
     else:
         encoder_model = load_encoder(run.encoder, img_size=size).to(device).eval()
         for p in encoder_model.parameters():
             p.requires_grad_(False)
         train_tf, train_desc = _train_transform(data, size, dict(cfg.get("augment", {})))
         val_tf, val_desc = eval_transform(data, size)
-        train_set = build_dataset(data, "train", transform=train_tf, img_size=size)
-        val_set = build_dataset(data, "val", transform=val_tf, img_size=size)
+        train_set = runner.build_split(run, "train", transform=train_tf, img_size=size)
+        val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
+        skipped = runner.skipped(train_set, val_set)
         classes = list(train_set.classes)
         train_set, val_set = limited(train_set, limit_train), limited(val_set, limit_val)
         head = build_head(encoder_model.embed_dim, len(classes)).to(device)
@@ -211,4 +213,4 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         protocol={"mode": mode, "optimizer": str(optim.get("name", "lars")), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
                   "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
-        metrics=metrics, dataset={"sizes": sizes})
+        metrics=metrics, dataset={"sizes": sizes, "skipped": skipped})

@@ -2,10 +2,13 @@
 ``segment``) keep only their model, optimizer, step and metric.
 
 :func:`start` - distributed setup (:func:`mimbench.dist.setup`, before any model exists), encoder
-check, config + ``--set`` overrides, the recorded seed; returns an :class:`EvalRun`.
+check, config + ``--set`` overrides checked against the task's schema (:mod:`mimbench.schema`), the
+recorded seed; returns an :class:`EvalRun`.
 :func:`batch_rule` - micro-batch, accumulation, effective batch and learning rate, the rule
 pre-training uses too (:mod:`mimbench.batching`).
-:func:`loop_config` - the training loop settings from the config.
+:func:`loop_config` - the training loop settings from the config (mid-epoch checkpoints included).
+:func:`build_split` - a split of the data, broken files skipped up to ``data.max_bad_fraction``;
+:func:`skipped` lists them for the record.
 :func:`train_loader` - a loader whose optimizer steps hold the same images on any number of
 processes, each image's augmentation seeded by ``(seed, epoch, index)``; batches are
 ``(images, labels, indices)``.
@@ -25,7 +28,7 @@ import torch
 from mimbench.errors import MimbenchError
 
 __all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
-           "dataset_root"]
+           "dataset_root", "max_bad_fraction", "build_split", "skipped"]
 
 
 @dataclass
@@ -74,7 +77,7 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
     encoder, out = Path(encoder), Path(out)
     if check_encoder:
         check_encoder_file(encoder)
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides), kind=task)
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
@@ -97,9 +100,31 @@ def loop_config(run: EvalRun, sched: Mapping, accum: int, *, min_lr: float = 0.0
     cfg = run.cfg
     return LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
                       min_lr=float(sched.get("min_lr", min_lr)), accum_iter=accum, clip_grad=clip_grad,
-                      amp=cfg.get("amp", "auto"), ckpt_every=int(cfg.get("ckpt_every", 0)), seed=run.seed,
+                      amp=cfg.get("amp", "auto"), ckpt_every=int(cfg.get("ckpt_every", 0)),
+                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=run.seed,
                       log_every=int(cfg.get("log_every", 20)), progress=bool(cfg.get("progress", True)),
                       tensorboard=bool(cfg.get("tensorboard", False)))
+
+
+def max_bad_fraction(run: EvalRun) -> float | None:
+    """``data.max_bad_fraction``: the share of broken files a folder split may skip (None: the default)."""
+    return dict(run.cfg.get("data") or {}).get("max_bad_fraction")
+
+
+def build_split(run: EvalRun, split: str, *, transform, img_size: int):
+    """``split`` of the run's data; a folder's broken files are skipped up to :func:`max_bad_fraction`
+    (:func:`mimbench.data.image_folder`)."""
+    from mimbench.data import build_dataset
+
+    return build_dataset(run.data, split, transform=transform, img_size=img_size,
+                         max_bad_fraction=max_bad_fraction(run))
+
+
+def skipped(train, val) -> dict:
+    """The record's ``dataset.skipped``: the broken files each split left out."""
+    from mimbench.data import skipped_files
+
+    return {"train": skipped_files(train), "val": skipped_files(val)}
 
 
 def train_loader(run: EvalRun, dataset, batch: int, accum: int, *, num_workers: int = 0):
@@ -136,7 +161,11 @@ class TensorBatches:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        for chunk in self.batch_sampler:
+        return self.iter_from(0)
+
+    def iter_from(self, first: int):
+        """The epoch's micro-batches from micro-batch ``first`` on (a mid-epoch resume)."""
+        for chunk in self.batch_sampler.iter_from(first):
             idx = torch.tensor(chunk, dtype=torch.int64)
             dev_idx = idx.to(self.x.device)
             yield self.x[dev_idx], self.y[dev_idx], idx

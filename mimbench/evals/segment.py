@@ -320,6 +320,10 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     # mmengine draws a random seed when none is configured; fix one so the record's seed is the one used.
     if cfg.get("randomness", {}).get("seed") is None:
         cfg.randomness = dict(cfg.get("randomness", {}), seed=0)
+    # exact resume (mimbench.seg.resume) and a stop at the first non-finite loss (mimbench.seg.safety)
+    hooks = list(cfg.get("custom_hooks") or [])
+    have = {h.get("type") for h in hooks}
+    cfg.custom_hooks = hooks + [dict(type=t) for t in ("RngStateHook", "NonFiniteLossHook") if t not in have]
     cfg.work_dir = str(out / "mmseg")
     cfg.launcher = launcher
     cfg.resume = bool(resume)

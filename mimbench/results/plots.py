@@ -17,7 +17,10 @@ def _save(fig, out: str | Path) -> Path:
     """Lay out, write as PNG (100 dpi) and close ``fig``; returns the path."""
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    from mimbench.atomic import atomic_write
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what="the figure",
+                 fix="Give --out a path in a folder you can write to.")
     _pyplot().close(fig)
     return out
 

@@ -336,7 +336,10 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
                 sep = "\n\n" if fmt == "md" and not notes else "\n"
                 text += sep + "\n".join(f"{lead}{p}" for p in figures)
         try:
-            out.write_text(text + "\n", encoding="utf-8")
+            from mimbench.atomic import atomic_write_text
+
+            atomic_write_text(out, text + "\n", what="the report",
+                              fix="Give --out a path in a folder you can write to.")
         except OSError as e:
             raise MimbenchError(f"Cannot write the report to {out}: {e.strerror or e}.",
                                 "Give --out a path in a folder you can write to.") from e

@@ -4,8 +4,10 @@ Importing this package first makes ``mmcv.ops`` importable on installs that only
 have ``mmcv-lite`` (see :mod:`mimbench.seg.mmcv_ops_fallback`), so it must be
 imported before anything from ``mmseg``. It then makes mmengine load local
 checkpoints weights-only (:mod:`mimbench.seg.checkpoint`) and registers the
-project's dataset, metric (per-class IoU) and optimizer constructor (layer-wise
-decay with the BEiT/MAE weight-decay exclusions) in mmseg's registries.
+project's dataset, metric (per-class IoU), optimizer constructor (layer-wise
+decay with the BEiT/MAE weight-decay exclusions) the hook that carries RNG
+state through checkpoints (:mod:`mimbench.seg.resume`) and the one that stops at a non-finite loss
+(:mod:`mimbench.seg.safety`) in mmseg's registries.
 """
 
 from mimbench.seg.mmcv_ops_fallback import install as _install_mmcv_ops_fallback
@@ -19,6 +21,8 @@ _install_checkpoint_loader()
 from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
 from mimbench.seg.metrics import PerClassIoUMetric  # noqa: E402
 from mimbench.seg.optim import MimLayerDecayOptimizerConstructor  # noqa: E402
+from mimbench.seg.resume import RngStateHook  # noqa: E402
+from mimbench.seg.safety import NonFiniteLossHook  # noqa: E402
 
 __all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset", "MimLayerDecayOptimizerConstructor",
-           "PerClassIoUMetric"]
+           "NonFiniteLossHook", "PerClassIoUMetric", "RngStateHook"]

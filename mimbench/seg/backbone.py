@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
 
 _BLOCK_RULES = (

@@ -415,6 +415,14 @@ class DDAE(MAEWithDDS):
             self.update_teacher(D.ema_momentum(progress, self.ema_momentum, self.ema_momentum_end))
         super().on_step_end(it, total_its)
 
+    def set_progress(self, next_it: int, total_its: int) -> None:
+        """Resume: the beta schedule and the logged teacher momentum (the one of step ``next_it - 1``)
+        as an uninterrupted run has them before step ``next_it``."""
+        super().set_progress(next_it, total_its)
+        if self.teacher is not None and next_it > 0:
+            self._last_momentum = float(D.ema_momentum(next_it / max(int(total_its), 1), self.ema_momentum,
+                                                       self.ema_momentum_end))
+
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         if self.export_teacher:
             return {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}

@@ -85,7 +85,7 @@ def write_full_grid(grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         base = grid.base_paths[point.base]
-        cfg = load_config(base, point.overrides, kind="pretrain")  # refuses bad keys before anything is written
+        cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
         rel_base = relative(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
                   f"# Base: {rel_base}\n# Overrides: {' '.join(point.overrides) or '(none)'}\n")

@@ -43,6 +43,30 @@ def test_global_batches_are_the_same_chunks_on_any_process_count(world, accum):
     assert list(other) != ref_chunks
 
 
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 3)])
+def test_global_batches_start_at_any_micro_batch(world, accum):
+    """A mid-epoch resume starts at micro-batch k: the rest of the epoch is the same chunks, in order."""
+    from mimbench.engine import resume_from
+    from mimbench.evals.runner import TensorBatches
+
+    for r in range(world):
+        s = GlobalBatchSampler(100, 4, accum, seed=1, rank=r, world_size=world, with_epoch=True)
+        s.set_epoch(2)
+        whole = list(s)
+        assert all(list(s.iter_from(k)) == whole[k:] for k in range(len(whole) + 1))
+    loader = torch.utils.data.DataLoader(SeededItems(torch.utils.data.TensorDataset(torch.arange(100)), 1),
+                                         batch_sampler=GlobalBatchSampler(100, 4, accum, seed=1, with_epoch=True))
+    whole = [b[1].tolist() for b in loader]
+    assert [b[1].tolist() for b in resume_from(loader, 5)] == whole[5:]
+
+    class Run:  # what TensorBatches reads of an evaluation run
+        seed, rank, world_size = 1, 0, 1
+
+    batches = TensorBatches(Run(), torch.arange(100.0), torch.arange(100), 4, accum)
+    whole = [b[2].tolist() for b in batches]
+    assert [b[2].tolist() for b in resume_from(batches, 3)] == whole[3:]
+
+
 def test_shards_partition_the_evaluation_set():
     for n in (0, 1, 7, 200):
         for world in (1, 2, 3, 8):

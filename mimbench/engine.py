@@ -16,7 +16,8 @@ What it guarantees:
 * **Resume** - from the last checkpoint, at an epoch boundary or mid-epoch; on CPU the resumed run is
   bit-for-bit the uninterrupted one. Mid-epoch, the loader is re-created under the epoch-start RNG
   state (so a shuffling sampler draws the same order), the consumed batches are skipped through the
-  batch sampler without loading them (loaders with ``iter_from(n)`` skip themselves; any other
+  batch sampler without loading them (a batch sampler or loader with ``iter_from(n)``, such as
+  :class:`mimbench.batching.GlobalBatchSampler`, starts at micro-batch ``n`` itself; any other
   iterable is advanced batch by batch), and then the RNG state of the checkpoint is restored.
   Bit-identical needs in-process loading (``num_workers=0``) or a loader whose randomness is a
   function of (seed, epoch, index); with worker processes the data order is still exact but the
@@ -31,8 +32,10 @@ What it guarantees:
 * **Processes** - the process group and device come from :func:`mimbench.dist.setup`; the model
   must already be on that device (checked before DDP wraps it). Logged and per-epoch losses are
   means over every micro-batch of every rank of the step / epoch, so they do not depend on the
-  number of processes; loss terms are those of rank 0's last micro-batch. Only rank 0 writes
-  the log, checkpoints and progress.
+  number of processes (a mid-epoch checkpoint holds the running loss as a mean over ranks, so this
+  stays true after a resume); loss terms are those of rank 0's last micro-batch. Only rank 0 writes
+  the log, checkpoints and progress; a non-finite value seen on any rank stops all of them before a
+  checkpoint.
 * **Logs** - on a terminal a tqdm bar (stderr); otherwise (a batch job) a plain line on stdout
   every ``log_every`` optimizer steps: step / total, epoch, loss, lr, img/s, ETA. With
   ``tensorboard=True`` the same scalars also go to ``<out>/tensorboard`` through mmengine's

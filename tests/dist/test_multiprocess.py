@@ -107,7 +107,35 @@ def test_linear_cached_two_processes_equal_one(tmp_path, dist_encoder):
     for key in heads[0]:  # BN running statistics included: replayed in global order on every rank
         assert torch.allclose(heads[0][key].double(), heads[1][key].double(), atol=1e-5), key
     cache = sorted(p.name for p in (tmp_path / "two" / "feature_cache").iterdir())
-    assert len(cache) == 4 and all(n.endswith(".npy") for n in cache)  # train/val features + labels, once
+    # train/val features + labels, once, each split with the manifest of what it was built from
+    assert len(cache) == 6 and sum(n.endswith(".npy") for n in cache) == 4
+    assert sum(n.endswith(".manifest.json") for n in cache) == 2
+
+
+def test_linear_two_processes_killed_mid_epoch_resume_to_one_process_numbers(tmp_path, dist_encoder):
+    """Both ranks killed inside the last epoch, resumed from the mid-epoch checkpoint on 2 processes: the
+    epoch's training loss (all-reduced over ranks, partly from before the kill) and the metrics are
+    those of one uninterrupted process."""
+    from mimbench.evals import run_eval
+
+    common = ["data.limit_train=512", "data.limit_val=200", "schedule.epochs=3", "schedule.warmup_epochs=1",
+              "optim.batch_size=32", "optim.eff_batch_size=64", "log_every=2", "ckpt_every_steps=3"]
+    one = run_eval("linear", encoder=dist_encoder, config=LINEAR_DEMO, data="builtin:fashion-mnist",
+                   out=tmp_path / "one", overrides=common)
+    args = ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_DEMO, "--out",
+            str(tmp_path / "two"), *_sets(common)]
+    # 8 steps per epoch: killed after step 20 (epoch 3, in-epoch step 4), the checkpoint of step 19 survives
+    killed = torchrun(["--script", str(REPO / "tests" / "dist" / "killed_after_step.py"), "20", *args], 2,
+                      tmp_path / "killed-logs")
+    assert killed.returncode != 0
+    ck = torch.load(tmp_path / "two" / "checkpoint-latest.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"]) == (2, 3)
+    assert not _records(tmp_path / "two")
+    _two_procs(tmp_path, "resumed", [*args, "--resume"])
+    (written,) = _records(tmp_path / "two")
+    two = json.loads(written.read_text())
+    for key in ("top1", "top5", "train_loss"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-5)
 
 
 def test_knn_two_processes_equal_one_exactly(tmp_path, dist_encoder):

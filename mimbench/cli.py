@@ -234,15 +234,38 @@ def reproduce(paper: str = typer.Argument(..., help="robust-mae | ddae"),
 
 @app.command()
 @_user_errors
-def bench(what: str = typer.Argument("train", help="train (a full pre-training step) | forward (encoder only)"),
-          preset: str = typer.Option("mae_vit_tiny_patch4_32"), batch: int = typer.Option(64), steps: int = typer.Option(10)):
-    """Measure throughput (img/s) of a hot loop on this machine.
+def bench(
+    mode: str = typer.Argument(..., help="pretrain | features | linear | finetune | segment | data"),
+    config: Optional[Path] = typer.Option(None, help="Config of the loop to time (default: the demo/protocol config of MODE)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)"),
+    steps: int = typer.Option(10, help="Timed steps (after the warm-up)"),
+    batch: Optional[int] = typer.Option(None, help="Batch size (default: the config's)"),
+    warmup: int = typer.Option(3, help="Untimed warm-up steps"),
+    compare: bool = typer.Option(False, help="Also time the plain eager fp32 path, interleaved, and print the ratio"),
+    peak_tflops: Optional[float] = typer.Option(None, help="Peak TFLOP/s for MFU (default: known GPUs' bf16 peak)"),
+    encoder: Optional[Path] = typer.Option(None, help="features/linear/finetune/segment: encoder file"),
+    arch: Optional[str] = typer.Option(None, help="features/linear/finetune: random-init timm ViT (default vit_base_patch16_224)"),
+    data: Optional[str] = typer.Option(None, help="data: ImageFolder root"),
+    workers: Optional[int] = typer.Option(None, help="data: loader workers (default: this machine's CPUs)"),
+    amp: Optional[str] = typer.Option(None, help="auto | bf16 | none (default: the config's amp)"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
+    out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
+    preset: Optional[str] = typer.Option(None, hidden=True),
+):
+    """Time a hot loop on this machine: img/s, step time, FLOPs/img, MFU, memory; --compare against the plain path.
 
-    Example: mimbench bench train --preset mae_vit_tiny_patch4_32
+    Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
     """
-    from mimbench.bench import run_bench
+    from mimbench.bench import format_bench, run_bench
 
-    typer.echo(run_bench(what, preset=preset, batch=batch, steps=steps))
+    if preset is not None:
+        raise MimbenchError("--preset was replaced by the model name of a pre-training config.",
+                            f"Use: mimbench bench pretrain --set model.name={preset}")
+    record = run_bench(mode, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
+                       warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
+                       data=data, workers=workers, amp=amp, compile=compile, out=out)
+    typer.echo(format_bench(record))
 
 
 def main() -> None:  # console-script entry point

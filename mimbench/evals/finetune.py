@@ -82,6 +82,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from mimbench.evals.features import eval_transform, limited
     from mimbench.evals.linear import _accumulation, _scores, _topk
     from mimbench.results.records import encoder_summary, new_record, write_record
+    from mimbench.fastpath import resolve_amp
 
     started = time.time()
     encoder, out = Path(encoder), Path(out)
@@ -175,6 +176,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         seed=seed,
         started=started,
         finished=finished,
+        precision=resolve_amp(str(loop.amp), device),
     )
     if rank == 0:
         write_record(out, record)

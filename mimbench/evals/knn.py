@@ -77,8 +77,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     data_cfg = cfg.get("data", {})
     out = Path(out)
     cache_dir = Path(cfg.get("cache_dir") or out / "feature_cache")
-    common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 64)),
-                  num_workers=int(cfg.get("num_workers", 0)))
+    common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 256)),
+                  num_workers=int(cfg.get("num_workers", 0)), amp=str(cfg.get("amp", "auto")))
     train_x, train_y, train_info = extract_features(encoder, data, "train", limit=data_cfg.get("limit_train"), **common)
     val_x, val_y, val_info = extract_features(encoder, data, "val", limit=data_cfg.get("limit_val"), **common)
     scores = knn_predict(torch.from_numpy(np.asarray(train_x)), torch.from_numpy(np.asarray(train_y)),
@@ -99,6 +99,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
         seed=int(cfg.get("seed", 0)),
         started=started,
         finished=finished,
+        precision=val_info["precision"],
     )
     write_record(out, record)
     return record

@@ -148,6 +148,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
     from mimbench.engine import LoopConfig, dist_info, fit, seed_everything
     from mimbench.evals.features import eval_transform, extract_features, limited
+    from mimbench.fastpath import resolve_amp
     from mimbench.results.records import encoder_summary, new_record, write_record
 
     started = time.time()
@@ -177,7 +178,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         if CACHED_DEVIATION not in deviations:
             deviations.insert(0, CACHED_DEVIATION)
         common = dict(cache_dir=Path(cfg.get("cache_dir") or out / "feature_cache"), img_size=size,
-                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers)
+                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
+                      amp=str(loop.amp))
         tx, ty, tinfo = extract_features(encoder, data, "train", limit=limit_train, **common)
         vx, vy, vinfo = extract_features(encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]
@@ -248,6 +250,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         seed=seed,
         started=started,
         finished=finished,
+        precision=resolve_amp(str(loop.amp), device),
     )
     if rank == 0:
         write_record(out, record)

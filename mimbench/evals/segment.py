@@ -230,6 +230,13 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
+def _precision(optim_wrapper) -> str:
+    """bf16 | fp16 | none (fp32): what mmengine's optimizer wrapper computes in."""
+    if optim_wrapper.get("type") != "AmpOptimWrapper":
+        return "none"
+    return "bf16" if str(optim_wrapper.get("dtype")) in ("bfloat16", "torch.bfloat16") else "fp16"
+
+
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                 launcher: str = "none", resume: bool = False, aug_test: bool | None = None) -> dict:
     """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
@@ -311,6 +318,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
         seed=int(cfg.randomness.seed),
         started=started,
         finished=finished,
+        precision=_precision(cfg.optim_wrapper),
     )
     if is_main_process():
         write_record(out, record)

@@ -41,6 +41,8 @@ def _check(record, mode, compare):
     if compare:
         assert m["plain_img_per_s"] > 0
         assert m["speedup"] == pytest.approx(m["img_per_s"] / m["plain_img_per_s"])
+        if mode != "data":
+            assert m["speedup_paired"] > 0
     else:
         assert "speedup" not in m
 

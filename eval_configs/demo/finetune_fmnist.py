@@ -20,7 +20,7 @@ augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", 
 data = dict(limit_train=None, limit_val=None)
 clip_grad = None
 num_workers = 0
-amp = "none"
+amp = "auto"             # bf16 autocast where the hardware has it (CUDA, bf16-capable CPUs), else fp32
 ckpt_every = 0
 log_every = 20
 progress = False

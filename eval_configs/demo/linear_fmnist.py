@@ -8,7 +8,7 @@ schedule = dict(epochs=20, warmup_epochs=2, min_lr=0.0)
 augment = dict(scale=(0.08, 1.0))
 data = dict(limit_train=None, limit_val=None)
 num_workers = 0
-amp = "none"
+amp = "auto"             # bf16 autocast where the hardware has it (CUDA, bf16-capable CPUs), else fp32
 ckpt_every = 0
 log_every = 20
 progress = False

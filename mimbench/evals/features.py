@@ -1,13 +1,16 @@
 """Frozen-encoder features for a dataset split, cached on disk.
 
 A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
-computed with the encoder in eval mode under ``torch.no_grad``; shape ``(N, D)`` float32.
+computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
+(``amp``: "auto" = bf16 autocast on CUDA and bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`);
+stored as ``(N, D)`` float32.
 
 Cache: ``<cache_dir>/<key>.features.npy`` (N×D float32) and ``<key>.labels.npy`` (N int64), read back as
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
-so a changed encoder, dataset, split or pre-processing never reuses stale features. Files are written
-to a temporary name and renamed, so an interrupted extraction leaves no partial cache entry.
+and the precision, so a changed encoder, dataset, split, pre-processing or precision never reuses stale
+features. Files are written to a temporary name and renamed, so an interrupted extraction leaves no
+partial cache entry.
 """
 from __future__ import annotations
 
@@ -63,9 +66,11 @@ def data_identity(data: str) -> str:
 
 
 def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
-              limit: int | None) -> str:
+              limit: int | None, precision: str = "none") -> str:
     spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
             "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
+    if precision != "none":  # fp32 keys stay those of caches written before precision was a choice
+        spec["precision"] = precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -78,14 +83,18 @@ def limited(dataset, limit: int | None):
     return torch.utils.data.Subset(dataset, range(int(limit)))
 
 
-@torch.no_grad()
-def compute_features(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``."""
+def compute_features(model: torch.nn.Module, loader, precision: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``, under
+    ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 | none)."""
+    from mimbench.fastpath import autocast_factory
+
     model.eval()
     device = next(model.parameters()).device
+    autocast = autocast_factory(precision, device)
     feats, labels = [], []
     for images, targets in loader:
-        tokens = model.forward_features(images.to(device, non_blocking=True))
+        with torch.inference_mode(), autocast():
+            tokens = model.forward_features(images.to(device, non_blocking=True))
         feats.append(tokens[:, 0].float().cpu())
         labels.append(torch.as_tensor(targets, dtype=torch.int64))
     if not feats:
@@ -103,21 +112,22 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
-                     batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
-                     device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
+                     device: str | torch.device | None = None, amp: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
-    loaded from disk), ``transform``, ``img_size`` and ``classes``. Under several processes each rank
-    computes a contiguous shard, the shards are gathered (every rank returns all N rows, in dataset
-    order), rank 0 writes the cache and the others wait for it; whether the cache is valid is rank 0's
-    decision, so all ranks take the same path. ``device`` defaults to the process's device
-    (:func:`mimbench.dist.context`).
+    loaded from disk), ``transform``, ``img_size``, ``classes`` and ``precision`` (resolved from ``amp``
+    on ``device``). Under several processes each rank computes a contiguous shard, the shards are
+    gathered (every rank returns all N rows, in dataset order), rank 0 writes the cache and the others
+    wait for it; whether the cache is valid is rank 0's decision, so all ranks take the same path.
+    ``device`` defaults to the process's device (:func:`mimbench.dist.context`).
     """
     from mimbench import dist
     from mimbench.batching import shard_range
     from mimbench.data import build_dataset
     from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
+    from mimbench.fastpath import resolve_amp
 
     ctx = dist.setup()
     encoder = Path(encoder)
@@ -126,15 +136,16 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size)
     classes = list(dataset.classes)
+    device = torch.device(device) if device is not None else ctx.device
+    precision = resolve_amp(amp, device)
     key = cache_key(encoder_sha=encoder_sha256(encoder), data=data, split=split, transform_desc=desc,
-                    img_size=size, limit=limit)
+                    img_size=size, limit=limit, precision=precision)
     cache_dir = Path(cache_dir)
     feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
-    info = {"key": key, "transform": desc, "img_size": size, "classes": classes}
+    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "precision": precision}
     if dist.broadcast_flag(ctx.is_main and _valid_cache(feat_path, label_path)):
         feats, labels = np.load(feat_path, mmap_mode="r"), np.load(label_path, mmap_mode="r")
         return feats, labels, {**info, "cached": True}
-    device = torch.device(device) if device is not None else ctx.device
     model = load_encoder(encoder, img_size=size).to(device)
     items = limited(dataset, limit)
     if len(items) == 0:
@@ -144,7 +155,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, pin_memory=device.type == "cuda")
-        feats, labels = compute_features(model, loader)
+        feats, labels = compute_features(model, loader, precision)
     else:  # more ranks than items
         feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
     if ctx.distributed:

@@ -255,6 +255,13 @@ def _replace_sync_bn(node) -> None:
             _replace_sync_bn(value)
 
 
+def _precision(optim_wrapper) -> str:
+    """bf16 | fp16 | none (fp32): what mmengine's optimizer wrapper computes in."""
+    if optim_wrapper.get("type") != "AmpOptimWrapper":
+        return "none"
+    return "bf16" if str(optim_wrapper.get("dtype")) in ("bfloat16", "torch.bfloat16") else "fp16"
+
+
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                 launcher: str = "auto", resume: bool = False, aug_test: bool | None = None) -> dict:
     """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
@@ -340,4 +347,5 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     run.deviations, run.seed = deviations, int(cfg.randomness.seed)
     return evals.finish(run, protocol={"sha256": protocol_sha, "test_mode": cfg.model.test_cfg.get("mode"),
                                         "multi_scale_test": bool(aug_test)},
-                        metrics=metrics, dataset={"root": str(root)}, name=dataset_name)
+                        metrics=metrics, dataset={"root": str(root)}, name=dataset_name,
+                        precision=_precision(cfg.optim_wrapper))

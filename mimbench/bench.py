@@ -171,6 +171,7 @@ def _seeded(fn):
 
 @_seeded
 def _pretrain_step(cfg, batch, device, fast, autocast):
+    from mimbench.batching import scaled_lr
     from pretrain import create_model
     from pretrain.main import build_optimizer
 
@@ -181,7 +182,7 @@ def _pretrain_step(cfg, batch, device, fast, autocast):
 
     set_fused_attention(model, fast)
     opt_cfg = cfg.optim
-    optimizer = build_optimizer(model, lr=float(opt_cfg.blr) * batch / 256, weight_decay=float(opt_cfg.get("weight_decay", 0.05)),
+    optimizer = build_optimizer(model, lr=scaled_lr(opt_cfg, batch), weight_decay=float(opt_cfg.get("weight_decay", 0.05)),
                                 betas=opt_cfg.get("betas", (0.9, 0.95)), fast=fast)
     size = int(cfg.get("data", {}).get("img_size") or model.encoder_arch()["img_size"])
     imgs = torch.randn(batch, 3, size, size, device=device)
@@ -217,6 +218,7 @@ def _features_step(cfg, batch, device, fast, autocast, encoder, arch):
 
 @_seeded
 def _linear_step(cfg, batch, device, fast, autocast, encoder, arch):
+    from mimbench.batching import scaled_lr
     from mimbench.evals.linear import build_head, build_optimizer
     from mimbench.fastpath import set_fused_attention
 
@@ -226,7 +228,7 @@ def _linear_step(cfg, batch, device, fast, autocast, encoder, arch):
     num_classes = 1000
     head = build_head(model.embed_dim, num_classes).to(device)
     optim = dict(cfg.optim)
-    optimizer = build_optimizer(head, optim, float(optim.get("lr") or 0.1))
+    optimizer = build_optimizer(head, optim, scaled_lr(optim, batch))
     imgs = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
 
@@ -237,12 +239,14 @@ def _linear_step(cfg, batch, device, fast, autocast, encoder, arch):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        head[0].commit()  # the batch-norm statistics update of an optimizer step, as in the probe's loop
 
     return model, step, {"img_size": size, "optimizer": str(optim.get("name", "lars"))}
 
 
 @_seeded
 def _finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
+    from mimbench.batching import scaled_lr
     from mimbench.evals.finetune import build_optimizer
     from mimbench.fastpath import set_fused_attention
 
@@ -253,7 +257,7 @@ def _finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
     model = model.to(device).train()
     set_fused_attention(model, fast)
     optim = dict(cfg.optim)
-    optimizer = build_optimizer(model, lr=float(optim.get("lr") or optim.get("blr") or 1e-3),
+    optimizer = build_optimizer(model, lr=scaled_lr(optim, batch),
                                 weight_decay=float(optim.get("weight_decay", 0.05)),
                                 layer_decay=float(optim.get("layer_decay", 0.75)), fast=fast)
     imgs = torch.randn(batch, 3, size, size, device=device)
@@ -279,7 +283,7 @@ def _segment_step(cfg, batch, device, fast, autocast, encoder, arch):
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
 
-    from mimbench.evals.segment import adapt_config
+    from mimbench.evals.segment import adapt_config, replace_sync_bn
     from mimbench.fastpath import set_fused_attention
 
     cfg = cfg.copy()
@@ -293,9 +297,7 @@ def _segment_step(cfg, batch, device, fast, autocast, encoder, arch):
         cfg.optim_wrapper.type = "OptimWrapper"
         cfg.optim_wrapper.pop("loss_scale", None)
         cfg.optim_wrapper.pop("dtype", None)
-    for node in (cfg.model.get("decode_head"), cfg.model.get("auxiliary_head"), cfg.model.get("neck")):
-        if node is not None and node.get("norm_cfg", {}).get("type") == "SyncBN":
-            node.norm_cfg = dict(type="BN", requires_grad=True)  # one process
+    replace_sync_bn(cfg.model)  # one process
     init_default_scope("mmseg")
     model = MODELS.build(cfg.model).to(device).train()
     set_fused_attention(model, fast)

@@ -2,10 +2,12 @@
 
 Optimisation follows the official MAE recipe: AdamW with betas (0.9, 0.95), weight decay on
 weight matrices only (1-D parameters and ``model.no_weight_decay()`` names excluded, frozen
-parameters such as an EMA teacher left out), ``lr = blr * effective_batch / 256`` with
+parameters such as an EMA teacher left out), ``lr = blr * effective_batch / 256``
+(:func:`mimbench.batching.scaled_lr`, the rule of the evaluations too) with
 ``effective_batch = batch_size * accum_iter * world_size`` (or ``optim.eff_batch_size``, reached by
 accumulation whatever the number of processes: :func:`mimbench.batching.resolve_batch`), per-step
-warm-up + cosine schedule. Config schema: ``pretrain/configs/_base_/default.py``.
+warm-up + cosine schedule; AdamW's multi-tensor implementation and, with ``runtime.compile``,
+``torch.compile`` (:mod:`mimbench.fastpath`). Config schema: ``pretrain/configs/_base_/default.py``.
 
 Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
 the global batch of every step holds the same images, each image's crop, flip and MAE mask noise

@@ -1,66 +1,514 @@
-"""Throughput of a pre-training model on random images (no data loading), for sizing runs.
+"""``mimbench bench``: how fast each hot loop runs on this machine, measured against the plain path.
 
-``train`` times a full optimizer step (forward at mask ratio 0.75, backward, AdamW step) and
-``forward`` a no-grad forward, both under the same precision the training loop uses (bf16 autocast
-on CUDA, fp32 on CPU). Two untimed warm-up steps come first; CUDA is synchronised before reading
-the clock.
+Modes (random inputs of the configured shape, so only the computation is timed; ``data`` times the
+input pipeline alone):
+
+``pretrain``  one optimizer step of a pre-training config (forward at the mask ratio, backward,
+              AdamW, ``on_step_end`` e.g. the DDAE teacher EMA).
+``features``  frozen-encoder feature extraction (class token after the final norm), as the k-NN and
+              cached linear probe compute it.
+``linear``    one linear-probe step in protocol mode: frozen encoder forward + BatchNorm/Linear head
+              step with the config's optimizer (LARS or Adam).
+``finetune``  one fine-tuning step: the whole ViT with avg pooling + fc_norm, drop path, layer-decay
+              AdamW, label-smoothed cross-entropy.
+``segment``   one mmseg ``train_step`` of a UperNet segmentation config on crop-sized images.
+``data``      decode + augment throughput of an ImageFolder tree through the MAE pre-training
+              transform and a DataLoader, in images/s and images/s per worker (the plain path:
+              the same in the main process, 0 workers; the two run one after the other).
+
+**Fast path** (what the project runs by default; :mod:`mimbench.fastpath`): the precision of
+``amp`` (``--amp`` or the config's, "auto" = bf16 on CUDA and on bf16-capable CPUs), fused
+attention (``F.scaled_dot_product_attention``), multi-tensor/fused AdamW, ``torch.inference_mode``
+for feature extraction, optionally ``torch.compile`` (``--compile``, or ``runtime.compile`` of a
+pre-training config). **Plain path** (``--compare``): fp32, explicit softmax attention, per-tensor
+AdamW loop, ``torch.no_grad`` - what reference-style code does - built from the same weights and
+inputs. The two paths alternate step by step (A B A B ...) in one process, so a machine whose
+speed drifts (shared CPUs, clocks) slows both alike and their ratio stays meaningful.
+
+**Timing**: ``warmup`` untimed steps per path first (compilation, allocator, caches), then
+``steps`` timed steps, each between device synchronisations. Reported per path: images/s
+(batch / median step time), median / min / max / interquartile range of the step time in ms,
+FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` over one eager step: matmuls,
+convolutions and attention, forward + backward where the step has one), achieved TFLOP/s, and
+MFU = achieved / peak when a peak is known (``--peak-tflops``, or the bf16 dense peak of a
+recognised GPU, :data:`PEAK_TFLOPS`). Memory: on CUDA the step's peak allocation above what was
+allocated before it (activations, gradients, workspace), per image; on CPU the process's peak
+resident set (one figure for the whole process).
+
+The result is a run record of task ``bench`` (``<out>/bench-<id>.json``) whose metrics hold the
+fast path's figures, ``plain_*`` the plain path's, ``speedup`` their img/s ratio and
+``speedup_paired`` the median over rounds of (plain step time / fast step time).
 """
 from __future__ import annotations
 
+import os
+import resource
+import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
 
-WHAT = ("train", "forward")
+MODES = ("pretrain", "features", "linear", "finetune", "segment", "data")
+DEFAULT_CONFIGS = {
+    "pretrain": "pretrain/configs/mae_tiny_fmnist.py",
+    "features": "eval_configs/knn/dino_k20.py",
+    "linear": "eval_configs/demo/linear_fmnist.py",
+    "finetune": "eval_configs/demo/finetune_fmnist.py",
+    "segment": "eval_configs/segmentation/demo_fmnist_seg.py",
+    "data": None,
+}
+#: Dense bf16 tensor-core peaks (TFLOP/s) by GPU name fragment, from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0}
+#: Encoder used by features / linear / finetune when neither --encoder nor --arch is given.
+DEFAULT_ARCH = "vit_base_patch16_224"
+PLAIN = "fp32, explicit-softmax attention, per-tensor AdamW loop, torch.no_grad, eager"
 
 
-def run_bench(what: str = "train", preset: str = "mae_vit_tiny_patch4_32", batch: int = 64, steps: int = 10,
-              *, device: str | None = None, mask_ratio: float = 0.75) -> str:
-    """Time ``steps`` steps of ``what`` for registry model ``preset``; returns a one-line report
-    ``"<what> <preset> batch=B device=D: X img/s (Y ms/step)"``."""
-    if what not in WHAT:
-        raise MimbenchError(f"Unknown benchmark {what!r}.", f"Choose one of: {', '.join(WHAT)}.")
-    if batch < 1 or steps < 1:
-        raise MimbenchError(f"batch={batch} and steps={steps} must both be >= 1.", "Pass positive numbers.")
-    from pretrain import create_model
+# ---------------------------------------------------------------------------- helpers
+def default_workers() -> int:
+    """Data-loader workers for this machine: the CPUs this process may run on (at least 1)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = create_model(preset).to(dev)
-    size = int(model.encoder_arch()["img_size"])
-    imgs = torch.randn(batch, 3, size, size, device=dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
 
-    def autocast():
-        if dev.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+def known_peak_tflops(device: torch.device) -> float | None:
+    """bf16 dense peak of a recognised GPU (:data:`PEAK_TFLOPS`), else None (CPUs included)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
 
-    def one() -> None:
-        if what == "train":
-            model.train()
-            with autocast():
-                loss, _, _ = model(imgs, mask_ratio=mask_ratio)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.on_step_end(0, 1)
-        else:
-            model.eval()
-            with torch.no_grad(), autocast():
-                model(imgs, mask_ratio=mask_ratio)
 
-    for _ in range(2):
-        one()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _summary(times_s: list[float], batch: int) -> dict:
+    ms = sorted(t * 1000 for t in times_s)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0], ms[0], ms[0]]
+    median = statistics.median(ms)
+    return {"img_per_s": batch / (median / 1000), "step_ms_median": median, "step_ms_min": ms[0],
+            "step_ms_max": ms[-1], "step_ms_iqr": q[2] - q[0]}
+
+
+def time_paths(paths: dict[str, Callable[[], object]], *, steps: int, warmup: int,
+               device: torch.device) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Run every path ``warmup`` times, then ``steps`` rounds of one step per path in turn; returns
+    step times (s) and, on CUDA, each path's peak allocation above its starting point (bytes)."""
+    for _ in range(warmup):
+        for fn in paths.values():
+            fn()
+    _sync(device)
+    times = {name: [] for name in paths}
+    peaks = {name: 0 for name in paths}
     for _ in range(steps):
-        one()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    dt = time.perf_counter() - t0
-    ips = batch * steps / dt
-    return (f"{what} {preset} batch={batch} device={dev.type} threads={torch.get_num_threads()}: "
-            f"{ips:.1f} img/s ({1000 * dt / steps:.1f} ms/step)")
+        for name, fn in paths.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                start_mem = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - start_mem)
+    return times, peaks
+
+
+def _check_positive(**values) -> None:
+    bad = {k: v for k, v in values.items() if v is not None and int(v) < 1}
+    if bad:
+        raise MimbenchError(f"{', '.join(f'--{k} {v}' for k, v in bad.items())}: must be >= 1.", "Pass positive numbers.")
+
+
+# ---------------------------------------------------------------------------- models
+def _encoder(encoder: Path | None, arch: str | None, img_size: int | None, **timm_kwargs):
+    """(timm ViT, img_size): the encoder file's weights, or a random-init timm ``arch``."""
+    if encoder is not None:
+        from mimbench.encoders import load_encoder, read_metadata
+
+        size = int(img_size or read_metadata(encoder)["img_size"])
+        return load_encoder(encoder, img_size=size, **timm_kwargs), size
+    import timm
+
+    try:
+        kwargs = {"pretrained": False, **({"img_size": img_size} if img_size else {}), **timm_kwargs}
+        model = timm.create_model(arch or DEFAULT_ARCH, **kwargs)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise MimbenchError(f"--arch {arch!r}: {exc}", "Pass a timm ViT name such as vit_base_patch16_224, or --encoder.")
+    return model, int(model.patch_embed.img_size[0])
+
+
+def _seeded(fn):
+    """Build with torch's RNG at seed 0, so the fast and plain paths get the same weights and inputs."""
+    def wrapper(*args, **kwargs):
+        torch.manual_seed(0)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_seeded
+def _pretrain_step(cfg, batch, device, fast, autocast):
+    from mimbench.batching import scaled_lr
+    from pretrain import create_model
+    from pretrain.main import build_optimizer
+
+    kwargs = dict(cfg.model)
+    name = kwargs.pop("name", None) or kwargs.pop("type", None)
+    model = create_model(name, **kwargs).to(device).train()
+    from mimbench.fastpath import set_fused_attention
+
+    set_fused_attention(model, fast)
+    opt_cfg = cfg.optim
+    optimizer = build_optimizer(model, lr=scaled_lr(opt_cfg, batch), weight_decay=float(opt_cfg.get("weight_decay", 0.05)),
+                                betas=opt_cfg.get("betas", (0.9, 0.95)), fast=fast)
+    size = int(cfg.get("data", {}).get("img_size") or model.encoder_arch()["img_size"])
+    imgs = torch.randn(batch, 3, size, size, device=device)
+    mask_ratio = float(cfg.runtime.get("mask_ratio", 0.75))
+
+    def step():
+        with autocast():
+            loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.on_step_end(0, 10**6)
+
+    return model, step, {"model": name, "img_size": size, "mask_ratio": mask_ratio}
+
+
+@_seeded
+def _features_step(cfg, batch, device, fast, autocast, encoder, arch):
+    model, size = _encoder(encoder, arch, cfg.get("img_size"), num_classes=0)
+    model = model.to(device).eval()
+    from mimbench.fastpath import set_fused_attention
+
+    set_fused_attention(model, fast)
+    imgs = torch.randn(batch, 3, size, size, device=device)
+    grad_off = torch.inference_mode if fast else torch.no_grad
+
+    def step():
+        with grad_off(), autocast():
+            return model.forward_features(imgs)[:, 0].float()
+
+    return model, step, {"img_size": size}
+
+
+@_seeded
+def _linear_step(cfg, batch, device, fast, autocast, encoder, arch):
+    from mimbench.batching import scaled_lr
+    from mimbench.evals.linear import build_head, build_optimizer
+    from mimbench.fastpath import set_fused_attention
+
+    model, size = _encoder(encoder, arch, cfg.get("img_size"), num_classes=0)
+    model = model.to(device).eval().requires_grad_(False)
+    set_fused_attention(model, fast)
+    num_classes = 1000
+    head = build_head(model.embed_dim, num_classes).to(device)
+    optim = dict(cfg.optim)
+    optimizer = build_optimizer(head, optim, scaled_lr(optim, batch))
+    imgs = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step():
+        with torch.no_grad(), autocast():
+            feats = model.forward_features(imgs)[:, 0]
+        loss = F.cross_entropy(head(feats.float()), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        head[0].commit()  # the batch-norm statistics update of an optimizer step, as in the probe's loop
+
+    return model, step, {"img_size": size, "optimizer": str(optim.get("name", "lars"))}
+
+
+@_seeded
+def _finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
+    from mimbench.batching import scaled_lr
+    from mimbench.evals.finetune import build_optimizer
+    from mimbench.fastpath import set_fused_attention
+
+    num_classes = 1000
+    model_cfg = dict(cfg.get("model", {}))
+    model, size = _encoder(encoder, arch, cfg.get("img_size"), global_pool="avg", fc_norm=True,
+                           drop_path_rate=float(model_cfg.get("drop_path", 0.1)), num_classes=num_classes)
+    model = model.to(device).train()
+    set_fused_attention(model, fast)
+    optim = dict(cfg.optim)
+    optimizer = build_optimizer(model, lr=scaled_lr(optim, batch),
+                                weight_decay=float(optim.get("weight_decay", 0.05)),
+                                layer_decay=float(optim.get("layer_decay", 0.75)), fast=fast)
+    imgs = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    smoothing = float(cfg.get("mixup", {}).get("smoothing", 0.1))
+
+    def step():
+        with autocast():
+            loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step, {"img_size": size}
+
+
+@_seeded
+def _segment_step(cfg, batch, device, fast, autocast, encoder, arch):
+    import mimbench.seg  # noqa: F401  (mmcv.ops fallback and registrations before mmseg)
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    from mimbench.evals.segment import adapt_config, replace_sync_bn
+    from mimbench.fastpath import set_fused_attention
+
+    cfg = cfg.copy()
+    crop = tuple(cfg.crop_size)
+    if encoder is not None:
+        from mimbench.encoders import read_metadata
+        from mimbench.seg.backbone import backbone_cfg_from_metadata
+
+        adapt_config(cfg, backbone_cfg_from_metadata(read_metadata(encoder), crop[0]), cuda=device.type == "cuda")
+    if cfg.optim_wrapper.get("type") == "AmpOptimWrapper":  # precision is the bench's choice (autocast below)
+        cfg.optim_wrapper.type = "OptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
+        cfg.optim_wrapper.pop("dtype", None)
+    replace_sync_bn(cfg.model)  # one process
+    init_default_scope("mmseg")
+    model = MODELS.build(cfg.model).to(device).train()
+    set_fused_attention(model, fast)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    num_classes = int(cfg.model.decode_head.num_classes)
+    inputs = [torch.randint(0, 256, (3, *crop), dtype=torch.uint8) for _ in range(batch)]
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, num_classes, (1, *crop))))
+        sample.set_metainfo(dict(img_shape=crop, ori_shape=crop, pad_shape=crop))
+        samples.append(sample)
+
+    def step():
+        with autocast():
+            model.train_step(dict(inputs=inputs, data_samples=samples), optim_wrapper)
+
+    return model, step, {"img_size": crop[0]}
+
+
+_BUILDERS = {"pretrain": _pretrain_step, "features": _features_step, "linear": _linear_step,
+             "finetune": _finetune_step, "segment": _segment_step}
+
+
+def _batch_of(mode: str, cfg, batch: int | None) -> int:
+    if batch:
+        return int(batch)
+    if mode == "pretrain":
+        return int(cfg.optim.batch_size)
+    if mode == "features":
+        return int(cfg.get("feature_batch_size") or cfg.get("batch_size") or 256)
+    if mode == "segment":
+        return int(cfg.train_dataloader.batch_size)
+    return int(cfg.optim.get("batch_size", 64))
+
+
+# ---------------------------------------------------------------------------- data
+def _bench_data(data: str | None, *, img_size: int, batch: int, steps: int, warmup: int, workers: int,
+                compare: bool) -> tuple[dict, dict]:
+    """Images/s of the MAE pre-training transform over an ImageFolder tree's train split."""
+    from mimbench.data import build_dataset
+    from pretrain.data import mae_pretrain_transform
+
+    if not data or str(data).startswith("builtin:"):
+        raise MimbenchError("bench data needs an ImageFolder tree (--data ROOT with ROOT/train/<class>/*.JPEG).",
+                            "Pass --data /path/to/imagenet; the built-in set is decoded once, not per step.")
+    dataset = build_dataset(str(data), "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
+
+    def rate(num_workers: int) -> dict:
+        # Each worker holds at most one finished batch (prefetch_factor=1), and those `num_workers`
+        # batches arrive at once after the warm-up; with more than twice as many timed batches the
+        # median interval between batches is a steady-state one.
+        timed = max(steps, 2 * num_workers + 1)
+        needed = (max(warmup, 1) + timed) * batch
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=needed > len(dataset), num_samples=needed,
+                                                 generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
+                                             drop_last=True, **({"prefetch_factor": 1} if num_workers else {}))
+        it = iter(loader)
+        for _ in range(max(warmup, 1)):  # worker start-up and the first batches are not counted
+            next(it)
+        times = []
+        for _ in range(timed):
+            t0 = time.perf_counter()
+            next(it)
+            times.append(time.perf_counter() - t0)
+        del it
+        out = _summary(times, batch)
+        out["img_per_s_per_worker"] = out["img_per_s"] / max(num_workers, 1)
+        out["workers"] = num_workers
+        return out
+
+    fast = rate(workers)
+    metrics = {**fast}
+    if compare:
+        plain = rate(0)
+        metrics.update({f"plain_{k}": v for k, v in plain.items()})
+        metrics["speedup"] = fast["img_per_s"] / plain["img_per_s"]
+    return metrics, {"images": len(dataset), "transform": "RandomResizedCrop(scale 0.2-1, bicubic)+flip+normalize"}
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), device: str | None = None,
+              steps: int = 10, batch: int | None = None, warmup: int = 3, compare: bool = False,
+              peak_tflops: float | None = None, encoder: str | Path | None = None, arch: str | None = None,
+              data: str | None = None, workers: int | None = None, amp: str | None = None,
+              compile: bool | None = None, out: str | Path = "runs/bench") -> dict:
+    """Benchmark ``mode`` (see the module docstring) and write a ``bench`` run record into ``out``;
+    returns the record. ``config`` defaults to :data:`DEFAULT_CONFIGS`."""
+    from mimbench.config import config_sha256, load_config
+    from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
+    from mimbench.results.records import encoder_summary, new_record, write_record
+
+    if mode in ("train", "forward"):
+        raise MimbenchError(f"`mimbench bench {mode} --preset ...` was replaced by the bench modes {', '.join(MODES)}.",
+                            "Use e.g. `mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py "
+                            "--set model.name=mae_vit_tiny_patch4_32 --compare`.")
+    if mode not in MODES:
+        raise MimbenchError(f"Unknown bench mode {mode!r}.", f"Choose one of: {', '.join(MODES)}.")
+    _check_positive(steps=steps, batch=batch, workers=workers)
+    if int(warmup) < 0:
+        raise MimbenchError(f"--warmup {warmup} is negative.", "Pass 0 or more warm-up steps.")
+    if peak_tflops is not None and not float(peak_tflops) > 0:
+        raise MimbenchError(f"--peak-tflops {peak_tflops} must be > 0.", "Pass the device's peak in TFLOP/s.")
+    started = time.time()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MimbenchError(f"--device {device} was asked for, but no CUDA device is available.", "Use --device cpu.")
+    encoder = Path(encoder) if encoder else None
+    if encoder is not None:
+        from mimbench.encoders import check_encoder_file
+
+        check_encoder_file(encoder)
+    cfg_path = config or DEFAULT_CONFIGS[mode]
+    cfg = load_config(cfg_path, list(overrides)) if cfg_path else None
+
+    protocol = {"name": f"bench-{mode}", "sha256": config_sha256(cfg) if cfg is not None else None,
+                "config": str(cfg_path) if cfg_path else None, "overrides": list(overrides), "mode": mode,
+                "steps": int(steps), "warmup": int(warmup), "compare": bool(compare),
+                "plain_path": (PLAIN if mode != "data" else "0 workers (main process)") if compare else None,
+                "interleaved": mode != "data"}
+    if mode == "data":
+        n_workers = int(workers or default_workers())
+        size = int(cfg.get("img_size") or 224) if cfg is not None else 224
+        b = int(batch or 64)
+        metrics, info = _bench_data(data, img_size=size, batch=b, steps=int(steps), warmup=int(warmup),
+                                    workers=n_workers, compare=compare)
+        protocol.update(batch=b, img_size=size, workers=n_workers, precision=None, **info)
+        dataset = {"name": str(data), "root": str(Path(data).resolve()), "sizes": {"train": info["images"]}}
+    else:
+        b = _batch_of(mode, cfg, batch)
+        amp_setting = amp or (cfg.runtime.get("amp") if mode == "pretrain" else cfg.get("amp")) or "auto"
+        precision = resolve_amp(str(amp_setting), dev)
+        if precision == "fp16":
+            raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
+                                "Pass --amp bf16 or --amp none.")
+        use_compile = bool(compile if compile is not None else
+                           (mode == "pretrain" and cfg.runtime.get("compile", False)))
+        extra = () if mode == "pretrain" else (encoder, arch)
+        model, fast_step, info = _BUILDERS[mode](cfg, b, dev, True, autocast_factory(precision, dev), *extra)
+        # One eager step, which also serves as a warm-up step. FlopCounterMode has no formula for the
+        # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
+        set_fused_attention(model, False)
+        flops = count_flops(fast_step)
+        set_fused_attention(model, True)
+        maybe_compile(model, use_compile)
+        paths = {"fast": fast_step}
+        if compare:
+            _, plain_step, _ = _BUILDERS[mode](cfg, b, dev, False, autocast_factory("none", dev), *extra)
+            paths["plain"] = plain_step
+        times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
+        peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
+        metrics = {}
+        for name, prefix in (("fast", ""), ("plain", "plain_")):
+            if name not in times:
+                continue
+            summary = _summary(times[name], b)
+            achieved = flops / (summary["step_ms_median"] / 1000) / 1e12
+            summary.update(tflops=achieved, mfu=achieved / peak if peak else None,
+                           peak_mem_mb_per_img=peaks[name] / b / 2**20 if dev.type == "cuda" else None)
+            metrics.update({prefix + k: v for k, v in summary.items()})
+        metrics["flops_per_img"] = flops / b
+        if compare:
+            metrics["speedup"] = metrics["img_per_s"] / metrics["plain_img_per_s"]
+            # Each round ran both paths back to back: the median of the per-round ratios is the
+            # figure least moved by load that changes during the run.
+            metrics["speedup_paired"] = statistics.median(p / f for f, p in zip(times["fast"], times["plain"]))
+        protocol.update(batch=b, precision=precision, amp=str(amp_setting), compile=use_compile,
+                        fused_attention=True, peak_tflops=peak, **info)
+        dataset = {"name": "random", "root": None, "sizes": {}}
+        if arch or (encoder is None and mode != "pretrain"):
+            protocol["arch"] = arch or DEFAULT_ARCH
+    if dev.type == "cpu":
+        metrics["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    record = new_record("bench", protocol=protocol, encoder=encoder_summary(encoder) if encoder else None,
+                        dataset=dataset, metrics=metrics, seed=0, started=started, finished=time.time())
+    record["path"] = str(write_record(out, record))
+    return record
+
+
+def format_bench(record: dict) -> str:
+    """Human-readable summary of a bench record (one line per path, then the ratio)."""
+    p, m = record["protocol"], record["metrics"]
+    hw = record["hardware"]
+    head = (f"bench {p['mode']} batch={p['batch']} device={hw['device']} ({hw.get('name')}, "
+            f"{hw.get('threads', torch.get_num_threads())} threads) precision={p.get('precision') or 'n/a'}"
+            + (f" compile={p['compile']}" if "compile" in p else ""))
+    lines = [head]
+    for prefix, label in (("", "fast "), ("plain_", "plain")):
+        if f"{prefix}img_per_s" not in m:
+            continue
+        line = (f"  {label}: {m[prefix + 'img_per_s']:.1f} img/s, step {m[prefix + 'step_ms_median']:.1f} ms "
+                f"(min {m[prefix + 'step_ms_min']:.1f}, max {m[prefix + 'step_ms_max']:.1f}, "
+                f"IQR {m[prefix + 'step_ms_iqr']:.1f})")
+        if f"{prefix}img_per_s_per_worker" in m:
+            line += f", {m[prefix + 'img_per_s_per_worker']:.1f} img/s per worker ({m[prefix + 'workers']} workers)"
+        if f"{prefix}tflops" in m:
+            tf = m[prefix + "tflops"]
+            line += f", {tf:.2f} TFLOP/s" if tf >= 1 else f", {1000 * tf:.2f} GFLOP/s"
+        if f"{prefix}mfu" in m:
+            line += f", MFU {100 * m[prefix + 'mfu']:.1f} %"
+        if f"{prefix}peak_mem_mb_per_img" in m:
+            line += f", peak {m[prefix + 'peak_mem_mb_per_img']:.2f} MiB/img"
+        lines.append(line)
+    if "flops_per_img" in m:
+        lines.append(f"  FLOPs/img: {m['flops_per_img'] / 1e9:.3f} G")
+    if "speedup" in m:
+        paired = f", median of per-round ratios {m['speedup_paired']:.2f}x" if "speedup_paired" in m else ""
+        how = "interleaved in one process" if p.get("interleaved") else "one after the other"
+        lines.append(f"  ratio fast/plain: {m['speedup']:.2f}x{paired} ({how})")
+    if "process_peak_rss_mb" in m:
+        lines.append(f"  process peak RSS: {m['process_peak_rss_mb']:.0f} MiB")
+    lines.append(f"  record: {record.get('path')}")
+    return "\n".join(lines)

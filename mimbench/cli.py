@@ -37,7 +37,8 @@ Layout = Literal["auto", "mae", "timm", "deit", "mmpretrain", "dino", "ibot", "m
                  "data2vec-vision"]                                  # mimbench.encoders.convert.LAYOUTS
 Paper = Literal["robust-mae", "ddae"]                               # mimbench.reproduce.PAPERS
 Scale = Literal["demo", "full"]                                     # mimbench.reproduce.SCALES
-BenchWhat = Literal["train", "forward"]                             # mimbench.bench.WHAT
+BenchWhat = Literal["pretrain", "features", "linear", "finetune", "segment", "data"]  # mimbench.bench.MODES
+Amp = Literal["auto", "bf16", "fp16", "none"]                       # mimbench.fastpath.AMP_CHOICES
 ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
 FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
 
@@ -320,17 +321,48 @@ def reproduce(paper: Paper = typer.Argument(..., help="The paper whose ablation 
     typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick)}")
 
 
+def _replaced_preset(value: Optional[str]) -> Optional[str]:
+    """``bench --preset`` (the old ``bench train|forward --preset NAME``) is refused before the mode is
+    parsed, so the message names the replacement rather than only listing the new modes."""
+    if value is not None:
+        typer.secho("error: --preset was replaced by the model name of a pre-training config.", fg=typer.colors.RED,
+                    err=True)
+        typer.echo(f"Use: mimbench bench pretrain --set model.name={value}", err=True)
+        raise typer.Exit(2)
+    return value
+
+
 @app.command()
 @_user_errors
-def bench(what: BenchWhat = typer.Argument("train", help="train (a full pre-training step) | forward (encoder only)"),
-          preset: str = typer.Option("mae_vit_tiny_patch4_32"), batch: int = typer.Option(64), steps: int = typer.Option(10)):
-    """Measure throughput (img/s) of a hot loop on this machine.
+def bench(
+    what: BenchWhat = typer.Argument(..., help="pretrain | features | linear | finetune | segment | data"),
+    config: Optional[Path] = typer.Option(None, help="Config of the loop to time (default: the demo/protocol config of WHAT)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)"),
+    steps: int = typer.Option(10, help="Timed steps (after the warm-up)"),
+    batch: Optional[int] = typer.Option(None, help="Batch size (default: the config's)"),
+    warmup: int = typer.Option(3, help="Untimed warm-up steps"),
+    compare: bool = typer.Option(False, help="Also time the plain eager fp32 path, interleaved, and print the ratio"),
+    peak_tflops: Optional[float] = typer.Option(None, help="Peak TFLOP/s for MFU (default: known GPUs' bf16 peak)"),
+    encoder: Optional[Path] = typer.Option(None, help="features/linear/finetune/segment: encoder file"),
+    arch: Optional[str] = typer.Option(None, help="features/linear/finetune: random-init timm ViT (default vit_base_patch16_224)"),
+    data: Optional[str] = typer.Option(None, help="data: ImageFolder root"),
+    workers: Optional[int] = typer.Option(None, help="data: loader workers (default: this machine's CPUs)"),
+    amp: Optional[Amp] = typer.Option(None, help="auto | bf16 | fp16 | none (default: the config's amp)"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
+    out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
+    preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),
+):
+    """Time a hot loop on this machine: img/s, step time, FLOPs/img, MFU, memory; --compare against the plain path.
 
-    Example: mimbench bench train --preset mae_vit_tiny_patch4_32
+    Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
     """
-    from mimbench.bench import run_bench
+    from mimbench.bench import format_bench, run_bench
 
-    typer.echo(run_bench(what, preset=preset, batch=batch, steps=steps))
+    record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
+                       warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
+                       data=data, workers=workers, amp=amp, compile=compile, out=out)
+    typer.echo(format_bench(record))
 
 
 def main() -> None:  # console-script entry point

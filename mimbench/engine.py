@@ -175,10 +175,10 @@ def build_scheduler(optimizer, *, epochs: float, warmup_epochs: float, iters_per
 class LoopConfig:
     """Loop settings. ``epochs`` counts passes over ``loader``; ``accum_iter`` micro-batches make one
     optimizer step (an epoch uses ``len(loader) // accum_iter * accum_iter`` micro-batches);
-    ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA, fp32
-    on CPU), "bf16", "fp16" (with a grad scaler) or "none"; ``log_every`` in optimizer steps;
-    ``progress``: show progress (bar or plain log lines); ``tensorboard``: also log scalars for
-    TensorBoard.;
+    ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA and on
+    CPUs with native bf16, fp32 elsewhere; :func:`mimbench.fastpath.resolve_amp`), "bf16", "fp16"
+    (with a grad scaler) or "none"; ``log_every`` in optimizer steps; ``progress``: show progress (bar
+    or plain log lines); ``tensorboard``: also log scalars for TensorBoard;
     ``ckpt_every_steps`` > 0 also writes ``checkpoint-latest.pt`` every that many optimizer steps
     inside an epoch (0: at epoch ends only)."""
 
@@ -197,15 +197,13 @@ class LoopConfig:
 
 
 def _autocast(amp: str, device: torch.device):
-    if amp not in ("auto", "bf16", "fp16", "none"):
-        raise MimbenchError(f"amp={amp!r} is not one of auto, bf16, fp16, none.", "Fix the loop's amp setting.")
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "none":
-        return nullcontext, None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+    """(autocast context factory, grad scaler or None) for setting ``amp`` on ``device``; the
+    choice itself is :func:`mimbench.fastpath.resolve_amp` (bf16 where the hardware has it)."""
+    from mimbench.fastpath import autocast_factory, resolve_amp
+
+    precision = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return autocast_factory(precision, device), scaler
 
 
 def _batch_size(batch) -> int:

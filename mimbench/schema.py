@@ -161,7 +161,7 @@ SCHEMAS: dict[str, Section] = {
         "schedule": SCHEDULE,
         "runtime": Section({"seed": INT_GE0, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1,
                             "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True), "amp": AMP,
-                            "progress": Flag(), "tensorboard": Flag()}),
+                            "compile": Flag(), "progress": Flag(), "tensorboard": Flag()}),
     }, required=("model", "optim", "schedule", "runtime")),
     "linear": Section({
         **LOOP, "mode": Choice(("protocol", "cached")),

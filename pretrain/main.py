@@ -2,10 +2,12 @@
 
 Optimisation follows the official MAE recipe: AdamW with betas (0.9, 0.95), weight decay on
 weight matrices only (1-D parameters and ``model.no_weight_decay()`` names excluded, frozen
-parameters such as an EMA teacher left out), ``lr = blr * effective_batch / 256`` with
+parameters such as an EMA teacher left out), ``lr = blr * effective_batch / 256``
+(:func:`mimbench.batching.scaled_lr`, the rule of the evaluations too) with
 ``effective_batch = batch_size * accum_iter * world_size`` (or ``optim.eff_batch_size``, reached by
 accumulation whatever the number of processes: :func:`mimbench.batching.resolve_batch`), per-step
-warm-up + cosine schedule. Config schema: ``pretrain/configs/_base_/default.py``.
+warm-up + cosine schedule; AdamW's multi-tensor implementation and, with ``runtime.compile``,
+``torch.compile`` (:mod:`mimbench.fastpath`). Config schema: ``pretrain/configs/_base_/default.py``.
 
 Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
 the global batch of every step holds the same images, each image's crop, flip and MAE mask noise
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mimbench.atomic import atomic_write_text, check_writable_dir
-from mimbench.batching import resolve_batch
+from mimbench.batching import resolve_batch, scaled_lr
 from mimbench.errors import MimbenchError
 
 __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
@@ -35,13 +37,19 @@ def _technique(cfg, model_name: str) -> str:
     return model_name
 
 
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW over trainable parameters; no decay for 1-D parameters and ``model.no_weight_decay()``."""
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), fast: bool = True):
+    """AdamW over trainable parameters; no decay for 1-D parameters and ``model.no_weight_decay()``.
+
+    ``fast`` picks the device's multi-tensor implementation (:func:`mimbench.fastpath.adamw_kwargs`:
+    fused on CUDA, foreach on CPU); ``False`` is the per-tensor loop of the reference code."""
     from timm.optim import param_groups_weight_decay
+
+    from mimbench.fastpath import adamw_kwargs
 
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    impl = adamw_kwargs(next(model.parameters()).device) if fast else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **impl)
 
 
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
@@ -62,6 +70,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     from mimbench.data import skipped_files
     from mimbench.encoders import arch_name, save_encoder
     from mimbench.engine import LoopConfig, fit, seed_everything
+    from mimbench.fastpath import maybe_compile
     from pretrain import create_model
     from pretrain.data import build_pretrain_loader
 
@@ -88,9 +97,10 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
         raise MimbenchError(f"Config {config} does not name its model.", "Set model=dict(name='mae_vit_tiny_patch4_32', ...).")
     model = create_model(name, **model_kwargs)
     model.to(device)
+    maybe_compile(model, bool(rt.get("compile", False)))
 
     batch, accum, eff = resolve_batch(opt_cfg, world)
-    lr = float(opt_cfg.blr) * eff / 256
+    lr = scaled_lr(opt_cfg, eff)
     optimizer = build_optimizer(model, lr=lr, weight_decay=float(opt_cfg.get("weight_decay", 0.05)),
                                 betas=opt_cfg.get("betas", (0.9, 0.95)))
     data_cfg = cfg.get("data", {})

@@ -93,7 +93,7 @@ def test_bad_choice_is_refused_with_the_list(argv, option):
 def test_cli_choices_match_the_modules_that_implement_them():
     import typing
 
-    from mimbench import bench, cli, reproduce
+    from mimbench import bench, cli, fastpath, reproduce
     from mimbench.encoders import convert
     from mimbench.results import leaderboard, report
 
@@ -102,7 +102,8 @@ def test_cli_choices_match_the_modules_that_implement_them():
     assert set(typing.get_args(cli.LeaderboardTask)) == set(leaderboard.TASK_METRIC)
     assert typing.get_args(cli.Paper) == reproduce.PAPERS
     assert typing.get_args(cli.Scale) == reproduce.SCALES
-    assert typing.get_args(cli.BenchWhat) == bench.WHAT
+    assert typing.get_args(cli.BenchWhat) == bench.MODES
+    assert typing.get_args(cli.Amp) == fastpath.AMP_CHOICES
 
 
 def test_every_eval_subcommand_states_a_default_config_of_the_same_kind():

@@ -20,7 +20,7 @@ augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", 
 data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 clip_grad = None
 num_workers = 0
-amp = "none"
+amp = "auto"             # bf16 autocast where the hardware has it (CUDA, bf16-capable CPUs), else fp32
 ckpt_every = 0
 ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20

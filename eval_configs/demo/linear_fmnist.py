@@ -8,7 +8,7 @@ schedule = dict(epochs=20, warmup_epochs=2, min_lr=0.0)
 augment = dict(scale=(0.08, 1.0))
 data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 num_workers = 0
-amp = "none"
+amp = "auto"             # bf16 autocast where the hardware has it (CUDA, bf16-capable CPUs), else fp32
 ckpt_every = 0
 ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
 log_every = 20

@@ -4,7 +4,7 @@
 # Pre-processing for folders: Resize(img_size / 0.875, bicubic) + CenterCrop(img_size) + ImageNet mean/std.
 knn = dict(k=20, temperature=0.07)
 img_size = None          # None: the encoder's own resolution
-batch_size = 128         # feature extraction only; does not change the result
+batch_size = 256         # feature extraction only (inference mode, large batches); does not change the result
 num_workers = 8
 data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 cache_dir = None         # None: <out>/feature_cache

@@ -1,12 +1,15 @@
 """Frozen-encoder features for a dataset split, cached on disk.
 
 A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
-computed with the encoder in eval mode under ``torch.no_grad``; shape ``(N, D)`` float32.
+computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
+(``amp``: "auto" = bf16 autocast on CUDA and bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`);
+stored as ``(N, D)`` float32.
 
 Cache: ``<cache_dir>/<key>.features.npy`` (N×D float32) and ``<key>.labels.npy`` (N int64), read back as
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
-so a changed encoder, dataset, split or pre-processing never reuses stale features. ``<key>.manifest.json``
+and the precision, so a changed encoder, dataset, split, pre-processing or precision never reuses stale
+features. ``<key>.manifest.json``
 is written last and holds what the entry was built from (that spec plus a sha256 of the dataset's sample
 list - relative paths, labels and file sizes for folders) and the shape, dtype and byte size of both
 arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
@@ -69,9 +72,11 @@ def data_identity(data: str) -> str:
 
 
 def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
-              limit: int | None) -> str:
+              limit: int | None, precision: str = "none") -> str:
     spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
             "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
+    if precision != "none":  # fp32 keys stay those of caches written before precision was a choice
+        spec["precision"] = precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -84,14 +89,18 @@ def limited(dataset, limit: int | None):
     return torch.utils.data.Subset(dataset, range(int(limit)))
 
 
-@torch.no_grad()
-def compute_features(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``."""
+def compute_features(model: torch.nn.Module, loader, precision: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``, under
+    ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 | none)."""
+    from mimbench.fastpath import autocast_factory
+
     model.eval()
     device = next(model.parameters()).device
+    autocast = autocast_factory(precision, device)
     feats, labels = [], []
     for images, targets in loader:
-        tokens = model.forward_features(images.to(device, non_blocking=True))
+        with torch.inference_mode(), autocast():
+            tokens = model.forward_features(images.to(device, non_blocking=True))
         feats.append(tokens[:, 0].float().cpu())
         labels.append(torch.as_tensor(targets, dtype=torch.int64))
     if not feats:
@@ -162,13 +171,14 @@ def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_f
 
 
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
-                     batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
-                     device: str | torch.device | None = None,
+                     batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
+                     device: str | torch.device | None = None, amp: str = "auto",
                      max_bad_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
-    loaded from disk), ``transform``, ``img_size``, ``classes`` and ``skipped`` (broken files left out).
+    loaded from disk), ``transform``, ``img_size``, ``classes``, ``precision`` (resolved from ``amp`` on
+    ``device``) and ``skipped`` (broken files left out).
     Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
     returns all N rows, in dataset order), rank 0 writes the cache and its manifest and the others wait
     for it; whether the cache is valid is rank 0's decision, so all ranks take the same path. ``device``
@@ -178,6 +188,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     from mimbench.batching import shard_range
     from mimbench.data import build_dataset, skipped_files
     from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
+    from mimbench.fastpath import resolve_amp
 
     ctx = dist.setup()
     encoder = Path(encoder)
@@ -186,21 +197,25 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     classes = list(dataset.classes)
+    device = torch.device(device) if device is not None else ctx.device
+    precision = resolve_amp(amp, device)
     enc_sha = encoder_sha256(encoder)
-    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit)
+    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
+                    precision=precision)
     cache_dir = Path(cache_dir)
     feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
     manifest_path = cache_dir / f"{key}.manifest.json"
     built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
-                  "img_size": size, "limit": limit, "samples_sha256": dataset_fingerprint(dataset)}
-    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "skipped": skipped_files(dataset)}
+                  "img_size": size, "limit": limit, "precision": precision,
+                  "samples_sha256": dataset_fingerprint(dataset)}
+    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "precision": precision,
+            "skipped": skipped_files(dataset)}
     cached = _read_cache(feat_path, label_path, manifest_path, built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest
             cached = (np.load(feat_path, mmap_mode="r", allow_pickle=False),
                       np.load(label_path, mmap_mode="r", allow_pickle=False))
         return cached[0], cached[1], {**info, "cached": True}
-    device = torch.device(device) if device is not None else ctx.device
     model = load_encoder(encoder, img_size=size).to(device)
     items = limited(dataset, limit)
     if len(items) == 0:
@@ -210,7 +225,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, pin_memory=device.type == "cuda")
-        feats, labels = compute_features(model, loader)
+        feats, labels = compute_features(model, loader, precision)
     else:  # more ranks than items
         feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
     if ctx.distributed:

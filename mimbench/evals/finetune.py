@@ -49,13 +49,17 @@ def build_model(encoder: Path, num_classes: int, *, img_size: int | None, drop_p
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
-                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over timm's layer-decay param groups (each with ``lr_scale``, applied by the scheduler)."""
+                    betas=(0.9, 0.999), fast: bool = True) -> torch.optim.AdamW:
+    """AdamW over timm's layer-decay param groups (each with ``lr_scale``, applied by the scheduler);
+    ``fast``: the device's multi-tensor implementation (:func:`mimbench.fastpath.adamw_kwargs`)."""
     from timm.optim import param_groups_layer_decay
+
+    from mimbench.fastpath import adamw_kwargs
 
     groups = param_groups_layer_decay(model, weight_decay=weight_decay,
                                       no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    impl = adamw_kwargs(next(model.parameters()).device) if fast else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **impl)
 
 
 def _train_transform(data: str, img_size: int, aug: dict):

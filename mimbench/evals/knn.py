@@ -76,8 +76,9 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     k, temperature = int(knn.get("k", 20)), float(knn.get("temperature", 0.07))
     data_cfg = cfg.get("data", {})
     cache_dir = Path(cfg.get("cache_dir") or run.out / "feature_cache")
-    common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 64)),
-                  num_workers=int(cfg.get("num_workers", 0)), max_bad_fraction=runner.max_bad_fraction(run))
+    common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 256)),
+                  num_workers=int(cfg.get("num_workers", 0)), amp=run.amp,
+                  max_bad_fraction=runner.max_bad_fraction(run))
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=data_cfg.get("limit_train"),
                                                     **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=data_cfg.get("limit_val"), **common)

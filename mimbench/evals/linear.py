@@ -159,7 +159,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
             run.deviations.insert(0, CACHED_DEVIATION)
         common = dict(cache_dir=Path(cfg.get("cache_dir") or run.out / "feature_cache"), img_size=size,
                       batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
-                      max_bad_fraction=runner.max_bad_fraction(run))
+                      amp=run.amp, max_bad_fraction=runner.max_bad_fraction(run))
         tx, ty, tinfo = extract_features(run.encoder, data, "train", limit=limit_train, **common)
         vx, vy, vinfo = extract_features(run.encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]

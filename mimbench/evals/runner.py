@@ -14,7 +14,8 @@ processes, each image's augmentation seeded by ``(seed, epoch, index)``; batches
 ``(images, labels, indices)``.
 :func:`score` - the validation set sharded over ranks (each image scored once), scores gathered
 in dataset order on every rank, so metrics are identical on all ranks.
-:func:`finish` - record assembly; rank 0 writes it, every rank returns it.
+:func:`finish` - record assembly, including the compute precision the run used
+(``hardware.precision``, :attr:`EvalRun.precision`); rank 0 writes it, every rank returns it.
 """
 from __future__ import annotations
 
@@ -63,6 +64,19 @@ class EvalRun:
     def is_main(self) -> bool:
         return self.ctx.is_main
 
+    @property
+    def amp(self) -> str:
+        """The config's ``amp`` setting ("auto" unless set)."""
+        return str(self.cfg.get("amp", "auto"))
+
+    @property
+    def precision(self) -> str:
+        """What ``amp`` resolves to on this run's device: bf16 | fp16 | none (fp32),
+        :func:`mimbench.fastpath.resolve_amp`."""
+        from mimbench.fastpath import resolve_amp
+
+        return resolve_amp(self.amp, self.device)
+
 
 def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
           check_encoder: bool = True) -> EvalRun:
@@ -100,7 +114,7 @@ def loop_config(run: EvalRun, sched: Mapping, accum: int, *, min_lr: float = 0.0
     cfg = run.cfg
     return LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
                       min_lr=float(sched.get("min_lr", min_lr)), accum_iter=accum, clip_grad=clip_grad,
-                      amp=cfg.get("amp", "auto"), ckpt_every=int(cfg.get("ckpt_every", 0)),
+                      amp=run.amp, ckpt_every=int(cfg.get("ckpt_every", 0)),
                       ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=run.seed,
                       log_every=int(cfg.get("log_every", 20)), progress=bool(cfg.get("progress", True)),
                       tensorboard=bool(cfg.get("tensorboard", False)))
@@ -217,9 +231,10 @@ def dataset_root(data: str) -> str | None:
 
 
 def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mapping | None = None,
-           name: str | None = None) -> dict:
-    """Assemble the run record (protocol name / sha256 / config / overrides / deviations filled in);
-    rank 0 writes it to ``run.out``; every rank returns it once the file exists."""
+           name: str | None = None, precision: str | None = None) -> dict:
+    """Assemble the run record (protocol name / sha256 / config / overrides / deviations filled in,
+    ``hardware.precision`` = ``precision`` or else :attr:`EvalRun.precision`); rank 0 writes it to
+    ``run.out``; every rank returns it once the file exists."""
     from mimbench import dist
     from mimbench.config import config_sha256
     from mimbench.results.records import encoder_summary, new_record, write_record
@@ -234,6 +249,7 @@ def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mappin
         seed=run.seed,
         started=run.started,
         finished=time.time(),
+        precision=precision or run.precision,
     )
     if run.is_main:
         write_record(run.out, record)

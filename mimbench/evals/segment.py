@@ -243,16 +243,23 @@ def _backbone_fields(encoder: Path, img_size: int) -> dict:
     return backbone_cfg_from_metadata(read_metadata(encoder), img_size)
 
 
-def _replace_sync_bn(node) -> None:
-    """SyncBN / MMSyncBN norm configs -> BN, in place."""
+def replace_sync_bn(node) -> None:
+    """SyncBN / MMSyncBN norm configs -> BN, in place (any depth of a model config)."""
     if isinstance(node, dict):
         if node.get("type") in ("SyncBN", "MMSyncBN"):
             node["type"] = "BN"
         for value in node.values():
-            _replace_sync_bn(value)
+            replace_sync_bn(value)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            _replace_sync_bn(value)
+            replace_sync_bn(value)
+
+
+def _precision(optim_wrapper) -> str:
+    """bf16 | fp16 | none (fp32): what mmengine's optimizer wrapper computes in."""
+    if optim_wrapper.get("type") != "AmpOptimWrapper":
+        return "none"
+    return "bf16" if str(optim_wrapper.get("dtype")) in ("bfloat16", "torch.bfloat16") else "fp16"
 
 
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
@@ -302,7 +309,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     if _has_sync_bn(cfg.model) and launcher == "none":
         deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
     elif _has_sync_bn(cfg.model) and not cuda:
-        _replace_sync_bn(cfg.model)
+        replace_sync_bn(cfg.model)
         deviations.append("SyncBN -> BatchNorm (CPU processes: torch's SyncBatchNorm needs a GPU; "
                           "batch statistics over each process's images only)")
     if launcher != "none" and not cuda:  # DDP of a CPU module takes no device ids (mmengine passes LOCAL_RANK)
@@ -344,4 +351,5 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     run.deviations, run.seed = deviations, int(cfg.randomness.seed)
     return evals.finish(run, protocol={"sha256": protocol_sha, "test_mode": cfg.model.test_cfg.get("mode"),
                                         "multi_scale_test": bool(aug_test)},
-                        metrics=metrics, dataset={"root": str(root)}, name=dataset_name)
+                        metrics=metrics, dataset={"root": str(root)}, name=dataset_name,
+                        precision=_precision(cfg.optim_wrapper))

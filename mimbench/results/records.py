@@ -12,7 +12,7 @@ A record (``SCHEMA_VERSION`` 1) is a JSON object::
     metrics         {name: value}                                e.g. {"top1": 71.3, "top5": 90.2}
     seed            int
     started/finished ISO-8601 UTC strings;  duration_s  seconds (float)
-    hardware        {device: cpu|cuda, count, ...}
+    hardware        {device: cpu|cuda, count, ..., precision}      precision: bf16 | fp16 | none (fp32) as resolved
     versions        {python, torch, timm, mmseg, mimbench, git_commit, git_dirty}
     status          ok | failed | interrupted
 
@@ -74,11 +74,12 @@ def encoder_summary(path) -> dict:
 
 
 def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict, metrics: dict, seed: int,
-               started: float, finished: float, status: str = "ok") -> dict:
+               started: float, finished: float, status: str = "ok", precision: str | None = None) -> dict:
     """Assemble and validate a record. ``started``/``finished`` are POSIX timestamps (``time.time()``).
 
     ``protocol["deviations"]`` defaults to [] and ``dataset["root"]``/``["sizes"]`` to None/{};
-    versions and hardware are filled in from :func:`mimbench.env.environment_info`.
+    versions and hardware are filled in from :func:`mimbench.env.environment_info`; ``precision`` (the
+    resolved compute precision, :func:`mimbench.fastpath.resolve_amp`) goes into ``hardware``.
     """
     env = environment_info()
     protocol = {"name": protocol.get("name"), "sha256": protocol.get("sha256"), "deviations": [], **protocol}
@@ -95,7 +96,7 @@ def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict
         "started": _iso(started),
         "finished": _iso(finished),
         "duration_s": round(float(finished) - float(started), 3),
-        "hardware": env["hardware"],
+        "hardware": {**env["hardware"], **({"precision": precision} if precision else {})},
         "versions": env["versions"],
         "status": status,
     }

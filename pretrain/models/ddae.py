@@ -397,15 +397,28 @@ class DDAE(MAEWithDDS):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``t <- m * t + (1 - m) * s`` for the trainable student encoder tensors; frozen ones copied."""
+        """``t <- m * t + (1 - m) * s`` for the trainable student encoder tensors; frozen ones copied.
+
+        The EMA runs as two multi-tensor kernels (``torch._foreach_mul_`` / ``_foreach_add_``)
+        instead of two launches per tensor; the arithmetic (multiply, then add with ``alpha``) is
+        the per-tensor update's, so the teacher is the same bit for bit."""
+        ema_t, ema_s, copy_t, copy_s = [], [], [], []
         for name, t in self.teacher.named_parameters():
             s = self.get_parameter(name)
             if s.requires_grad:
-                t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+                ema_t.append(t)
+                ema_s.append(s.detach().to(t.dtype))
             else:
-                t.copy_(s)
+                copy_t.append(t)
+                copy_s.append(s.detach())
         for name, t in self.teacher.named_buffers():
-            t.copy_(self.get_buffer(name))
+            copy_t.append(t)
+            copy_s.append(self.get_buffer(name))
+        if ema_t:
+            torch._foreach_mul_(ema_t, momentum)
+            torch._foreach_add_(ema_t, ema_s, alpha=1.0 - momentum)
+        if copy_t:
+            torch._foreach_copy_(copy_t, copy_s)
         self._last_momentum = float(momentum)
 
     def on_step_end(self, it: int, total_its: int) -> None:

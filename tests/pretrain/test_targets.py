@@ -70,6 +70,22 @@ def test_ema_mode_running_statistics():
     assert int(tn.num_updates) == 2
 
 
+def test_ema_statistics_state_follows_load_state_dict():
+    """The step never reads num_updates back from the device; a loaded state dict still decides."""
+    trained = TargetNorm("ema", alpha=0.0, momentum=0.5)
+    trained(sample(3), update=True)
+    fresh = TargetNorm("ema", alpha=0.0, momentum=0.5)
+    with pytest.raises(MimbenchError, match="no running statistics"):
+        fresh(sample(4), update=False)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(sample(4), update=False), trained(sample(4), update=False))
+    trained.load_state_dict(TargetNorm("ema").state_dict())  # back to "never updated"
+    with pytest.raises(MimbenchError, match="no running statistics"):
+        trained(sample(4), update=False)
+    b = sample(5)
+    assert torch.allclose(trained(b, update=True), TargetNorm("batch", alpha=0.0)(b), atol=1e-6)  # re-initialises
+
+
 def test_target_norm_validation():
     with pytest.raises(MimbenchError, match="target_norm"):
         TargetNorm("group")

@@ -16,14 +16,15 @@
 # runtime:  seed, ckpt_every (keep checkpoint-<epoch>.pt every n epochs; checkpoint-latest.pt always),
 #           ckpt_every_steps (also rewrite checkpoint-latest.pt every n optimizer steps inside an epoch,
 #           holding the data position, so a pre-empted run loses at most n steps; 0 = epoch ends only),
-#           log_every (optimizer steps between log.jsonl lines), mask_ratio, amp ("auto" = bf16 on CUDA,
-#           fp32 on CPU | "bf16" | "fp16" | "none"), progress (tqdm bar on a terminal, plain log lines
-#           otherwise), tensorboard (also log scalars to <out>/tensorboard; needs the tensorboard package).
+#           log_every (optimizer steps between log.jsonl lines), mask_ratio, amp ("auto" = bf16 on CUDA and on
+#           CPUs with native bf16, fp32 elsewhere | "bf16" | "fp16" | "none"), compile (torch.compile the model,
+#           static shapes; pays a one-off compilation of tens of seconds), progress (tqdm bar on a terminal, plain
+#           log lines otherwise), tensorboard (also log scalars to <out>/tensorboard; needs the tensorboard package).
 technique = "mae"
 model = dict(name="mae_vit_base_patch16")
 data = dict(img_size=224, num_workers=10, limit=None, max_bad_fraction=0.001)
 optim = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=64, accum_iter=1,
              eff_batch_size=None, clip_grad=None)
 schedule = dict(epochs=400, warmup_epochs=40, min_lr=0.0)
-runtime = dict(seed=0, ckpt_every=20, ckpt_every_steps=0, log_every=20, mask_ratio=0.75, amp="auto", progress=True,
-               tensorboard=False)
+runtime = dict(seed=0, ckpt_every=20, ckpt_every_steps=0, log_every=20, mask_ratio=0.75, amp="auto", compile=False,
+               progress=True, tensorboard=False)

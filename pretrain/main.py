@@ -21,7 +21,8 @@ __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
 def _technique(cfg, model_name: str) -> str:
     if cfg.get("technique"):
         return str(cfg.technique)
-    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae")):
+    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae"),
+                         ("beitv2+dds", "beitv2+dds"), ("beitv2", "beitv2"), ("vqkd", "vqkd")):
         if model_name.startswith(prefix):
             return tech
     return model_name
@@ -54,7 +55,8 @@ def resolve_batch(optim_cfg, world_size: int) -> tuple[int, int, int]:
 
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
                  resume: bool = False) -> Path:
-    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
+    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors`` (a tokenizer
+    config: ``out/tokenizer.safetensors``).
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
     line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config) and the
@@ -98,7 +100,9 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     loader = build_pretrain_loader(data, img_size=img_size, batch_size=batch, seed=seed, rank=rank,
                                    world_size=world, num_workers=int(data_cfg.get("num_workers", 0)),
                                    limit=data_cfg.get("limit"))
-    mask_ratio = float(rt.get("mask_ratio", 0.75))
+    # BEiT v2 configs set mask_ratio=None: their block masking counts patches (model.num_mask_patches).
+    mask_ratio = rt.get("mask_ratio", 0.75)
+    mask_ratio = None if mask_ratio is None else float(mask_ratio)
 
     def step(m, b):
         imgs = b[0].to(device, non_blocking=True)
@@ -113,11 +117,16 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {name}")
 
-    path = out / "encoder.safetensors"
+    # Models that write something other than a ViT encoder file (a BEiT-family encoder, a
+    # tokenizer) provide ``export(path, ...)`` and ``export_name``.
+    path = out / getattr(model, "export_name", "encoder.safetensors")
     if rank == 0:
-        arch = model.encoder_arch()
-        save_encoder(model.encoder_state_dict(), path,
-                     arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                     technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
-                     data=str(data), **arch)
+        meta = dict(technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
+                    data=str(data))
+        if hasattr(model, "export"):
+            model.export(path, **meta)
+        else:
+            arch = model.encoder_arch()
+            save_encoder(model.encoder_state_dict(), path,
+                         arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]), **meta, **arch)
     return path

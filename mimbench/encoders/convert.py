@@ -1,26 +1,41 @@
-"""Convert foreign ViT checkpoints into encoder files.
+"""Foreign checkpoints -> encoder tensors + metadata, in memory or as an encoder file.
 
-Supported layouts (all already use timm's VisionTransformer key names for the encoder):
+The layouts (key facts and sources in ``docs/checkpoints.md``):
 
-* ``mae``  - official MAE checkpoints: ``{"model": state_dict, ...}``. Pre-training checkpoints
-  also hold the decoder (``decoder_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``,
-  ``decoder_pos_embed``) and ``mask_token``; these are dropped. Fine-tuned ones hold ``head`` and,
-  with global pooling, ``fc_norm`` instead of ``norm``; the head is dropped, and a checkpoint
-  without a per-token ``norm`` is refused (its final norm acts on pooled features only).
-* ``timm`` - a plain timm ViT state dict (.pth/.bin/.safetensors); ``head`` (and ``fc_norm``
-  next to ``norm``) dropped.
-* ``deit`` - DeiT checkpoints (``{"model": ...}``); distilled models (``dist_token``,
-  ``head_dist``) are refused: their second token has no counterpart in the encoder format.
-* ``mmpretrain`` - mmpretrain/mmselfsup ViT checkpoints (``{"state_dict": ...}``, encoder under
-  ``backbone.``; MAE's decoder under ``neck.``, dropped). Their own module names are mapped to
-  timm's: ``patch_embed.projection`` -> ``patch_embed.proj``, ``layers.i.ln1/ln2`` ->
-  ``blocks.i.norm1/norm2``, ``layers.i.ffn.layers.0.0`` / ``.layers.1`` -> ``blocks.i.mlp.fc1`` /
-  ``.fc2``, final ``ln1`` -> ``norm`` and the pooled-feature ``ln2`` -> ``fc_norm``.
+ViT family (timm ``VisionTransformer``):
 
-Dropped tensors are counted per module in the ``source_dropped`` metadata field of the output.
-PyTorch files are always read with ``torch.load(weights_only=True)``; checkpoints of the
-official training scripts also store their ``argparse.Namespace`` arguments, which is the
-only non-tensor class admitted (it carries plain values and runs no code).
+* ``mae`` - official MAE (``{"model": sd}``); decoder (``decoder_*``) and ``mask_token`` dropped.
+* ``timm`` - a plain timm ViT state dict (.pth/.bin/.safetensors), e.g. DINO's or iBOT's
+  backbone-only releases; ``head`` dropped.
+* ``deit`` - DeiT (``{"model": sd}``); distilled models (``dist_token``) refused.
+* ``mmpretrain`` - ``{"state_dict": sd}``, encoder under ``backbone.`` with mmpretrain module names.
+* ``dino`` / ``ibot`` - full training checkpoints ``{"student": sd, "teacher": sd, ...}``: the
+  teacher is taken (what both papers evaluate), ``backbone.`` / ``module.backbone.`` stripped,
+  projection heads dropped; iBOT's ``masked_embed`` (the mask token) dropped.
+* ``mocov3`` - ``{"state_dict": sd}`` with ``module.base_encoder.`` (kept, its ``head`` -- the
+  projection MLP -- dropped), ``module.momentum_encoder.`` and ``module.predictor.`` (dropped).
+* ``vissl`` - ``{"classy_state_dict": {"base_model": {"model": {"trunk": sd, "heads": sd}}}}``;
+  the ViT trunk names ``class_token`` / ``pos_embedding`` become ``cls_token`` / ``pos_embed``,
+  heads dropped; LayerNorm eps 1e-5 (``nn.LayerNorm``'s default, which VISSL's trunk uses) is
+  kept in the ``norm_eps`` metadata; a trunk trained without qkv bias gets zero biases
+  (``source_filled``), which computes the same.
+
+BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
+
+* ``beit`` / ``beitv2`` / ``data2vec-vision`` - the unilm BEiT code's checkpoints
+  (``{"model": sd}``, or ``{"module": sd}``): ``blocks.i.attn.q_bias/v_bias``,
+  ``blocks.i.gamma_1/gamma_2``, a shared ``rel_pos_bias.relative_position_bias_table`` or per-block
+  ``blocks.i.attn.relative_position_bias_table``; ``relative_position_index`` buffers,
+  ``mask_token``, ``lm_head`` and BEiT v2's ``cls_pt_layers`` dropped. The three share one key
+  layout; auto-detection tells BEiT v2 by ``cls_pt_layers`` and BEiT by ``lm_head`` and asks for
+  ``--from`` otherwise.
+
+Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
+no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
+dropped ones are named per module in ``source_dropped``. PyTorch files are read with
+``torch.load(weights_only=True)``; checkpoints of the official training scripts also store their
+``argparse.Namespace`` arguments, the only non-tensor class admitted (it carries plain values and
+runs no code).
 """
 from __future__ import annotations
 
@@ -33,16 +48,27 @@ from pathlib import Path
 
 import torch
 
+from mimbench.encoders.format import (
+    FORMAT_TAG, arch_name, check_tensors, default_num_heads, encoder_metadata, mlp_hidden, parse_arch, save_encoder,
+)
 from mimbench.errors import MimbenchError
-from mimbench.encoders.format import FORMAT_TAG, arch_name, default_num_heads, mlp_hidden, save_encoder
 
-LAYOUTS = ("auto", "mae", "timm", "deit", "mmpretrain")
+VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl")
+BEIT_LAYOUTS = ("beit", "beitv2", "data2vec-vision")
+LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS
 
 _MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 _MAE_DECODER_EXACT = ("decoder_pos_embed", "mask_token")
 _HEAD = ("head.",)
 _DISTILLED = ("dist_token", "head_dist.")
-_TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown"}
+_TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown", "dino": "dino",
+              "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
+              "data2vec-vision": "data2vec"}
+#: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
+_EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
+_BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
+_BEIT_DROP = ("lm_head.", "cls_pt_layers.", "head.")
+_BEIT_DROP_EXACT = ("mask_token",)
 
 # mmpretrain VisionTransformer module names -> timm's (applied after stripping "backbone.")
 _MMPRETRAIN_RENAMES = (
@@ -55,23 +81,7 @@ _MMPRETRAIN_RENAMES = (
     (re.compile(r"^ln1\."), "norm."),
     (re.compile(r"^ln2\."), "fc_norm."),
 )
-
-
-def _from_mmpretrain(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keep ``backbone.*`` under timm names; return it and the names of everything else (neck, head)."""
-    out, dropped = {}, []
-    for k, v in sd.items():
-        if not k.startswith("backbone."):
-            dropped.append(k)
-            continue
-        name = k[len("backbone."):]
-        for pattern, repl in _MMPRETRAIN_RENAMES:
-            new, n = pattern.subn(repl, name)
-            if n:
-                name = new
-                break
-        out[name] = v
-    return out, dropped
+_VISSL_RENAMES = {"class_token": "cls_token", "pos_embedding": "pos_embed"}
 
 
 def _sha256(path: Path) -> str:
@@ -110,14 +120,32 @@ def _load_file(src: Path) -> object:
             "If you trust the file, re-save its weights only in a Python session that can load it: "
             "sd = torch.load(SRC, weights_only=False); sd = sd.get('model', sd); "
             "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'weights.pth'), "
-            "then convert weights.pth.") from None
+            "then use weights.pth.") from None
     except Exception as e:  # zip/format errors from torch.load
         raise MimbenchError(f"{src} cannot be read as a PyTorch checkpoint ({e}).",
                             "The file is corrupt, truncated or not a checkpoint.") from None
 
 
+def _tensors(obj: object, src: Path, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise MimbenchError(f"{src}: {what} is a {type(obj).__name__}, not a state dict.",
+                            "Save the model's state_dict() (a dict of tensors).")
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise MimbenchError(f"{src}: entry {k!r} of {what} is a {type(v).__name__}, not a tensor.",
+                                "Give a checkpoint whose weights are a flat dict of tensors.")
+    return dict(obj)
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` when every key carries it (a DDP ``module.`` wrapper)."""
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def _state_dict(obj: object, src: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` containers and a DDP ``module.`` prefix."""
+    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"module": ...}`` and a DDP ``module.`` prefix."""
     if not isinstance(obj, dict):
         raise MimbenchError(f"{src} holds a {type(obj).__name__}, not a state dict.",
                             "Save the model's state_dict() (a dict of tensors).")
@@ -128,15 +156,305 @@ def _state_dict(obj: object, src: Path) -> tuple[dict[str, torch.Tensor], dict]:
             break
     else:
         wrapper = {}
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise MimbenchError(f"{src}: entry {k!r} of the state dict is a {type(v).__name__}, not a tensor.",
-                                "Give a checkpoint whose weights are a flat dict of tensors.")
-        sd[k] = v
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd, wrapper
+    return _strip(_tensors(obj, src, "the state dict"), "module."), wrapper
+
+
+def _teacher_student(obj: object) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("teacher"), dict) and isinstance(obj.get("student"), dict)
+
+
+def detect_layouts(obj: object) -> list[str]:
+    """The layouts a loaded checkpoint can be in (one, or several when the keys cannot tell them apart)."""
+    if not isinstance(obj, dict):
+        return []
+    if isinstance(obj.get("classy_state_dict"), dict):
+        return ["vissl"]
+    if _teacher_student(obj):
+        keys = list(obj["teacher"]) + list(obj["student"])
+        return ["ibot"] if "ibot_loss" in obj or any(k.endswith("masked_embed") for k in keys) else ["dino"]
+    inner = obj
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj.get(key), dict):
+            inner = obj[key]
+            break
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in inner if isinstance(k, str)]
+    if any(k.startswith("base_encoder.") for k in keys):
+        return ["mocov3"]
+    if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
+        return ["mmpretrain"]
+    if any(k.startswith("rel_pos_bias.") or k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in keys):
+        if any(k.startswith("cls_pt_layers.") for k in keys):
+            return ["beitv2"]
+        if any(k.startswith("lm_head.") for k in keys):
+            return ["beit"]
+        return list(BEIT_LAYOUTS)
+    if any(k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT for k in keys):
+        return ["mae"]
+    if any(k.startswith(_DISTILLED) for k in keys):
+        return ["deit"]
+    if "masked_embed" in keys:
+        return ["ibot"]
+    return ["timm"]
+
+
+def _extract(obj: object, layout: str, src: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+    """(encoder-candidate tensors under their source names, names dropped while unwrapping, wrapper dict)."""
+    dropped: list[str] = []
+    if layout == "vissl":
+        try:
+            model = obj["classy_state_dict"]["base_model"]["model"]
+            trunk = model["trunk"]
+        except (KeyError, TypeError):
+            raise MimbenchError(f"{src} has no classy_state_dict.base_model.model.trunk, where VISSL keeps the trunk.",
+                                "Give a VISSL training checkpoint (model_final_checkpoint_phase*.torch).") from None
+        dropped += [f"heads.{k}" for k in (model.get("heads") or {})]
+        sd = _strip(_tensors(trunk, src, "the VISSL trunk"), "module.")
+        return {_VISSL_RENAMES.get(k, k): v for k, v in sd.items()}, dropped, obj
+    if layout in ("dino", "ibot") and _teacher_student(obj):
+        sd = _strip(_tensors(obj["teacher"], src, "the teacher"), "module.")
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("backbone."):
+                out[k[len("backbone."):]] = v
+            else:
+                dropped.append(k)
+        if not out:
+            raise MimbenchError(f"{src}: the teacher has no backbone.* tensors.", "Is this a DINO/iBOT checkpoint?")
+        return out, dropped, obj
+    sd, wrapper = _state_dict(obj, src)
+    if layout in ("dino", "ibot") and any(k.startswith("backbone.") for k in sd):
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("backbone."):
+                out[k[len("backbone."):]] = v
+            else:
+                dropped.append(k)
+        return out, dropped, wrapper
+    if layout == "mocov3":
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("base_encoder.") and not k.startswith("base_encoder.head."):
+                out[k[len("base_encoder."):]] = v
+            else:
+                dropped.append(k)
+        if not out:
+            raise MimbenchError(f"{src}: no base_encoder.* tensors.", "Is this a MoCo v3 checkpoint (.pth.tar)?")
+        return out, dropped, wrapper
+    if layout == "mmpretrain":
+        out = {}
+        for k, v in sd.items():
+            if not k.startswith("backbone."):
+                dropped.append(k)
+                continue
+            name = k[len("backbone."):]
+            for pattern, repl in _MMPRETRAIN_RENAMES:
+                new, n = pattern.subn(repl, name)
+                if n:
+                    name = new
+                    break
+            out[name] = v
+        return out, dropped, wrapper
+    return sd, dropped, wrapper
+
+
+def _refuse_pooled_only(sd: dict[str, torch.Tensor], src: Path) -> list[str]:
+    """fc_norm next to norm is dropped; fc_norm alone (a pooled-feature norm) cannot be an encoder."""
+    if not any(k.startswith("fc_norm.") for k in sd):
+        return []
+    if "norm.weight" not in sd:
+        raise MimbenchError(
+            f"{src} was fine-tuned with global average pooling: it has fc_norm (a norm of the pooled feature) "
+            "and no per-token final norm, so it cannot be stored as a token-level encoder.",
+            "Use the pre-training checkpoint of that model instead (e.g. MAE's mae_pretrain_vit_*.pth, "
+            "BEiT's *_pt22k.pth).")
+    return [k for k in sd if k.startswith("fc_norm.")]
+
+
+def _drop_vit(sd: dict[str, torch.Tensor], layout: str, src: Path) -> list[str]:
+    """Remove tensors that are not part of a ViT encoder; return their names."""
+    if any(k.startswith(_DISTILLED) for k in sd):
+        raise MimbenchError(
+            f"{src} is a distilled DeiT checkpoint (it has a distillation token: "
+            f"{', '.join(sorted(k for k in sd if k.startswith(_DISTILLED))[:3])}).",
+            "Only single-class-token ViTs fit the encoder format; use the non-distilled DeiT weights.")
+    drop = [k for k in sd if k.startswith(_HEAD)]
+    if layout == "mae":
+        drop += [k for k in sd if k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT]
+    if layout == "ibot":
+        drop += [k for k in sd if k == "masked_embed"]
+    drop += _refuse_pooled_only(sd, src)
+    for k in drop:
+        del sd[k]
+    return drop
+
+
+def _drop_beit(sd: dict[str, torch.Tensor], src: Path) -> list[str]:
+    drop = [k for k in sd if k.startswith(_BEIT_DROP) or k in _BEIT_DROP_EXACT or k.endswith("relative_position_index")]
+    drop += _refuse_pooled_only(sd, src)
+    for k in drop:
+        del sd[k]
+    return drop
+
+
+def _count_blocks(sd) -> int:
+    return len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def _common_arch(sd: dict[str, torch.Tensor], src: Path, num_heads: int | None, hint: str) -> dict:
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4 or "cls_token" not in sd:
+        absent = [k for k in ("patch_embed.proj.weight", "cls_token") if k not in sd]
+        raise MimbenchError(
+            f"{src} does not look like a ViT with a class token (absent: {', '.join(absent) or 'none'}; "
+            f"first keys: {', '.join(list(sd)[:6])}).", hint)
+    if w.shape[2] != w.shape[3]:
+        raise MimbenchError(f"{src}: non-square patches {tuple(w.shape[2:])} are not supported.",
+                            "Only square patches are supported.")
+    embed_dim, patch = int(w.shape[0]), int(w.shape[2])
+    depth = _count_blocks(sd)
+    if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
+        raise MimbenchError(f"{src}: no transformer blocks found (blocks.<i>.*).", hint)
+    hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+    mlp_ratio = hidden / embed_dim
+    if mlp_hidden(embed_dim, mlp_ratio) != hidden:  # guard float rounding for odd widths
+        mlp_ratio = (hidden + 0.5) / embed_dim
+    heads = num_heads or default_num_heads(embed_dim, depth)
+    if not heads or embed_dim % heads:
+        raise MimbenchError(
+            f"{src}: the number of attention heads cannot be inferred for embed_dim {embed_dim}"
+            + (f" (given {num_heads} does not divide it)" if num_heads else "") + ".",
+            "Pass num_heads explicitly (convert_checkpoint(..., num_heads=H)).")
+    return dict(patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio)
+
+
+def _grid_from_pos_embed(pos: torch.Tensor, src: Path) -> int:
+    n_pos = int(pos.shape[1])
+    grid = math.isqrt(n_pos - 1)
+    if pos.ndim != 3 or grid * grid != n_pos - 1:
+        hint = (" It looks like position embeddings without a class position (timm no_embed_class)."
+                if math.isqrt(n_pos) ** 2 == n_pos else "")
+        raise MimbenchError(f"{src}: pos_embed has {n_pos} positions, not 1 + a square patch grid.{hint}",
+                            "Only square grids with the class position included are supported.")
+    return grid
+
+
+def _vit_arch(sd, src, num_heads) -> dict:
+    hint = ("Supported layouts: " + ", ".join(LAYOUTS[1:]) + " (docs/checkpoints.md); force one with --from.")
+    arch = _common_arch(sd, src, num_heads, hint)
+    if "pos_embed" not in sd:
+        raise MimbenchError(f"{src}: no pos_embed: not a ViT with absolute position embeddings.", hint)
+    arch["img_size"] = _grid_from_pos_embed(sd["pos_embed"], src) * arch["patch_size"]
+    return arch
+
+
+def _beit_arch(sd, src, num_heads) -> tuple[dict, dict]:
+    from mimbench.encoders.beit import rel_table_rows
+
+    hint = "Supported BEiT-family checkpoints are those of the unilm BEiT / BEiT v2 / data2vec code (docs/checkpoints.md)."
+    arch = _common_arch(sd, src, num_heads, hint)
+    flags = {
+        "use_abs_pos_emb": "pos_embed" in sd,
+        "use_shared_rel_pos_bias": "rel_pos_bias.relative_position_bias_table" in sd,
+        "use_rel_pos_bias": "blocks.0.attn.relative_position_bias_table" in sd,
+        # the initial value is not stored in checkpoints; BEiT's base default is recorded, the gammas are what count
+        "layer_scale_init_value": 0.1 if "blocks.0.gamma_1" in sd else 0.0,
+    }
+    table = sd.get("rel_pos_bias.relative_position_bias_table", sd.get("blocks.0.attn.relative_position_bias_table"))
+    if flags["use_abs_pos_emb"]:
+        grid = _grid_from_pos_embed(sd["pos_embed"], src)
+    elif table is not None:
+        grid = (math.isqrt(int(table.shape[0]) - 3) + 1) // 2
+        if rel_table_rows(grid) != table.shape[0]:
+            raise MimbenchError(f"{src}: a relative position bias table of {table.shape[0]} rows does not belong to "
+                                "a square patch grid.", hint)
+    else:
+        raise MimbenchError(f"{src}: neither absolute position embeddings nor relative position bias.", hint)
+    if table is not None and num_heads is None:
+        arch["num_heads"] = int(table.shape[1])  # the tables have one column per head
+    if "blocks.0.attn.q_bias" not in sd:
+        raise MimbenchError(f"{src}: a BEiT-style checkpoint without attn.q_bias/v_bias is not supported.", hint)
+    arch["img_size"] = grid * arch["patch_size"]
+    return arch, flags
+
+
+def _resolve_layout(obj: object, layout: str, src: Path) -> str:
+    if layout not in LAYOUTS:
+        raise MimbenchError(f"Unknown checkpoint layout {layout!r}.", f"Use one of: {', '.join(LAYOUTS)}.")
+    if layout != "auto":
+        return layout
+    found = detect_layouts(obj)
+    if not found:
+        raise MimbenchError(f"{src} holds a {type(obj).__name__}, not a checkpoint dict.",
+                            "Give a model checkpoint (a dict of tensors, possibly wrapped).")
+    if len(found) > 1:
+        raise MimbenchError(
+            f"{src}: the layout cannot be told apart from the keys; it could be any of {', '.join(found)} "
+            "(they share one key layout and differ in what is recorded as the technique).",
+            f"Say which with --from {found[0]} (or layout={found[0]!r}); candidates: {', '.join(found)}.")
+    return found[0]
+
+
+def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, technique: str | None = None,
+                  epochs: float | None = None, data: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the encoder in checkpoint ``src``, checked, nothing written.
+
+    Args:
+        layout: one of :data:`LAYOUTS` ("auto" detects; several candidates -> error naming them).
+        num_heads: attention heads, needed only for non-standard ViT widths (standard sizes use
+            :data:`mimbench.encoders.STANDARD_VITS`, otherwise 64-dim heads; BEiT-family
+            checkpoints tell it by their relative-position tables).
+        technique / epochs / data: provenance for the metadata. Defaults: technique from the layout;
+            epochs from the checkpoint's ``epoch`` field when present (+1 for the layouts that count
+            from 0), else 0 (unknown).
+
+    The metadata records ``source`` (file name), ``source_sha256``, ``source_layout`` and
+    ``source_dropped`` (tensors left out on purpose, per module).
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise MimbenchError(f"Checkpoint {src} does not exist or is not a file.", "Check the path.")
+    obj = _load_file(src)
+    layout = _resolve_layout(obj, layout, src)
+    sd, dropped, wrapper = _extract(obj, layout, src)
+    extra: dict[str, str] = {}
+    family = "beit" if layout in BEIT_LAYOUTS else "vit"
+    if family == "beit":
+        dropped += _drop_beit(sd, src)
+        arch, flags = _beit_arch(sd, src, num_heads)
+        from mimbench.encoders.beit import beit_metadata
+
+        extra.update(beit_metadata(flags))
+    else:
+        if any(k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in sd):
+            raise MimbenchError(f"{src} has BEiT-style tensors (q_bias, relative position bias or layer scale), "
+                                f"which a {layout} ViT does not have.",
+                                f"Use --from with one of {', '.join(BEIT_LAYOUTS)} (or auto).")
+        dropped += _drop_vit(sd, layout, src)
+        arch = _vit_arch(sd, src, num_heads)
+        filled = []
+        for i in range(arch["depth"]):
+            w, b = sd.get(f"blocks.{i}.attn.qkv.weight"), f"blocks.{i}.attn.qkv.bias"
+            if w is not None and b not in sd and layout == "vissl":
+                sd[b] = torch.zeros(w.shape[0], dtype=w.dtype)
+                filled.append(b)
+        if filled:
+            extra["source_filled"] = f"attn.qkv.bias({len(filled)}, zeros: trained without qkv bias)"
+        if layout == "vissl":
+            extra["norm_eps"] = "1e-05"
+    if epochs is None:
+        epoch = wrapper.get("epoch") if isinstance(wrapper, dict) else None
+        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+            epochs = float(epoch) + (1 if layout in _EPOCH_FROM_ZERO else 0)
+        else:
+            epochs = 0.0
+    extra.update({"source_sha256": _sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)})
+    meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
+                            technique=technique or _TECHNIQUE[layout], epochs=epochs, data=data, source=src.name,
+                            family=family, extra=extra, where=str(src), **arch)
+    tensors = {k: v.detach().contiguous() for k, v in sd.items()}
+    check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, meta, parse_arch(meta, str(src)),
+                  f"{src} (read as {layout})")
+    return tensors, meta
 
 
 def _summarize(names: list[str]) -> str:
@@ -148,105 +466,34 @@ def _summarize(names: list[str]) -> str:
     return ",".join(f"{k}({n})" for k, n in sorted(counts.items()))
 
 
-def _detect_layout(sd: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in sd):
-        return "mmpretrain"
-    if any(k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT for k in sd):
-        return "mae"
-    if any(k.startswith(_DISTILLED) for k in sd):
-        return "deit"
-    return "timm"
+_CACHE: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
 
 
-def _drop(sd: dict[str, torch.Tensor], layout: str, src: Path) -> list[str]:
-    """Remove tensors that are not part of the encoder; return their names."""
-    if any(k.startswith(_DISTILLED) for k in sd):
-        raise MimbenchError(
-            f"{src} is a distilled DeiT checkpoint (it has a distillation token: "
-            f"{', '.join(sorted(k for k in sd if k.startswith(_DISTILLED))[:3])}).",
-            "Only single-class-token ViTs fit the encoder format; use the non-distilled DeiT weights.")
-    drop = [k for k in sd if k.startswith(_HEAD)]
-    if layout == "mae":
-        drop += [k for k in sd if k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT]
-    if any(k.startswith("fc_norm.") for k in sd):
-        if "norm.weight" not in sd:
-            raise MimbenchError(
-                f"{src} was fine-tuned with global average pooling: it has fc_norm (a norm of the pooled feature) "
-                "and no per-token final norm, so it cannot be stored as a token-level encoder.",
-                "Convert the pre-training checkpoint of that model instead (e.g. MAE's mae_pretrain_vit_*.pth).")
-        drop += [k for k in sd if k.startswith("fc_norm.")]
-    for k in drop:
-        del sd[k]
-    return sorted(drop)
-
-
-def _infer_arch(sd: dict[str, torch.Tensor], src: Path, num_heads: int | None) -> dict:
-    w = sd.get("patch_embed.proj.weight")
-    pos = sd.get("pos_embed")
-    if w is None or w.ndim != 4 or pos is None or pos.ndim != 3 or "cls_token" not in sd:
-        absent = [k for k in ("patch_embed.proj.weight", "pos_embed", "cls_token") if k not in sd]
-        raise MimbenchError(
-            f"{src} does not look like a ViT with a class token and absolute position embeddings "
-            f"(absent: {', '.join(absent) or 'none, but shapes are unusual'}; first keys: {', '.join(list(sd)[:6])}).",
-            "Supported: official MAE, DeiT (non-distilled), timm VisionTransformer and mmpretrain ViT checkpoints.")
-    embed_dim, patch = int(w.shape[0]), int(w.shape[2])
-    if w.shape[2] != w.shape[3]:
-        raise MimbenchError(f"{src}: non-square patches {tuple(w.shape[2:])} are not supported.", "")
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-    n_pos = int(pos.shape[1])
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid != n_pos - 1:
-        hint = (" It looks like position embeddings without a class position (timm no_embed_class)."
-                if math.isqrt(n_pos) ** 2 == n_pos else "")
-        raise MimbenchError(f"{src}: pos_embed has {n_pos} positions, not 1 + a square patch grid.{hint}",
-                            "Only square grids with the class position included are supported.")
-    if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
-        raise MimbenchError(f"{src}: no transformer blocks found (blocks.<i>.*).", "Is this a ViT checkpoint?")
-    hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
-    mlp_ratio = hidden / embed_dim
-    if mlp_hidden(embed_dim, mlp_ratio) != hidden:  # guard float rounding for odd widths
-        mlp_ratio = (hidden + 0.5) / embed_dim
-    heads = num_heads or default_num_heads(embed_dim, depth)
-    if not heads or embed_dim % heads:
-        raise MimbenchError(
-            f"{src}: the number of attention heads cannot be inferred for embed_dim {embed_dim}"
-            + (f" (given {num_heads} does not divide it)" if num_heads else "") + ".",
-            "Pass num_heads explicitly (convert_checkpoint(..., num_heads=H)).")
-    return dict(img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
-                mlp_ratio=mlp_ratio)
+def convert_in_memory(src, layout: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`convert_state` with default provenance, remembered for the last file (an evaluation
+    reads its encoder several times: metadata, train and validation features, the record)."""
+    src = Path(src)
+    st = src.stat()
+    key = (str(src.resolve()), st.st_size, st.st_mtime_ns, layout)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = convert_state(src, layout)
+    tensors, meta = _CACHE[key]
+    return dict(tensors), dict(meta)
 
 
 def convert_checkpoint(src, dst, layout: str = "auto", *, num_heads: int | None = None,
                        technique: str | None = None, epochs: float | None = None, data: str = "") -> Path:
-    """Convert a foreign ViT checkpoint ``src`` into the encoder file ``dst``.
-
-    Args:
-        layout: "auto" (decoder keys -> mae, distillation token -> deit, else timm), "mae", "timm" or "deit".
-        num_heads: attention heads, needed only for non-standard widths (standard sizes use
-            :data:`mimbench.encoders.STANDARD_VITS`, otherwise 64-dim heads).
-        technique / epochs / data: provenance for the metadata. Defaults: technique from the layout;
-            epochs from the checkpoint's ``epoch`` field (+1, it counts from 0) when present, else 0 (unknown).
-
-    The output records ``source`` (file name), ``source_sha256``, ``source_layout`` and
-    ``source_dropped``; its tensors are then checked exactly like any encoder file.
-    """
+    """Convert the checkpoint ``src`` into the encoder file ``dst`` (arguments as :func:`convert_state`)."""
     src, dst = Path(src), Path(dst)
-    if layout not in LAYOUTS:
-        raise MimbenchError(f"Unknown checkpoint layout {layout!r}.", f"Use one of: {', '.join(LAYOUTS)}.")
-    if not src.is_file():
-        raise MimbenchError(f"Checkpoint {src} does not exist or is not a file.", "Check the path.")
-    sd, wrapper = _state_dict(_load_file(src), src)
-    if layout == "auto":
-        layout = _detect_layout(sd)
-    dropped = []
-    if layout == "mmpretrain":
-        sd, dropped = _from_mmpretrain(sd)
-    dropped = sorted(dropped + _drop(sd, layout, src))
-    arch = _infer_arch(sd, src, num_heads)
-    if epochs is None:
-        epoch = wrapper.get("epoch")
-        epochs = float(epoch) + 1 if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else 0.0
-    extra = {"source_sha256": _sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)}
-    return save_encoder(
-        sd, dst, arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-        technique=technique or _TECHNIQUE[layout], epochs=epochs, data=data, source=src.name, extra=extra, **arch)
+    tensors, meta = convert_state(src, layout, num_heads=num_heads, technique=technique, epochs=epochs, data=data)
+    standard = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "technique", "config_sha256",
+                "epochs", "data", "source", "mlp_ratio")
+    fields = parse_arch(meta, str(src))
+    extra = {k: v for k, v in meta.items() if k not in standard and k not in ("format", "code_version", "family")}
+    return save_encoder(tensors, dst, arch=meta["arch"], img_size=int(fields["img_size"]),
+                        patch_size=int(fields["patch_size"]), embed_dim=int(fields["embed_dim"]),
+                        depth=int(fields["depth"]), num_heads=int(fields["num_heads"]), technique=meta["technique"],
+                        config_sha256=meta["config_sha256"], epochs=float(meta["epochs"]), data=meta["data"],
+                        source=meta["source"], mlp_ratio=float(meta["mlp_ratio"]),
+                        family=meta.get("family", "vit"), extra=extra)

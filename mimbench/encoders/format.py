@@ -13,6 +13,15 @@ and whose string metadata describes the architecture and the provenance (see
 :data:`REQUIRED_METADATA`). The architecture is always the one of the MAE/DeiT ViTs:
 pre-norm blocks, LayerNorm eps 1e-6, qkv bias, a class token, learned absolute position
 embeddings that include the class position, no layer scale.
+
+A second family, ``family=beit`` (timm ``Beit``: relative position bias, layer scale, q/v
+biases), is described in :mod:`mimbench.encoders.beit`; files without a ``family`` field are
+ViTs. Files store LayerNorm eps 1e-6 unless their ``norm_eps`` field says otherwise.
+
+Checkpoints in a foreign layout (official MAE, BEiT, DINO, ... see
+:mod:`mimbench.encoders.convert`) are accepted wherever an encoder file is: :func:`open_encoder`
+converts them in memory with the same code as ``mimbench convert``, so their metadata carries
+``source_layout``, ``source_sha256`` and ``source_dropped`` exactly as a converted file would.
 """
 from __future__ import annotations
 
@@ -112,6 +121,50 @@ def check_state_dict(shapes_found: Mapping[str, tuple[int, ...]], arch: Mapping[
     want = expected_shapes(img_size=int(arch["img_size"]), patch_size=int(arch["patch_size"]),
                            embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
                            mlp_ratio=float(arch["mlp_ratio"]), in_chans=in_chans)
+    _compare_shapes(shapes_found, want, arch, where, "timm VisionTransformer")
+
+
+#: Encoder families: timm ``VisionTransformer`` ("vit") and timm ``Beit`` ("beit").
+FAMILIES = ("vit", "beit")
+
+
+def encoder_family(meta: Mapping[str, str]) -> str:
+    """The ``family`` field of an encoder's metadata ("vit" when absent, as in files older than the field)."""
+    return meta.get("family", "vit")
+
+
+def norm_eps(meta: Mapping[str, str], where: str = "encoder file") -> float:
+    """LayerNorm epsilon of the encoder: the ``norm_eps`` field, 1e-6 when absent."""
+    try:
+        return float(meta.get("norm_eps", "1e-06"))
+    except ValueError:
+        raise MimbenchError(f"{where}: metadata field 'norm_eps' is {meta.get('norm_eps')!r}, not a number.",
+                            "Re-export or re-convert the encoder.") from None
+
+
+def check_tensors(shapes_found: Mapping[str, tuple[int, ...]], meta: Mapping[str, str], arch: Mapping[str, float],
+                  where: str) -> None:
+    """:func:`check_state_dict` for the encoder's family (ViT or BEiT)."""
+    family = encoder_family(meta)
+    if family == "vit":
+        return check_state_dict(shapes_found, arch, where)
+    if family != "beit":
+        raise MimbenchError(f"{where}: unknown encoder family {family!r}.",
+                            f"This version of mimbench reads {', '.join(FAMILIES)}; update mimbench or re-export.")
+    from mimbench.encoders.beit import beit_expected_shapes, parse_beit_flags
+
+    flags = parse_beit_flags(meta, where)
+    w = shapes_found.get("patch_embed.proj.weight")
+    in_chans = int(w[1]) if w is not None and len(w) == 4 else 3
+    want = beit_expected_shapes(img_size=int(arch["img_size"]), patch_size=int(arch["patch_size"]),
+                                embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
+                                num_heads=int(arch["num_heads"]),
+                                mlp_hidden=mlp_hidden(int(arch["embed_dim"]), float(arch["mlp_ratio"])),
+                                flags=flags, in_chans=in_chans)
+    _compare_shapes(shapes_found, want, arch, where, "timm Beit")
+
+
+def _compare_shapes(shapes_found, want, arch, where, what):
     missing = set(want) - set(shapes_found)
     unexpected = set(shapes_found) - set(want)
     if missing or unexpected:
@@ -122,10 +175,10 @@ def check_state_dict(shapes_found: Mapping[str, tuple[int, ...]], arch: Mapping[
             parts.append(f"unexpected tensors: {_name_list(unexpected)}")
         raise MimbenchError(
             f"{where} does not hold the tensors of a "
-            f"{arch_name(int(arch['embed_dim']), int(arch['depth']), int(arch['patch_size']))} "
-            f"timm VisionTransformer encoder ({'; '.join(parts)}).",
-            "An encoder file holds exactly cls_token, pos_embed, patch_embed.proj.*, blocks.<i>.* and norm.* "
-            "(no head, no decoder). Foreign checkpoints must go through `mimbench convert`.")
+            f"{arch_name(int(arch['embed_dim']), int(arch['depth']), int(arch['patch_size']))} {what} encoder "
+            f"({'; '.join(parts)}).",
+            "An encoder file holds exactly the encoder's tensors (no head, no decoder); foreign checkpoints are "
+            "converted by `mimbench convert` or read directly by load_encoder/--encoder.")
     wrong = [f"{k}: {tuple(shapes_found[k])} (expected {want[k]})" for k in sorted(want)
              if tuple(shapes_found[k]) != want[k]]
     if wrong:
@@ -164,19 +217,11 @@ def code_version() -> str:
     return f"{__version__}+g{commit[:12]}" if commit else __version__
 
 
-def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img_size: int, patch_size: int,
-                 embed_dim: int, depth: int, num_heads: int, technique: str, config_sha256: str = "",
-                 epochs: float = 0, data: str = "", source: str = "mimbench", mlp_ratio: float = 4.0,
-                 extra: Mapping[str, str] | None = None) -> Path:
-    """Write an encoder file atomically (temporary file in the same folder, fsync, rename).
-
-    ``state_dict`` must hold exactly the tensors of the described architecture in timm's
-    VisionTransformer layout (see the module docstring); anything else raises MimbenchError
-    before a byte is written. ``epochs`` = pre-training epochs (0 = unknown). ``extra`` adds
-    string metadata (e.g. ``source_sha256``, ``source_layout``); it may not override the
-    standard fields. An existing file at ``path`` is replaced only once the new one is complete.
-    """
-    path = Path(path)
+def encoder_metadata(*, arch: str, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                     technique: str, config_sha256: str = "", epochs: float = 0, data: str = "",
+                     source: str = "mimbench", mlp_ratio: float = 4.0, family: str = "vit",
+                     extra: Mapping[str, str] | None = None, where: str = "encoder") -> dict[str, str]:
+    """The string metadata of an encoder file (what :func:`save_encoder` writes), checked."""
     meta = {
         "format": FORMAT_TAG, "arch": str(arch), "img_size": str(int(img_size)), "patch_size": str(int(patch_size)),
         "embed_dim": str(int(embed_dim)), "depth": str(int(depth)), "num_heads": str(int(num_heads)),
@@ -188,6 +233,41 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img
             raise MimbenchError(f"save_encoder: extra metadata {k!r} would override a standard field.",
                                 f"Pass {k} as its own argument.")
         meta[str(k)] = str(v)
+    if family not in FAMILIES:
+        raise MimbenchError(f"save_encoder: unknown encoder family {family!r}.", f"Use one of {', '.join(FAMILIES)}.")
+    if family != "vit":
+        meta["family"] = family
+    elif meta.get("family", "vit") != "vit":
+        raise MimbenchError("save_encoder: extra metadata 'family' contradicts family='vit'.",
+                            "Pass family= as its own argument.")
+    parse_arch(meta, where=where)
+    if family == "beit":
+        from mimbench.encoders.beit import parse_beit_flags
+
+        parse_beit_flags(meta, where)
+    norm_eps(meta, where)
+    return meta
+
+
+def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img_size: int, patch_size: int,
+                 embed_dim: int, depth: int, num_heads: int, technique: str, config_sha256: str = "",
+                 epochs: float = 0, data: str = "", source: str = "mimbench", mlp_ratio: float = 4.0,
+                 family: str = "vit", extra: Mapping[str, str] | None = None) -> Path:
+    """Write an encoder file atomically (temporary file in the same folder, fsync, rename).
+
+    ``state_dict`` must hold exactly the tensors of the described architecture in timm's
+    VisionTransformer layout (see the module docstring); anything else raises MimbenchError
+    before a byte is written. ``epochs`` = pre-training epochs (0 = unknown). ``extra`` adds
+    string metadata (e.g. ``source_sha256``, ``source_layout``); it may not override the
+    standard fields. ``family="beit"`` stores a timm ``Beit`` state dict; ``extra`` must then hold
+    the fields of :data:`mimbench.encoders.beit.BEIT_FIELDS`. An existing file at ``path`` is
+    replaced only once the new one is complete.
+    """
+    path = Path(path)
+    meta = encoder_metadata(arch=arch, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                            num_heads=num_heads, technique=technique, config_sha256=config_sha256, epochs=epochs,
+                            data=data, source=source, mlp_ratio=mlp_ratio, family=family, extra=extra,
+                            where=f"encoder for {path}")
     parsed = parse_arch(meta, where=f"encoder for {path}")
     tensors = {}
     for k, v in state_dict.items():
@@ -196,7 +276,7 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img
                                 "Pass the encoder's state_dict() only.")
         # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
         tensors[k] = v.detach().to("cpu").contiguous().clone()
-    check_state_dict({k: tuple(v.shape) for k, v in tensors.items()}, parsed, f"encoder for {path}")
+    check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, meta, parsed, f"encoder for {path}")
 
     from safetensors.torch import save_file
 
@@ -209,9 +289,10 @@ def check_encoder_file(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MimbenchError(f"Encoder file {path} does not exist.",
-                            "Check the path; encoders are written by `mimbench pretrain` or `mimbench convert`.")
+                            "Check the path; encoders are written by `mimbench pretrain` or `mimbench convert`, "
+                            "checkpoints of the supported layouts (docs/checkpoints.md) are read as they are.")
     if not path.is_file():
-        raise MimbenchError(f"Encoder path {path} is not a file.", "Give the .safetensors file itself.")
+        raise MimbenchError(f"Encoder path {path} is not a file.", "Give the encoder or checkpoint file itself.")
     return path
 
 
@@ -224,29 +305,108 @@ def _open(path: Path):
     except Exception as e:  # safetensors raises its own error type (and OSError) for bad headers / truncation
         raise MimbenchError(
             f"{path} is not a readable safetensors file ({e}).",
-            "The file is corrupt or truncated (re-export or re-download it), or it is a PyTorch .pth checkpoint: "
-            "convert that with `mimbench convert SRC DST.safetensors`.") from None
+            "The file is corrupt or truncated: re-export or re-download it.") from None
 
 
-def read_metadata(path) -> dict[str, str]:
-    """The string metadata of an encoder file, checked for the format tag and required fields."""
-    path = Path(path)
+def is_encoder_file(path) -> bool:
+    """True for a mimbench encoder file (safetensors with the mimbench format tag), False for a checkpoint.
+
+    A ``.safetensors`` file that cannot be read raises MimbenchError; one whose tag names another
+    version of the encoder format too (it is not a foreign checkpoint either).
+    """
+    path = check_encoder_file(path)
+    if path.suffix != ".safetensors":
+        return False
+    with _open(path) as f:
+        tag = (f.metadata() or {}).get("format", "")
+    if tag == FORMAT_TAG:
+        return True
+    if tag.startswith("mimbench-encoder/"):
+        raise MimbenchError(f"{path} is a mimbench encoder file of format {tag!r}; this version reads {FORMAT_TAG!r}.",
+                            "Update mimbench, or re-export the encoder with this version.")
+    return False
+
+
+def _read_own_metadata(path: Path) -> dict[str, str]:
     with _open(path) as f:
         meta = dict(f.metadata() or {})
-    if meta.get("format") != FORMAT_TAG:
-        raise MimbenchError(
-            f"{path} is a safetensors file but not a mimbench encoder (format tag {meta.get('format')!r}, "
-            f"expected {FORMAT_TAG!r}).",
-            "Convert foreign weights (timm, DeiT, official MAE) with `mimbench convert SRC DST.safetensors`.")
     absent = [k for k in REQUIRED_METADATA if k not in meta]
     if absent:
         raise MimbenchError(f"{path}: metadata lacks {', '.join(absent)}.", "Re-export or re-convert the encoder.")
     parse_arch(meta, where=str(path))
+    if encoder_family(meta) == "beit":
+        from mimbench.encoders.beit import parse_beit_flags
+
+        parse_beit_flags(meta, str(path))
+    norm_eps(meta, str(path))
     return meta
 
 
+#: Layout forced for a checkpoint path (``--from``), see :func:`declare_layout`.
+_DECLARED_LAYOUTS: dict[str, str] = {}
+
+
+def declare_layout(path, layout: str) -> None:
+    """Read the checkpoint at ``path`` as ``layout`` (a :data:`mimbench.encoders.convert.LAYOUTS` name) from now on.
+
+    This is what ``--from`` does: every later :func:`open_encoder` / :func:`load_encoder` /
+    :func:`read_metadata` of that path in this process converts it with the given layout
+    instead of detecting one ("auto" undoes it).
+    """
+    from mimbench.encoders.convert import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise MimbenchError(f"Unknown checkpoint layout {layout!r}.", f"Use one of: {', '.join(LAYOUTS)}.")
+    key = str(Path(path).resolve())
+    if layout == "auto":
+        _DECLARED_LAYOUTS.pop(key, None)
+    else:
+        _DECLARED_LAYOUTS[key] = layout
+
+
+def declared_layout(path) -> str:
+    """The layout declared for ``path`` with :func:`declare_layout`, else "auto"."""
+    return _DECLARED_LAYOUTS.get(str(Path(path).resolve()), "auto")
+
+
+def open_encoder(path, layout: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of an encoder file or of a checkpoint in a supported layout.
+
+    Encoder files are read as they are. Anything else goes through the conversion of
+    ``mimbench convert`` in memory (``layout``: one of ``mimbench.encoders.convert.LAYOUTS``;
+    default: the one declared for the path, else detected). Tensors are checked against the
+    metadata either way; a checkpoint that cannot be converted completely is an error, never a
+    partial encoder.
+    """
+    path = check_encoder_file(path)
+    if is_encoder_file(path):
+        if layout not in (None, "auto"):
+            raise MimbenchError(f"{path} is already a mimbench encoder file; a checkpoint layout ({layout}) "
+                                "does not apply to it.", "Leave out --from / layout for encoder files.")
+        from safetensors.torch import load_file
+
+        meta = _read_own_metadata(path)
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise MimbenchError(f"{path}: tensors cannot be read ({e}).", "The file is corrupt; re-export it.") from None
+        check_tensors({k: tuple(v.shape) for k, v in state.items()}, meta, parse_arch(meta, str(path)), str(path))
+        return state, meta
+    from mimbench.encoders.convert import convert_in_memory
+
+    return convert_in_memory(path, layout or declared_layout(path))
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The string metadata of an encoder file (checked), or of a checkpoint as converted in memory."""
+    path = check_encoder_file(path)
+    if is_encoder_file(path):
+        return _read_own_metadata(path)
+    return open_encoder(path)[1]
+
+
 def encoder_sha256(path) -> str:
-    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks): the encoder file, or the checkpoint as given."""
     path = Path(path)
     check_encoder_file(path)
     h = hashlib.sha256()
@@ -259,49 +419,47 @@ def encoder_sha256(path) -> str:
 #: Architecture arguments fixed by the file; passing them to load_encoder is an error.
 _ARCH_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "class_token",
                 "qkv_bias", "norm_layer", "no_embed_class", "reg_tokens", "init_values", "pre_norm", "pos_embed",
-                "final_norm", "block_fn", "mlp_layer", "attn_layer", "qk_norm")
+                "final_norm", "block_fn", "mlp_layer", "attn_layer", "qk_norm", "use_abs_pos_emb",
+                "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp", "scale_mlp")
 
 
-def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **timm_kwargs):
-    """Build timm's ``VisionTransformer`` from an encoder file and load its weights strictly.
+def load_encoder(path, img_size=None, *, layout: str | None = None, **timm_kwargs):
+    """Build the timm model of an encoder (``VisionTransformer`` or ``Beit``) and load its weights strictly.
 
     Args:
-        path: encoder file.
+        path: encoder file, or a checkpoint in a supported layout (converted in memory, see
+            :func:`open_encoder`; ``layout`` forces one).
         img_size: input resolution (int or (H, W)); when it differs from the stored one the
-            position embeddings of the patch grid are resampled bicubically with timm's
-            ``resample_abs_pos_embed`` (class position kept as is).
-        pos_embed_antialias: False (default) gives plain bicubic interpolation with
-            align_corners=False, exactly what the official MAE fine-tuning (``interpolate_pos_embed``)
-            and mmsegmentation's ViT do. True is timm's own default; PyTorch's antialiased bicubic
-            uses a different kernel (a=-0.5 instead of -0.75), so it differs even when up-sampling.
-        **timm_kwargs: passed to ``VisionTransformer`` (e.g. ``global_pool="avg"``, ``fc_norm=True``,
+            position information is resampled with :mod:`mimbench.encoders.resample`: absolute
+            position embeddings bicubically (align_corners=False, no anti-aliasing, class position
+            kept), as the official MAE fine-tuning and mmsegmentation do; BEiT relative-position
+            tables as BEiT and mmsegmentation do.
+        **timm_kwargs: passed to the timm model (e.g. ``global_pool="avg"``, ``fc_norm=True``,
             ``drop_path_rate=0.1``, ``num_classes=1000``). Defaults: ``num_classes=0`` (head = Identity),
             ``global_pool="token"``. Architecture arguments come from the file and cannot be given.
+            For BEiT encoders ``fc_norm`` means Beit's ``use_fc_norm`` and ``use_mean_pooling=True``
+            means ``global_pool="avg"``.
 
     With a pooled head and ``fc_norm`` (timm enables it for ``global_pool="avg"``), timm has no
     per-token final norm: the file's ``norm.*`` is not used and ``fc_norm`` starts fresh
-    (weight 1, bias 0), as in the official MAE fine-tuning. A classifier head (num_classes > 0)
-    also starts fresh; no other tensor may be missing.
+    (weight 1, bias 0), as in the official MAE and BEiT fine-tuning. A classifier head
+    (num_classes > 0) also starts fresh; no other tensor may be missing.
 
-    Returns the model in eval mode; ``model.mimbench_metadata`` holds the file's metadata.
+    Returns the model in eval mode; ``model.mimbench_metadata`` holds the encoder's metadata.
     """
     import timm.models.vision_transformer as tvit
-    from safetensors.torch import load_file
-    from timm.layers import resample_abs_pos_embed
+
+    from mimbench.encoders.resample import resample_pos_embed
 
     path = Path(path)
-    meta = read_metadata(path)
+    state, meta = open_encoder(path, layout)
+    state = dict(state)
     arch = parse_arch(meta, where=str(path))
+    family = encoder_family(meta)
     bad = sorted(set(timm_kwargs) & set(_ARCH_KWARGS))
     if bad:
         raise MimbenchError(f"load_encoder: {', '.join(bad)} is fixed by the encoder file and cannot be overridden.",
                             "Only pooling, head, dropout/drop-path and image-size options can be changed.")
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise MimbenchError(f"{path}: tensors cannot be read ({e}).", "The file is corrupt; re-export it.") from None
-    check_state_dict({k: tuple(v.shape) for k, v in state.items()}, arch, str(path))
-
     sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or ())
     if any(int(s) % arch["patch_size"] for s in sizes):
         raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size "
@@ -311,21 +469,33 @@ def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **ti
     kwargs = dict(num_classes=0, global_pool="token")
     kwargs.update(timm_kwargs)
     size = arch["img_size"] if img_size is None else img_size
+    eps = norm_eps(meta, str(path))
     try:
-        model = tvit.VisionTransformer(
-            img_size=size, patch_size=arch["patch_size"], in_chans=in_chans, embed_dim=arch["embed_dim"],
-            depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True,
-            class_token=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
+        if family == "beit":
+            from mimbench.encoders.beit import build_beit, parse_beit_flags
+
+            model = build_beit(img_size=size, patch_size=arch["patch_size"], in_chans=in_chans,
+                               embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
+                               mlp_ratio=arch["mlp_ratio"], flags=parse_beit_flags(meta, str(path)), norm_eps=eps,
+                               **kwargs)
+        else:
+            model = tvit.VisionTransformer(
+                img_size=size, patch_size=arch["patch_size"], in_chans=in_chans, embed_dim=arch["embed_dim"],
+                depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True,
+                class_token=True, norm_layer=partial(torch.nn.LayerNorm, eps=eps), **kwargs)
     except (TypeError, AssertionError, ValueError) as e:
         raise MimbenchError(f"load_encoder: timm rejected the options {timm_kwargs}: {e}.",
-                            "Check the option names against timm's VisionTransformer.") from None
+                            "Check the option names against timm's VisionTransformer / Beit.") from None
 
-    grid = list(model.patch_embed.grid_size)
-    stored = arch["img_size"] // arch["patch_size"]
-    if grid != [stored, stored]:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, old_size=[stored, stored],
-                                                    num_prefix_tokens=1, interpolation="bicubic",
-                                                    antialias=pos_embed_antialias)
+    grid = tuple(model.patch_embed.grid_size)
+    stored = int(arch["img_size"] // arch["patch_size"])
+    if grid != (stored, stored):
+        if family == "beit":
+            from mimbench.encoders.beit import resample_beit_state
+
+            state = resample_beit_state(state, stored, grid)
+        else:
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid, (stored, stored))
     if isinstance(model.norm, torch.nn.Identity):
         # pooled + fc_norm: timm drops the per-token final norm (see docstring)
         state.pop("norm.weight")
@@ -346,13 +516,13 @@ def load_encoder(path, img_size=None, *, pos_embed_antialias: bool = False, **ti
 def describe_encoder(path) -> str:
     """Human-readable summary for ``mimbench info``: metadata, parameter count, file SHA-256 prefix."""
     path = Path(path)
-    meta = read_metadata(path)
-    with _open(path) as f:
-        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    state, meta = open_encoder(path)
+    n_params = sum(v.numel() for v in state.values())
     sha = encoder_sha256(path)
-    order = [k for k in REQUIRED_METADATA if k != "format"] + sorted(k for k in meta if k not in REQUIRED_METADATA)
+    order = [k for k in REQUIRED_METADATA if k != "format" and k in meta] + sorted(
+        k for k in meta if k not in REQUIRED_METADATA)
     width = max(len(k) for k in order + ["parameters"])
-    lines = [f"{path}  ({meta['format']})"]
+    lines = [f"{path}  ({meta['format']}{'' if is_encoder_file(path) else ', converted in memory'})"]
     lines += [f"  {k:<{width}}  {meta[k] if meta[k] != '' else '-'}" for k in order]
     lines.append(f"  {'parameters':<{width}}  {n_params / 1e6:.2f} M ({n_params:,})")
     lines.append(f"  {'sha256':<{width}}  {sha[:16]}")

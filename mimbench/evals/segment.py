@@ -3,8 +3,9 @@
 The protocol is the mmseg config (``eval_configs/segmentation/``); this module only
 plugs the encoder in and runs mmengine's ``Runner``:
 
-1. the encoder is converted to mmseg ``MAE`` backbone keys (``mimbench.seg.backbone``)
-   and loaded through the backbone's ``init_cfg=Pretrained``;
+1. the encoder is converted to mmseg ``MAE`` backbone keys (``BEiT`` for BEiT encoders without
+   absolute position embeddings; ``mimbench.seg.backbone``) and loaded through the backbone's
+   ``init_cfg=Pretrained``;
 2. the backbone architecture fields come from the encoder; where they differ from the
    config (a non-ViT-B encoder), the dependent widths (neck, heads), the layer-decay depth
    and the tapped blocks (``out_indices`` scaled to the same relative depths) follow, and
@@ -73,7 +74,7 @@ def adapt_config(cfg, fields: dict, *, cuda: bool) -> list[str]:
     """Fit ``cfg`` (mmengine Config, changed in place) to the encoder; return the deviations made."""
     deviations = []
     backbone = cfg.model.backbone
-    for key in ("patch_size", "embed_dims", "num_heads", "mlp_ratio"):
+    for key in ("type", "patch_size", "embed_dims", "num_heads", "mlp_ratio", "norm_cfg"):
         if backbone.get(key) != fields[key]:
             deviations.append(f"model.backbone.{key}: {backbone.get(key)} -> {fields[key]} (from the encoder)")
             backbone[key] = fields[key]

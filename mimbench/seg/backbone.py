@@ -1,11 +1,13 @@
-"""Encoder files -> mmsegmentation ``MAE`` backbone weights.
+"""Encoders -> mmsegmentation backbone weights (``MAE`` for ViTs, ``BEiT`` for BEiT encoders without
+absolute position embeddings).
 
 mmseg's ``MAE`` backbone is a BEiT-style ViT: the same patch embedding, blocks
 and absolute position embedding as timm's ``VisionTransformer`` plus a
-relative position bias per block (zero-initialised, so a converted encoder
-starts out computing exactly what it computed in pre-training) and layer-scale
-vectors ``gamma_1``/``gamma_2`` (the protocol's ``init_values=1.0`` makes them
-the identity for encoders without layer scale). Key mapping, timm -> mmseg::
+relative position bias per block and layer-scale vectors ``gamma_1``/``gamma_2``.
+For a ViT encoder the tables are written as zeros (what mmseg's MAE initialises
+them to, so a converted encoder starts out computing exactly what it computed in
+pre-training) and the gammas as ones (identity), independent of the config's
+``init_values``. Key mapping, timm -> mmseg::
 
     patch_embed.proj.*     -> patch_embed.projection.*
     blocks.i.norm1/norm2.* -> layers.i.ln1/ln2.*
@@ -14,6 +16,24 @@ the identity for encoders without layer scale). Key mapping, timm -> mmseg::
     blocks.i.ls1/ls2.gamma -> layers.i.gamma_1/gamma_2 (only for layer-scale encoders)
     norm.*                 -> dropped (the backbone runs with final_norm=False,
                               as in the MAE segmentation protocol)
+
+BEiT-family encoders (timm ``Beit``) keep their relative position bias and layer scale:
+
+* without absolute position embeddings they go to mmseg's ``BEiT`` backbone (``qv_bias``:
+  ``attn.q_bias``/``v_bias`` as they are, ``qkv`` without bias);
+* with them, to mmseg's ``MAE`` backbone, the q/v biases joined into one qkv bias
+  ``[q_bias, 0, v_bias]`` (BEiT's key bias is zero by construction);
+* a shared table (``rel_pos_bias.relative_position_bias_table``) is copied into every layer, as
+  the BEiT repository does when it fine-tunes such a checkpoint; a model without layer scale gets
+  gammas of ones.
+
+Position information is moved to the crop's patch grid here, with the one resampler of
+:mod:`mimbench.encoders.resample`: absolute position embeddings bicubically (class position apart,
+as mmseg's and MAE's own code), relative-position tables with BEiT's / mmseg's geometric-progression
+rule. mmseg's own ``BEiT.resize_rel_pos_embed`` calls ``scipy.interpolate.interp2d``, which SciPy
+removed, so the tables must arrive at the crop's size; mmseg then finds nothing to resize. The key
+set written is checked against the backbone's own (mmseg loads ``init_cfg=Pretrained`` weights
+non-strictly, which would otherwise hide a missing tensor).
 """
 
 from __future__ import annotations
@@ -29,31 +49,24 @@ _BLOCK_RULES = (
     (re.compile(r"^blocks\.(\d+)\.norm1\.(weight|bias)$"), r"layers.\1.ln1.\2"),
     (re.compile(r"^blocks\.(\d+)\.norm2\.(weight|bias)$"), r"layers.\1.ln2.\2"),
     (re.compile(r"^blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)$"), r"layers.\1.attn.\2.\3"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.(q_bias|v_bias|relative_position_bias_table)$"), r"layers.\1.attn.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$"), r"layers.\1.ffn.layers.0.0.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$"), r"layers.\1.ffn.layers.1.\2"),
     (re.compile(r"^blocks\.(\d+)\.ls1\.gamma$"), r"layers.\1.gamma_1"),
     (re.compile(r"^blocks\.(\d+)\.ls2\.gamma$"), r"layers.\1.gamma_2"),
+    (re.compile(r"^blocks\.(\d+)\.(gamma_1|gamma_2)$"), r"layers.\1.\2"),
     (re.compile(r"^patch_embed\.proj\.(weight|bias)$"), r"patch_embed.projection.\1"),
     (re.compile(r"^(cls_token|pos_embed)$"), r"\1"),
 )
 _DROPPED = re.compile(r"^norm\.(weight|bias)$")
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 
-def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Rename a timm-layout ViT encoder state dict to mmseg ``MAE`` backbone keys.
-
-    Args:
-        state_dict: encoder tensors in timm ``VisionTransformer`` layout (one class token).
-        grid: target patch grid (H/patch, W/patch); when it differs from the encoder's,
-            the absolute position embedding (1 x (1 + h*w) x D) is resampled bicubically
-            with timm's ``resample_abs_pos_embed`` (class token kept).
-
-    Raises MimbenchError naming tensors that have no counterpart in the backbone.
-    """
+def _rename(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        if _DROPPED.match(key):
+        if _DROPPED.match(key) or key == _SHARED_TABLE:
             continue
         for pattern, target in _BLOCK_RULES:
             if pattern.match(key):
@@ -63,29 +76,88 @@ def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]
             unknown.append(key)
     if unknown:
         raise MimbenchError(
-            f"Encoder tensors {sorted(unknown)[:8]} have no counterpart in the mmseg MAE backbone.",
-            "Segmentation supports plain ViT encoders with a class token (mimbench encoder files); "
-            "convert the checkpoint with `mimbench convert` first.",
+            f"Encoder tensors {sorted(unknown)[:8]} have no counterpart in the mmseg backbone.",
+            "Segmentation takes mimbench encoders (ViT or BEiT family) or checkpoints of the supported layouts.",
         )
-    if "pos_embed" in out and grid is not None:
-        from timm.layers import resample_abs_pos_embed
-
-        num_patches = out["pos_embed"].shape[1] - 1
-        side = int(round(num_patches**0.5))
-        if side * side != num_patches:
-            raise MimbenchError(
-                f"Position embedding with {num_patches} patch positions is not a square grid.",
-                "Only encoders pre-trained on square images are supported.",
-            )
-        if (side, side) != tuple(grid):
-            out["pos_embed"] = resample_abs_pos_embed(
-                out["pos_embed"], new_size=list(grid), old_size=[side, side], num_prefix_tokens=1
-            )
     return out
 
 
+def _depth(state_dict) -> int:
+    return len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Rename a timm-layout ViT encoder state dict to mmseg ``MAE`` backbone keys.
+
+    Args:
+        state_dict: encoder tensors in timm ``VisionTransformer`` layout (one class token).
+        grid: target patch grid (H/patch, W/patch); when it differs from the encoder's,
+            the absolute position embedding (1 x (1 + h*w) x D) is resampled with
+            :func:`mimbench.encoders.resample_pos_embed` (bicubic, class token kept).
+
+    Raises MimbenchError naming tensors that have no counterpart in the backbone.
+    """
+    from mimbench.encoders.resample import resample_pos_embed
+
+    out = _rename(state_dict)
+    if "pos_embed" in out and grid is not None:
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], tuple(grid))
+    return out
+
+
+def beit_to_mmseg(state_dict: dict[str, torch.Tensor], flags: dict, num_heads: int,
+                  grid: tuple[int, int] | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(mmseg backbone type, weights) for a BEiT-family encoder (timm ``Beit`` keys), see the module docstring."""
+    from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
+
+    depth = _depth(state_dict)
+    dim = state_dict["cls_token"].shape[-1]
+    out = _rename(state_dict)
+    backbone = "MAE" if flags["use_abs_pos_emb"] else "BEiT"
+    if grid is not None and "pos_embed" in out:
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], tuple(grid))
+    shared = state_dict.get(_SHARED_TABLE)
+    for i in range(depth):
+        prefix = f"layers.{i}."
+        table_key = prefix + "attn.relative_position_bias_table"
+        if shared is not None:
+            out[table_key] = shared.clone()
+        if table_key in out and grid is not None:
+            out[table_key] = resize_rel_pos_table(out[table_key], tuple(grid))
+        if table_key not in out:  # no relative position bias: a zero table adds nothing
+            side = grid[0] if grid is not None else None
+            if side is None:
+                raise MimbenchError("A BEiT encoder without relative position bias needs the target grid.",
+                                    "Pass grid=(h, w).")
+            out[table_key] = torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads)
+        for g in ("gamma_1", "gamma_2"):
+            out.setdefault(prefix + g, torch.ones(dim))
+        if backbone == "MAE":
+            q, v = out.pop(prefix + "attn.q_bias"), out.pop(prefix + "attn.v_bias")
+            out[prefix + "attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return backbone, out
+
+
+def backbone_keys(backbone: str, depth: int) -> set[str]:
+    """The parameter names of mmseg's ``MAE`` / ``BEiT`` backbone with ``final_norm=False`` (no buffers)."""
+    keys = {"cls_token", "patch_embed.projection.weight", "patch_embed.projection.bias"}
+    if backbone == "MAE":
+        keys.add("pos_embed")
+    attn = ("qkv.weight", "qkv.bias") if backbone == "MAE" else ("qkv.weight", "q_bias", "v_bias")
+    for i in range(depth):
+        p = f"layers.{i}."
+        keys |= {p + n for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "gamma_1", "gamma_2",
+                                 "attn.proj.weight", "attn.proj.bias", "attn.relative_position_bias_table",
+                                 "ffn.layers.0.0.weight", "ffn.layers.0.0.bias", "ffn.layers.1.weight",
+                                 "ffn.layers.1.bias")}
+        keys |= {p + "attn." + n for n in attn}
+    return keys
+
+
 def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
-    """mmseg ``MAE`` backbone fields that must match the encoder (sizes from its metadata)."""
+    """mmseg backbone fields that must match the encoder: type (``MAE`` or ``BEiT``), sizes, LayerNorm eps."""
+    from mimbench.encoders.format import encoder_family, norm_eps
+
     try:
         fields = dict(
             patch_size=int(meta["patch_size"]),
@@ -107,19 +179,15 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
         )
     fields["mlp_ratio"] = int(fields["mlp_ratio"])
+    fields["type"] = "BEiT" if encoder_family(meta) == "beit" and meta.get("use_abs_pos_emb") == "false" else "MAE"
+    fields["norm_cfg"] = dict(type="LN", eps=norm_eps(meta))
     return fields
 
 
-def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[Path, dict]:
-    """Convert the encoder file into a tensors-only backbone checkpoint for ``init_cfg=Pretrained``.
+def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], img_size: int) -> tuple[dict, dict]:
+    """(backbone config fields, mmseg backbone weights at the crop's patch grid) of an encoder, key set checked."""
+    from mimbench.encoders.format import encoder_family
 
-    Returns the written path and the backbone config fields (:func:`backbone_cfg_from_metadata`).
-    """
-    from safetensors.torch import load_file
-
-    from mimbench.encoders import read_metadata
-
-    meta = read_metadata(encoder)
     fields = backbone_cfg_from_metadata(meta, img_size)
     if img_size % fields["patch_size"]:
         raise MimbenchError(
@@ -127,10 +195,40 @@ def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[
             "Choose a crop size divisible by the patch size.",
         )
     grid = (img_size // fields["patch_size"],) * 2
-    converted = timm_to_mmseg_mae(load_file(str(encoder)), grid=grid)
+    heads, depth, dim = fields["num_heads"], fields["num_layers"], fields["embed_dims"]
+    if encoder_family(meta) == "beit":
+        from mimbench.encoders.beit import parse_beit_flags
+
+        backbone, converted = beit_to_mmseg(state, parse_beit_flags(meta, "encoder"), heads, grid)
+    else:
+        backbone, converted = "MAE", timm_to_mmseg_mae(state, grid=grid)
+        rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        for i in range(depth):  # zero relative bias and unit layer scale: the ViT computes exactly what it did
+            converted.setdefault(f"layers.{i}.attn.relative_position_bias_table", torch.zeros(rows, heads))
+            converted.setdefault(f"layers.{i}.gamma_1", torch.ones(dim))
+            converted.setdefault(f"layers.{i}.gamma_2", torch.ones(dim))
+    assert backbone == fields["type"]
+    want = backbone_keys(backbone, depth)
+    if set(converted) != want:
+        raise MimbenchError(
+            f"The converted weights do not fill mmseg's {backbone} backbone exactly (missing: "
+            f"{sorted(want - set(converted))[:6]}; unexpected: {sorted(set(converted) - want)[:6]}).",
+            "This is a bug in the conversion; please report it with the encoder's metadata (mimbench info).")
+    return fields, converted
+
+
+def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[Path, dict]:
+    """Convert the encoder (file or checkpoint) into a tensors-only backbone checkpoint for ``init_cfg=Pretrained``.
+
+    Returns the written path and the backbone config fields (:func:`backbone_cfg_from_metadata`).
+    """
+    from mimbench.atomic import atomic_write
+    from mimbench.encoders import open_encoder
+
+    state, meta = open_encoder(encoder)
+    fields, converted = encoder_to_backbone(state, meta, img_size)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(dst.suffix + ".tmp")
-    torch.save({"state_dict": converted}, tmp)
-    tmp.replace(dst)
+    atomic_write(dst, lambda tmp: torch.save({"state_dict": converted}, tmp), what="the backbone checkpoint",
+                 fix="Choose an output folder you can write to, with free disk space.")
     return dst, fields

@@ -39,7 +39,7 @@ def test_convert_then_info(tmp_path):
 def test_info_on_a_checkpoint_is_a_user_error(tmp_path):
     src = tmp_path / "w.pth"
     torch.save({"a": torch.zeros(2)}, src)
-    result = runner.invoke(app, ["info", str(src)])
-    assert result.exit_code == 2 and "mimbench convert" in _plain(result.output)
+    result = runner.invoke(app, ["info", str(src)])  # read as a checkpoint, which it is not
+    assert result.exit_code == 2 and "does not look like a ViT" in _plain(result.output)
     bad = runner.invoke(app, ["convert", str(src), str(tmp_path / "e.safetensors")])
     assert bad.exit_code == 2 and "does not look like a ViT" in _plain(bad.output)

@@ -42,7 +42,9 @@ def test_backbone_checkpoint_loads_through_mmseg_pretrained_init(tmp_path):
 
     enc, vit = _encoder(tmp_path)
     ckpt, fields = write_backbone_checkpoint(enc, tmp_path / "bb.pth", img_size=64)
-    assert fields == dict(patch_size=8, embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=4, img_size=(64, 64))
+    assert fields == dict(patch_size=8, embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=4, img_size=(64, 64),
+                          type="MAE", norm_cfg=dict(type="LN", eps=1e-6))
+    fields.pop("type")
     mae = MAE(**fields, out_indices=[3], init_values=1.0, init_cfg=dict(type="Pretrained", checkpoint=str(ckpt)))
     mae.init_weights()
     assert torch.equal(mae.layers[2].attn.qkv.weight, vit.blocks[2].attn.qkv.weight)

@@ -305,7 +305,7 @@ class BEiTv2(nn.Module):
 
         arch = self.encoder_arch()
         return save_encoder(self.encoder_state_dict(), path, family="beit",
-                            arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]).replace("vit", "beit", 1),
+                            arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                             technique=technique, config_sha256=config_sha256, epochs=epochs, data=data,
                             extra=self.encoder_family_metadata(), **arch)
 

@@ -173,9 +173,9 @@ class NormEMAQuantizer(nn.Module):
             dist.all_reduce(sums)
         self.usage.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         means = F.normalize(sums / counts.clamp_min(1)[:, None], dim=-1)
-        means = torch.where((counts == 0)[:, None], self.codebook, means)
-        self.codebook.mul_(self.decay).add_(means, alpha=1.0 - self.decay)
-        self.codebook.copy_(F.normalize(self.codebook, dim=-1))
+        moved = F.normalize(self.decay * self.codebook + (1.0 - self.decay) * means, dim=-1)
+        # codes without assignment keep their exact value
+        self.codebook.copy_(torch.where((counts == 0)[:, None], self.codebook, moved))
 
     @torch.no_grad()
     def restart_dead_codes(self, flat: torch.Tensor) -> int:

@@ -48,16 +48,25 @@ BASE_CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
         "mae": ("pretrain/configs/mae_tiny_fmnist.py",),
         "mae_dds": ("pretrain/configs/mae-dds_tiny_fmnist.py",),
         "ddae": ("eval_configs/reproduce/ddae_tiny_fmnist.py",),
+        "vqkd": ("pretrain/configs/vqkd_tiny_fmnist.py",),
+        "beitv2": ("pretrain/configs/beitv2_tiny_fmnist.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_tiny_fmnist.py",),
     },
     "quick": {
         "mae": ("pretrain/configs/mae_micro_fmnist.py",),
         "mae_dds": ("eval_configs/reproduce/mae-dds_micro_fmnist.py",),
         "ddae": ("eval_configs/reproduce/ddae_micro_fmnist.py",),
+        "vqkd": ("pretrain/configs/vqkd_tiny_fmnist.py",),
+        "beitv2": ("pretrain/configs/beitv2_tiny_fmnist.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_tiny_fmnist.py",),
     },
     "full": {
         "mae": ("pretrain/configs/mae_vit-b_in1k_800ep.py",),
         "mae_dds": ("pretrain/configs/mae-dds_vit-b_in1k_800ep.py",),
         "ddae": ("eval_configs/reproduce/ddae_vit-b_in1k_100ep.py",),
+        # BEiT v2 at full scale takes the official VQ-KD tokenizer (model.tokenizer in the config).
+        "beitv2": ("pretrain/configs/beitv2_vit-b_in1k_300ep.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_vit-b_in1k_300ep.py",),
     },
 }
 # (eval_configs/reproduce/ddae_*.py inherit pretrain/configs/ddae_*.py and write out the DDAE knobs the grid
@@ -84,6 +93,9 @@ class GridPoint:
     overrides: tuple[str, ...]
     paper: dict = field(default_factory=dict)
     pretrain: bool = True  # False: the control, the base model's encoder at its random initialisation
+    # False: a prerequisite that writes no encoder (BEiT v2's tokenizer): trained, never evaluated. Overrides may
+    # name files of earlier points as {runs}/<point>/pretrain/<file>.
+    evaluate: bool = True
 
 
 @dataclass(frozen=True)
@@ -265,10 +277,26 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         no_dds["dds_weights"] = [1.0]
     mae_dds_path = _resolve_base(which, "mae_dds")
     paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
+    # The tokenizer plug-in rows (BEiT v2, BEiT v2 + DDS) at the DDAE config's budget. At demo scale their
+    # VQ-KD tokenizer is trained first with the "mae" point's encoder as teacher; at full scale the configs
+    # take the official tokenizer.
+    beit_paths = {role: _resolve_base(which, role) for role in ("beitv2", "beitv2_dds")}
+    tokenizer_points, beit_tok = [], ()
+    if which != "full":
+        vqkd_path = _resolve_base(which, "vqkd")
+        beit_paths["vqkd"] = vqkd_path
+        tokenizer_points = [GridPoint("vqkd", "vqkd", _budget_overrides(load_config(vqkd_path), ddae_cfg)
+                                      + ('model.teacher="{runs}/mae/pretrain/encoder.safetensors"',),
+                                      evaluate=False)]
+        beit_tok = ('model.tokenizer="{runs}/vqkd/pretrain/tokenizer.safetensors"',)
+    beit_points = [GridPoint(name, name, _budget_overrides(load_config(beit_paths[name]), ddae_cfg) + beit_tok)
+                   for name in ("beitv2", "beitv2_dds")]
     points_l = [
         RANDOM_INIT,
         GridPoint("mae", "mae", mae_budget),
         GridPoint("mae_dds", "mae_dds", _budget_overrides(load_config(mae_dds_path), ddae_cfg)),
+        *tokenizer_points,
+        *beit_points,
         GridPoint("ddae", "ddae", (), paper_nums),
         _variant("ddae_no_deep_supervision", "ddae", ddae_cfg, _set(m, **no_dds)),
         _variant("ddae_no_dynamic_weighting", "ddae", ddae_cfg, _set(m, dds_beta_mode="fixed", dds_beta_start=0.0)),
@@ -279,6 +307,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         CONTROL_ROW,
         Row("plug-in", "MAE", "mae"),
         Row("plug-in", "MAE + DDS", "mae_dds"),
+        Row("plug-in", "BEiT v2", "beitv2"),
+        Row("plug-in", "BEiT v2 + DDS", "beitv2_dds"),
         Row("deep supervision", "on (DDAE)", "ddae"),
         Row("deep supervision", "off (last layer only)", "ddae_no_deep_supervision"),
         Row("dynamic weighting", "learnable beta (DDAE)", "ddae"),
@@ -287,7 +317,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         Row("self-distillation", "on (DDAE)", "ddae"),
         Row("self-distillation", "off", "ddae_no_self_distillation"),
     ]
-    return Grid(paper, tuple(points_l), tuple(rows_l), {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path})
+    return Grid(paper, tuple(points_l), tuple(rows_l),
+                {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path, **beit_paths})
 
 
 def _check_paper(paper: str) -> str:
@@ -320,6 +351,8 @@ def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, flo
     from pretrain.main import run_pretrain
 
     pdir = root / point.name / "pretrain"
+    point = GridPoint(point.name, point.base, tuple(o.replace("{runs}", str(root)) for o in point.overrides),
+                      point.paper, point.pretrain, point.evaluate)
     encoders = sorted(pdir.glob("*.safetensors")) if pdir.is_dir() else []
     if encoders:
         encoder = encoders[0]
@@ -332,7 +365,7 @@ def _run_point(point: GridPoint, config: Path, root: Path, log) -> dict[str, flo
         encoder = Path(run_pretrain(config, data=DEMO_DATA, out=pdir, overrides=list(point.overrides),
                                     resume=(pdir / "checkpoint-latest.pt").is_file()))
     results: dict[str, float | None] = {}
-    for task, eval_cfg in DEMO_EVALS:
+    for task, eval_cfg in DEMO_EVALS if point.evaluate else ():
         edir = root / point.name / task
         record = finished_record(edir)
         if record is None:
@@ -401,7 +434,7 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
             continue
         if pretrain_overrides:
             point = GridPoint(point.name, point.base, point.overrides + tuple(pretrain_overrides), point.paper,
-                              point.pretrain)
+                              point.pretrain, point.evaluate)
         results[point.name] = _run_point(point, grid.base_paths[point.base], root, log)
     table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
     path = root / "table.md"
@@ -470,6 +503,8 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         base = grid.base_paths[point.base]
+        point = GridPoint(point.name, point.base, tuple(o.replace("{runs}", "$RUNS") for o in point.overrides),
+                          point.paper, point.pretrain, point.evaluate)
         cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
         rel_base = _rel(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
@@ -486,7 +521,7 @@ def write_full_grid(grid: Grid, out: Path) -> Path:
         sbatch_path.write_text(sbatch)
         sbatch_path.chmod(0o755)
         encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
-        for task, eval_cfg, data in FULL_EVALS:
+        for task, eval_cfg, data in FULL_EVALS if point.evaluate else ():
             words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
                      "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
             if task == "segment":

@@ -280,9 +280,9 @@ class BEiTv2(nn.Module):
         pass
 
     def no_weight_decay(self) -> set[str]:
-        names = {"mask_token", "encoder.cls_token", "encoder.pos_embed"}
-        names |= {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
-        return names
+        # The official BEiT v2 skip list ({pos_embed, cls_token}; 1-D tensors and biases are excluded by
+        # the optimizer anyway): the mask token and the relative position bias tables are decayed there too.
+        return {"encoder.cls_token", "encoder.pos_embed"}
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The timm ``Beit`` (token pooling, no head) state dict: the BEiT-family encoder file's tensors."""

@@ -229,3 +229,16 @@ def test_tokenizer_grid_must_match():
         _model(tok=FixedTokens(grid=8))
     with pytest.raises(MimbenchError, match="needs a tokenizer"):
         create_model("beitv2", tokenizer=None, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_weight_decay_groups_follow_the_official_skip_list():
+    from pretrain.main import build_optimizer
+
+    m = _model()
+    opt = build_optimizer(m, lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n: id(p) in decayed for n, p in m.named_parameters() if p.requires_grad}
+    assert names["mask_token"] and names["encoder.rel_pos_bias.relative_position_bias_table"]  # 3-D / 2-D: decayed
+    assert names["encoder.blocks.0.attn.qkv.weight"] and names["lm_head.weight"]
+    assert not names["encoder.cls_token"] and not names["encoder.blocks.0.gamma_1"] and not names["lm_head.bias"]
+    assert not any(n.startswith("tokenizer.") for n in names)  # frozen: never optimised

@@ -26,6 +26,16 @@ eval_app = typer.Typer(help="Evaluate an encoder: linear probe, fine-tune, k-NN,
 app.add_typer(eval_app, name="eval")
 
 SET_HELP = "Override a config value, e.g. --set optim.lr=1e-3 (repeatable)."
+ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
+FROM_HELP = ("Checkpoint layout of --encoder: auto | mae | timm | deit | mmpretrain | dino | ibot | mocov3 | vissl | "
+             "beit | beitv2 | data2vec-vision (docs/checkpoints.md)")
+
+
+def _declare_layout(encoder: Path, layout: str) -> None:
+    if layout != "auto":
+        from mimbench.encoders import declare_layout
+
+        declare_layout(encoder, layout)
 
 
 def _user_errors(fn):
@@ -46,13 +56,15 @@ def _user_errors(fn):
 
 @app.command()
 @_user_errors
-def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) to describe.")):
-    """Print an encoder file's metadata and parameter count.
+def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe."),
+         from_: str = typer.Option("auto", "--from", help=FROM_HELP)):
+    """Print an encoder's metadata and parameter count (for a checkpoint: as it will be read).
 
     Example: mimbench info runs/demo/mae/encoder.safetensors
     """
     from mimbench.encoders import describe_encoder
 
+    _declare_layout(path, from_)
     typer.echo(describe_encoder(path))
 
 
@@ -78,7 +90,8 @@ def pretrain(
 def _eval_command(task: str, default_config: str, example: str):
     @_user_errors
     def command(
-        encoder: Path = typer.Option(..., help="Encoder file (.safetensors)"),
+        encoder: Path = typer.Option(..., help=ENCODER_HELP),
+        from_: str = typer.Option("auto", "--from", help=FROM_HELP),
         config: Path = typer.Option(Path(default_config), help="Protocol config under eval_configs/"),
         data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
         out: Path = typer.Option(..., help="Output directory (checkpoint, run record)"),
@@ -87,6 +100,7 @@ def _eval_command(task: str, default_config: str, example: str):
     ):
         from mimbench.evals import run_eval
 
+        _declare_layout(encoder, from_)
         record = run_eval(task, encoder=encoder, config=config, data=data, out=out,
                           overrides=list(set_ or []), resume=resume)
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
@@ -111,7 +125,8 @@ eval_app.command("knn")(_eval_command(
 @eval_app.command("segment")
 @_user_errors
 def segment(
-    encoder: Path = typer.Option(..., help="Encoder file (.safetensors)"),
+    encoder: Path = typer.Option(..., help=ENCODER_HELP),
+    from_: str = typer.Option("auto", "--from", help=FROM_HELP),
     config: Path = typer.Option(Path("eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py")),
     data: str = typer.Option(..., help="ADE20K root (ADEChallengeData2016) or builtin:fashion-mnist-seg"),
     out: Path = typer.Option(...),
@@ -131,6 +146,7 @@ def segment(
     """
     from mimbench.evals.segment import run_segment
 
+    _declare_layout(encoder, from_)
     record = run_segment(encoder=encoder, config=config, data=data, out=out, overrides=list(set_ or []),
                          launcher=launcher, resume=resume, aug_test=aug_test)
     summary = {k: v for k, v in record["metrics"].items() if not isinstance(v, dict)}
@@ -199,9 +215,9 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 @app.command()
 @_user_errors
 def convert(
-    src: Path = typer.Argument(..., help="Checkpoint in a foreign layout (official MAE .pth, timm, DeiT, mmpretrain)"),
+    src: Path = typer.Argument(..., help="Checkpoint in a supported layout (official MAE, BEiT, DINO ... .pth)"),
     dst: Path = typer.Argument(..., help="Encoder file to write (.safetensors)"),
-    layout: str = typer.Option("auto", help="auto | mae | timm | deit | mmpretrain"),
+    layout: str = typer.Option("auto", "--from", "--layout", help=FROM_HELP),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads, only for non-standard widths"),
     technique: Optional[str] = typer.Option(None, help="Provenance: pre-training technique (default from the layout)"),
     epochs: Optional[float] = typer.Option(None, help="Provenance: pre-training epochs (default from the checkpoint)"),

@@ -11,7 +11,8 @@ ViT family (timm ``VisionTransformer``):
 * ``mmpretrain`` - ``{"state_dict": sd}``, encoder under ``backbone.`` with mmpretrain module names.
 * ``dino`` / ``ibot`` - full training checkpoints ``{"student": sd, "teacher": sd, ...}``: the
   teacher is taken (what both papers evaluate), ``backbone.`` / ``module.backbone.`` stripped,
-  projection heads dropped; iBOT's ``masked_embed`` (the mask token) dropped.
+  projection heads dropped; iBOT's ``masked_embed`` (the mask token) dropped. A single network
+  saved with its ``backbone.`` prefix (e.g. ``{"state_dict": teacher}``) is read the same way.
 * ``mocov3`` - ``{"state_dict": sd}`` with ``module.base_encoder.`` (kept, its ``head`` -- the
   projection MLP -- dropped), ``module.momentum_encoder.`` and ``module.predictor.`` (dropped).
 * ``vissl`` - ``{"classy_state_dict": {"base_model": {"model": {"trunk": sd, "heads": sd}}}}``;
@@ -26,9 +27,9 @@ BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
   (``{"model": sd}``, or ``{"module": sd}``): ``blocks.i.attn.q_bias/v_bias``,
   ``blocks.i.gamma_1/gamma_2``, a shared ``rel_pos_bias.relative_position_bias_table`` or per-block
   ``blocks.i.attn.relative_position_bias_table``; ``relative_position_index`` buffers,
-  ``mask_token``, ``lm_head`` and BEiT v2's ``cls_pt_layers`` dropped. The three share one key
-  layout; auto-detection tells BEiT v2 by ``cls_pt_layers`` and BEiT by ``lm_head`` and asks for
-  ``--from`` otherwise.
+  ``mask_token``, ``lm_head`` and BEiT v2's patch-aggregation head (``cls_pt_layers``,
+  ``cls_pt_norm``, ``cls_pt_lm_head``) dropped. The three share one key layout; auto-detection tells
+  BEiT v2 by ``cls_pt_*`` and BEiT by ``lm_head`` and asks for ``--from`` otherwise.
 
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
@@ -67,7 +68,7 @@ _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpre
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
 _BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
-_BEIT_DROP = ("lm_head.", "cls_pt_layers.", "head.")
+_BEIT_DROP = ("lm_head.", "cls_pt_", "head.")  # cls_pt_layers / cls_pt_norm / cls_pt_lm_head: BEiT v2
 _BEIT_DROP_EXACT = ("mask_token",)
 
 # mmpretrain VisionTransformer module names -> timm's (applied after stripping "backbone.")
@@ -110,13 +111,21 @@ def _load_file(src: Path) -> object:
         except Exception as e:
             raise MimbenchError(f"{src} is not a readable safetensors file ({e}).",
                                 "The file is corrupt or truncated; download it again.") from None
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive; legacy files a pickle
+        raise MimbenchError(f"{src} cannot be read as a PyTorch checkpoint (neither a zip archive nor a pickle: it "
+                            f"starts with {magic!r}).", "The file is not a checkpoint, or is corrupt; download it again.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
+                      lines[0] if lines else "unsupported object")
         raise MimbenchError(
             f"{src} was refused for safety: loading it needs arbitrary unpickling, which can run code "
-            f"(torch.load with weights_only=True says: {str(e).splitlines()[0] if str(e) else 'unsupported object'}).",
+            f"(torch.load with weights_only=True says: {reason}).",
             "If you trust the file, re-save its weights only in a Python session that can load it: "
             "sd = torch.load(SRC, weights_only=False); sd = sd.get('model', sd); "
             "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'weights.pth'), "
@@ -183,11 +192,13 @@ def detect_layouts(obj: object) -> list[str]:
     if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
         return ["mmpretrain"]
     if any(k.startswith("rel_pos_bias.") or k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in keys):
-        if any(k.startswith("cls_pt_layers.") for k in keys):
+        if any(k.startswith("cls_pt_") for k in keys):
             return ["beitv2"]
         if any(k.startswith("lm_head.") for k in keys):
             return ["beit"]
         return list(BEIT_LAYOUTS)
+    if any(k.startswith("backbone.") for k in keys):  # a DINO/iBOT teacher or student saved on its own
+        return ["ibot"] if any(k.endswith("masked_embed") for k in keys) else ["dino", "ibot"]
     if any(k.startswith(_MAE_DECODER) or k in _MAE_DECODER_EXACT for k in keys):
         return ["mae"]
     if any(k.startswith(_DISTILLED) for k in keys):

@@ -516,13 +516,19 @@ def load_encoder(path, img_size=None, *, layout: str | None = None, **timm_kwarg
 def describe_encoder(path) -> str:
     """Human-readable summary for ``mimbench info``: metadata, parameter count, file SHA-256 prefix."""
     path = Path(path)
-    state, meta = open_encoder(path)
-    n_params = sum(v.numel() for v in state.values())
+    own = is_encoder_file(path)
+    if own:  # count from the header: an encoder file's tensors need not be read
+        meta = _read_own_metadata(path)
+        with _open(path) as f:
+            n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    else:
+        state, meta = open_encoder(path)
+        n_params = sum(v.numel() for v in state.values())
     sha = encoder_sha256(path)
     order = [k for k in REQUIRED_METADATA if k != "format" and k in meta] + sorted(
         k for k in meta if k not in REQUIRED_METADATA)
     width = max(len(k) for k in order + ["parameters"])
-    lines = [f"{path}  ({meta['format']}{'' if is_encoder_file(path) else ', converted in memory'})"]
+    lines = [f"{path}  ({meta['format']}{'' if own else ', read in memory from a checkpoint'})"]
     lines += [f"  {k:<{width}}  {meta[k] if meta[k] != '' else '-'}" for k in order]
     lines.append(f"  {'parameters':<{width}}  {n_params / 1e6:.2f} M ({n_params:,})")
     lines.append(f"  {'sha256':<{width}}  {sha[:16]}")

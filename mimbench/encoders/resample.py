@@ -112,7 +112,7 @@ def resize_rel_pos_table(table: torch.Tensor, new_grid, old_grid=None, num_extra
     offsets = _geometric_offsets(src, dst)
     half = dst // 2
     targets = [float(t) for t in range(-half, half + 1)]
-    body, extra = table[:n_offsets].float(), table[n_offsets:]
+    body, extra = table[:n_offsets].detach(), table[n_offsets:]
     columns = []
     for h in range(heads):
         values = body[:, h].reshape(src, src).double().numpy()

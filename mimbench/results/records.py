@@ -6,7 +6,8 @@ A record (``SCHEMA_VERSION`` 1) is a JSON object::
     run_id          32 hex digits (uuid4)
     task            linear | finetune | knn | segment | bench
     protocol        {name, sha256, deviations: [str, ...]}      config name, its hash, every departure from it
-    encoder         {path, sha256, arch, technique, epochs}      (None only for task "bench")
+    encoder         {path, sha256, arch, technique, epochs, ...} (None only for task "bench"; encoder_summary
+                    adds family, source, layout and dropped)
     dataset         {name, root, sizes: {split: n_images}}
     metrics         {name: value}                                e.g. {"top1": 71.3, "top5": 90.2}
     seed            int
@@ -57,12 +58,19 @@ def _iso(ts: float) -> str:
 
 
 def encoder_summary(path) -> dict:
-    """The ``encoder`` block of a record for an encoder file: path, sha256 and metadata fields."""
-    from mimbench.encoders import encoder_sha256, read_metadata
+    """The ``encoder`` block of a record: path, sha256 of the file as given, and metadata fields.
+
+    For a checkpoint read in a foreign layout, ``layout`` names it and ``dropped`` lists the tensors
+    left out on purpose (per module, as ``mimbench convert`` records them); for encoder files
+    ``layout`` is ``mimbench`` (or the layout the file was converted from).
+    """
+    from mimbench.encoders import encoder_family, encoder_sha256, read_metadata
 
     meta = read_metadata(path)
     return {"path": str(Path(path)), "sha256": encoder_sha256(path), "arch": meta["arch"],
-            "technique": meta["technique"], "epochs": float(meta["epochs"]), "source": meta["source"]}
+            "family": encoder_family(meta), "technique": meta["technique"], "epochs": float(meta["epochs"]),
+            "source": meta["source"], "layout": meta.get("source_layout", "mimbench"),
+            "dropped": meta.get("source_dropped", "")}
 
 
 def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict, metrics: dict, seed: int,

@@ -172,7 +172,7 @@ def test_encoder_summary_from_file(tmp_path):
                         img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     block = encoder_summary(path)
     assert block == {"path": str(path), "sha256": encoder_sha256(path), "arch": "vit-d32x2/4", "technique": "ddae",
-                     "epochs": 7.0, "source": "mimbench"}
+                     "epochs": 7.0, "source": "mimbench", "family": "vit", "layout": "mimbench", "dropped": ""}
     assert make(encoder=block)["encoder"]["technique"] == "ddae"
 
 

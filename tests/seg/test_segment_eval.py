@@ -82,6 +82,29 @@ def test_run_segment_trains_tests_and_writes_record(tmp_path):
     assert len(written) == 1 and json.loads(written[0].read_text())["run_id"] == record["run_id"]
 
 
+@pytest.mark.slow
+def test_run_segment_on_an_official_beit_checkpoint(tmp_path):
+    """A BEiT pre-training .pth (shared relative position bias) goes to mmseg's BEiT backbone, no convert step."""
+    from mimbench.evals.segment import run_segment
+
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=4, num_heads=1, num_classes=0, global_pool="token",
+                             use_shared_rel_pos_bias=True, use_rel_pos_bias=False)
+    src = tmp_path / "beit_pt.pth"
+    torch.save({"model": dict(beit.state_dict(), mask_token=torch.zeros(1, 1, 64),
+                              **{"lm_head.weight": torch.zeros(16, 64), "lm_head.bias": torch.zeros(16)})}, src)
+    out = tmp_path / "run"
+    record = run_segment(encoder=src, config=DEMO, data=str(_data(tmp_path / "fmseg")), out=out,
+                         overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"], aug_test=False)
+    assert 0.0 <= record["metrics"]["mIoU"] <= 100.0
+    assert record["encoder"]["layout"] == "beit" and record["encoder"]["family"] == "beit"
+    assert any(d.startswith("model.backbone.type: MAE -> BEiT") for d in record["protocol"]["deviations"])
+    weights = torch.load(out / "backbone_init.pth", weights_only=True)["state_dict"]
+    table = beit.rel_pos_bias.relative_position_bias_table.detach()
+    assert all(torch.equal(weights[f"layers.{i}.attn.relative_position_bias_table"], table) for i in range(4))
+
+
 def test_run_segment_refuses_bad_layout(tmp_path):
     from mimbench.evals.segment import run_segment
 

@@ -5,15 +5,19 @@ For each pre-training point of a grid (:class:`mimbench.reproduce.Grid`) it writ
 that runs ``torchrun`` on every node of the allocation, rendezvous on the first) and one ``commands.sh``
 with the single-node ``torchrun`` pre-training lines, then the evaluations of every encoder
 (:data:`FULL_EVALS`: ImageNet-1k fine-tune and linear probe, ADE20K UperNet), then the report. Nothing is run.
-Paths inside are repository-relative and data roots are shell variables (``$IMAGENET``, ``$ADE20K``).
+Paths inside are repository-relative and data roots are shell variables (``$IMAGENET``, ``$ADE20K``); the
+layout under ``$RUNS`` is the demo grid's (``encoders/<point>/``, ``evals/<point>/<task>/``), so an override
+naming an earlier point's file as ``{runs}/<point>/<file>`` reads ``$RUNS/encoders/<point>/<file>``.
 """
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from mimbench.paths import relative
+from mimbench.steps import expand_runs
 
 FULL_EVALS = (
     ("finetune", "eval_configs/finetune/mae_vit-b_in1k.py", "$IMAGENET"),
@@ -46,7 +50,7 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 def _pretrain_args(config: str, point) -> list[str]:
     args = ["-m", "mimbench.cli", "pretrain", "--config", config, "--data", "$IMAGENET",
-            "--out", f"$RUNS/{point.name}/pretrain"]
+            "--out", f"$RUNS/encoders/{point.name}"]
     for o in point.overrides:
         args += ["--set", o]
     return args
@@ -80,6 +84,7 @@ def write_full_grid(grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         base = grid.base_paths[point.base]
+        point = replace(point, overrides=expand_runs(point.overrides, "$RUNS/encoders"))
         cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
         rel_base = relative(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
@@ -95,10 +100,10 @@ def write_full_grid(grid, out: Path) -> Path:
         sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
         sbatch_path.write_text(sbatch)
         sbatch_path.chmod(0o755)
-        encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
-        for task, eval_cfg, data in FULL_EVALS:
+        encoder = f"$RUNS/encoders/{point.name}/encoder.safetensors"
+        for task, eval_cfg, data in FULL_EVALS if point.evaluate else ():  # a prerequisite is not evaluated
             words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
-                     "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
+                     "--data", data, "--out", f"$RUNS/evals/{point.name}/{task}"]
             if task == "segment":
                 words += ["--launcher", "pytorch"]
             evals.append("torchrun --nproc_per_node=8 " + _sh(words))

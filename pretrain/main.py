@@ -9,8 +9,9 @@ warm-up + cosine schedule. Config schema: ``pretrain/configs/_base_/default.py``
 
 Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
 the global batch of every step holds the same images, each image's crop, flip and MAE mask noise
-are functions of ``(seed, epoch, image index)`` (the mask through the model's ``noise=`` argument),
-and only rank 0 writes the config, log, checkpoints and encoder file.
+are functions of ``(seed, epoch, image index)`` (the mask through the model's ``noise=`` argument,
+for models that take it: the MAE family; BEiT v2 draws its block masks itself), and only rank 0
+writes the config, log, checkpoints and exported file.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
 def _technique(cfg, model_name: str) -> str:
     if cfg.get("technique"):
         return str(cfg.technique)
-    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae")):
+    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae"),
+                         ("beitv2+dds", "beitv2+dds"), ("beitv2", "beitv2"), ("vqkd", "vqkd")):
         if model_name.startswith(prefix):
             return tech
     return model_name
@@ -45,7 +47,8 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
 
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
                  resume: bool = False) -> Path:
-    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
+    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors`` (a tokenizer
+    config: ``out/tokenizer.safetensors``).
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
     line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config) and the
@@ -95,7 +98,11 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
                                    world_size=world, accum_iter=accum, num_workers=int(data_cfg.get("num_workers", 0)),
                                    limit=data_cfg.get("limit"))
     sampler = getattr(loader, "batch_sampler", None) or loader.sampler
-    mask_ratio = float(rt.get("mask_ratio", 0.75))
+    # BEiT v2 configs set mask_ratio=None: their block masking counts patches (model.num_mask_patches).
+    mask_ratio = rt.get("mask_ratio", 0.75)
+    mask_ratio = None if mask_ratio is None else float(mask_ratio)
+    # Models whose forward takes ``noise=`` (the MAE family) get per-image mask noise; the others
+    # (BEiT v2 block masks, the VQ-KD tokenizer) draw their own masks or use none.
     takes_noise = "noise" in inspect.signature(model.forward).parameters
     patch = int(model.encoder_arch()["patch_size"])
 
@@ -117,12 +124,17 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {name}")
 
-    path = out / "encoder.safetensors"
+    # Models that write something other than a ViT encoder file (a BEiT-family encoder, a
+    # tokenizer) provide ``export(path, ...)`` and ``export_name``.
+    path = out / getattr(model, "export_name", "encoder.safetensors")
     if rank == 0:
-        arch = model.encoder_arch()
-        save_encoder(model.encoder_state_dict(), path,
-                     arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                     technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
-                     data=str(data), **arch)
-    dist.barrier()  # every rank returns once the encoder file exists
+        meta = dict(technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
+                    data=str(data))
+        if hasattr(model, "export"):
+            model.export(path, **meta)
+        else:
+            arch = model.encoder_arch()
+            save_encoder(model.encoder_state_dict(), path,
+                         arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]), **meta, **arch)
+    dist.barrier()  # every rank returns once the exported file exists
     return path

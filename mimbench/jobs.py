@@ -57,8 +57,14 @@ def _pretrain_args(config: str, point) -> list[str]:
 
 
 def _sh(args: Sequence[str]) -> str:
-    """Shell words; $VARIABLES stay expandable (double quotes), everything else is quoted literally."""
-    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
+    """Shell words; $VARIABLES stay expandable (double quotes, also inside an override such as
+    ``model.tokenizer="$RUNS/..."``), everything else is quoted literally."""
+    def word(a: str) -> str:
+        if "$" not in a:
+            return shlex.quote(a)
+        return '"' + "".join("\\" + c if c in '"\\`' else c for c in a) + '"'
+
+    return " ".join(word(a) for a in args)
 
 
 def write_full_grid(grid, out: Path) -> Path:

@@ -208,6 +208,34 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+def test_job_files_read_earlier_points_files_and_skip_a_prerequisites_evaluations(fake_repo, tmp_path):
+    """A grid whose points read files of earlier points ({runs}/<point>/<file>: BEiT v2's tokenizer and its
+    teacher) as job files: the shell expands the path to the earlier point's --out folder."""
+    from mimbench.jobs import write_full_grid
+
+    grid = R.build_grid("ddae", "demo")
+    root = write_full_grid(grid, tmp_path / "out")
+    commands = (root / "commands.sh").read_text()
+    everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
+    assert "{runs}" not in everything
+    lines = {}
+    for line in commands.splitlines():
+        if line.startswith("torchrun") and " pretrain " in line:
+            expanded = subprocess.run(["bash", "-c", "RUNS=/r; IMAGENET=/i; printf '%s\\n' "
+                                       + line.split(" ", 2)[2]], capture_output=True, text=True, check=True)
+            words = expanded.stdout.splitlines()
+            lines[words[words.index("--out") + 1]] = words
+    vqkd, beit = lines["/r/encoders/vqkd"], lines["/r/encoders/beitv2"]
+    assert "/r/encoders/mae" in lines
+    assert 'model.teacher="/r/encoders/mae/encoder.safetensors"' in vqkd
+    assert 'model.tokenizer="/r/encoders/vqkd/tokenizer.safetensors"' in beit
+    # the tokenizer is a prerequisite: trained, never evaluated; BEiT v2 is evaluated like every other point
+    assert "$RUNS/evals/vqkd/" not in commands and "$RUNS/encoders/vqkd/encoder" not in commands
+    assert commands.count("$RUNS/evals/beitv2/") == 3
+    for script in [root / "commands.sh", *(root / "sbatch").iterdir()]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
 def test_unknown_paper_and_scale_are_refused():
     with pytest.raises(MimbenchError) as exc:
         R.run_reproduce("beit", scale="demo")

@@ -100,7 +100,14 @@ class BlockMaskGenerator:
             count += added
         return mask
 
-    def batch(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """``n x L`` bool masks (row-major patch order) on ``device``."""
-        masks = torch.stack([self(generator).flatten() for _ in range(int(n))])
+    def batch(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+              device=None) -> torch.Tensor:
+        """``n x L`` bool masks (row-major patch order) on ``device``. ``generator`` may also be ``n``
+        generators, one per row (row ``i`` then depends on nothing but ``generator[i]``)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != int(n):
+                raise MimbenchError(f"{len(generator)} generators for {n} masks.", "Give one generator per mask.")
+            masks = torch.stack([self(g).flatten() for g in generator])
+        else:
+            masks = torch.stack([self(generator).flatten() for _ in range(int(n))])
         return masks if device is None else masks.to(device, non_blocking=True)

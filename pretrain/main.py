@@ -8,10 +8,10 @@ accumulation whatever the number of processes: :func:`mimbench.batching.resolve_
 warm-up + cosine schedule. Config schema: ``pretrain/configs/_base_/default.py``.
 
 Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
-the global batch of every step holds the same images, each image's crop, flip and MAE mask noise
-are functions of ``(seed, epoch, image index)`` (the mask through the model's ``noise=`` argument,
-for models that take it: the MAE family; BEiT v2 draws its block masks itself), and only rank 0
-writes the config, log, checkpoints and exported file.
+the global batch of every step holds the same images, each image's crop, flip and mask are
+functions of ``(seed, epoch, image index)`` (the MAE family's mask through the model's ``noise=``
+argument, BEiT v2's block mask through ``mask=``, drawn from one generator per image), and only
+rank 0 writes the config, log, checkpoints and exported file.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     import inspect
 
     from mimbench import dist
-    from mimbench.batching import uniform_by_index
+    from mimbench.batching import item_seed, uniform_by_index
     from mimbench.config import config_sha256, load_config
     from mimbench.encoders import arch_name, save_encoder
     from mimbench.engine import LoopConfig, fit, seed_everything
@@ -101,17 +101,23 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     # BEiT v2 configs set mask_ratio=None: their block masking counts patches (model.num_mask_patches).
     mask_ratio = rt.get("mask_ratio", 0.75)
     mask_ratio = None if mask_ratio is None else float(mask_ratio)
-    # Models whose forward takes ``noise=`` (the MAE family) get per-image mask noise; the others
-    # (BEiT v2 block masks, the VQ-KD tokenizer) draw their own masks or use none.
-    takes_noise = "noise" in inspect.signature(model.forward).parameters
+    # The mask of image i is a function of (seed, epoch, i), not of the rank or batch: models whose forward
+    # takes ``noise=`` (the MAE family) get per-image mask noise, models that draw block masks (BEiT v2:
+    # ``draw_mask`` and ``mask=``) one generator per image; the VQ-KD tokenizer masks nothing.
+    params = inspect.signature(model.forward).parameters
+    takes_noise = "noise" in params
+    draws_blocks = not takes_noise and "mask" in params and hasattr(model, "draw_mask")
     patch = int(model.encoder_arch()["patch_size"])
 
     def step(m, b):
         imgs = b[0].to(device, non_blocking=True)
         kwargs = {}
-        if takes_noise:  # the mask of image i: a function of (seed, epoch, i), not of the rank or batch
+        if takes_noise:
             num_patches = (imgs.shape[-2] // patch) * (imgs.shape[-1] // patch)
             kwargs["noise"] = uniform_by_index(seed, sampler.epoch, b[2], num_patches, "mask", device=device)
+        elif draws_blocks:
+            gens = [torch.Generator().manual_seed(item_seed(seed, sampler.epoch, i, "mask")) for i in b[2].tolist()]
+            kwargs["mask"] = model.draw_mask(len(gens), mask_ratio, device=device, generators=gens)
         loss, _, _ = m(imgs, mask_ratio=mask_ratio, **kwargs)
         return loss, lambda: model.loss_terms
 

@@ -191,13 +191,14 @@ class BEiTv2(nn.Module):
         return self.img_size // self.patch_size
 
     # ------------------------------------------------------------------ pieces
-    def draw_mask(self, n: int, mask_ratio: float | None = None, device=None) -> torch.Tensor:
-        """``n x L`` bool block masks (global torch RNG)."""
+    def draw_mask(self, n: int, mask_ratio: float | None = None, device=None, generators=None) -> torch.Tensor:
+        """``n x L`` bool block masks: from ``generators`` (one ``torch.Generator`` per mask) if given, else
+        from the global torch RNG."""
         gen = self.mask_generator
         if mask_ratio is not None:
             gen = BlockMaskGenerator(gen.height, int(round(float(mask_ratio) * self.num_patches)), gen.min_num_patches,
                                      None, math.exp(gen.log_aspect[0]), math.exp(gen.log_aspect[1]))
-        return gen.batch(n, device=device)
+        return gen.batch(n, generators, device=device)
 
     def forward_features(self, imgs: torch.Tensor, mask: torch.Tensor, return_layers: Sequence[int] = ()):
         """Encoder with mask tokens: ``(x, x_cls_pt, feats)``.

@@ -46,6 +46,18 @@ def _batch(n=3):
     return imgs, ids, mask
 
 
+def test_masks_from_per_image_generators_are_the_models_block_masks():
+    m = _model()
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    a = m.draw_mask(3, device="cpu", generators=gens(5, 6, 7))
+    assert a.shape == (3, 16) and a.dtype == torch.bool and (a.sum(1) <= 6).all() and (a.sum(1) > 0).all()
+    assert torch.equal(a[1:], m.draw_mask(2, device="cpu", generators=gens(6, 7)))
+    assert torch.equal(a, m.mask_generator.batch(3, gens(5, 6, 7)))
+
+
 def test_loss_is_cross_entropy_over_masked_positions_only():
     m = _model()
     imgs, ids, mask = _batch()

@@ -75,6 +75,22 @@ def test_seeded_generator_is_deterministic():
     assert torch.equal(a, b)
 
 
+def test_one_generator_per_mask_makes_each_mask_independent_of_the_batch():
+    """Per-image generators (the pre-training loop seeds one per image index): an image's mask is the
+    same whichever batch, and at whichever position, it comes in."""
+    gen = BlockMaskGenerator(8, 25, min_num_patches=5)
+
+    def g(i):
+        return torch.Generator().manual_seed(1000 + i)
+
+    whole = gen.batch(4, [g(0), g(1), g(2), g(3)])
+    halves = torch.cat([gen.batch(2, [g(2), g(3)]), gen.batch(2, [g(0), g(1)])])
+    assert torch.equal(whole, halves[[2, 3, 0, 1]])
+    assert not torch.equal(whole[0], whole[1])
+    with pytest.raises(MimbenchError, match="one generator per mask"):
+        gen.batch(3, [g(0), g(1)])
+
+
 @pytest.mark.parametrize("kw", [dict(num_masking_patches=64), dict(num_masking_patches=0),
                                 dict(num_masking_patches=10, min_num_patches=0),
                                 dict(num_masking_patches=10, min_aspect=0.0)])

@@ -89,7 +89,8 @@ def pretrain(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint-latest.pt"),
 ):
-    """Pre-train an encoder (MAE, robust-MAE recipe, DDAE, MAE+DDS) and export it as an encoder file.
+    """Pre-train an encoder (MAE, robust-MAE recipe, DDAE, MAE+DDS, BEiT v2, BEiT v2+DDS) and export it as an
+    encoder file, or a BEiT v2 tokenizer (VQ-KD config) as a tokenizer file.
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
@@ -97,7 +98,7 @@ def pretrain(
     from pretrain.main import run_pretrain
 
     path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
-    typer.echo(f"encoder written to {path}")
+    typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
 
 
 # Every `eval` subcommand defaults to the demo config of its task on the built-in data (the default --data):

@@ -5,16 +5,20 @@ For each pre-training point of a grid (:class:`mimbench.reproduce.Grid`) it writ
 that runs ``torchrun`` on every node of the allocation, rendezvous on the first) and one ``commands.sh``
 with the single-node ``torchrun`` pre-training lines, then the evaluations of every encoder
 (:data:`FULL_EVALS`: ImageNet-1k fine-tune and linear probe, ADE20K UperNet), then the report. Nothing is run.
-Paths inside are repository-relative and data roots are shell variables (``$IMAGENET``, ``$ADE20K``).
+Paths inside are repository-relative and data roots are shell variables (``$IMAGENET``, ``$ADE20K``); the
+layout under ``$RUNS`` is the demo grid's (``encoders/<point>/``, ``evals/<point>/<task>/``), so an override
+naming an earlier point's file as ``{runs}/<point>/<file>`` reads ``$RUNS/encoders/<point>/<file>``.
 """
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from mimbench.atomic import atomic_write_text
 from mimbench.paths import relative
+from mimbench.steps import expand_runs
 
 FULL_EVALS = (
     ("finetune", "eval_configs/finetune/mae_vit-b_in1k.py", "$IMAGENET"),
@@ -47,15 +51,21 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 def _pretrain_args(config: str, point) -> list[str]:
     args = ["-m", "mimbench.cli", "pretrain", "--config", config, "--data", "$IMAGENET",
-            "--out", f"$RUNS/{point.name}/pretrain"]
+            "--out", f"$RUNS/encoders/{point.name}"]
     for o in point.overrides:
         args += ["--set", o]
     return args
 
 
 def _sh(args: Sequence[str]) -> str:
-    """Shell words; $VARIABLES stay expandable (double quotes), everything else is quoted literally."""
-    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in args)
+    """Shell words; $VARIABLES stay expandable (double quotes, also inside an override such as
+    ``model.tokenizer="$RUNS/..."``), everything else is quoted literally."""
+    def word(a: str) -> str:
+        if "$" not in a:
+            return shlex.quote(a)
+        return '"' + "".join("\\" + c if c in '"\\`' else c for c in a) + '"'
+
+    return " ".join(word(a) for a in args)
 
 
 def _write(path: Path, text: str) -> None:
@@ -85,6 +95,7 @@ def write_full_grid(grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         base = grid.base_paths[point.base]
+        point = replace(point, overrides=expand_runs(point.overrides, "$RUNS/encoders"))
         cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
         rel_base = relative(base)
         header = (f"# Resolved config of grid point {point.name!r} ({grid.paper}).\n"
@@ -100,10 +111,10 @@ def write_full_grid(grid, out: Path) -> Path:
         sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
         _write(sbatch_path, sbatch)
         sbatch_path.chmod(0o755)
-        encoder = f"$RUNS/{point.name}/pretrain/encoder.safetensors"
-        for task, eval_cfg, data in FULL_EVALS:
+        encoder = f"$RUNS/encoders/{point.name}/encoder.safetensors"
+        for task, eval_cfg, data in FULL_EVALS if point.evaluate else ():  # a prerequisite is not evaluated
             words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", eval_cfg,
-                     "--data", data, "--out", f"$RUNS/{point.name}/{task}"]
+                     "--data", data, "--out", f"$RUNS/evals/{point.name}/{task}"]
             if task == "segment":
                 words += ["--launcher", "pytorch"]
             evals.append("torchrun --nproc_per_node=8 " + _sh(words))

@@ -49,16 +49,25 @@ BASE_CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
         "mae": ("pretrain/configs/mae_tiny_fmnist.py",),
         "mae_dds": ("pretrain/configs/mae-dds_tiny_fmnist.py",),
         "ddae": ("eval_configs/reproduce/ddae_tiny_fmnist.py",),
+        "vqkd": ("pretrain/configs/vqkd_tiny_fmnist.py",),
+        "beitv2": ("pretrain/configs/beitv2_tiny_fmnist.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_tiny_fmnist.py",),
     },
     "quick": {
         "mae": ("pretrain/configs/mae_micro_fmnist.py",),
         "mae_dds": ("eval_configs/reproduce/mae-dds_micro_fmnist.py",),
         "ddae": ("eval_configs/reproduce/ddae_micro_fmnist.py",),
+        "vqkd": ("pretrain/configs/vqkd_tiny_fmnist.py",),
+        "beitv2": ("pretrain/configs/beitv2_tiny_fmnist.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_tiny_fmnist.py",),
     },
     "full": {
         "mae": ("pretrain/configs/mae_vit-b_in1k_800ep.py",),
         "mae_dds": ("pretrain/configs/mae-dds_vit-b_in1k_800ep.py",),
         "ddae": ("eval_configs/reproduce/ddae_vit-b_in1k_100ep.py",),
+        # BEiT v2 at full scale takes the official VQ-KD tokenizer (model.tokenizer in the config).
+        "beitv2": ("pretrain/configs/beitv2_vit-b_in1k_300ep.py",),
+        "beitv2_dds": ("pretrain/configs/beitv2-dds_vit-b_in1k_300ep.py",),
     },
 }
 # (eval_configs/reproduce/ddae_*.py inherit pretrain/configs/ddae_*.py and write out the DDAE knobs the grid
@@ -80,6 +89,10 @@ class GridPoint:
     overrides: tuple[str, ...]
     paper: dict = field(default_factory=dict)
     pretrain: bool = True  # False: the control, the base model's encoder at its random initialisation
+    # False: a prerequisite that writes no encoder (BEiT v2's tokenizer): trained, never evaluated. Overrides may
+    # name files of earlier points as {runs}/<point>/<file> ({runs}: the folder of every point's pre-training
+    # folder; the step runner and the job writer substitute it, see mimbench.steps.expand_runs).
+    evaluate: bool = True
 
 
 @dataclass(frozen=True)
@@ -263,10 +276,26 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         no_dds["dds_weights"] = [1.0]
     mae_dds_path = _resolve_base(which, "mae_dds")
     paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
+    # The tokenizer plug-in rows (BEiT v2, BEiT v2 + DDS) at the DDAE config's budget. At demo scale their
+    # VQ-KD tokenizer is trained first with the "mae" point's encoder as teacher; at full scale the configs
+    # take the official tokenizer.
+    beit_paths = {role: _resolve_base(which, role) for role in ("beitv2", "beitv2_dds")}
+    tokenizer_points, beit_tok = [], ()
+    if which != "full":
+        vqkd_path = _resolve_base(which, "vqkd")
+        beit_paths["vqkd"] = vqkd_path
+        tokenizer_points = [GridPoint("vqkd", "vqkd", _budget_overrides(load_config(vqkd_path), ddae_cfg)
+                                      + ('model.teacher="{runs}/mae/encoder.safetensors"',),
+                                      evaluate=False)]
+        beit_tok = ('model.tokenizer="{runs}/vqkd/tokenizer.safetensors"',)
+    beit_points = [GridPoint(name, name, _budget_overrides(load_config(beit_paths[name]), ddae_cfg) + beit_tok)
+                   for name in ("beitv2", "beitv2_dds")]
     points_l = [
         RANDOM_INIT,
         GridPoint("mae", "mae", mae_budget),
         GridPoint("mae_dds", "mae_dds", _budget_overrides(load_config(mae_dds_path), ddae_cfg)),
+        *tokenizer_points,
+        *beit_points,
         GridPoint("ddae", "ddae", (), paper_nums),
         _variant("ddae_no_deep_supervision", "ddae", ddae_cfg, _set(m, **no_dds)),
         _variant("ddae_no_dynamic_weighting", "ddae", ddae_cfg, _set(m, dds_beta_mode="fixed", dds_beta_start=0.0)),
@@ -277,6 +306,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         CONTROL_ROW,
         Row("plug-in", "MAE", "mae"),
         Row("plug-in", "MAE + DDS", "mae_dds"),
+        Row("plug-in", "BEiT v2", "beitv2"),
+        Row("plug-in", "BEiT v2 + DDS", "beitv2_dds"),
         Row("deep supervision", "on (DDAE)", "ddae"),
         Row("deep supervision", "off (last layer only)", "ddae_no_deep_supervision"),
         Row("dynamic weighting", "learnable beta (DDAE)", "ddae"),
@@ -285,7 +316,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
         Row("self-distillation", "on (DDAE)", "ddae"),
         Row("self-distillation", "off", "ddae_no_self_distillation"),
     ]
-    return Grid(paper, tuple(points_l), tuple(rows_l), {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path})
+    return Grid(paper, tuple(points_l), tuple(rows_l),
+                {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path, **beit_paths})
 
 
 def _check_paper(paper: str) -> str:
@@ -329,7 +361,8 @@ def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: S
 
 def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrides: Sequence[str] = ()) -> list:
     """The demo-scale grid as steps (:mod:`mimbench.steps`): per point, its pre-training (or, for the control,
-    the base config's model at initialisation) and the :data:`DEMO_EVALS` evaluations."""
+    the base config's model at initialisation) and, unless it is a prerequisite (``evaluate=False``), the
+    :data:`DEMO_EVALS` evaluations."""
     from mimbench.steps import Control, Evaluate, Pretrain
 
     wanted = None if points is None else set(points)
@@ -343,7 +376,8 @@ def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrid
             steps.append(Pretrain(point.name, config, overrides, DEMO_DATA))
         else:
             steps.append(Control(point.name, config=config, overrides=overrides))
-        steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg, (), DEMO_DATA) for task, cfg in DEMO_EVALS]
+        if point.evaluate:
+            steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg, (), DEMO_DATA) for task, cfg in DEMO_EVALS]
     return steps
 
 

@@ -160,7 +160,7 @@ SCHEMAS: dict[str, Section] = {
                          required=("blr", "batch_size")),
         "schedule": SCHEDULE,
         "runtime": Section({"seed": INT_GE0, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1,
-                            "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True), "amp": AMP,
+                            "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True), "amp": AMP,
                             "compile": Flag(), "progress": Flag(), "tensorboard": Flag()}),
     }, required=("model", "optim", "schedule", "runtime")),
     "linear": Section({

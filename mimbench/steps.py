@@ -4,12 +4,16 @@
 :class:`Control` and :class:`Evaluate` steps handed to :class:`StepRunner`. Under the runner's root::
 
     encoders/<name>/encoder.safetensors    the pre-training folder (config.py, log.jsonl, checkpoints) or the control
+                                           (a VQ-KD pre-training exports tokenizer.safetensors instead)
     evals/<name>/<task>/                   the evaluation's run record (and its logs)
+
+A step's overrides may name a file an earlier step wrote as ``{runs}/<name>/<file>``; the runner reads
+``{runs}`` as its ``encoders/`` folder (:func:`expand_runs`).
 
 The reuse rule, the same for every step: a step is reused only when its result is already there and was
 made from the same config, the same ``--set`` overrides and, for an evaluation, the same encoder file:
 
-- pre-training: the encoder file's ``config_sha256`` equals the hash of the resolved config (an interrupted
+- pre-training: the exported file's ``config_sha256`` equals the hash of the resolved config (an interrupted
   pre-training whose folder holds ``checkpoint-latest.pt`` and the same resolved ``config.py`` is resumed);
 - control: the control file's recipe hash (:func:`mimbench.control.control_sha256`) matches;
 - evaluation: a finished record (status ok) whose ``protocol.sha256`` is the resolved config's hash and whose
@@ -24,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -32,6 +36,13 @@ from mimbench.errors import MimbenchError
 
 BUILTIN_DATA = "builtin:fashion-mnist"
 EVAL_TASKS = ("knn", "linear", "finetune", "segment")
+RUNS_PLACEHOLDER = "{runs}"
+
+
+def expand_runs(overrides: Sequence[str], runs: str | Path) -> tuple[str, ...]:
+    """``overrides`` with :data:`RUNS_PLACEHOLDER` replaced by ``runs``, the folder that holds every step's
+    pre-training folder: an override names a file an earlier step wrote as ``{runs}/<step name>/<file>``."""
+    return tuple(o.replace(RUNS_PLACEHOLDER, str(runs)) for o in overrides)
 
 
 @dataclass(frozen=True)
@@ -121,10 +132,15 @@ class StepRunner:
 
     # -- layout
     def encoder_path(self, name: str) -> Path:
-        return self.root / "encoders" / name / "encoder.safetensors"
+        return self.encoders_root / name / "encoder.safetensors"
 
     def eval_dir(self, encoder: str, task: str) -> Path:
         return self.root / "evals" / encoder / task
+
+    @property
+    def encoders_root(self) -> Path:
+        """What :data:`RUNS_PLACEHOLDER` stands for in a step's overrides."""
+        return self.root / "encoders"
 
     @property
     def evals_root(self) -> Path:
@@ -141,6 +157,8 @@ class StepRunner:
         done = []
         for i, step in enumerate(steps, 1):
             self.header(f"{i}/{len(steps)} {step.title}  ({time.time() - t0:.0f} s)")
+            if step.overrides:
+                step = replace(step, overrides=expand_runs(step.overrides, self.encoders_root))
             if isinstance(step, Pretrain):
                 outcome = self._pretrain(step)
             elif isinstance(step, Control):
@@ -165,9 +183,11 @@ class StepRunner:
         from mimbench.results.records import encoder_made_by
 
         enc = self.encoder_path(step.name)
-        if encoder_made_by(enc, step.config, step.overrides):
-            self.log(f"reusing {enc}")
-            return Outcome(step, True, enc)
+        # the exported file: the encoder, or what the model writes instead (a tokenizer.safetensors)
+        for made in [enc] + sorted(set(enc.parent.glob("*.safetensors")) - {enc}):
+            if encoder_made_by(made, step.config, step.overrides):
+                self.log(f"reusing {made}")
+                return Outcome(step, True, made)
         from pretrain.main import run_pretrain
 
         if self._interrupted_same_run(enc.parent, step):
@@ -247,5 +267,5 @@ def reuse_note(outcomes: Sequence[Outcome]) -> str:
             f"{len(outcomes)} steps: " + ", ".join(reused) + ".")
 
 
-__all__ = ["BUILTIN_DATA", "Control", "EVAL_TASKS", "Evaluate", "Outcome", "Pretrain", "Step", "StepRunner",
-           "reuse_note"]
+__all__ = ["BUILTIN_DATA", "Control", "EVAL_TASKS", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "Step",
+           "StepRunner", "expand_runs", "reuse_note"]

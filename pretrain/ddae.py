@@ -44,7 +44,7 @@ Beta per supervised depth (:class:`DynamicBeta`)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,101 @@ def weighted_masked_mean(loss: torch.Tensor, weights: torch.Tensor, mask: torch.
     """``sum(w * loss * mask) / sum(mask)`` for ``N x L`` tensors: with all weights 1 on masked
     patches this is exactly MAE's masked mean."""
     return (loss * weights * mask).sum() / mask.sum()
+
+
+def default_dds_depths(depth: int) -> tuple[int, ...]:
+    """Ends of the three thirds of the encoder: 12 -> (4, 8, 12), 24 -> (8, 16, 24), 4 -> (1, 3, 4)."""
+    return tuple(sorted({round(depth * i / 3) for i in (1, 2, 3)} - {0}))
+
+
+def check_depths(name: str, depths: Sequence[int], depth: int, need_last: bool) -> tuple[int, ...]:
+    """Sorted unique block counts in ``1..depth`` (must include ``depth`` when ``need_last``)."""
+    try:
+        ds = tuple(sorted({int(d) for d in depths}))
+    except (TypeError, ValueError):
+        raise MimbenchError(f"{name} must be a list of block counts, got {depths!r}.") from None
+    if not ds or ds[0] < 1 or ds[-1] > depth:
+        raise MimbenchError(f"{name}={depths!r} must list depths between 1 and depth={depth}.")
+    if need_last and ds[-1] != depth:
+        raise MimbenchError(
+            f"{name}={depths!r} must include the last depth {depth}.",
+            "The last layer's prediction is the model's output, and blocks after the deepest "
+            "supervised depth would get no gradient.",
+        )
+    return ds
+
+
+def check_dds_args(depth: int, dds_depths, dds_weights, dds_distance_metric: str, dds_distance_norm: str,
+                   dds_beta_reg: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate the DDS knobs every consumer shares; returns ``(depths, weights)``
+    (``None`` depths = :func:`default_dds_depths`, ``None`` weights = all 1)."""
+    depths = check_depths("dds_depths", default_dds_depths(depth) if dds_depths is None else dds_depths, depth, True)
+    if dds_weights is None:
+        dds_weights = [1.0] * len(depths)
+    if len(dds_weights) != len(depths) or any(float(w) < 0 for w in dds_weights):
+        raise MimbenchError(
+            f"dds_weights={dds_weights!r} must give one non-negative weight per supervised depth {depths}."
+        )
+    if dds_distance_metric not in DISTANCE_METRICS:
+        raise MimbenchError(
+            f"Unknown dds_distance_metric {dds_distance_metric!r}.", f"Use one of: {', '.join(DISTANCE_METRICS)}."
+        )
+    if dds_distance_norm not in DISTANCE_NORMALIZATIONS:
+        raise MimbenchError(
+            f"Unknown dds_distance_norm {dds_distance_norm!r}.", f"Use one of: {', '.join(DISTANCE_NORMALIZATIONS)}."
+        )
+    if float(dds_beta_reg) < 0:
+        raise MimbenchError(f"dds_beta_reg must be >= 0, got {dds_beta_reg!r}.")
+    return depths, tuple(float(w) for w in dds_weights)
+
+
+class DDSObjective(NamedTuple):
+    """Result of :func:`deep_dynamic_supervision`."""
+
+    total: torch.Tensor  # scalar: sum_k depth_weights[k] * losses[k]
+    losses: list[torch.Tensor]  # per supervised depth, scalar weighted masked means
+    weights: list[torch.Tensor]  # per supervised depth, N x L dynamic weights (0 on visible patches)
+    distance: torch.Tensor  # N x L distance map (no gradient)
+
+
+def deep_dynamic_supervision(
+    per_patch_losses: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    grid_size: int | Sequence[int],
+    betas: torch.Tensor,
+    depth_weights: Sequence[float],
+    metric: str = "euclidean",
+    normalize: str = "max",
+) -> DDSObjective:
+    """The DDS objective shared by every consumer (MAE+DDS, DDAE, BEiT v2+DDS).
+
+    Args:
+        per_patch_losses: one ``N x L`` per-patch loss per supervised depth (shallow to deep):
+            pixel MSE for the MAE family, token cross-entropy for BEiT v2; values at visible
+            patches are ignored.
+        mask: ``N x L`` (1 = masked); every image must keep a visible patch (callers check).
+        grid_size: patch grid ``G`` or ``(H, W)``.
+        betas: one beta per depth (:class:`DynamicBeta`'s output).
+        depth_weights: loss weight per depth.
+        metric, normalize: :func:`distance_map` options.
+
+    Returns:
+        :class:`DDSObjective`; ``losses[k] = sum(w_k * loss_k * mask) / sum(mask)`` with
+        ``w_k = dynamic_weights(distance, mask, betas[k])``, ``total = sum_k depth_weights[k] * losses[k]``.
+    """
+    if len(per_patch_losses) != len(depth_weights) or len(per_patch_losses) != betas.shape[0]:
+        raise MimbenchError(
+            f"DDS got {len(per_patch_losses)} per-depth losses, {len(depth_weights)} depth weights and "
+            f"{betas.shape[0]} betas; they must agree."
+        )
+    with torch.no_grad():
+        dist = distance_map(mask, grid_size, metric, normalize, check=False)
+    weights = [dynamic_weights(dist, mask, betas[k]) for k in range(len(per_patch_losses))]
+    losses = [weighted_masked_mean(loss, weights[k], mask) for k, loss in enumerate(per_patch_losses)]
+    total = losses[0] * float(depth_weights[0])
+    for k in range(1, len(losses)):
+        total = total + losses[k] * float(depth_weights[k])
+    return DDSObjective(total, losses, weights, dist)
 
 
 def schedule_value(progress: float, start: float, end: float, kind: str = "cosine") -> float:

@@ -10,9 +10,10 @@ warm-up + cosine schedule; AdamW's multi-tensor implementation and, with ``runti
 ``torch.compile`` (:mod:`mimbench.fastpath`). Config schema: ``pretrain/configs/_base_/default.py``.
 
 Multi-process runs (torchrun, Slurm) compute what one process does with the same effective batch:
-the global batch of every step holds the same images, each image's crop, flip and MAE mask noise
-are functions of ``(seed, epoch, image index)`` (the mask through the model's ``noise=`` argument),
-and only rank 0 writes the config, log, checkpoints and encoder file.
+the global batch of every step holds the same images, each image's crop, flip and mask are
+functions of ``(seed, epoch, image index)`` (the MAE family's mask through the model's ``noise=``
+argument, BEiT v2's block mask through ``mask=``, drawn from one generator per image), and only
+rank 0 writes the config, log, checkpoints and exported file.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ __all__ = ["run_pretrain", "build_optimizer", "resolve_batch"]
 def _technique(cfg, model_name: str) -> str:
     if cfg.get("technique"):
         return str(cfg.technique)
-    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae")):
+    for prefix, tech in (("mae+dds", "mae+dds"), ("robust_mae", "robust-mae"), ("ddae", "ddae"), ("mae", "mae"),
+                         ("beitv2+dds", "beitv2+dds"), ("beitv2", "beitv2"), ("vqkd", "vqkd")):
         if model_name.startswith(prefix):
             return tech
     return model_name
@@ -54,7 +56,8 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
 
 def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pretrain"), overrides=(),
                  resume: bool = False) -> Path:
-    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors``.
+    """Pre-train as ``config`` says on ``data``; returns ``out/encoder.safetensors`` (a tokenizer
+    config: ``out/tokenizer.safetensors``).
 
     ``out`` receives ``checkpoint-latest.pt`` (+ ``checkpoint-<epoch>.pt``), ``log.jsonl`` (one
     line per log step with lr, loss, loss terms, img/s), ``config.py`` (resolved config), the
@@ -65,7 +68,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     import inspect
 
     from mimbench import dist
-    from mimbench.batching import uniform_by_index
+    from mimbench.batching import item_seed, uniform_by_index
     from mimbench.config import config_sha256, load_config
     from mimbench.data import skipped_files
     from mimbench.encoders import arch_name, save_encoder
@@ -113,16 +116,26 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     if rank == 0 and skipped:  # broken training images left out (mimbench.data.image_folder)
         atomic_write_text(out / "skipped_files.json", json.dumps(skipped, indent=1) + "\n",
                           what="the list of skipped files", fix="Pass an --out directory you can write to.")
-    mask_ratio = float(rt.get("mask_ratio", 0.75))
-    takes_noise = "noise" in inspect.signature(model.forward).parameters
+    # BEiT v2 configs set mask_ratio=None: their block masking counts patches (model.num_mask_patches).
+    mask_ratio = rt.get("mask_ratio", 0.75)
+    mask_ratio = None if mask_ratio is None else float(mask_ratio)
+    # The mask of image i is a function of (seed, epoch, i), not of the rank or batch: models whose forward
+    # takes ``noise=`` (the MAE family) get per-image mask noise, models that draw block masks (BEiT v2:
+    # ``draw_mask`` and ``mask=``) one generator per image; the VQ-KD tokenizer masks nothing.
+    params = inspect.signature(model.forward).parameters
+    takes_noise = "noise" in params
+    draws_blocks = not takes_noise and "mask" in params and hasattr(model, "draw_mask")
     patch = int(model.encoder_arch()["patch_size"])
 
     def step(m, b):
         imgs = b[0].to(device, non_blocking=True)
         kwargs = {}
-        if takes_noise:  # the mask of image i: a function of (seed, epoch, i), not of the rank or batch
+        if takes_noise:
             num_patches = (imgs.shape[-2] // patch) * (imgs.shape[-1] // patch)
             kwargs["noise"] = uniform_by_index(seed, sampler.epoch, b[2], num_patches, "mask", device=device)
+        elif draws_blocks:
+            gens = [torch.Generator().manual_seed(item_seed(seed, sampler.epoch, i, "mask")) for i in b[2].tolist()]
+            kwargs["mask"] = model.draw_mask(len(gens), mask_ratio, device=device, generators=gens)
         loss, _, _ = m(imgs, mask_ratio=mask_ratio, **kwargs)
         return loss, lambda: model.loss_terms
 
@@ -137,12 +150,17 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     fit(model, optimizer, loader, step, loop, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {name}")
 
-    path = out / "encoder.safetensors"
+    # Models that write something other than a ViT encoder file (a BEiT-family encoder, a
+    # tokenizer) provide ``export(path, ...)`` and ``export_name``.
+    path = out / getattr(model, "export_name", "encoder.safetensors")
     if rank == 0:
-        arch = model.encoder_arch()
-        save_encoder(model.encoder_state_dict(), path,
-                     arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                     technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
-                     data=str(data), **arch)
-    dist.barrier()  # every rank returns once the encoder file exists
+        meta = dict(technique=_technique(cfg, name), config_sha256=config_sha256(cfg), epochs=float(sch.epochs),
+                    data=str(data))
+        if hasattr(model, "export"):
+            model.export(path, **meta)
+        else:
+            arch = model.encoder_arch()
+            save_encoder(model.encoder_state_dict(), path,
+                         arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]), **meta, **arch)
+    dist.barrier()  # every rank returns once the exported file exists
     return path

@@ -28,6 +28,15 @@ DDAE_CFG = """technique = "ddae"
 model = dict(name="ddae_vit_micro_patch4_32", target_norm="patch", dds_depths=None,
              dds_beta_mode="learnable", dds_beta_start=-1.0, distill_weight=1.0)
 """
+VQKD_CFG = """technique = "vqkd"
+model = dict(name="vqkd_vit_tiny_patch4_32", teacher=None)
+"""
+BEITV2_CFG = """technique = "beitv2"
+model = dict(name="beitv2_vit_tiny_patch4_32", tokenizer="tokenizer.safetensors")
+"""
+BEITV2_DDS_CFG = """technique = "beitv2+dds"
+model = dict(name="beitv2+dds_vit_tiny_patch4_32", tokenizer="tokenizer.safetensors")
+"""
 
 
 @pytest.fixture()
@@ -39,7 +48,8 @@ def fake_repo(tmp_path, monkeypatch):
     from mimbench import paths
 
     root = tmp_path / "repo"
-    texts = {"mae": MAE_CFG, "mae_dds": MAE_DDS_CFG, "ddae": DDAE_CFG}
+    texts = {"mae": MAE_CFG, "mae_dds": MAE_DDS_CFG, "ddae": DDAE_CFG, "vqkd": VQKD_CFG, "beitv2": BEITV2_CFG,
+             "beitv2_dds": BEITV2_DDS_CFG}
     for scale, roles in R.BASE_CONFIGS.items():
         for role, candidates in roles.items():
             (root / candidates[0]).parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,8 @@ def test_grid_points_are_distinct_and_rows_resolve(fake_repo, paper):
     assert len(names) == len(set(names))
     settings = [(p.base, frozenset(p.overrides), p.pretrain) for p in grid.points]
     assert len(settings) == len(set(settings)), "two grid points would train the same model"
-    assert {row.point for row in grid.rows} == set(names), "every point appears in the table, every row has a point"
+    evaluated = {p.name for p in grid.points if p.evaluate}  # a prerequisite (BEiT v2's tokenizer) has no row
+    assert {row.point for row in grid.rows} == evaluated, "every point appears in the table, every row has a point"
 
 
 @pytest.mark.parametrize("paper", R.PAPERS)
@@ -120,8 +131,13 @@ def test_every_point_loads_and_builds_its_model(fake_repo, paper):
     import pretrain
 
     grid = R.build_grid(paper, "demo")
-    for point in grid.points:
+    for i, point in enumerate(grid.points):
         cfg = load_config(grid.base_paths[point.base], point.overrides)  # refuses unknown keys
+        files = [o for o in point.overrides if "{runs}/" in o]
+        if files:  # it reads a file an earlier point writes (BEiT v2's tokenizer, the tokenizer's teacher)
+            earlier = {p.name for p in grid.points[:i]}
+            assert all(o.split("{runs}/")[1].split("/")[0] in earlier for o in files), point.name
+            continue
         name, kwargs = _model_kwargs(cfg)
         model = pretrain.create_model(name, **kwargs)
         for key, value in (parse_override(o) for o in point.overrides):
@@ -163,7 +179,7 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
     assert [p.name for p in grid.points if not p.pretrain] == ["random_init"]
     commands = (root / "commands.sh").read_text()
     pretrain_lines = [ln for ln in commands.splitlines() if ln.startswith("torchrun") and " pretrain " in ln]
-    assert len(pretrain_lines) == len(trained) == 7
+    assert len(pretrain_lines) == len(trained) == 9  # 7 MAE-family points + BEiT v2 and BEiT v2 + DDS
     assert sorted(p.stem for p in (root / "configs").iterdir()) == sorted(p.name for p in trained)
     for point, line in zip(trained, pretrain_lines):
         words = shlex.split(line)
@@ -188,6 +204,34 @@ def test_full_scale_writes_configs_commands_and_sbatch(fake_repo, tmp_path, caps
     everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
     everything += "".join(p.read_text() for p in (root / "configs").iterdir())
     assert str(tmp_path) not in everything and "/home/" not in everything and "/work/" not in everything
+    for script in [root / "commands.sh", *(root / "sbatch").iterdir()]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_job_files_read_earlier_points_files_and_skip_a_prerequisites_evaluations(fake_repo, tmp_path):
+    """A grid whose points read files of earlier points ({runs}/<point>/<file>: BEiT v2's tokenizer and its
+    teacher) as job files: the shell expands the path to the earlier point's --out folder."""
+    from mimbench.jobs import write_full_grid
+
+    grid = R.build_grid("ddae", "demo")
+    root = write_full_grid(grid, tmp_path / "out")
+    commands = (root / "commands.sh").read_text()
+    everything = commands + "".join(p.read_text() for p in (root / "sbatch").iterdir())
+    assert "{runs}" not in everything
+    lines = {}
+    for line in commands.splitlines():
+        if line.startswith("torchrun") and " pretrain " in line:
+            expanded = subprocess.run(["bash", "-c", "RUNS=/r; IMAGENET=/i; printf '%s\\n' "
+                                       + line.split(" ", 2)[2]], capture_output=True, text=True, check=True)
+            words = expanded.stdout.splitlines()
+            lines[words[words.index("--out") + 1]] = words
+    vqkd, beit = lines["/r/encoders/vqkd"], lines["/r/encoders/beitv2"]
+    assert "/r/encoders/mae" in lines
+    assert 'model.teacher="/r/encoders/mae/encoder.safetensors"' in vqkd
+    assert 'model.tokenizer="/r/encoders/vqkd/tokenizer.safetensors"' in beit
+    # the tokenizer is a prerequisite: trained, never evaluated; BEiT v2 is evaluated like every other point
+    assert "$RUNS/evals/vqkd/" not in commands and "$RUNS/encoders/vqkd/encoder" not in commands
+    assert commands.count("$RUNS/evals/beitv2/") == 3
     for script in [root / "commands.sh", *(root / "sbatch").iterdir()]:
         subprocess.run(["bash", "-n", str(script)], check=True)
 
@@ -229,6 +273,16 @@ def _fake_pipeline(monkeypatch, calls):
 
     def run_pretrain(config, data, out, overrides, resume=False):
         calls.append(("pretrain", Path(out).name, tuple(overrides)) + (("resume",) if resume else ()))
+        cfg = load_config(config, list(overrides))
+        if cfg.model.name.startswith(("vqkd", "beitv2")):  # their own file formats: a stand-in with the hash
+            import torch
+            from safetensors.torch import save_file
+
+            path = Path(out) / ("tokenizer.safetensors" if cfg.model.name.startswith("vqkd") else "encoder.safetensors")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"w": torch.zeros(1)}, str(path), metadata=dict(technique=str(cfg.technique),
+                                                                        config_sha256=config_sha256(cfg)))
+            return path
         path = build_control(Path(out) / "encoder.safetensors", config=config, overrides=overrides)
         # an encoder as pre-training exports it: technique of the config, its resolved config's hash
         from safetensors.torch import load_file, save_file
@@ -273,6 +327,17 @@ def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, 
     enc = tmp_path / "runs" / "ddae" / "encoders" / "random_init" / "encoder.safetensors"
     assert read_metadata(enc)["technique"] == "random-init"
     assert load_encoder(enc).embed_dim == 64
+    # BEiT v2's tokenizer is trained from the MAE point's encoder and never evaluated; the BEiT v2 points
+    # read it from its run folder
+    calls.clear()
+    R.run_demo_grid(grid, tmp_path / "runs", points=["vqkd", "beitv2"], log=lambda s: None)
+    runs = tmp_path / "runs" / "ddae" / "encoders"
+    assert calls == [("pretrain", "vqkd", (f'model.teacher="{runs}/mae/encoder.safetensors"',)),
+                     ("pretrain", "beitv2", (f'model.tokenizer="{runs}/vqkd/tokenizer.safetensors"',)),
+                     ("knn", "beitv2"), ("linear", "beitv2")]
+    calls.clear()  # the tokenizer is reused like an encoder: same config, same overrides
+    R.run_demo_grid(grid, tmp_path / "runs", points=["vqkd", "beitv2"], log=lambda s: None)
+    assert calls == []
 
 
 def test_reproduce_redoes_a_step_whose_config_changed_and_reuses_one_whose_hashes_match(

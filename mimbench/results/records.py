@@ -310,10 +310,18 @@ def finished_record(step_dir: Path, config: Path | None = None, overrides=(),
 
 
 def encoder_made_by(enc: Path, config: Path, overrides) -> bool:
-    """An encoder file already written by this pre-training config with these overrides."""
+    """A file already exported by this pre-training config with these overrides: an encoder file, or another
+    safetensors file a model exports itself (a BEiT v2 tokenizer); both carry the resolved config's hash."""
     if not enc.is_file():
         return False
     from mimbench.config import config_sha256, load_config
-    from mimbench.encoders import read_metadata
+    from mimbench.encoders import is_encoder_file, read_metadata
 
-    return read_metadata(enc).get("config_sha256") == config_sha256(load_config(config, list(overrides)))
+    if is_encoder_file(enc):
+        meta = read_metadata(enc)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(enc), framework="pt") as f:
+            meta = f.metadata() or {}
+    return meta.get("config_sha256") == config_sha256(load_config(config, list(overrides)))

@@ -60,25 +60,8 @@ DISTILL_TOKENS = ("masked", "visible")
 DISTILL_TARGET_NORMS = ("layernorm", "none")
 
 
-def default_dds_depths(depth: int) -> tuple[int, ...]:
-    """Ends of the three thirds of the encoder: 12 -> (4, 8, 12), 24 -> (8, 16, 24), 4 -> (1, 3, 4)."""
-    return tuple(sorted({round(depth * i / 3) for i in (1, 2, 3)} - {0}))
-
-
-def _check_depths(name: str, depths: Sequence[int], depth: int, need_last: bool) -> tuple[int, ...]:
-    try:
-        ds = tuple(sorted({int(d) for d in depths}))
-    except (TypeError, ValueError):
-        raise MimbenchError(f"{name} must be a list of block counts, got {depths!r}.") from None
-    if not ds or ds[0] < 1 or ds[-1] > depth:
-        raise MimbenchError(f"{name}={depths!r} must list depths between 1 and depth={depth}.")
-    if need_last and ds[-1] != depth:
-        raise MimbenchError(
-            f"{name}={depths!r} must include the last depth {depth}.",
-            "The last layer's prediction is the model's output, and blocks after the deepest "
-            "supervised depth would get no gradient.",
-        )
-    return ds
+# Re-exported: the DDS depth rules live with the shared DDS objective in :mod:`pretrain.ddae`.
+default_dds_depths = D.default_dds_depths
 
 
 class MAEWithDDS(MaskedAutoencoderViT):
@@ -113,30 +96,11 @@ class MAEWithDDS(MaskedAutoencoderViT):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.dds_depths = _check_depths(
-            "dds_depths", default_dds_depths(self.depth) if dds_depths is None else dds_depths, self.depth, True
+        self.dds_depths, self.dds_weights = D.check_dds_args(
+            self.depth, dds_depths, dds_weights, dds_distance_metric, dds_distance_norm, dds_beta_reg
         )
-        if dds_weights is None:
-            dds_weights = [1.0] * len(self.dds_depths)
-        if len(dds_weights) != len(self.dds_depths) or any(float(w) < 0 for w in dds_weights):
-            raise MimbenchError(
-                f"dds_weights={dds_weights!r} must give one non-negative weight per supervised depth "
-                f"{self.dds_depths}."
-            )
-        self.dds_weights = tuple(float(w) for w in dds_weights)
         if dds_norm not in DDS_NORMS:
             raise MimbenchError(f"Unknown dds_norm {dds_norm!r}.", f"Use one of: {', '.join(DDS_NORMS)}.")
-        if dds_distance_metric not in D.DISTANCE_METRICS:
-            raise MimbenchError(
-                f"Unknown dds_distance_metric {dds_distance_metric!r}.", f"Use one of: {', '.join(D.DISTANCE_METRICS)}."
-            )
-        if dds_distance_norm not in D.DISTANCE_NORMALIZATIONS:
-            raise MimbenchError(
-                f"Unknown dds_distance_norm {dds_distance_norm!r}.",
-                f"Use one of: {', '.join(D.DISTANCE_NORMALIZATIONS)}.",
-            )
-        if float(dds_beta_reg) < 0:
-            raise MimbenchError(f"dds_beta_reg must be >= 0, got {dds_beta_reg!r}.")
         self.dds_norm = dds_norm
         self.dds_beta_reg = float(dds_beta_reg)
         self.dds_distance_metric = dds_distance_metric
@@ -179,13 +143,6 @@ class MAEWithDDS(MaskedAutoencoderViT):
         """``(decoder hidden states or None, pred N x L x P)`` for one depth's features."""
         return None, self.forward_decoder(x, ids_restore)
 
-    def _patch_weights(self, mask: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        grid = self.img_size // self.patch_size
-        with torch.no_grad():
-            # _dds has checked on the host that every image keeps a visible patch.
-            dist = D.distance_map(mask, grid, self.dds_distance_metric, self.dds_distance_norm, check=False)
-        return dist, [D.dynamic_weights(dist, mask, betas[k]) for k in range(len(self.dds_depths))]
-
     def _dds(self, imgs, mask_ratio, noise):
         """Shared DDS computation; returns a dict of intermediate results (see ``forward``)."""
         if masking.num_keep(self.num_patches, mask_ratio) == 0:
@@ -197,16 +154,16 @@ class MAEWithDDS(MaskedAutoencoderViT):
         feats, mask, ids_restore = self._encode_depths(imgs, mask_ratio, noise)
         target = self.forward_target(imgs)
         betas = self.dds_beta()
-        _, weights = self._patch_weights(mask, betas)
-        hidden, preds, rec = [], [], []
-        for k, feat in enumerate(feats):
+        hidden, preds, per_patch = [], [], []
+        for feat in feats:
             h, pred = self._decode_depth(feat, ids_restore)
             hidden.append(h)
             preds.append(pred)
-            rec.append(D.weighted_masked_mean(targets.per_patch_mse(pred, target), weights[k], mask))
-        total = rec[0] * self.dds_weights[0]
-        for k in range(1, len(rec)):
-            total = total + rec[k] * self.dds_weights[k]
+            per_patch.append(targets.per_patch_mse(pred, target))
+        # _dds has checked on the host that every image keeps a visible patch.
+        dds = D.deep_dynamic_supervision(per_patch, mask, self.img_size // self.patch_size, betas, self.dds_weights,
+                                         self.dds_distance_metric, self.dds_distance_norm)
+        total, rec, weights = dds.total, dds.losses, dds.weights
         terms: dict[str, torch.Tensor] = {"loss_rec": rec[-1].detach()}
         for k, d in enumerate(self.dds_depths):
             terms[f"loss_rec_d{d}"] = rec[k].detach()
@@ -314,7 +271,7 @@ class DDAE(MAEWithDDS):
             raise MimbenchError(
                 f"Need 0 <= ema_momentum <= ema_momentum_end <= 1, got {ema_momentum!r}, {ema_momentum_end!r}."
             )
-        depths = self.dds_depths if distill_depths is None else _check_depths(
+        depths = self.dds_depths if distill_depths is None else D.check_depths(
             "distill_depths", distill_depths, self.depth, False
         )
         if not set(depths) <= set(self.dds_depths):

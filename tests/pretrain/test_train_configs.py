@@ -28,10 +28,19 @@ def test_config_builds(path):
     kwargs = dict(cfg.model)
     name = kwargs.pop("name")
     with torch.device("meta"):
+        if "tokenizer" in kwargs:  # BEiT v2: a stand-in tokenizer with the config's token grid
+            from pretrain.tokenizer import VQKD
+
+            size = cfg.data.img_size
+            patch = 16 if size == 224 else 4
+            kwargs["tokenizer"] = VQKD(img_size=size, patch_size=patch, embed_dim=64, depth=1, num_heads=1,
+                                       decoder_depth=1, num_tokens=64, code_dim=8, teacher_dim=32)
+        if "teacher" in kwargs:  # VQ-KD: no teacher file needed to build it
+            kwargs["teacher"], kwargs["teacher_dim"] = None, 32
         model = create_model(name, **kwargs)
     assert model.encoder_arch()["img_size"] == cfg.data.img_size
     assert cfg.schedule.warmup_epochs < cfg.schedule.epochs
-    assert cfg.technique in ("mae", "robust-mae", "ddae", "mae+dds")
+    assert cfg.technique in ("mae", "robust-mae", "ddae", "mae+dds", "beitv2", "beitv2+dds", "vqkd")
 
 
 @pytest.mark.parametrize("name", ["mae_vit-b_in1k_1600ep.py", "mae_vit-l_in1k_1600ep.py"])

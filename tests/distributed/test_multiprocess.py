@@ -125,7 +125,7 @@ def test_linear_two_processes_killed_mid_epoch_resume_to_one_process_numbers(tmp
     args = ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_DEMO, "--out",
             str(tmp_path / "two"), *_sets(common)]
     # 8 steps per epoch: killed after step 20 (epoch 3, in-epoch step 4), the checkpoint of step 19 survives
-    killed = torchrun(["--script", str(REPO / "tests" / "dist" / "killed_after_step.py"), "20", *args], 2,
+    killed = torchrun(["--script", str(REPO / "tests" / "distributed" / "killed_after_step.py"), "20", *args], 2,
                       tmp_path / "killed-logs")
     assert killed.returncode != 0
     ck = torch.load(tmp_path / "two" / "checkpoint-latest.pt", weights_only=True)
@@ -208,7 +208,7 @@ def test_segment_completes_under_torchrun_with_one_record(tmp_path, dist_encoder
 
 def test_a_failing_rank_ends_the_job_non_zero(tmp_path):
     """Rank 1 raises while rank 0 waits in a collective: torchrun ends the job with a non-zero status."""
-    proc = torchrun(["--script", str(REPO / "tests" / "dist" / "fail_rank1.py")], 2, tmp_path / "logs",
+    proc = torchrun(["--script", str(REPO / "tests" / "distributed" / "fail_rank1.py")], 2, tmp_path / "logs",
                     timeout=300)
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in rank_output(tmp_path / "logs", 1, "stderr")
@@ -233,7 +233,7 @@ def test_without_torchrun_the_collective_timeout_ends_a_waiting_rank(tmp_path):
     """Plain processes (no launcher to kill the survivors): rank 0 fails once rank 1 is gone, at the
     latest after the collective timeout (MIMBENCH_DIST_TIMEOUT)."""
     port = str(_free_port())
-    procs = _spawn(REPO / "tests" / "dist" / "fail_rank1.py",
+    procs = _spawn(REPO / "tests" / "distributed" / "fail_rank1.py",
                    lambda r: {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                               "MASTER_PORT": port, "MIMBENCH_DIST_TIMEOUT": "20"})
     codes = [p.wait(timeout=300) for p in procs]
@@ -244,7 +244,7 @@ def test_slurm_environment_without_torchrun(tmp_path):
     """srun-style variables only (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID): the group forms, the
     collectives work, rank 1 prints nothing."""
     port, result = str(_free_port()), tmp_path / "result.json"
-    procs = _spawn(REPO / "tests" / "dist" / "collectives.py",
+    procs = _spawn(REPO / "tests" / "distributed" / "collectives.py",
                    lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, args=[str(result)])
     outs = [p.communicate(timeout=300) for p in procs]

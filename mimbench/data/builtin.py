@@ -31,7 +31,8 @@ SPLITS = ("train", "val")
 
 
 @lru_cache(maxsize=None)
-def _arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def subset_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images N×28×28, labels N) of ``split`` of the embedded subset as stored, read once per process."""
     if split not in SPLITS:
         raise MimbenchError(f"Unknown split {split!r} of builtin:fashion-mnist.", f"Use one of {', '.join(SPLITS)}.")
     if not SUBSET_FILE.is_file():
@@ -67,7 +68,7 @@ class FashionMNISTSubset(Dataset):
         if img_size < 8:
             raise MimbenchError(f"img_size={img_size} is too small for builtin:fashion-mnist.", "Use 28, 32 or larger.")
         self.split, self.img_size, self.transform = split, img_size, transform
-        self.images, self.labels = _arrays(split)
+        self.images, self.labels = subset_arrays(split)
         self.targets = self.labels.tolist()
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)

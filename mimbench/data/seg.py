@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mimbench.atomic import atomic_write, atomic_write_text
-from mimbench.data.builtin import _arrays, resize_grey
+from mimbench.data.builtin import subset_arrays, resize_grey
 from mimbench.errors import MimbenchError
 
 FOREGROUND_THRESHOLD = 40  # of 255: the faint fringe of a garment counts as background
@@ -82,7 +82,7 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
         manifest.unlink()
     try:
         for split, src in SPLITS.items():
-            images, labels = _arrays(src)
+            images, labels = subset_arrays(src)
             count = n_train if split == "training" else n_val
             rng = np.random.default_rng([seed, 0 if split == "training" else 1])
             img_dir, ann_dir = root / "images" / split, root / "annotations" / split

@@ -132,7 +132,7 @@ def validate_leaderboard(df) -> None:
 # The user's own runs
 
 
-def _text(value) -> str:
+def field_text(value) -> str:
     """A record field as text; missing (None/NaN) -> ''."""
     import pandas as pd
 
@@ -167,10 +167,10 @@ def run_deviations(row) -> list[str]:
         key = str(item).split("=", 1)[0].strip()
         if key.rsplit(".", 1)[-1] not in NEUTRAL_OVERRIDES:
             out.append(f"override {item}")
-    name = _text(row.get("dataset.name"))
+    name = field_text(row.get("dataset.name"))
     if name.startswith("builtin:") or "fashion" in name.lower():
         out.append(f"demo scale (dataset {name})")
-    if "demo" in _text(row.get("protocol.name")).lower() and not any("demo" in d for d in out):
+    if "demo" in field_text(row.get("protocol.name")).lower() and not any("demo" in d for d in out):
         out.append(f"demo protocol ({row.get('protocol.name')})")
     return out
 
@@ -196,9 +196,9 @@ def own_runs(include_runs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F82
             problems.append(f"{r['file']}: no {TASK_METRIC[task]} metric; not ranked")
             continue
         epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
-        technique = _text(r.get("encoder.technique")) or Path(_text(r.get("encoder.path"))).stem
+        technique = field_text(r.get("encoder.technique")) or Path(field_text(r.get("encoder.path"))).stem
         rows.append({
-            "method": f"{technique} (own)", "arch": normalize_arch(_text(r.get("encoder.arch"))),
+            "method": f"{technique} (own)", "arch": normalize_arch(field_text(r.get("encoder.arch"))),
             "pretrain_epochs": int(epochs) if not pd.isna(epochs) and epochs > 0 else pd.NA,
             "task": task, "metric": TASK_METRIC[task], "value": value,
             "protocol": str(r.get("protocol.name") or ""), "notes": "", "source": str(r["file"]),

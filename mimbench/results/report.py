@@ -15,7 +15,7 @@ import html
 from pathlib import Path
 
 from mimbench.errors import MimbenchError
-from mimbench.results.leaderboard import _text, record_metric, run_deviations
+from mimbench.results.leaderboard import field_text, record_metric, run_deviations
 
 #: Record task -> report column, in display order. A segmentation column is named after its dataset
 #: (``segment_column``): ADE20K mIoU and the demo's FashionMNIST-Seg mIoU are different numbers.
@@ -35,7 +35,7 @@ def segment_column(dataset: str) -> str:
 
 
 def _column(task: str, dataset) -> str:
-    return segment_column(_text(dataset)) if task == "segment" else METRIC_COLUMNS[task]
+    return segment_column(field_text(dataset)) if task == "segment" else METRIC_COLUMNS[task]
 FORMATS = ("md", "csv", "latex", "html")
 PER_CLASS_PREFIX = "metrics.per_class_iou."
 
@@ -50,10 +50,10 @@ def _encoder_row(r) -> tuple[str, str, float]:
     """(table row label, technique, pre-training epochs) of a flattened record."""
     import pandas as pd
 
-    technique = _text(r.get("encoder.technique"))
+    technique = field_text(r.get("encoder.technique"))
     epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
     epochs = 0.0 if pd.isna(epochs) else float(epochs)
-    return _label(technique, epochs, _text(r.get("encoder.path"))), technique, epochs
+    return _label(technique, epochs, field_text(r.get("encoder.path"))), technique, epochs
 
 
 def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821

@@ -44,6 +44,8 @@ Files
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import math
 from functools import partial
@@ -61,14 +63,16 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class VisualTokenizer(nn.Module):
-    """What BEiT v2 pre-training needs from a tokenizer (see the module docstring)."""
+class VisualTokenizer(nn.Module, abc.ABC):
+    """What BEiT v2 pre-training needs from a tokenizer (see the module docstring); abstract, so a
+    subclass without ``tokenize`` cannot be instantiated."""
 
     num_tokens: int
     grid_size: tuple[int, int]
 
-    def tokenize(self, imgs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def tokenize(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Visual-token ids (N × grid_h·grid_w, int64) of images N×3×H×W."""
 
 
 def _dist():

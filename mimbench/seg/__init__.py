@@ -10,13 +10,13 @@ state through checkpoints (:mod:`mimbench.seg.resume`) and the one that stops at
 (:mod:`mimbench.seg.safety`) in mmseg's registries.
 """
 
-from mimbench.seg.mmcv_ops_fallback import install as _install_mmcv_ops_fallback
+from mimbench.seg import mmcv_ops_fallback
 
-MMCV_OPS_FALLBACK = _install_mmcv_ops_fallback()
+MMCV_OPS_FALLBACK = mmcv_ops_fallback.install()
 
-from mimbench.seg.checkpoint import install as _install_checkpoint_loader  # noqa: E402
+from mimbench.seg import checkpoint  # noqa: E402
 
-_install_checkpoint_loader()
+checkpoint.install()
 
 from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
 from mimbench.seg.metrics import PerClassIoUMetric  # noqa: E402

@@ -23,6 +23,7 @@ The rule shared by pre-training, linear probing and fine-tuning:
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Iterator, Mapping
 
@@ -133,17 +134,29 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32(x: int) -> int:
+    """:func:`_hash32` on one Python integer: the same bits, without a tensor per call (hot loops
+    seed every image of every batch)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=64)
 def stream_id(name: str) -> int:
     """A stable 32-bit number for a stream name ("mask", "crop", ...)."""
     value = 0
     for byte in name.encode():
-        value = int(_hash32(torch.tensor(value * 131 + byte)).item())
+        value = _mix32(value * 131 + byte)
     return value
 
 
+@functools.lru_cache(maxsize=1024)
 def _key(seed: int, epoch: int, stream: str) -> int:
-    k = _hash32(torch.tensor(int(seed) & _MASK32) ^ stream_id(stream))
-    return int(_hash32(k + (int(epoch) & _MASK32)).item())
+    return _mix32(_mix32((int(seed) & _MASK32) ^ stream_id(stream)) + (int(epoch) & _MASK32))
 
 
 def uniform_by_index(seed: int, epoch: int, index: torch.Tensor, width: int, stream: str,
@@ -151,7 +164,7 @@ def uniform_by_index(seed: int, epoch: int, index: torch.Tensor, width: int, str
     """``len(index) x width`` float32 numbers, uniform in [0, 1) on a 2**-24 grid, row ``i`` a pure
     function of ``(seed, epoch, index[i], stream)``: the same on any rank, in any batch, on any device."""
     idx = torch.as_tensor(index, dtype=torch.int64, device=device).reshape(-1, 1)
-    key = _key(seed, epoch, stream)
+    key = _key(int(seed), int(epoch), stream)
     row = _hash32(idx + key)
     col = torch.arange(int(width), dtype=torch.int64, device=idx.device).reshape(1, -1)
     bits = _hash32(_hash32(row ^ (col * 0x9E3779B1 & _MASK32)) + col)
@@ -160,7 +173,7 @@ def uniform_by_index(seed: int, epoch: int, index: torch.Tensor, width: int, str
 
 def item_seed(seed: int, epoch: int, index: int, stream: str = "item") -> int:
     """A 32-bit seed that is a pure function of ``(seed, epoch, index, stream)``."""
-    return int(_hash32(torch.tensor(_key(seed, epoch, stream)) + (int(index) & _MASK32)).item())
+    return _mix32(_key(int(seed), int(epoch), stream) + (int(index) & _MASK32))
 
 
 def seed_batch(seed: int, epoch: int, index: torch.Tensor, stream: str = "batch") -> None:

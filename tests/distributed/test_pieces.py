@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from mimbench.batching import (GlobalBatchSampler, SeededItems, resolve_batch, scaled_lr, shard_range,
+from mimbench.batching import (GlobalBatchSampler, SeededItems, item_seed, resolve_batch, scaled_lr, shard_range,
                                uniform_by_index)
 from mimbench.errors import MimbenchError
 
@@ -87,6 +87,18 @@ def test_per_image_numbers_depend_on_seed_epoch_index_only():
     assert abs(float(torch.corrcoef(torch.stack([many[:, 0], many[:, 1]]))[0, 1])) < 0.05
     noise = many.argsort(1)  # MAE keeps the lowest-noise patches: every ordering equally likely
     assert abs(float((noise[:, 0] < 25).float().mean()) - 0.5) < 0.05
+
+
+def test_per_image_seeds_are_pinned_and_match_the_tensor_hash():
+    # Values of the first (tensor-per-call) implementation: a run resumed or repeated with a newer
+    # version draws the same masks, crops and batches.
+    assert [item_seed(0, 0, 0, "item"), item_seed(3, 7, 12345, "mask"), item_seed(2**32 + 5, 1, 2**33 + 1, "batch")] \
+        == [2923814113, 1589025036, 3568034210]
+    # The per-image seed and the per-index tensor numbers mix the same (seed, epoch, stream) key
+    idx = torch.tensor([0, 1, 77, 2**31 + 3])
+    from mimbench import batching
+    key = batching._key(4, 9, "crop")
+    assert [item_seed(4, 9, int(i), "crop") for i in idx] == batching._hash32(idx + key).tolist()
 
 
 def test_seeded_items_draw_per_image_and_leave_the_callers_rng_alone():

@@ -1,0 +1,7 @@
+# Robust-MAE recipe, ViT-micro/4 (embed 64, depth 4): seconds per epoch on CPU (the demo's size, tests).
+_base_ = ["./robust-mae_tiny_fmnist.py"]
+model = dict(name="robust_mae_vit_micro_patch4_32")
+data = dict(limit=2048)  # first 2048 training images: seconds per epoch
+optim = dict(batch_size=32)
+schedule = dict(epochs=2, warmup_epochs=1)
+runtime = dict(ckpt_every=1, log_every=5)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable

@@ -6,6 +6,7 @@ already strong). Two ways to say which architecture:
 - ``config``: a pre-training config. The control is that config's model built at ``seed`` with its own
   initialisation (for MAE: sin-cos position embeddings, xavier-uniform linears), and its encoder
   exported -- exactly the encoder that pre-training would start from, minus the training.
+  A BEiT v2 config gives a BEiT-family control (its tokenizer file must exist: the model is built whole).
 - ``like``: an encoder file (ViT family). The control is an MAE model of the file's architecture
   (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio) built at ``seed``; the decoder does not
   matter, since the encoder's parameters are initialised before the decoder's.
@@ -108,13 +109,19 @@ def build_control(out: str | Path, *, like: str | Path | None = None, config: st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = create_model(name, **kwargs)
+    if not hasattr(model, "encoder_state_dict"):
+        raise MimbenchError(f"The model of {source} ({name}) is not an encoder (a tokenizer?); a control is an "
+                            "encoder.", "Give the config of an encoder pre-training (MAE, DDAE, BEiT v2, ...).")
     arch = model.encoder_arch()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A BEiT-family model (BEiT v2) describes its file's extra fields; a ViT-family one has none.
+    family_fields = model.encoder_family_metadata() if hasattr(model, "encoder_family_metadata") else {}
     return save_encoder(model.encoder_state_dict(), out,
                         arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                         technique=TECHNIQUE, config_sha256=recipe, epochs=0, data="none", **arch,
-                        extra={"control_seed": str(int(seed)), "control_of": source})
+                        family=getattr(model, "encoder_family", "vit"),
+                        extra={**family_fields, "control_seed": str(int(seed)), "control_of": source})
 
 
 def is_control(path: Path, *, like=None, config=None, overrides: Sequence[str] = (), seed: int = 0) -> bool:

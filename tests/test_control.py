@@ -115,3 +115,28 @@ def test_runner_builds_a_control_like_an_earlier_encoder_and_reuses_it(tmp_path)
         StepRunner(tmp_path / "x", log=lines.append).run([Evaluate("nothing", "knn", MICRO)])
     with pytest.raises(MimbenchError, match="Unknown evaluation task"):
         Evaluate("mae", "probe", MICRO)
+
+
+def test_control_of_a_beit_v2_config_is_a_beit_family_encoder(tmp_path):
+    # The control of a BEiT v2 config is the BEiT-family encoder pre-training starts from (relative
+    # position bias, layer scale): written with the family's metadata, readable by every evaluation.
+    from pretrain.tokenizer import VQKD
+
+    tok = VQKD(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1, num_tokens=16,
+               code_dim=8, teacher_dim=24)
+    tok_path = tok.save(tmp_path / "tokenizer.safetensors", technique="vqkd")
+    cfg = tmp_path / "beit.py"
+    cfg.write_text(f"_base_ = [{str(pretrain_config('beitv2_micro_fmnist.py'))!r}]\n"
+                   f"model = dict(tokenizer={str(tok_path)!r})\n")
+    path = build_control(tmp_path / "c.safetensors", config=cfg)
+    meta = read_metadata(path)
+    assert meta["family"] == "beit" and meta["technique"] == "random-init"
+    assert meta["use_shared_rel_pos_bias"] == "true" and float(meta["layer_scale_init_value"]) == 0.1
+    model = load_encoder(path, global_pool="avg", fc_norm=True, num_classes=10)
+    assert type(model).__name__ == "Beit" and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # a tokenizer config has no encoder to start from
+    tok_cfg = tmp_path / "vqkd.py"
+    tok_cfg.write_text(f"_base_ = [{str(pretrain_config('vqkd_micro_fmnist.py'))!r}]\n"
+                       "model = dict(teacher=None, teacher_dim=32)\n")
+    with pytest.raises(MimbenchError, match="not an encoder"):
+        build_control(tmp_path / "t.safetensors", config=tok_cfg)

@@ -55,6 +55,7 @@ from pretrain.registry import register
 
 PRESETS = {
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4),
+    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4),
     "vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
 }
@@ -300,12 +301,15 @@ class BEiTv2(nn.Module):
                 "use_shared_rel_pos_bias": str(self.use_shared_rel_pos_bias).lower(),
                 "layer_scale_init_value": repr(self.layer_scale_init_value)}
 
+    #: The encoder file family written by :meth:`export` (and by the random-init control of this model).
+    encoder_family = "beit"
+
     def export(self, path, *, technique: str, config_sha256: str = "", epochs: float = 0, data: str = ""):
         """Write the BEiT-family encoder file (``save_encoder(..., family="beit")``)."""
         from mimbench.encoders import arch_name, save_encoder
 
         arch = self.encoder_arch()
-        return save_encoder(self.encoder_state_dict(), path, family="beit",
+        return save_encoder(self.encoder_state_dict(), path, family=self.encoder_family,
                             arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                             technique=technique, config_sha256=config_sha256, epochs=epochs, data=data,
                             extra=self.encoder_family_metadata(), **arch)

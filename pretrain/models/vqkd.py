@@ -12,6 +12,9 @@ PRESETS = {
     # Demo scale for the embedded 32x32 data: the pre-training models' 8x8 grid, 512 codes.
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
                                decoder_depth=1, num_tokens=512, code_dim=32),
+    # The micro size (the demo's encoders): half the width, same grid and codebook.
+    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                decoder_depth=1, num_tokens=512, code_dim=32),
 }
 
 

@@ -19,7 +19,8 @@ def test_expected_configs_exist():
     assert {"mae_tiny_fmnist.py", "robust-mae_tiny_fmnist.py", "ddae_tiny_fmnist.py", "mae-dds_tiny_fmnist.py",
             "mae_micro_fmnist.py", "mae_vit-b_in1k_1600ep.py", "mae_vit-b_in1k_800ep.py", "mae_vit-l_in1k_1600ep.py",
             "robust-mae_vit-b_in1k_800ep.py", "ddae_vit-b_in1k_100ep.py", "ddae_vit-b_in1k_800ep.py",
-            "mae-dds_vit-b_in1k_800ep.py"} <= names
+            "mae-dds_vit-b_in1k_800ep.py", "robust-mae_micro_fmnist.py", "ddae_micro_fmnist.py",
+            "mae-dds_micro_fmnist.py", "vqkd_micro_fmnist.py", "beitv2_micro_fmnist.py", "beitv2-dds_micro_fmnist.py"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

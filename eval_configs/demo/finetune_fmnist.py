@@ -1,6 +1,6 @@
 # Fine-tuning demo on the embedded Fashion-MNIST subset (32x32): the MAE recipe (avg pool + fc_norm, layer-wise lr
 # decay, AdamW, label smoothing, random erasing) at CPU scale, on all 12,000 training images for 2 epochs (375 steps
-# of 64), about 65 s for the demo's ViT-micro/4 on 2 idle CPU cores. One config for every encoder, the control included.
+# of 64), 65-78 s for the demo's ViT-micro/4 on 2 idle CPU cores. One config for every encoder, the control included.
 #
 # Why not the ImageNet regularisers: Mixup/CutMix and drop path are there to stop a 100-epoch run from over-fitting
 # 1.28M images; in 2 epochs on 2,048 images (blr 1e-3, layer decay 0.65) they kept every encoder from fitting at all

@@ -153,6 +153,18 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _take_prefix(sd: dict[str, torch.Tensor], prefix: str, dropped: list[str],
+                 skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (not under ``skip``), renamed without it; every other key goes to ``dropped``."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(prefix) and not (skip and k.startswith(skip)):
+            out[k[len(prefix):]] = v
+        else:
+            dropped.append(k)
+    return out
+
+
 def _state_dict(obj: object, src: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` / ``{"module": ...}`` and a DDP ``module.`` prefix."""
     if not isinstance(obj, dict):
@@ -223,31 +235,15 @@ def _extract(obj: object, layout: str, src: Path) -> tuple[dict[str, torch.Tenso
         return {_VISSL_RENAMES.get(k, k): v for k, v in sd.items()}, dropped, obj
     if layout in ("dino", "ibot") and _teacher_student(obj):
         sd = _strip(_tensors(obj["teacher"], src, "the teacher"), "module.")
-        out = {}
-        for k, v in sd.items():
-            if k.startswith("backbone."):
-                out[k[len("backbone."):]] = v
-            else:
-                dropped.append(k)
+        out = _take_prefix(sd, "backbone.", dropped)
         if not out:
             raise MimbenchError(f"{src}: the teacher has no backbone.* tensors.", "Is this a DINO/iBOT checkpoint?")
         return out, dropped, obj
     sd, wrapper = _state_dict(obj, src)
     if layout in ("dino", "ibot") and any(k.startswith("backbone.") for k in sd):
-        out = {}
-        for k, v in sd.items():
-            if k.startswith("backbone."):
-                out[k[len("backbone."):]] = v
-            else:
-                dropped.append(k)
-        return out, dropped, wrapper
+        return _take_prefix(sd, "backbone.", dropped), dropped, wrapper
     if layout == "mocov3":
-        out = {}
-        for k, v in sd.items():
-            if k.startswith("base_encoder.") and not k.startswith("base_encoder.head."):
-                out[k[len("base_encoder."):]] = v
-            else:
-                dropped.append(k)
+        out = _take_prefix(sd, "base_encoder.", dropped, skip="base_encoder.head.")
         if not out:
             raise MimbenchError(f"{src}: no base_encoder.* tensors.", "Is this a MoCo v3 checkpoint (.pth.tar)?")
         return out, dropped, wrapper

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimbench.errors import MimbenchError
+from pretrain.contract import StepContract
 
 TOKENIZER_FORMAT = "mimbench-tokenizer/1"
 INPUT_SCALINGS = ("identity", "imagenet_to_pm1")
@@ -243,7 +244,7 @@ def _task_layer(d_in: int, d_out: int) -> nn.Sequential:
     return layer
 
 
-class VQKD(VisualTokenizer):
+class VQKD(StepContract, VisualTokenizer):
     """Vector-quantised knowledge-distillation tokenizer (module docstring).
 
     Args:
@@ -370,13 +371,6 @@ class VQKD(VisualTokenizer):
                             "perplexity": torch.tensor(stats["perplexity"]),
                             "codes_restarted": torch.tensor(float(self.quantize.last_restarted))}
         return loss_rec + loss_quant, rec, ids
-
-    @property
-    def loss_terms(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._loss_terms.items()}
-
-    def on_step_end(self, it: int, total_its: int) -> None:
-        pass
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "encoder.pos_embed", "decoder.cls_token", "decoder.pos_embed"}

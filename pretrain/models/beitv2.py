@@ -51,6 +51,7 @@ from torch import nn
 from mimbench.errors import MimbenchError
 from pretrain import ddae as D
 from pretrain.block_masking import BlockMaskGenerator
+from pretrain.contract import StepContract
 from pretrain.registry import register
 
 PRESETS = {
@@ -61,7 +62,7 @@ PRESETS = {
 }
 
 
-class BEiTv2(nn.Module):
+class BEiTv2(StepContract, nn.Module):
     """BEiT v2 masked image modelling; see the module docstring.
 
     Args:
@@ -273,14 +274,7 @@ class BEiTv2(nn.Module):
         self._loss_terms = terms
         return total, logits, mask.float()
 
-    # ------------------------------------------------------------------ training contract
-    @property
-    def loss_terms(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._loss_terms.items()}
-
-    def on_step_end(self, it: int, total_its: int) -> None:
-        pass
-
+    # ------------------------------------------------------------------ training contract (and StepContract)
     def no_weight_decay(self) -> set[str]:
         # The official BEiT v2 skip list ({pos_embed, cls_token}; 1-D tensors and biases are excluded by
         # the optimizer anyway): the mask token and the relative position bias tables are decayed there too.

@@ -52,6 +52,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 
 from mimbench.errors import MimbenchError
 from pretrain import masking, targets
+from pretrain.contract import StepContract
 from pretrain.registry import register
 
 
@@ -81,7 +82,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = False)
     return emb.float()
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(StepContract, nn.Module):
     """MAE with a ViT encoder and a light ViT decoder; see the module docstring.
 
     ``forward(imgs N x C x H x W, mask_ratio=0.75, noise=None)`` returns ``(loss, pred, mask)``:
@@ -345,15 +346,8 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
     # ------------------------------------------------------------------ model contract
-    @property
-    def loss_terms(self) -> dict[str, float]:
-        """Per-term losses of the last forward (converted lazily, so no device sync per step)."""
-        return {k: float(v) for k, v in self._loss_terms.items()}
-
-    def on_step_end(self, it: int, total_its: int) -> None:
-        """Nothing is scheduled per step in MAE (the EMA target statistics update in forward)."""
-        return None
-
+    # loss_terms / on_step_end: pretrain.contract.StepContract (nothing is scheduled per step in MAE; the EMA
+    # target statistics update in forward).
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder weights in timm ``VisionTransformer`` key layout (cls_token, pos_embed incl. the
         class position, patch_embed.proj.*, blocks.*, norm.*), detached copies."""

@@ -382,3 +382,23 @@ def ema_momentum(progress: float, base: float = 0.996, final: float = 1.0) -> fl
     p = min(max(float(progress), 0.0), 1.0)
     return final - (final - base) * (1.0 + math.cos(math.pi * p)) / 2.0
 
+
+class DDSBetaSchedule:
+    """The per-step part every DDS consumer shares (MAE + DDS, BEiT v2 + DDS): the model holds a
+    :class:`DynamicBeta` as ``self.dds_beta``; put this class before the model's base class."""
+
+    dds_beta: DynamicBeta
+
+    def on_step_end(self, it: int, total_its: int) -> None:
+        """Advance the beta schedule: progress ``(it + 1) / total_its`` for the next step."""
+        self.dds_beta.set_progress((it + 1) / max(int(total_its), 1))
+
+    def set_progress(self, next_it: int, total_its: int) -> None:
+        """Put the beta schedule where it is before step ``next_it`` (e.g. when resuming)."""
+        self.dds_beta.set_progress(next_it / max(int(total_its), 1))
+
+    def no_weight_decay(self) -> set[str]:
+        names = super().no_weight_decay()
+        if self.dds_beta.theta is not None:
+            names.add("dds_beta.theta")
+        return names

@@ -311,7 +311,7 @@ class BEiTv2(StepContract, nn.Module):
     export_name = "encoder.safetensors"
 
 
-class BEiTv2WithDDS(BEiTv2):
+class BEiTv2WithDDS(D.DDSBetaSchedule, BEiTv2):
     """BEiT v2 with deep dynamic supervision on the token-prediction loss (module docstring).
 
     Args (besides :class:`BEiTv2`'s, keyword-only): ``dds_depths``, ``dds_weights``,
@@ -365,18 +365,7 @@ class BEiTv2WithDDS(BEiTv2):
         self._loss_terms = terms
         return total, logits, maskf
 
-    def on_step_end(self, it: int, total_its: int) -> None:
-        """Advance the beta schedule: progress ``(it + 1) / total_its`` for the next step."""
-        self.dds_beta.set_progress((it + 1) / max(int(total_its), 1))
-
-    def set_progress(self, next_it: int, total_its: int) -> None:
-        self.dds_beta.set_progress(next_it / max(int(total_its), 1))
-
-    def no_weight_decay(self) -> set[str]:
-        names = super().no_weight_decay()
-        if self.dds_beta.theta is not None:
-            names.add("dds_beta.theta")
-        return names
+    # on_step_end / set_progress / no_weight_decay: pretrain.ddae.DDSBetaSchedule, shared with MAE + DDS.
 
 
 # ---------------------------------------------------------------------- registry entries

@@ -64,7 +64,7 @@ DISTILL_TARGET_NORMS = ("layernorm", "none")
 default_dds_depths = D.default_dds_depths
 
 
-class MAEWithDDS(MaskedAutoencoderViT):
+class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
     """MAE trained with deep dynamic supervision; see the module docstring.
 
     Args (besides MAE's, all keyword-only):
@@ -184,20 +184,8 @@ class MAEWithDDS(MaskedAutoencoderViT):
         self._loss_terms = out["terms"]
         return out["total"], out["preds"][-1], out["mask"]
 
-    def on_step_end(self, it: int, total_its: int) -> None:
-        """Advance the beta schedule: progress ``(it + 1) / total_its`` for the next step."""
-        self.dds_beta.set_progress((it + 1) / max(int(total_its), 1))
-
-    def set_progress(self, next_it: int, total_its: int) -> None:
-        """Put the beta schedule where it is before step ``next_it`` (e.g. when resuming): the
-        plug-in keeps MAE's state-dict keys, so its progress is not in checkpoints."""
-        self.dds_beta.set_progress(next_it / max(int(total_its), 1))
-
-    def no_weight_decay(self) -> set[str]:
-        names = super().no_weight_decay()
-        if self.dds_beta.theta is not None:
-            names.add("dds_beta.theta")
-        return names
+    # on_step_end / set_progress / no_weight_decay: pretrain.ddae.DDSBetaSchedule (the plug-in keeps MAE's
+    # state-dict keys, so the beta progress is not in checkpoints: pretrain.main calls set_progress on resume).
 
 
 class TeacherEncoder(nn.Module):

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -53,54 +52,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from mimbench.atomic import atomic_write, check_writable_dir
 from mimbench.errors import MimbenchError
+from mimbench.rng import rng_state, seed_everything, set_rng_state
 
 __all__ = [
     "seed_everything", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
     "build_scheduler", "LoopConfig", "fit", "resume_from",
 ]
-
-
-# ---------------------------------------------------------------------------- seeding / RNG
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all CUDA devices)."""
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """All global RNG states as tensors / primitives (loadable with ``weights_only=True``)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Restore what :func:`rng_state` returned."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda_states)
 
 
 # ---------------------------------------------------------------------------- checkpoints

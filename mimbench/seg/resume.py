@@ -6,7 +6,7 @@ the finished iterations (re-reading those batches, so an infinite sampler is bac
 position), and continues - with the global RNG streams wherever seeding and the advance left them,
 so dropout, drop path and the random crops/flips of later batches differ from an uninterrupted run.
 
-:class:`RngStateHook` saves :func:`mimbench.engine.rng_state` (Python, NumPy, torch CPU and CUDA;
+:class:`RngStateHook` saves :func:`mimbench.rng.rng_state` (Python, NumPy, torch CPU and CUDA;
 tensors and primitives only, so the checkpoint still loads weights-only) in ``meta`` of every
 checkpoint and, on resume, restores it right after the advance and before the next batch is read.
 With ``num_workers=0`` (the pipeline runs in the main process) a run killed at any iteration and
@@ -17,7 +17,7 @@ from __future__ import annotations
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
-from mimbench.engine import rng_state, set_rng_state
+from mimbench.rng import rng_state, set_rng_state
 
 META_KEY = "mimbench_rng_state"
 

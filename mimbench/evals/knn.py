@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
+from mimbench.evals.metrics import topk_accuracy
 
 
 @torch.no_grad()
@@ -47,16 +48,6 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
         votes.scatter_add_(1, labels[top_idx], weights)                # sum of weights per class
         scores.append(votes)
     return torch.cat(scores)
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
-    """Top-k accuracies in percent for each k (clamped to the number of classes)."""
-    out = {}
-    for k in ks:
-        kk = min(k, scores.shape[1])
-        hit = (scores.topk(kk, dim=1).indices == labels.long().view(-1, 1)).any(dim=1)
-        out[k] = 100.0 * hit.float().mean().item()
-    return out
 
 
 def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from mimbench.errors import MimbenchError
+from mimbench.evals.metrics import topk_accuracy
 
 __all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
            "dataset_root", "max_bad_fraction", "build_split", "skipped"]
@@ -217,7 +218,6 @@ def score(run: EvalRun, fn: Callable[[torch.Tensor], torch.Tensor], dataset, bat
 
 def topk_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """``{"top1", "top5"}`` accuracies in percent (top-5 is top-C with fewer than 5 classes)."""
-    from mimbench.evals.knn import topk_accuracy
 
     acc = topk_accuracy(logits, labels, ks=(1, 5))
     return {"top1": acc[1], "top5": acc[5]}

@@ -7,7 +7,8 @@ import torch
 from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval
 from mimbench.evals.features import extract_features
-from mimbench.evals.knn import knn_predict, topk_accuracy
+from mimbench.evals.knn import knn_predict
+from mimbench.evals.metrics import topk_accuracy
 
 
 def test_knn_vote_matches_hand_computation():

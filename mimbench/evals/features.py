@@ -150,6 +150,12 @@ def _read_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_fr
         return None
 
 
+def _load_cache(feat_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of a written entry as read-only memory maps."""
+    return (np.load(feat_path, mmap_mode="r", allow_pickle=False),
+            np.load(label_path, mmap_mode="r", allow_pickle=False))
+
+
 def _npy_writer(array: np.ndarray):
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
@@ -180,8 +186,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     loaded from disk), ``transform``, ``img_size``, ``classes``, ``precision`` (resolved from ``amp`` on
     ``device``) and ``skipped`` (broken files left out).
     Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
-    returns all N rows, in dataset order), rank 0 writes the cache and its manifest and the others wait
-    for it; whether the cache is valid is rank 0's decision, so all ranks take the same path. ``device``
+    returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
+    its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks take the same path. ``device``
     defaults to the process's device (:func:`mimbench.dist.context`).
     """
     from mimbench import dist
@@ -213,8 +219,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     cached = _read_cache(feat_path, label_path, manifest_path, built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest
-            cached = (np.load(feat_path, mmap_mode="r", allow_pickle=False),
-                      np.load(label_path, mmap_mode="r", allow_pickle=False))
+            cached = _load_cache(feat_path, label_path)
         return cached[0], cached[1], {**info, "cached": True}
     model = load_encoder(encoder, img_size=size).to(device)
     items = limited(dataset, limit)
@@ -228,9 +233,10 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
         feats, labels = compute_features(model, loader, precision)
     else:  # more ranks than items
         feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
-    if ctx.distributed:
-        feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device)).cpu().numpy()
-        labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device)).cpu().numpy()
+    if ctx.distributed:  # only rank 0 keeps a host copy (to write it); the others read the cache back below
+        feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device))
+        labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device))
+        feats, labels = (feats.cpu().numpy(), labels.cpu().numpy()) if ctx.is_main else (None, None)
     error = None
     if ctx.is_main:
         try:
@@ -239,5 +245,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
             error = err
     if not dist.broadcast_flag(error is None):
         raise error or MimbenchError(f"Feature cache {cache_dir} could not be written on rank 0.", CACHE_FIX)
+    if ctx.distributed:  # every rank maps the one file: the ranks of a node share its pages
+        feats, labels = _load_cache(feat_path, label_path)
     return feats, labels, {**info, "cached": False}
 

@@ -7,7 +7,8 @@ import torch
 from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval
 from mimbench.evals.features import extract_features
-from mimbench.evals.knn import knn_predict
+from mimbench.evals.knn import (bank_dtype, build_bank, knn_predict, knn_vote, query_chunk, ranked_accuracy,
+                                vote_sharded)
 from mimbench.evals.metrics import topk_accuracy
 
 
@@ -58,6 +59,8 @@ def test_run_knn_writes_record(tiny_encoder, tmp_path):
     assert record["task"] == "knn" and record["protocol"]["k"] == 20 and record["protocol"]["temperature"] == 0.07
     assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
     assert record["dataset"]["sizes"] == {"train": 200, "val": 50}
+    assert record["protocol"]["bank"] == {"dtype": "float32", "device": "cpu", "rows": 200, "dim": 32}
+    assert record["protocol"]["vote"] == {"query_chunk": query_chunk(200, torch.float32), "queries_per_rank": [50]}
     written = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert [r["run_id"] for r in written] == [record["run_id"]]
 
@@ -65,3 +68,93 @@ def test_run_knn_writes_record(tiny_encoder, tmp_path):
 def test_unknown_task():
     with pytest.raises(MimbenchError, match="Unknown evaluation task"):
         run_eval("nope", encoder="x", config="y", data="z", out="o")
+
+
+def _clustered(n_train=300, n_query=60, dim=16, classes=7, seed=0):
+    """Features scattered around one random centre per class (norms 0.5..3, so normalisation matters)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    train_y = torch.randint(0, classes, (n_train,), generator=g)
+    query_y = torch.randint(0, classes, (n_query,), generator=g)
+    scale = lambda n: 0.5 + 2.5 * torch.rand(n, 1, generator=g)  # noqa: E731
+    train = (centres[train_y] + 0.8 * torch.randn(n_train, dim, generator=g)) * scale(n_train)
+    query = (centres[query_y] + 0.8 * torch.randn(n_query, dim, generator=g)) * scale(n_query)
+    return train, train_y, query, query_y
+
+
+def _same_vote(scores, reference):
+    """Equal up to the BLAS blocking of the similarity product (which changes with the number of query rows
+    and so sums in another order, ~1e-6 relative), with the same ranking of the classes."""
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=0)
+    assert torch.equal(scores.topk(5, dim=1).indices, reference.topk(5, dim=1).indices)
+
+
+def test_chunked_vote_equals_unchunked():
+    train, train_y, query, _ = _clustered()
+    bank, labels = build_bank(train, train_y, device="cpu")
+    whole = knn_vote(bank, labels, query, k=10, temperature=0.07, num_classes=7, chunk=len(query))
+    for chunk in (1, 7, 59):
+        _same_vote(knn_vote(bank, labels, query, k=10, temperature=0.07, num_classes=7, chunk=chunk), whole)
+    # and the slices the ranks of a 3-process run would vote for, put together, are the whole
+    parts = [knn_vote(bank, labels, query[a:b], k=10, temperature=0.07, num_classes=7, chunk=8)
+             for a, b in ((0, 20), (20, 40), (40, 60))]
+    _same_vote(torch.cat(parts), whole)
+    _same_vote(knn_predict(train, train_y, query, k=10, temperature=0.07, num_classes=7), whole)
+
+
+def test_vote_creates_every_tensor_on_the_bank_device():
+    # a bank on the meta device: any tensor the vote made on another device would make it fail
+    train, train_y, query, _ = _clustered()
+    bank, labels = build_bank(train, train_y, device="meta", dtype=torch.float16)
+    assert bank.device.type == labels.device.type == "meta" and bank.dtype == torch.float16
+    scores = knn_vote(bank, labels, query, k=5, temperature=0.07, num_classes=7, chunk=16)
+    assert scores.device.type == "meta" and scores.shape == (60, 7) and scores.dtype == torch.float32
+
+
+def test_bank_is_built_blockwise_from_a_memory_map(tmp_path):
+    train, train_y, _, _ = _clustered()
+    np.save(tmp_path / "f.npy", train.numpy())
+    np.save(tmp_path / "y.npy", train_y.numpy())
+    feats, ys = np.load(tmp_path / "f.npy", mmap_mode="r"), np.load(tmp_path / "y.npy", mmap_mode="r")
+    bank, labels = build_bank(feats, ys, device="cpu", block=7)
+    assert bank.dtype == torch.float32 and torch.equal(labels, train_y)
+    torch.testing.assert_close(bank, torch.nn.functional.normalize(train, dim=1), rtol=0, atol=0)
+
+
+def test_fp16_bank_ranks_like_fp32_and_votes_in_fp32():
+    # exp(cos / 0.07) reaches exp(14.3) = 1.6e6, beyond float16's 65504: weights and sums must be float32
+    train, train_y, query, query_y = _clustered(classes=5)
+    near = torch.cat([query[:3], train[:2] * 4.0])  # two queries on a training point: cosine 1
+    args = dict(k=10, temperature=0.07, num_classes=5, chunk=16)
+    full = knn_vote(*build_bank(train, train_y, device="cpu", dtype=torch.float32), near, **args)
+    half = knn_vote(*build_bank(train, train_y, device="cpu", dtype=torch.float16), near, **args)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=1e-3)
+    assert torch.equal(half.argmax(1), full.argmax(1))
+
+
+def test_bank_dtype_and_chunk_follow_the_device_and_memory_budget():
+    assert bank_dtype(torch.device("cuda", 3)) == torch.float16 and bank_dtype(torch.device("cpu")) == torch.float32
+    imagenet = 1_281_167  # the numbers stated in the module docstring and README's k-NN memory section
+    assert query_chunk(imagenet, torch.float16) == 419 and query_chunk(imagenet, torch.float32) == 209
+    assert query_chunk(10, torch.float32, budget=400) == 10 and query_chunk(10**12, torch.float16) == 1
+
+
+def test_ranked_accuracy_equals_topk_accuracy_on_the_scores():
+    g = torch.Generator().manual_seed(1)
+    for classes in (3, 10):
+        scores, labels = torch.rand(200, classes, generator=g), torch.randint(0, classes, (200,), generator=g)
+        ranked = scores.topk(min(5, classes), dim=1).indices
+        assert ranked_accuracy(ranked, labels.numpy()) == topk_accuracy(scores, labels, ks=(1, 5))
+
+
+def test_one_process_vote_covers_every_query():
+    train, train_y, query, query_y = _clustered()
+    bank, labels = build_bank(train, train_y, device="cpu")
+    ranked, per_rank = vote_sharded(bank, labels, query.numpy(), rank=0, world_size=1, k=10, temperature=0.07,
+                                    num_classes=7, chunk=16)
+    scores = knn_vote(bank, labels, query, k=10, temperature=0.07, num_classes=7, chunk=16)
+    assert per_rank == [60] and torch.equal(ranked, scores.topk(5, dim=1).indices)
+    # a rank that voted for half of the queries only cannot pass for the whole set
+    with pytest.raises(MimbenchError, match="30 of 60 queries"):
+        vote_sharded(bank, labels, query, rank=0, world_size=2, k=10, temperature=0.07, num_classes=7, chunk=16)

@@ -151,6 +151,11 @@ def test_knn_two_processes_equal_one_exactly(tmp_path, dist_encoder):
     two = json.loads(written.read_text())
     assert (two["metrics"]["top1"], two["metrics"]["top5"]) == (one["metrics"]["top1"], one["metrics"]["top5"])
     assert two["dataset"]["sizes"] == {"train": 600, "val": 201}
+    # each rank built the whole bank on its device and voted for its own slice of the 201 queries only
+    assert two["protocol"]["bank"] == one["protocol"]["bank"] == {"dtype": "float32", "device": "cpu",
+                                                                  "rows": 600, "dim": 32}
+    assert one["protocol"]["vote"]["queries_per_rank"] == [201]
+    assert two["protocol"]["vote"]["queries_per_rank"] == [100, 101]
 
 
 # Protocol linear probe and fine-tuning: the two runs see the same images with the same augmentation

@@ -10,25 +10,26 @@ Where the work runs:
 
 * **The bank** (the normalised training features, N×D, and their labels) lives on each process's device
   (:func:`mimbench.dist.setup`), filled block by block from the feature cache's memory map, so no rank
-  holds a full extra host copy. On CUDA it is float16 (the similarity ranking: cosines in [-1, 1] keep
-  ~3 significant digits; the vote weights ``exp(sim / T)`` and their sums are float32); on CPU float32.
-  The record's ``protocol.bank`` states its dtype and device.
+  holds a full extra host copy. On CUDA it is float16: only the stored features are rounded (relative
+  2^-11 per element, which moves a cosine by at most ~1e-3, typically ~1e-5); the similarities are
+  accumulated and returned in float32 (:func:`similarity`) and the vote weights ``exp(sim / T)`` and their
+  sums are float32 too. DINO keeps float32 features; a float16 bank can swap neighbours only at such
+  near-ties. On CPU the bank is float32. The record's ``protocol.bank`` states its dtype and device.
 * **The queries** (validation features) are split into contiguous per-rank slices
   (:func:`mimbench.batching.shard_range`); each rank votes only for its slice, :func:`query_chunk` queries
-  at a time so that the chunk×N similarity block stays within :data:`SIM_BLOCK_BYTES`. The top-5 classes of
-  every query are gathered in dataset order (:func:`mimbench.dist.gather_rows`) and the metrics computed
-  from all of them, so they equal a one-process run's.
+  at a time so that the chunk×N float32 similarity block stays within :data:`SIM_BLOCK_BYTES`. The top-5
+  classes of every query are gathered in dataset order (:func:`mimbench.dist.gather_rows`) and the metrics
+  computed from all of them; ``protocol.vote`` records the chunk and the queries each rank voted for.
 
 k-NN memory per GPU, ImageNet-1k (N = 1,281,167 training images), float16 bank:
 
 * bank: N × D × 2 bytes = 1.97 GB (1.83 GiB) for ViT-B (D = 768), 2.62 GB (2.44 GiB) for ViT-L (D = 1024);
   labels N × 8 bytes = 10 MB.
-* similarity block: chunk × N × 2 bytes <= 1 GiB, i.e. 419 queries per chunk (1.07 GB); the top-k, the
+* similarity block: chunk × N × 4 bytes <= 1 GiB, i.e. 209 queries per chunk (1.07 GB); the top-k, the
   weights and the votes (chunk × 1000 float32) add a few MB.
-* so ~3.1 GB (ViT-B) / ~3.7 GB (ViT-L) while voting. On CPU the bank is float32 (3.9 / 5.2 GB per process)
-  and a chunk holds 209 queries. Extracting uncached features gathers them once through the GPU
-  (N × D float32 on every rank, twice while concatenating: 7.9 GB ViT-B, 10.5 GB ViT-L, freed before the bank
-  is built).
+* so ~3.1 GB (ViT-B) / ~3.7 GB (ViT-L) while voting. On CPU the bank is float32 (3.9 / 5.2 GB per process).
+  Extracting uncached features gathers them once through the GPU (N × D float32 on every rank, twice while
+  concatenating: 7.9 GB ViT-B, 10.5 GB ViT-L), freed before the bank is built.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import extract_features
 
-__all__ = ["SIM_BLOCK_BYTES", "BANK_BLOCK_ROWS", "bank_dtype", "query_chunk", "build_bank", "knn_vote",
+__all__ = ["SIM_BLOCK_BYTES", "BANK_BLOCK_ROWS", "bank_dtype", "query_chunk", "similarity", "build_bank", "knn_vote",
            "knn_predict", "vote_sharded", "ranked_accuracy", "run_knn"]
 
 #: Largest query-chunk × bank similarity block in bytes (1 GiB).
@@ -60,10 +61,22 @@ def bank_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def query_chunk(bank_rows: int, dtype: torch.dtype, budget: int = SIM_BLOCK_BYTES) -> int:
-    """Queries per chunk so that the chunk × ``bank_rows`` similarity block of ``dtype`` fits ``budget`` bytes."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, int(budget) // (max(1, int(bank_rows)) * itemsize))
+def query_chunk(bank_rows: int, budget: int = SIM_BLOCK_BYTES) -> int:
+    """Queries per chunk so that the chunk × ``bank_rows`` float32 similarity block fits ``budget`` bytes."""
+    return max(1, int(budget) // (max(1, int(bank_rows)) * 4))
+
+
+def similarity(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities Q×N in float32 of normalised ``queries`` Q×D and ``bank`` N×D of the same dtype.
+
+    A float16 / bfloat16 bank on CUDA is multiplied with float32 accumulation and a float32 result
+    (``torch.mm(..., out_dtype=torch.float32)``), so only the stored features are rounded, not the cosines.
+    """
+    if bank.dtype == torch.float32:
+        return queries @ bank.T
+    if bank.device.type == "cpu":  # no half-in, float-out product on CPUs (a half bank is never built there)
+        return (queries @ bank.T).float()
+    return torch.mm(queries, bank.T, out_dtype=torch.float32)
 
 
 def _host_rows(x, start: int, stop: int) -> torch.Tensor:
@@ -123,8 +136,8 @@ def knn_vote(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
     votes = torch.zeros(queries.shape[0], int(num_classes), dtype=torch.float32, device=device)
     for start in range(0, queries.shape[0], chunk):
         q = F.normalize(queries[start:start + chunk].to(device, torch.float32), dim=1).to(bank.dtype)
-        top_sim, top_idx = (q @ bank.T).topk(k, dim=1)                 # q×k of the q×N cosine similarities
-        weights = (top_sim.float() / temperature).exp()
+        top_sim, top_idx = similarity(q, bank).topk(k, dim=1)          # q×k of the q×N cosine similarities
+        weights = (top_sim / temperature).exp()
         votes[start:start + q.shape[0]].scatter_add_(1, bank_labels[top_idx], weights)  # weight sum per class
     return votes
 
@@ -187,7 +200,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=cfg.data.limit_val, **common)
     bank, bank_labels = build_bank(train_x, train_y, device=run.device)
     del train_x  # the bank replaces the host features (a memory map when cached)
-    chunk = query_chunk(bank.shape[0], bank.dtype)
+    chunk = query_chunk(bank.shape[0])
     ranked, per_rank = vote_sharded(bank, bank_labels, val_x, rank=run.rank, world_size=run.world_size, k=k,
                                     temperature=temperature, num_classes=len(train_info["classes"]), chunk=chunk)
     acc = ranked_accuracy(ranked, val_y)

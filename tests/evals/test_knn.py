@@ -8,7 +8,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval
 from mimbench.evals.features import extract_features
 from mimbench.evals.knn import (bank_dtype, build_bank, knn_predict, knn_vote, query_chunk, ranked_accuracy,
-                                vote_sharded)
+                                similarity, vote_sharded)
 from mimbench.evals.metrics import topk_accuracy
 
 
@@ -60,7 +60,7 @@ def test_run_knn_writes_record(tiny_encoder, tmp_path):
     assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
     assert record["dataset"]["sizes"] == {"train": 200, "val": 50}
     assert record["protocol"]["bank"] == {"dtype": "float32", "device": "cpu", "rows": 200, "dim": 32}
-    assert record["protocol"]["vote"] == {"query_chunk": query_chunk(200, torch.float32), "queries_per_rank": [50]}
+    assert record["protocol"]["vote"] == {"query_chunk": query_chunk(200), "queries_per_rank": [50]}
     written = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert [r["run_id"] for r in written] == [record["run_id"]]
 
@@ -109,6 +109,9 @@ def test_vote_creates_every_tensor_on_the_bank_device():
     assert bank.device.type == labels.device.type == "meta" and bank.dtype == torch.float16
     scores = knn_vote(bank, labels, query, k=5, temperature=0.07, num_classes=7, chunk=16)
     assert scores.device.type == "meta" and scores.shape == (60, 7) and scores.dtype == torch.float32
+    # a half bank off the CPU (the CUDA path) gives float32 similarities: the cosines are not rounded to half
+    sim = similarity(query[:4].to("meta", torch.float16), bank)
+    assert sim.dtype == torch.float32 and sim.shape == (4, 300) and sim.device.type == "meta"
 
 
 def test_bank_is_built_blockwise_from_a_memory_map(tmp_path):
@@ -136,8 +139,7 @@ def test_fp16_bank_ranks_like_fp32_and_votes_in_fp32():
 def test_bank_dtype_and_chunk_follow_the_device_and_memory_budget():
     assert bank_dtype(torch.device("cuda", 3)) == torch.float16 and bank_dtype(torch.device("cpu")) == torch.float32
     imagenet = 1_281_167  # the numbers stated in the module docstring and README's k-NN memory section
-    assert query_chunk(imagenet, torch.float16) == 419 and query_chunk(imagenet, torch.float32) == 209
-    assert query_chunk(10, torch.float32, budget=400) == 10 and query_chunk(10**12, torch.float16) == 1
+    assert query_chunk(imagenet) == 209 and query_chunk(10, budget=400) == 10 and query_chunk(10**12) == 1
 
 
 def test_ranked_accuracy_equals_topk_accuracy_on_the_scores():

@@ -74,7 +74,7 @@ def similarity(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """
     if bank.dtype == torch.float32:
         return queries @ bank.T
-    if bank.device.type == "cpu":  # no half-in, float-out product on CPUs (a half bank is never built there)
+    if bank.device.type == "cpu":  # no half-in, float-out product on CPUs (run_knn builds float32 banks there)
         return (queries @ bank.T).float()
     return torch.mm(queries, bank.T, out_dtype=torch.float32)
 

@@ -187,8 +187,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     ``device``) and ``skipped`` (broken files left out).
     Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
-    its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks take the same path. ``device``
-    defaults to the process's device (:func:`mimbench.dist.context`).
+    its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
+    take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`).
     """
     from mimbench import dist
     from mimbench.batching import shard_range

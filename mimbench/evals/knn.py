@@ -76,7 +76,10 @@ def similarity(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         return queries @ bank.T
     if bank.device.type == "cpu":  # no half-in, float-out product on CPUs (run_knn builds float32 banks there)
         return (queries @ bank.T).float()
-    return torch.mm(queries, bank.T, out_dtype=torch.float32)
+    try:
+        return torch.mm(queries, bank.T, out_dtype=torch.float32)
+    except TypeError:  # torch releases without mm(out_dtype=): half product (fp32 accumulation in cuBLAS), then fp32
+        return torch.mm(queries, bank.T).float()
 
 
 def _host_rows(x, start: int, stop: int) -> torch.Tensor:

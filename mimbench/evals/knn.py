@@ -51,7 +51,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 
 
 def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-            resume: bool = False) -> dict:
+            resume: bool = False, layout: str = "auto") -> dict:
     """k-NN evaluation: features of train and val (cached), weighted vote, record written to ``out``.
 
     ``resume`` has no effect beyond the feature cache, which is always reused when it matches.
@@ -61,7 +61,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     from mimbench.evals import runner
     from mimbench.evals.features import extract_features
 
-    run = runner.start("knn", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    run = runner.start("knn", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg = run.cfg
     knn = cfg.get("knn", {})
     k, temperature = int(knn.get("k", 20)), float(knn.get("temperature", 0.07))
@@ -69,7 +69,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     cache_dir = Path(cfg.get("cache_dir") or run.out / "feature_cache")
     common = dict(cache_dir=cache_dir, img_size=cfg.get("img_size"), batch_size=int(cfg.get("batch_size", 256)),
                   num_workers=int(cfg.get("num_workers", 0)), amp=run.amp,
-                  max_bad_fraction=runner.max_bad_fraction(run))
+                  max_bad_fraction=runner.max_bad_fraction(run), layout=layout)
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=data_cfg.get("limit_train"),
                                                     **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=data_cfg.get("limit_val"), **common)

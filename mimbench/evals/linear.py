@@ -142,8 +142,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     from mimbench.evals import runner
     from mimbench.evals.features import eval_transform, extract_features, limited
 
-    run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides,
-                       layout=layout)
+    run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
     mode = cfg.get("mode", "protocol")
     if mode not in MODES:

@@ -283,8 +283,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
 
     if launcher not in ("auto", "none", "pytorch", "slurm"):
         raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use auto, none, pytorch or slurm.")
-    run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides,
-                      layout=layout)
+    run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     ctx, cfg, encoder, out = run.ctx, run.cfg, run.encoder, run.out
     if launcher == "auto":
         launcher = ctx.launcher

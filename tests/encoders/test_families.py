@@ -19,21 +19,21 @@ SMALL = ["data.limit_train=32", "data.limit_val=16", "optim.batch_size=16", "sch
          "schedule.warmup_epochs=0"]
 
 
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, num_classes=0)
+
+
 def _beit_code_checkpoint(path: Path) -> Path:
     """A BEiT-code checkpoint without lm_head / cls_pt_*: BEiT, BEiT v2 and data2vec share its keys (ambiguous)."""
     torch.manual_seed(0)
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                              depth=2, num_heads=1, num_classes=0, global_pool="token",
-                              use_shared_rel_pos_bias=True, use_rel_pos_bias=False)
-    torch.save({"model": dict(model.state_dict(), mask_token=torch.zeros(1, 1, 64)), "epoch": 799}, path)
+    model = timm.create_model("beit_base_patch16_224", global_pool="token", use_shared_rel_pos_bias=True,
+                              use_rel_pos_bias=False, **TINY)
+    torch.save({"model": model.state_dict() | {"mask_token": torch.zeros(1, 1, 64)}, "epoch": 799}, path)
     return path
 
 
 def _vit_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                                             num_heads=1, num_classes=0)
-    torch.save(model.state_dict(), path)
+    torch.save(timm.models.vision_transformer.VisionTransformer(**TINY).state_dict(), path)
     return path
 
 

@@ -43,13 +43,6 @@ ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layou
 FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
 
 
-def _declare_layout(encoder: Path, layout: str) -> None:
-    if layout != "auto":
-        from mimbench.encoders import declare_layout
-
-        declare_layout(encoder, layout)
-
-
 def _user_errors(fn):
     """Print MimbenchError as a clean paragraph and exit 2; everything else is a real bug and keeps its traceback."""
 
@@ -76,8 +69,7 @@ def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or c
     """
     from mimbench.encoders import describe_encoder
 
-    _declare_layout(path, from_)
-    typer.echo(describe_encoder(path))
+    typer.echo(describe_encoder(path, layout=from_))
 
 
 @app.command()
@@ -136,9 +128,8 @@ def _eval_command(task: str, example: str):
     ):
         from mimbench.evals import run_eval
 
-        _declare_layout(encoder, from_)
         record = run_eval(task, encoder=encoder, config=resolve_config(config), data=data, out=out,
-                          overrides=list(set_ or []), resume=resume)
+                          overrides=list(set_ or []), resume=resume, layout=from_)
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
         typer.echo(f"{task}: {metrics}")
 
@@ -188,9 +179,8 @@ def segment(
 
     from mimbench.paths import resolve_config
 
-    _declare_layout(encoder, from_)
     record = run_segment(encoder=encoder, config=resolve_config(config), data=data, out=out, overrides=list(set_ or []),
-                         launcher=launcher, resume=resume, aug_test=aug_test)
+                         launcher=launcher, resume=resume, aug_test=aug_test, layout=from_)
     summary = {k: v for k, v in record["metrics"].items() if not isinstance(v, dict)}
     typer.echo(f"segment: {summary}")
 

@@ -88,8 +88,7 @@ def build_control(out: str | Path, *, like: str | Path | None = None, config: st
     """
     import torch
 
-    from mimbench.encoders import save_encoder
-    from mimbench.encoders.format import arch_name
+    from mimbench.encoders import arch_name, save_encoder
     from pretrain.registry import create_model
 
     _check_one(like, config)

@@ -27,7 +27,10 @@ from functools import partial
 from typing import Mapping
 
 import torch
+from timm.models.beit import Beit
 
+from mimbench.encoders.arch import mlp_hidden
+from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
 from mimbench.errors import MimbenchError
 
 #: Metadata fields of the BEiT family besides the common ones.
@@ -102,10 +105,17 @@ def beit_expected_shapes(*, img_size: int, patch_size: int, embed_dim: int, dept
     return shapes
 
 
+def beit_shapes(arch: Mapping[str, float], flags: Mapping, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
+    """:func:`beit_expected_shapes` from parsed metadata (:func:`mimbench.encoders.arch.parse_arch`, flags)."""
+    return beit_expected_shapes(img_size=int(arch["img_size"]), patch_size=int(arch["patch_size"]),
+                                embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]),
+                                num_heads=int(arch["num_heads"]),
+                                mlp_hidden=mlp_hidden(int(arch["embed_dim"]), float(arch["mlp_ratio"])),
+                                flags=flags, in_chans=in_chans)
+
+
 def resample_beit_state(state: dict[str, torch.Tensor], old_grid: int, new_grid) -> dict[str, torch.Tensor]:
     """Move position information to ``new_grid``: pos_embed bicubic, relative tables as BEiT/mmseg do."""
-    from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
-
     out = dict(state)
     for k, v in state.items():
         if k == "pos_embed":
@@ -115,22 +125,22 @@ def resample_beit_state(state: dict[str, torch.Tensor], old_grid: int, new_grid)
     return out
 
 
-def build_beit(*, img_size, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
-               mlp_ratio: float, flags: Mapping, norm_eps: float = 1e-6, **kwargs):
-    """timm ``Beit`` with this architecture; ``kwargs`` as load_encoder documents (ViT option names accepted).
+def build_beit(arch: Mapping[str, float], flags: Mapping, *, img_size, in_chans: int, norm_eps: float = 1e-6,
+               **kwargs) -> Beit:
+    """timm ``Beit`` with this architecture at ``img_size``; ``kwargs`` as load_encoder documents (ViT option names
+    accepted).
 
     ``fc_norm`` (the ViT name) becomes Beit's ``use_fc_norm``; ``use_mean_pooling=True`` means
     ``global_pool="avg"`` (the BEiT repository's name for it).
     """
-    from timm.models.beit import Beit
-
     if "fc_norm" in kwargs:
         kwargs["use_fc_norm"] = kwargs.pop("fc_norm")
     if kwargs.pop("use_mean_pooling", False):
         kwargs["global_pool"] = "avg"
     ls = float(flags["layer_scale_init_value"])
-    return Beit(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+    return Beit(img_size=img_size, patch_size=int(arch["patch_size"]), in_chans=in_chans,
+                embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]), num_heads=int(arch["num_heads"]),
+                mlp_ratio=float(arch["mlp_ratio"]), qkv_bias=True,
                 norm_layer=partial(torch.nn.LayerNorm, eps=norm_eps), init_values=ls if ls > 0 else None,
                 use_abs_pos_emb=bool(flags["use_abs_pos_emb"]), use_rel_pos_bias=bool(flags["use_rel_pos_bias"]),
                 use_shared_rel_pos_bias=bool(flags["use_shared_rel_pos_bias"]), **kwargs)

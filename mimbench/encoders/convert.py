@@ -41,17 +41,18 @@ runs no code).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from mimbench.encoders.format import (
-    FORMAT_TAG, arch_name, check_tensors, default_num_heads, encoder_metadata, mlp_hidden, parse_arch, save_encoder,
-)
+from mimbench.encoders.arch import arch_name, default_num_heads, mlp_hidden, parse_arch
+from mimbench.encoders.beit import beit_metadata, rel_table_rows
+from mimbench.encoders.file import FORMAT_TAG, check_tensors, encoder_metadata, encoder_sha256, save_encoder
 from mimbench.errors import MimbenchError
 
 VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl")
@@ -85,20 +86,9 @@ _MMPRETRAIN_RENAMES = (
 _VISSL_RENAMES = {"class_token": "cls_token", "pos_embedding": "pos_embed"}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_file(src: Path) -> object:
     """Read a checkpoint without running any pickled code."""
     if src.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         try:
             with safe_open(str(src), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -355,8 +345,6 @@ def _vit_arch(sd, src, num_heads) -> dict:
 
 
 def _beit_arch(sd, src, num_heads) -> tuple[dict, dict]:
-    from mimbench.encoders.beit import rel_table_rows
-
     hint = "Supported BEiT-family checkpoints are those of the unilm BEiT / BEiT v2 / data2vec code (docs/checkpoints.md)."
     arch = _common_arch(sd, src, num_heads, hint)
     flags = {
@@ -384,10 +372,15 @@ def _beit_arch(sd, src, num_heads) -> tuple[dict, dict]:
     return arch, flags
 
 
-def _resolve_layout(obj: object, layout: str, src: Path) -> str:
+def check_layout(layout: str) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else MimbenchError listing them."""
     if layout not in LAYOUTS:
         raise MimbenchError(f"Unknown checkpoint layout {layout!r}.", f"Use one of: {', '.join(LAYOUTS)}.")
-    if layout != "auto":
+    return layout
+
+
+def _resolve_layout(obj: object, layout: str, src: Path) -> str:
+    if check_layout(layout) != "auto":
         return layout
     found = detect_layouts(obj)
     if not found:
@@ -428,8 +421,6 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
     if family == "beit":
         dropped += _drop_beit(sd, src)
         arch, flags = _beit_arch(sd, src, num_heads)
-        from mimbench.encoders.beit import beit_metadata
-
         extra.update(beit_metadata(flags))
     else:
         if any(k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in sd):
@@ -454,7 +445,7 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
             epochs = float(epoch) + (1 if layout in _EPOCH_FROM_ZERO else 0)
         else:
             epochs = 0.0
-    extra.update({"source_sha256": _sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)})
+    extra.update({"source_sha256": encoder_sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)})
     meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                             technique=technique or _TECHNIQUE[layout], epochs=epochs, data=data, source=src.name,
                             family=family, extra=extra, where=str(src), **arch)

@@ -20,12 +20,13 @@ TASKS = {
 
 
 def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-             resume: bool = False, **options) -> dict:
+             resume: bool = False, layout: str = "auto", **options) -> dict:
     """Run evaluation ``task`` of ``encoder`` with protocol ``config`` on ``data``; write and return its record.
 
     The record (``mimbench.results.records`` schema) is also written into ``out``; ``record["metrics"]``
-    holds the accuracies in percent (segmentation: aAcc / mIoU / mAcc). ``options`` are passed on to
-    the task (``segment``: ``launcher``, ``aug_test``).
+    holds the accuracies in percent (segmentation: aAcc / mIoU / mAcc). ``layout`` is the checkpoint
+    layout of ``encoder`` (``--from``; "auto" detects it). ``options`` are passed on to the task
+    (``segment``: ``launcher``, ``aug_test``).
     """
     if task not in TASKS:
         raise MimbenchError(f"Unknown evaluation task {task!r}.", f"Use one of {', '.join(sorted(TASKS))}.")
@@ -39,4 +40,4 @@ def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, ov
                             "Use one of the available tasks.") from err
     func = getattr(module, func_name)
     return func(encoder=Path(encoder), config=Path(config), data=str(data), out=Path(out),
-                overrides=list(overrides or []), resume=bool(resume), **options)
+                overrides=list(overrides or []), resume=bool(resume), layout=str(layout), **options)

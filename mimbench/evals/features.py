@@ -179,7 +179,8 @@ def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_f
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = "auto",
-                     max_bad_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     max_bad_fraction: float | None = None,
+                     layout: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
@@ -188,7 +189,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
-    take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`).
+    take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``).
     """
     from mimbench import dist
     from mimbench.batching import shard_range
@@ -199,7 +201,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     ctx = dist.setup()
     encoder = Path(encoder)
     check_encoder_file(encoder)
-    size = int(img_size or read_metadata(encoder)["img_size"])
+    size = int(img_size or read_metadata(encoder, layout=layout)["img_size"])
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     classes = list(dataset.classes)
@@ -221,7 +223,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
         if cached is None:  # rank 0 checked the entry against its manifest
             cached = _load_cache(feat_path, label_path)
         return cached[0], cached[1], {**info, "cached": True}
-    model = load_encoder(encoder, img_size=size).to(device)
+    model = load_encoder(encoder, img_size=size, layout=layout).to(device)
     items = limited(dataset, limit)
     if len(items) == 0:
         raise MimbenchError(f"The {split} split of {data} is empty; no features to compute.",

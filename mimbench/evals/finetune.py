@@ -35,14 +35,14 @@ AUG_MODES = ("timm", "tensor")
 
 
 def build_model(encoder: Path, num_classes: int, *, img_size: int | None, drop_path: float,
-                head_init_std: float = 2e-5) -> torch.nn.Module:
+                head_init_std: float = 2e-5, layout: str = "auto") -> torch.nn.Module:
     """Encoder as a timm ViT with avg pooling + fc_norm, drop path and a fresh head (trunc-normal ``head_init_std``)."""
     from timm.layers import trunc_normal_
 
     from mimbench.encoders import load_encoder
 
     model = load_encoder(encoder, img_size=img_size, global_pool="avg", fc_norm=True,
-                         drop_path_rate=float(drop_path), num_classes=int(num_classes))
+                         drop_path_rate=float(drop_path), num_classes=int(num_classes), layout=layout)
     trunc_normal_(model.head.weight, std=head_init_std)
     torch.nn.init.zeros_(model.head.bias)
     return model
@@ -50,14 +50,13 @@ def build_model(encoder: Path, num_classes: int, *, img_size: int | None, drop_p
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, layer_decay: float,
                     betas=(0.9, 0.999), fast: bool = True) -> torch.optim.AdamW:
-    """AdamW over timm's layer-decay param groups (each with ``lr_scale``, applied by the scheduler);
-    ``fast``: the device's multi-tensor implementation (:func:`mimbench.fastpath.adamw_kwargs`)."""
-    from timm.optim import param_groups_layer_decay
-
+    """AdamW over the layer-decay param groups of the model's encoder family (each with ``lr_scale``, applied
+    by the scheduler; :attr:`mimbench.encoders.Family.layer_decay_groups`); ``fast``: the device's multi-tensor
+    implementation (:func:`mimbench.fastpath.adamw_kwargs`)."""
+    from mimbench.encoders import family_of_model
     from mimbench.fastpath import adamw_kwargs
 
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay,
-                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay)
+    groups = family_of_model(model).layer_decay_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
     impl = adamw_kwargs(next(model.parameters()).device) if fast else {"foreach": False}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **impl)
 
@@ -74,7 +73,7 @@ def _train_transform(data: str, img_size: int, aug: dict):
 
 
 def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                 resume: bool = False) -> dict:
+                 resume: bool = False, layout: str = "auto") -> dict:
     """Fine-tune ``encoder`` on ``data`` with protocol ``config``; the record is written to ``out``."""
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
@@ -87,7 +86,8 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     from mimbench.evals import runner
     from mimbench.evals.features import eval_transform, limited
 
-    run = runner.start("finetune", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    run = runner.start("finetune", encoder=encoder, config=config, data=data, out=out, overrides=overrides,
+                       layout=layout)
     cfg, device = run.cfg, run.device
     optim, sched, aug = dict(cfg.optim), dict(cfg.schedule), dict(cfg.augment)
     data_cfg = dict(cfg.get("data", {}))
@@ -101,7 +101,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     if batch % 2:
         raise MimbenchError(f"optim.batch_size={batch} is odd; timm Mixup needs an even batch.",
                             "Use an even batch size.")
-    size = int(cfg.get("img_size") or read_metadata(run.encoder)["img_size"])
+    size = int(cfg.get("img_size") or read_metadata(run.encoder, layout=layout)["img_size"])
     num_workers = int(cfg.get("num_workers", 0))
 
     if mode == "timm":
@@ -119,7 +119,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     sampler = loader.batch_sampler
 
     model = build_model(run.encoder, len(classes), img_size=size, drop_path=float(cfg.model.drop_path),
-                        head_init_std=float(cfg.model.get("head_init_std", 2e-5))).to(device)
+                        head_init_std=float(cfg.model.get("head_init_std", 2e-5)), layout=layout).to(device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=float(optim["weight_decay"]),
                                 layer_decay=float(optim["layer_decay"]), betas=optim.get("betas", (0.9, 0.999)))
     mix = dict(cfg.mixup)

@@ -186,19 +186,19 @@ def ranked_accuracy(ranked: torch.Tensor, labels, ks=(1, 5)) -> dict[int, float]
 
 
 def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-            resume: bool = False) -> dict:
+            resume: bool = False, layout: str = "auto") -> dict:
     """k-NN evaluation: features of train and val (cached), weighted vote, record written to ``out``.
 
     ``resume`` has no effect beyond the feature cache, which is always reused when it matches.
     Several processes: features are extracted sharded and gathered (``features.extract_features``), every
     rank builds the bank on its device and votes for its slice of the validation set (:func:`vote_sharded`).
     """
-    run = runner.start("knn", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    run = runner.start("knn", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg = run.cfg
     k, temperature = int(cfg.knn.k), float(cfg.knn.temperature)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=cfg.img_size,
                   batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), amp=run.amp,
-                  max_bad_fraction=cfg.data.max_bad_fraction)
+                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout)
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=cfg.data.limit_train, **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=cfg.data.limit_val, **common)
     bank, bank_labels = build_bank(train_x, train_y, device=run.device)

@@ -135,21 +135,21 @@ def _train_transform(data: str, img_size: int, aug: dict):
 
 
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-               resume: bool = False) -> dict:
+               resume: bool = False, layout: str = "auto") -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
     from mimbench.encoders import load_encoder, read_metadata
     from mimbench.engine import fit
     from mimbench.evals import runner
     from mimbench.evals.features import eval_transform, extract_features, limited
 
-    run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
     mode = cfg.get("mode", "protocol")
     if mode not in MODES:
         raise MimbenchError(f"Unknown linear-probe mode {mode!r}.", f"Use mode in {MODES}.")
     optim, sched, data_cfg = dict(cfg.optim), dict(cfg.schedule), dict(cfg.get("data", {}))
     batch, accum, eff, lr = runner.batch_rule(run, optim)
-    size = int(cfg.get("img_size") or read_metadata(run.encoder)["img_size"])
+    size = int(cfg.get("img_size") or read_metadata(run.encoder, layout=layout)["img_size"])
     loop = runner.loop_config(run, sched, accum)
     num_workers = int(cfg.get("num_workers", 0))
     limit_train, limit_val = data_cfg.get("limit_train"), data_cfg.get("limit_val")
@@ -159,7 +159,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
             run.deviations.insert(0, CACHED_DEVIATION)
         common = dict(cache_dir=Path(cfg.get("cache_dir") or run.out / "feature_cache"), img_size=size,
                       batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
-                      amp=run.amp, max_bad_fraction=runner.max_bad_fraction(run))
+                      amp=run.amp, max_bad_fraction=runner.max_bad_fraction(run), layout=layout)
         tx, ty, tinfo = extract_features(run.encoder, data, "train", limit=limit_train, **common)
         vx, vy, vinfo = extract_features(run.encoder, data, "val", limit=limit_val, **common)
         classes = tinfo["classes"]
@@ -173,7 +173,7 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         eval_batch = 4096
         skipped = {"train": tinfo["skipped"], "val": vinfo["skipped"]}
     else:
-        encoder_model = load_encoder(run.encoder, img_size=size).to(device).eval()
+        encoder_model = load_encoder(run.encoder, img_size=size, layout=layout).to(device).eval()
         for p in encoder_model.parameters():
             p.requires_grad_(False)
         train_tf, train_desc = _train_transform(data, size, dict(cfg.get("augment", {})))

@@ -48,6 +48,7 @@ class EvalRun:
     ctx: Any  # mimbench.dist.DistContext
     started: float
     deviations: list[str] = field(default_factory=list)
+    layout: str = "auto"  # checkpoint layout of ``encoder`` (--from), mimbench.encoders.convert.LAYOUTS
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +81,7 @@ class EvalRun:
 
 
 def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
-          check_encoder: bool = True) -> EvalRun:
+          check_encoder: bool = True, layout: str = "auto") -> EvalRun:
     """Set up the processes and device, check the encoder, load the config, seed everything."""
     from mimbench import dist
     from mimbench.config import load_config
@@ -97,7 +98,7 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
     seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
                    overrides=list(overrides), seed=seed, ctx=ctx, started=started,
-                   deviations=list(cfg.get("deviations", [])))
+                   deviations=list(cfg.get("deviations", [])), layout=layout)
 
 
 def batch_rule(run: EvalRun, optim: Mapping) -> tuple[int, int, int, float]:
@@ -243,7 +244,7 @@ def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mappin
         run.task,
         protocol={"name": run.config_path.stem, "sha256": config_sha256(run.cfg), "config": str(run.config_path),
                   "overrides": list(run.overrides), "deviations": list(run.deviations), **protocol},
-        encoder=encoder_summary(run.encoder),
+        encoder=encoder_summary(run.encoder, layout=run.layout),
         dataset={"name": name or run.data, "root": dataset_root(run.data), **(dataset or {})},
         metrics=dict(metrics),
         seed=run.seed,

@@ -235,12 +235,12 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _backbone_fields(encoder: Path, img_size: int) -> dict:
+def _backbone_fields(encoder: Path, img_size: int, layout: str = "auto") -> dict:
     """The mmseg backbone fields of ``encoder`` at crop ``img_size`` (as ``write_backbone_checkpoint`` returns)."""
     from mimbench.encoders import read_metadata
     from mimbench.seg.backbone import backbone_cfg_from_metadata
 
-    return backbone_cfg_from_metadata(read_metadata(encoder), img_size)
+    return backbone_cfg_from_metadata(read_metadata(encoder, layout=layout), img_size)
 
 
 def replace_sync_bn(node) -> None:
@@ -263,13 +263,15 @@ def _precision(optim_wrapper) -> str:
 
 
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                launcher: str = "auto", resume: bool = False, aug_test: bool | None = None) -> dict:
+                launcher: str = "auto", resume: bool = False, aug_test: bool | None = None,
+                layout: str = "auto") -> dict:
     """Train and test UperNet on ``data`` with ``encoder`` as backbone; write and return the record.
 
     ``launcher``: ``auto`` (from the environment: torchrun -> ``pytorch``, srun -> ``slurm``, else
     ``none``) or one of mmengine's ``none`` / ``pytorch`` / ``slurm``.
     ``resume``: continue from the last checkpoint in ``out/mmseg``.
     ``aug_test``: also test multi-scale + flip (None: when the config defines ``tta_model``).
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``; "auto" detects it).
     """
     import torch
 
@@ -281,7 +283,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
 
     if launcher not in ("auto", "none", "pytorch", "slurm"):
         raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use auto, none, pytorch or slurm.")
-    run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides)
+    run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     ctx, cfg, encoder, out = run.ctx, run.cfg, run.encoder, run.out
     if launcher == "auto":
         launcher = ctx.launcher
@@ -299,11 +301,11 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     if ctx.is_main:  # files shared by all ranks: written once, the others wait at the barrier
         out.mkdir(parents=True, exist_ok=True)
         _resolve_data(data, out)
-        write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0])
+        write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0], layout=layout)
     dist.barrier()
     root, dataset_name = _resolve_data(data, out)  # the built-in set now exists: this only returns its path
     _set_data_root(cfg, root)
-    ckpt, fields = out / "backbone_init.pth", _backbone_fields(encoder, crop[0])
+    ckpt, fields = out / "backbone_init.pth", _backbone_fields(encoder, crop[0], layout)
     cuda = torch.cuda.is_available()
     deviations = run.deviations + adapt_config(cfg, fields, cuda=cuda) + follow_max_iters(cfg, overrides)
     if _has_sync_bn(cfg.model) and launcher == "none":

@@ -57,16 +57,17 @@ def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def encoder_summary(path) -> dict:
+def encoder_summary(path, layout: str = "auto") -> dict:
     """The ``encoder`` block of a record: path, sha256 of the file as given, and metadata fields.
 
     For a checkpoint read in a foreign layout, ``layout`` names it and ``dropped`` lists the tensors
     left out on purpose (per module, as ``mimbench convert`` records them); for encoder files
-    ``layout`` is ``mimbench`` (or the layout the file was converted from).
+    ``layout`` is ``mimbench`` (or the layout the file was converted from). The argument ``layout`` is
+    the checkpoint's layout as given (``--from``; "auto" detects it).
     """
     from mimbench.encoders import encoder_family, encoder_sha256, read_metadata
 
-    meta = read_metadata(path)
+    meta = read_metadata(path, layout=layout)
     return {"path": str(Path(path)), "sha256": encoder_sha256(path), "arch": meta["arch"],
             "family": encoder_family(meta), "technique": meta["technique"], "epochs": float(meta["epochs"]),
             "source": meta["source"], "layout": meta.get("source_layout", "mimbench"),

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 
 from mimbench.atomic import atomic_write
+from mimbench.encoders.arch import norm_eps, parse_arch
+from mimbench.encoders.families import family_flags
 from mimbench.errors import MimbenchError
 
 _BLOCK_RULES = (
@@ -139,6 +141,43 @@ def beit_to_mmseg(state_dict: dict[str, torch.Tensor], flags: dict, num_heads: i
     return backbone, out
 
 
+def vit_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
+                 grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(``"MAE"``, weights) for a ViT-family encoder: :func:`timm_to_mmseg_mae` plus zero relative position
+    bias and unit layer scale, so the backbone computes exactly what the ViT did."""
+    converted = timm_to_mmseg_mae(state_dict, grid=grid)
+    heads, dim = int(meta["num_heads"]), int(meta["embed_dim"])
+    rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+    for i in range(int(meta["depth"])):
+        converted.setdefault(f"layers.{i}.attn.relative_position_bias_table", torch.zeros(rows, heads))
+        converted.setdefault(f"layers.{i}.gamma_1", torch.ones(dim))
+        converted.setdefault(f"layers.{i}.gamma_2", torch.ones(dim))
+    return "MAE", converted
+
+
+def beit_encoder_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
+                          grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
+    """:func:`beit_to_mmseg` with the flags and head count of a BEiT-family encoder's metadata."""
+    _, flags = family_flags(meta, "encoder")
+    return beit_to_mmseg(state_dict, flags, int(meta["num_heads"]), grid)
+
+
+def mmseg_builder(meta: dict[str, str]):
+    """The function of this module the encoder's family entry names (``mmseg_backbone``):
+    ``fn(state, meta, grid) -> (mmseg backbone type, weights)``."""
+    family, _ = family_flags(meta, "encoder")
+    if family.mmseg_backbone is None:
+        raise MimbenchError(f"Segmentation does not support {family.name} encoders yet.",
+                            "Use an encoder of a family with an mmseg backbone (vit, beit).")
+    return globals()[family.mmseg_backbone]
+
+
+def mmseg_backbone_type(meta: dict[str, str]) -> str:
+    """mmseg's ``MAE`` backbone for encoders with absolute position embeddings, its ``BEiT`` backbone otherwise."""
+    family, flags = family_flags(meta, "encoder")
+    return "MAE" if "pos_embed" in family.shapes(parse_arch(meta, "encoder"), flags) else "BEiT"
+
+
 def backbone_keys(backbone: str, depth: int) -> set[str]:
     """The parameter names of mmseg's ``MAE`` / ``BEiT`` backbone with ``final_norm=False`` (no buffers)."""
     keys = {"cls_token", "patch_embed.projection.weight", "patch_embed.projection.bias"}
@@ -157,8 +196,6 @@ def backbone_keys(backbone: str, depth: int) -> set[str]:
 
 def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
     """mmseg backbone fields that must match the encoder: type (``MAE`` or ``BEiT``), sizes, LayerNorm eps."""
-    from mimbench.encoders.format import encoder_family, norm_eps
-
     try:
         fields = dict(
             patch_size=int(meta["patch_size"]),
@@ -180,15 +217,13 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
         )
     fields["mlp_ratio"] = int(fields["mlp_ratio"])
-    fields["type"] = "BEiT" if encoder_family(meta) == "beit" and meta.get("use_abs_pos_emb") == "false" else "MAE"
+    fields["type"] = mmseg_backbone_type(meta)
     fields["norm_cfg"] = dict(type="LN", eps=norm_eps(meta))
     return fields
 
 
 def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], img_size: int) -> tuple[dict, dict]:
     """(backbone config fields, mmseg backbone weights at the crop's patch grid) of an encoder, key set checked."""
-    from mimbench.encoders.format import encoder_family
-
     fields = backbone_cfg_from_metadata(meta, img_size)
     if img_size % fields["patch_size"]:
         raise MimbenchError(
@@ -196,18 +231,8 @@ def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], im
             "Choose a crop size divisible by the patch size.",
         )
     grid = (img_size // fields["patch_size"],) * 2
-    heads, depth, dim = fields["num_heads"], fields["num_layers"], fields["embed_dims"]
-    if encoder_family(meta) == "beit":
-        from mimbench.encoders.beit import parse_beit_flags
-
-        backbone, converted = beit_to_mmseg(state, parse_beit_flags(meta, "encoder"), heads, grid)
-    else:
-        backbone, converted = "MAE", timm_to_mmseg_mae(state, grid=grid)
-        rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-        for i in range(depth):  # zero relative bias and unit layer scale: the ViT computes exactly what it did
-            converted.setdefault(f"layers.{i}.attn.relative_position_bias_table", torch.zeros(rows, heads))
-            converted.setdefault(f"layers.{i}.gamma_1", torch.ones(dim))
-            converted.setdefault(f"layers.{i}.gamma_2", torch.ones(dim))
+    depth = fields["num_layers"]
+    backbone, converted = mmseg_builder(meta)(state, meta, grid)
     assert backbone == fields["type"]
     want = backbone_keys(backbone, depth)
     if set(converted) != want:
@@ -218,7 +243,7 @@ def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], im
     return fields, converted
 
 
-def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[Path, dict]:
+def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int, layout: str = "auto") -> tuple[Path, dict]:
     """Convert the encoder (file or checkpoint) into a tensors-only backbone checkpoint for ``init_cfg=Pretrained``.
 
     Returns the written path and the backbone config fields (:func:`backbone_cfg_from_metadata`).
@@ -226,7 +251,7 @@ def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int) -> tuple[
     from mimbench.atomic import atomic_write
     from mimbench.encoders import open_encoder
 
-    state, meta = open_encoder(encoder)
+    state, meta = open_encoder(encoder, layout)
     fields, converted = encoder_to_backbone(state, meta, img_size)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

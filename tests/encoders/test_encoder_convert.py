@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from mimbench.encoders import convert_checkpoint, load_encoder, read_metadata, save_encoder
-from mimbench.encoders.format import default_num_heads
+from mimbench.encoders.arch import default_num_heads
 from mimbench.errors import MimbenchError
 
 

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import mimbench
 from mimbench.encoders import (FORMAT_TAG, describe_encoder, encoder_sha256, load_encoder, read_metadata,
                                save_encoder)
-from mimbench.encoders.format import expected_shapes
+from mimbench.encoders.vit import expected_shapes
 from mimbench.errors import MimbenchError
 
 ARCH = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)

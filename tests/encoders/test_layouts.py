@@ -19,7 +19,7 @@ from timm.models.beit import gen_relative_position_index
 from timm.models.vision_transformer import VisionTransformer
 
 from mimbench.encoders import (
-    convert_checkpoint, declare_layout, detect_layouts, load_encoder, open_encoder, read_metadata,
+    convert_checkpoint, describe_encoder, detect_layouts, load_encoder, open_encoder, read_metadata,
 )
 from mimbench.errors import MimbenchError
 
@@ -52,7 +52,7 @@ def beit(variant="beit_base_patch16_224", **kw):
     return _perturb(timm.create_model(variant, **args))
 
 
-def same_features(source, path, layout=None, atol=1e-5):
+def same_features(source, path, layout="auto", atol=1e-5):
     loaded = load_encoder(path, layout=layout)
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_layout_features_equal_the_source_model(layout, tmp_path):
     src = tmp_path / f"ckpt{suffix}"
     torch.save(make_ckpt(source), src)
 
-    ok, loaded = same_features(source, src, layout=None if auto else layout)
+    ok, loaded = same_features(source, src, layout="auto" if auto else layout)
     assert ok, f"{layout}: features differ from the source model's"
     meta = loaded.mimbench_metadata
     assert meta["source_layout"] == layout and meta["source_dropped"] == dropped
@@ -295,13 +295,15 @@ def test_detection_and_ambiguity(tmp_path):
     with pytest.raises(MimbenchError, match="beit, beitv2, data2vec-vision") as e:
         load_encoder(tmp_path / "d.pt")
     assert "--from" in str(e.value) and "d.pt" in str(e.value)
-    declare_layout(tmp_path / "d.pt", "data2vec-vision")  # what --from does
-    try:
-        assert read_metadata(tmp_path / "d.pt")["technique"] == "data2vec"
-    finally:
-        declare_layout(tmp_path / "d.pt", "auto")
+    assert read_metadata(tmp_path / "d.pt", layout="data2vec-vision")["technique"] == "data2vec"  # what --from does
+    assert "data2vec" in describe_encoder(tmp_path / "d.pt", layout="data2vec-vision")
+    with pytest.raises(MimbenchError, match="beit, beitv2, data2vec-vision"):  # the choice does not stick to the path
+        read_metadata(tmp_path / "d.pt")
     with pytest.raises(MimbenchError, match="Unknown checkpoint layout"):
-        declare_layout(tmp_path / "d.pt", "beit3")
+        load_encoder(tmp_path / "d.pt", layout="beit3")
+    enc = convert_checkpoint(tmp_path / "d.pt", tmp_path / "d.safetensors", layout="beitv2")
+    with pytest.raises(MimbenchError, match="Unknown checkpoint layout"):
+        read_metadata(enc, layout="beit3")
 
 
 def test_single_network_with_backbone_prefix(tmp_path):

@@ -181,7 +181,7 @@ def test_finished_record_is_reused_only_for_the_same_config_overrides_and_encode
 
     from mimbench.config import config_sha256, load_config
     from mimbench.encoders import encoder_sha256, save_encoder
-    from mimbench.encoders.format import expected_shapes
+    from mimbench.encoders.vit import expected_shapes
 
     cfg = tmp_path / "probe.py"
     cfg.write_text("schedule = dict(epochs=5)\n")

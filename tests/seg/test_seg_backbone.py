@@ -69,7 +69,7 @@ def _beit(**kw):
 
 def _beit_encoder(model):
     from mimbench.encoders.beit import beit_metadata
-    from mimbench.encoders.format import encoder_metadata
+    from mimbench.encoders.file import encoder_metadata
 
     flags = dict(use_abs_pos_emb=model.pos_embed is not None, use_rel_pos_bias=model.rel_pos_bias is None,
                  use_shared_rel_pos_bias=model.rel_pos_bias is not None,
@@ -128,7 +128,7 @@ def test_beit_encoder_block_outputs_equal_in_mmseg(variant):
 
 
 def test_vit_encoder_block_outputs_equal_in_mmseg_through_the_checked_writer():
-    from mimbench.encoders.format import encoder_metadata
+    from mimbench.encoders.file import encoder_metadata
     from mimbench.seg.backbone import encoder_to_backbone
 
     vit, _ = _pair()
@@ -148,7 +148,7 @@ def test_segmentation_pos_embed_is_plain_bicubic():
     """14x14 -> 32x32 as for a 224 encoder at the 512 crop: plain bicubic (MAE/mmseg), not timm's antialiased default."""
     from timm.layers import resample_abs_pos_embed
 
-    from mimbench.encoders.format import encoder_metadata
+    from mimbench.encoders.file import encoder_metadata
     from mimbench.seg.backbone import encoder_to_backbone
 
     torch.manual_seed(0)

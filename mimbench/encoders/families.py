@@ -1,0 +1,115 @@
+"""The encoder families: one table saying, per family, everything the rest of mimbench needs to know.
+
+An encoder file's ``family`` metadata field names its entry in :data:`FAMILY_TABLE` (absent = "vit",
+as in files older than the field). Every place that treats families differently goes through the
+entry: the file format checks tensors with ``shapes``, :func:`mimbench.encoders.load_encoder` builds
+and resamples with ``build`` / ``resample``, fine-tuning groups parameters with ``layer_decay_groups``,
+segmentation converts weights with the function ``mmseg_backbone`` names.
+
+Adding a family (e.g. timm ``Eva`` for EVA-02 / DINOv3) is one module plus one entry here. The module
+(like :mod:`mimbench.encoders.beit`) documents the state-dict layout of its encoder files and provides,
+each with the signature given:
+
+* ``parse(meta, where) -> flags``: the family's own metadata fields (listed in ``fields``), checked
+  and turned into Python values; raise :class:`~mimbench.errors.MimbenchError` on a bad value;
+* ``shapes(arch, flags, in_chans) -> {tensor name: shape}``: the exact tensors of an encoder file,
+  ``arch`` being :func:`mimbench.encoders.arch.parse_arch`'s dict;
+* ``build(arch, flags, *, img_size, in_chans, norm_eps, **timm_kwargs) -> model``: the timm model
+  (an instance of ``timm_class``) with the file's architecture at ``img_size``;
+* ``resample(state, old_grid, new_grid) -> state``: position information moved from the stored
+  square grid to the model's grid, with :mod:`mimbench.encoders.resample`.
+
+The entry then names ``timm_class``, ``fields``, the ``layer_decay_groups`` function (usually
+:func:`timm_layer_decay_groups`, valid for every timm model whose ``group_matcher`` numbers its
+blocks), ``mmseg_backbone`` (the name of a function ``fn(state, meta, grid) -> (mmseg backbone type,
+weights)`` in :mod:`mimbench.seg.backbone`, or None when segmentation does not support the family)
+and ``global_pool`` (the pooling :func:`~mimbench.encoders.load_encoder` uses unless told otherwise).
+Converters of checkpoints of that family are layouts in :mod:`mimbench.encoders.convert`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
+
+from mimbench.encoders.beit import BEIT_FIELDS, beit_shapes, build_beit, parse_beit_flags, resample_beit_state
+from mimbench.encoders.vit import build_vit, parse_vit_fields, resample_vit_state, vit_shapes
+from mimbench.errors import MimbenchError
+
+
+def timm_layer_decay_groups(model: torch.nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's ``param_groups_layer_decay``: layer ids from the model's ``group_matcher`` (stem -> 0, block i ->
+    i + 1, final norm / head -> depth + 1; ``lr_scale`` = decay ** (depth + 1 - layer)), no weight decay for
+    1-D parameters and the model's ``no_weight_decay()`` names."""
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One encoder family (see the module docstring for what each field must provide)."""
+
+    name: str
+    timm_class: type
+    fields: tuple[str, ...]
+    parse: Callable[[Mapping[str, str], str], dict]
+    shapes: Callable[..., dict]
+    build: Callable[..., torch.nn.Module]
+    resample: Callable[..., dict]
+    layer_decay_groups: Callable[..., list]
+    mmseg_backbone: str | None
+    global_pool: str = "token"
+
+
+FAMILY_TABLE: dict[str, Family] = {
+    "vit": Family(name="vit", timm_class=VisionTransformer, fields=(), parse=parse_vit_fields, shapes=vit_shapes,
+                  build=build_vit, resample=resample_vit_state, layer_decay_groups=timm_layer_decay_groups,
+                  mmseg_backbone="vit_to_mmseg"),
+    "beit": Family(name="beit", timm_class=Beit, fields=BEIT_FIELDS, parse=parse_beit_flags, shapes=beit_shapes,
+                   build=build_beit, resample=resample_beit_state, layer_decay_groups=timm_layer_decay_groups,
+                   mmseg_backbone="beit_encoder_to_mmseg"),
+}
+
+#: Encoder family names, as the ``family`` metadata field writes them.
+FAMILIES = tuple(FAMILY_TABLE)
+
+
+def encoder_family(meta: Mapping[str, str]) -> str:
+    """The ``family`` field of an encoder's metadata ("vit" when absent, as in files older than the field)."""
+    return meta.get("family", "vit")
+
+
+def family_of(meta: Mapping[str, str], where: str = "encoder file") -> Family:
+    """The table entry of the encoder's family; MimbenchError for a family this version does not know."""
+    family = encoder_family(meta)
+    if family not in FAMILY_TABLE:
+        raise MimbenchError(f"{where}: unknown encoder family {family!r}.",
+                            f"This version of mimbench reads {', '.join(FAMILIES)}; update mimbench or re-export.")
+    return FAMILY_TABLE[family]
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    """The entry whose timm class ``model`` is (a loaded encoder, or a timm model built directly)."""
+    for family in FAMILY_TABLE.values():
+        if isinstance(model, family.timm_class):
+            return family
+    raise MimbenchError(f"A {type(model).__name__} is not a model of any encoder family.",
+                        f"Use a model of one of {', '.join(f.timm_class.__name__ for f in FAMILY_TABLE.values())} "
+                        "(load_encoder builds them).")
+
+
+def family_flags(meta: Mapping[str, str], where: str = "encoder file") -> tuple[Family, dict]:
+    """``(entry, parsed family fields)`` of an encoder's metadata, both checked."""
+    family = family_of(meta, where)
+    return family, family.parse(meta, where)
+
+
+def tensor_shapes(meta: Mapping[str, str], arch: Mapping[str, float], in_chans: int = 3,
+                  where: str = "encoder file") -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape an encoder with this metadata holds (``arch``: its parsed architecture)."""
+    family, flags = family_flags(meta, where)
+    return family.shapes(arch, flags, in_chans)

@@ -241,3 +241,12 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
         raise error or MimbenchError(f"Feature cache {cache_dir} could not be written on rank 0.", CACHE_FIX)
     return feats, labels, {**info, "cached": False}
 
+
+
+def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode) -> torch.Tensor:
+    """Class-token features (N×D float32, after the encoder's final norm) of ``images`` (N×3×S×S), as
+    :func:`compute_features` computes them: under ``grad_off()`` and ``autocast()`` (a context factory,
+    :func:`mimbench.fastpath.autocast_factory`)."""
+    with grad_off(), autocast():
+        tokens = model.forward_features(images)
+    return tokens[:, 0].float()

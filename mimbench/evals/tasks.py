@@ -25,6 +25,8 @@ IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
 LAUNCHERS = ("auto", "none", "pytorch", "slurm")
 BUILTIN_DATA = "builtin:fashion-mnist"
 BUILTIN_SEG_DATA = "builtin:fashion-mnist-seg"
+#: `mimbench demo --quick` budget of the tasks that only read features: a part of each split.
+QUICK_FEATURE_LIMITS = ("data.limit_train=2048", "data.limit_val=500")
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,7 @@ register_task(Task(
     demo_config="demo/knn_fmnist.py", protocol_config="knn/dino_k20.py",
     summary="Weighted k-NN on frozen class-token features (DINO protocol).",
     example="mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn",
-    feature_cache=True,
-    demo_overrides={"quick": ("data.limit_train=2048", "data.limit_val=500")},
-    in_grid_demo=True,
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True,
     bench_mode="features", bench_step="mimbench.bench:features_step", bench_batch="batch_size",
 ))
 register_task(Task(
@@ -127,9 +127,7 @@ register_task(Task(
     summary="Linear probe of the frozen encoder (MAE protocol).",
     example="mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py "
             "--data /data/imagenet --out runs/lin",
-    feature_cache=True,
-    demo_overrides={"quick": ("data.limit_train=2048", "data.limit_val=500")},
-    in_grid_demo=True, full_data=IMAGENET,
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, full_data=IMAGENET,
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
 register_task(Task(

@@ -2,7 +2,9 @@
 
 Every command delegates to a library function; this module only parses arguments,
 turns :class:`~mimbench.errors.MimbenchError` into a one-paragraph message with exit
-status 2, and imports heavy modules lazily so that ``--help`` stays instant.
+status 2, and imports the torch-heavy modules (encoders, pre-training, bench) inside the commands that use
+them, so that ``--help`` stays instant. The ``eval`` subcommands are generated from the task table
+(:mod:`mimbench.evals.tasks`).
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ from typing import Callable, List, Literal, Optional
 import typer
 from typer.models import CommandInfo
 
+from mimbench.control import build_control
+from mimbench.demo import run_demo
 from mimbench.errors import MimbenchError
+from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
 from mimbench.paths import EVAL_CONFIGS, resolve_config
-from mimbench.reproduce import PAPERS, SCALES
-from mimbench.results.leaderboard import TASK_METRIC
-from mimbench.results.report import FORMATS
+from mimbench.reproduce import PAPERS, SCALES, run_reproduce
+from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
+from mimbench.results.report import FORMATS, console_table, write_report
 from mimbench.schema import AMP
 
 app = typer.Typer(
@@ -80,7 +85,7 @@ def _from_option(*flags: str) -> typer.models.OptionInfo:
 
 def _declare_layout(encoder: Path, layout: str) -> None:
     if layout != "auto":
-        from mimbench.encoders import declare_layout
+        from mimbench.encoders import declare_layout  # torch: only when a layout is declared
 
         declare_layout(encoder, layout)
 
@@ -109,7 +114,7 @@ def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or c
 
     Example: mimbench info runs/demo/mae/encoder.safetensors
     """
-    from mimbench.encoders import describe_encoder
+    from mimbench.encoders import describe_encoder  # torch and safetensors
 
     _declare_layout(path, from_)
     typer.echo(describe_encoder(path))
@@ -129,7 +134,7 @@ def pretrain(
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
-    from pretrain.main import run_pretrain
+    from pretrain.main import run_pretrain  # torch and the models
 
     path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
     typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
@@ -174,8 +179,6 @@ def _eval_command(task: Task) -> Callable:
     """The ``mimbench eval <task>`` command of a table entry: its options are :func:`_eval_parameters`."""
 
     def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, **options):
-        from mimbench.evals import run_eval  # the task's modules (torch, mmseg) are imported by the runner
-
         _declare_layout(encoder, from_)
         record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
                           overrides=list(set_ or []), resume=resume, layout=from_, **options)
@@ -224,7 +227,6 @@ def control(
 
     Example: mimbench control --config pretrain/configs/mae_tiny_fmnist.py --out runs/control/encoder.safetensors
     """
-    from mimbench.control import build_control
     if set_ and config is None:
         raise MimbenchError("--set changes a pre-training config, and none was given.",
                             "Use --set together with --config.")
@@ -243,8 +245,6 @@ def demo(
 
     Example: mimbench demo --quick
     """
-    from mimbench.demo import run_demo
-
     run_demo(out=out, quick=quick)
 
 
@@ -261,8 +261,6 @@ def report(
 
     Example: mimbench report runs/demo --format md
     """
-    from mimbench.results.report import console_table, write_report
-
     if out is None and format == "md":
         console_table(dirs)
     else:
@@ -280,8 +278,6 @@ def leaderboard(
 
     Example: mimbench leaderboard --task finetune --arch vit-b/16
     """
-    from mimbench.results.leaderboard import show_leaderboard
-
     show_leaderboard(task=task, arch=arch, include_runs=include_runs)
 
 
@@ -292,8 +288,6 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 
     Example: mimbench compare runs/lin/record.json
     """
-    from mimbench.results.leaderboard import compare_runs
-
     compare_runs(runs)
 
 
@@ -312,7 +306,7 @@ def convert(
 
     Example: mimbench convert mae_pretrain_vit_base.pth mae_b.safetensors --epochs 1600 --data in1k
     """
-    from mimbench.encoders import convert_checkpoint
+    from mimbench.encoders import convert_checkpoint  # torch
 
     path = convert_checkpoint(src, dst, layout=layout, num_heads=num_heads, technique=technique, epochs=epochs, data=data)
     typer.echo(f"wrote {path}")
@@ -328,8 +322,6 @@ def reproduce(paper: Paper = typer.Argument(..., help="The paper whose ablation 
 
     Example: mimbench reproduce ddae --scale full --out runs/ddae-grid
     """
-    from mimbench.reproduce import run_reproduce
-
     typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick)}")
 
 
@@ -370,7 +362,7 @@ def bench(
 
     Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
     """
-    from mimbench.bench import format_bench, run_bench
+    from mimbench.bench import format_bench, run_bench  # torch, timm and the pre-training models
 
     record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,

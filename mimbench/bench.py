@@ -6,12 +6,18 @@ input pipeline alone):
 ``pretrain``  one optimizer step of a pre-training config (forward at the mask ratio, backward,
               AdamW, ``on_step_end`` e.g. the DDAE teacher EMA).
 ``features``  frozen-encoder feature extraction (class token after the final norm), as the k-NN and
-              cached linear probe compute it.
+              cached linear probe compute it (:func:`mimbench.evals.features.class_tokens`).
 ``linear``    one linear-probe step in protocol mode: frozen encoder forward + BatchNorm/Linear head
-              step with the config's optimizer (LARS or Adam).
+              step with the config's optimizer (LARS or Adam), the probe's loss
+              (:func:`mimbench.evals.linear.probe_loss`).
 ``finetune``  one fine-tuning step: the whole ViT with avg pooling + fc_norm, drop path, layer-decay
-              AdamW, label-smoothed cross-entropy.
+              AdamW, the protocol's Mixup/CutMix and soft-target cross-entropy
+              (:func:`mimbench.evals.finetune.build_mixup`, :func:`~mimbench.evals.finetune.mixup_loss`).
 ``segment``   one mmseg ``train_step`` of a UperNet segmentation config on crop-sized images.
+
+The task modes are those of the evaluation tasks' entries (:data:`mimbench.evals.tasks.TASKS`: ``bench_mode``,
+and ``bench_step`` the builder of the timed step, with the signature of :func:`linear_step`); :func:`modes`
+lists them all.
 ``data``      decode + augment throughput of an ImageFolder tree through the MAE pre-training
               transform and a DataLoader, in images/s and images/s per worker (the plain path:
               the same in the main process, 0 workers; the two run one after the other).
@@ -41,6 +47,7 @@ fast path's figures, ``plain_*`` the plain path's, ``speedup`` their img/s ratio
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -48,20 +55,32 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
-import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from mimbench.batching import scaled_lr
+from mimbench.config import config_sha256, load_config
+from mimbench.data import build_dataset
+from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
 from mimbench.errors import MimbenchError
+from mimbench.evals import finetune, linear
+from mimbench.evals.features import class_tokens
+from mimbench.evals.segment import adapt_config, replace_sync_bn
+from mimbench.evals.tasks import Task, all_tasks, resolve
+from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
+from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
+from mimbench.results.records import encoder_summary, new_record, write_record
+from pretrain import create_model
+from pretrain.data import mae_pretrain_transform
+from pretrain.main import build_optimizer
 
-MODES = ("pretrain", "features", "linear", "finetune", "segment", "data")
-DEFAULT_CONFIGS = {
-    "pretrain": "pretrain/configs/mae_tiny_fmnist.py",
-    "features": "eval_configs/knn/dino_k20.py",
-    "linear": "eval_configs/demo/linear_fmnist.py",
-    "finetune": "eval_configs/demo/finetune_fmnist.py",
-    "segment": "eval_configs/segmentation/demo_fmnist_seg.py",
-    "data": None,
-}
+#: Config of ``bench pretrain`` when none is given (a task's mode defaults to the task's demo config).
+PRETRAIN_CONFIG = PRETRAIN_CONFIGS / "mae_tiny_fmnist.py"
+#: Image size of ``bench data`` without a config (else the pre-training config's data.img_size).
+DATA_IMG_SIZE = 224
+#: Classes of the random labels of the linear and fine-tuning steps (ImageNet-1k's head).
+NUM_CLASSES = 1000
 #: Dense bf16 tensor-core peaks (TFLOP/s) by GPU name fragment, from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0}
 #: Encoder used by features / linear / finetune when neither --encoder nor --arch is given.
@@ -96,8 +115,6 @@ def _sync(device: torch.device) -> None:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -146,12 +163,8 @@ def _check_positive(**values) -> None:
 def _encoder(encoder: Path | None, arch: str | None, img_size: int | None, **timm_kwargs):
     """(timm ViT, img_size): the encoder file's weights, or a random-init timm ``arch``."""
     if encoder is not None:
-        from mimbench.encoders import load_encoder, read_metadata
-
         size = int(img_size or read_metadata(encoder)["img_size"])
         return load_encoder(encoder, img_size=size, **timm_kwargs), size
-    import timm
-
     try:
         kwargs = {"pretrained": False, **({"img_size": img_size} if img_size else {}), **timm_kwargs}
         model = timm.create_model(arch or DEFAULT_ARCH, **kwargs)
@@ -162,6 +175,7 @@ def _encoder(encoder: Path | None, arch: str | None, img_size: int | None, **tim
 
 def _seeded(fn):
     """Build with torch's RNG at seed 0, so the fast and plain paths get the same weights and inputs."""
+    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         torch.manual_seed(0)
         return fn(*args, **kwargs)
@@ -169,23 +183,18 @@ def _seeded(fn):
 
 
 @_seeded
-def _pretrain_step(cfg, batch, device, fast, autocast):
-    from mimbench.batching import scaled_lr
-    from pretrain import create_model
-    from pretrain.main import build_optimizer
-
+def pretrain_step(cfg, batch, device, fast, autocast, encoder=None, arch=None):
+    """One pre-training optimizer step of ``cfg`` (the model it names; ``encoder`` and ``arch`` unused)."""
     kwargs = dict(cfg.model)
-    name = kwargs.pop("name", None) or kwargs.pop("type", None)
+    name = kwargs.pop("name")
     model = create_model(name, **kwargs).to(device).train()
-    from mimbench.fastpath import set_fused_attention
-
     set_fused_attention(model, fast)
     opt_cfg = cfg.optim
-    optimizer = build_optimizer(model, lr=scaled_lr(opt_cfg, batch), weight_decay=float(opt_cfg.get("weight_decay", 0.05)),
-                                betas=opt_cfg.get("betas", (0.9, 0.95)), fast=fast)
-    size = int(cfg.get("data", {}).get("img_size") or model.encoder_arch()["img_size"])
+    optimizer = build_optimizer(model, lr=scaled_lr(opt_cfg, batch), weight_decay=float(opt_cfg.weight_decay),
+                                betas=opt_cfg.betas, fast=fast)
+    size = int(cfg.data.img_size or model.encoder_arch()["img_size"])
     imgs = torch.randn(batch, 3, size, size, device=device)
-    mask_ratio = float(cfg.runtime.get("mask_ratio", 0.75))
+    mask_ratio = float(cfg.runtime.mask_ratio)
 
     def step():
         with autocast():
@@ -198,74 +207,70 @@ def _pretrain_step(cfg, batch, device, fast, autocast):
     return model, step, {"model": name, "img_size": size, "mask_ratio": mask_ratio}
 
 
-@_seeded
-def _features_step(cfg, batch, device, fast, autocast, encoder, arch):
-    model, size = _encoder(encoder, arch, cfg.get("img_size"), num_classes=0)
-    model = model.to(device).eval()
-    from mimbench.fastpath import set_fused_attention
+def _inputs(batch: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images (batch×3×size×size) and labels (batch, of :data:`NUM_CLASSES`)."""
+    return (torch.randn(batch, 3, size, size, device=device),
+            torch.randint(0, NUM_CLASSES, (batch,), device=device))
 
+
+@_seeded
+def features_step(cfg, batch, device, fast, autocast, encoder, arch):
+    """Feature extraction of a batch, as the k-NN evaluation and the cached linear probe do it."""
+    model, size = _encoder(encoder, arch, cfg.img_size, num_classes=0)
+    model = model.to(device).eval()
     set_fused_attention(model, fast)
-    imgs = torch.randn(batch, 3, size, size, device=device)
+    imgs, _ = _inputs(batch, size, device)
     grad_off = torch.inference_mode if fast else torch.no_grad
 
     def step():
-        with grad_off(), autocast():
-            return model.forward_features(imgs)[:, 0].float()
+        return class_tokens(model, imgs, autocast, grad_off)
 
     return model, step, {"img_size": size}
 
 
 @_seeded
-def _linear_step(cfg, batch, device, fast, autocast, encoder, arch):
-    from mimbench.batching import scaled_lr
-    from mimbench.evals.linear import build_head, build_optimizer
-    from mimbench.fastpath import set_fused_attention
+def linear_step(cfg, batch, device, fast, autocast, encoder, arch):
+    """One linear-probe optimizer step (protocol mode: the frozen encoder runs on every batch).
 
-    model, size = _encoder(encoder, arch, cfg.get("img_size"), num_classes=0)
+    The signature of every bench step builder: ``cfg`` the loaded config, ``batch`` images per step, ``fast``
+    the fast path (else the plain one), ``autocast`` a context factory, ``encoder`` / ``arch`` the model.
+    Returns ``(model, step, info)``: the module whose attention is switched, the step, protocol fields.
+    """
+    model, size = _encoder(encoder, arch, cfg.img_size, num_classes=0)
     model = model.to(device).eval().requires_grad_(False)
     set_fused_attention(model, fast)
-    num_classes = 1000
-    head = build_head(model.embed_dim, num_classes).to(device)
+    head = linear.build_head(model.embed_dim, NUM_CLASSES).to(device)
     optim = dict(cfg.optim)
-    optimizer = build_optimizer(head, optim, scaled_lr(optim, batch))
-    imgs = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, num_classes, (batch,), device=device)
+    optimizer = linear.build_optimizer(head, optim, scaled_lr(optim, batch))
+    imgs, labels = _inputs(batch, size, device)
 
     def step():
-        with torch.no_grad(), autocast():
-            feats = model.forward_features(imgs)[:, 0]
-        loss = F.cross_entropy(head(feats.float()), labels)
+        with autocast():
+            loss = linear.probe_loss(head, model, imgs, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         head[0].commit()  # the batch-norm statistics update of an optimizer step, as in the probe's loop
 
-    return model, step, {"img_size": size, "optimizer": str(optim.get("name", "lars"))}
+    return model, step, {"img_size": size, "optimizer": str(optim["name"])}
 
 
 @_seeded
-def _finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
-    from mimbench.batching import scaled_lr
-    from mimbench.evals.finetune import build_optimizer
-    from mimbench.fastpath import set_fused_attention
-
-    num_classes = 1000
-    model_cfg = dict(cfg.get("model", {}))
-    model, size = _encoder(encoder, arch, cfg.get("img_size"), global_pool="avg", fc_norm=True,
-                           drop_path_rate=float(model_cfg.get("drop_path", 0.1)), num_classes=num_classes)
+def finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
+    """One fine-tuning optimizer step with the protocol's Mixup/CutMix and soft-target cross-entropy."""
+    model, size = _encoder(encoder, arch, cfg.img_size, global_pool="avg", fc_norm=True,
+                           drop_path_rate=float(cfg.model.drop_path), num_classes=NUM_CLASSES)
     model = model.to(device).train()
     set_fused_attention(model, fast)
     optim = dict(cfg.optim)
-    optimizer = build_optimizer(model, lr=scaled_lr(optim, batch),
-                                weight_decay=float(optim.get("weight_decay", 0.05)),
-                                layer_decay=float(optim.get("layer_decay", 0.75)), fast=fast)
-    imgs = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, num_classes, (batch,), device=device)
-    smoothing = float(cfg.get("mixup", {}).get("smoothing", 0.1))
+    optimizer = finetune.build_optimizer(model, lr=scaled_lr(optim, batch), weight_decay=float(optim["weight_decay"]),
+                                         layer_decay=float(optim["layer_decay"]), betas=optim["betas"], fast=fast)
+    mixup, criterion = finetune.build_mixup(cfg.mixup, NUM_CLASSES)
+    imgs, labels = _inputs(batch, size, device)
 
     def step():
         with autocast():
-            loss = F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
+            loss = finetune.mixup_loss(model, imgs, labels, mixup, criterion)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -273,34 +278,38 @@ def _finetune_step(cfg, batch, device, fast, autocast, encoder, arch):
     return model, step, {"img_size": size}
 
 
-@_seeded
-def _segment_step(cfg, batch, device, fast, autocast, encoder, arch):
+def _segmentation_model(cfg, device, encoder):
+    """(mmseg model in train mode, its optim wrapper) of a segmentation config, the encoder's shape plugged in."""
     import mimbench.seg  # noqa: F401  (mmcv.ops fallback and registrations before mmseg)
-    from mmengine.optim import build_optim_wrapper
+    from mmengine.optim import build_optim_wrapper  # the mmseg / mmengine stack: only for this mode
     from mmengine.registry import init_default_scope
-    from mmengine.structures import PixelData
     from mmseg.registry import MODELS
-    from mmseg.structures import SegDataSample
 
-    from mimbench.evals.segment import adapt_config, replace_sync_bn
-    from mimbench.fastpath import set_fused_attention
-
-    cfg = cfg.copy()
-    crop = tuple(cfg.crop_size)
     if encoder is not None:
-        from mimbench.encoders import read_metadata
         from mimbench.seg.backbone import backbone_cfg_from_metadata
 
-        adapt_config(cfg, backbone_cfg_from_metadata(read_metadata(encoder), crop[0]), cuda=device.type == "cuda")
-    if cfg.optim_wrapper.get("type") == "AmpOptimWrapper":  # precision is the bench's choice (autocast below)
+        adapt_config(cfg, backbone_cfg_from_metadata(read_metadata(encoder), cfg.crop_size[0]),
+                     cuda=device.type == "cuda")
+    if cfg.optim_wrapper.type == "AmpOptimWrapper":  # precision is the bench's choice (autocast below)
         cfg.optim_wrapper.type = "OptimWrapper"
         cfg.optim_wrapper.pop("loss_scale", None)
         cfg.optim_wrapper.pop("dtype", None)
     replace_sync_bn(cfg.model)  # one process
     init_default_scope("mmseg")
     model = MODELS.build(cfg.model).to(device).train()
+    return model, build_optim_wrapper(model, cfg.optim_wrapper)
+
+
+@_seeded
+def segment_step(cfg, batch, device, fast, autocast, encoder, arch):
+    """One mmseg ``train_step`` of the UperNet config on random crop-sized images and label maps."""
+    from mmengine.structures import PixelData  # the mmseg stack: only for this mode
+    from mmseg.structures import SegDataSample
+
+    cfg = cfg.copy()
+    crop = tuple(cfg.crop_size)
+    model, optim_wrapper = _segmentation_model(cfg, device, encoder)
     set_fused_attention(model, fast)
-    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     num_classes = int(cfg.model.decode_head.num_classes)
     inputs = [torch.randint(0, 256, (3, *crop), dtype=torch.uint8) for _ in range(batch)]
     samples = []
@@ -316,29 +325,25 @@ def _segment_step(cfg, batch, device, fast, autocast, encoder, arch):
     return model, step, {"img_size": crop[0]}
 
 
-_BUILDERS = {"pretrain": _pretrain_step, "features": _features_step, "linear": _linear_step,
-             "finetune": _finetune_step, "segment": _segment_step}
+def _bench_tasks() -> dict[str, Task]:
+    return {t.bench_mode: t for t in all_tasks() if t.bench_mode is not None}
 
 
-def _batch_of(mode: str, cfg, batch: int | None) -> int:
-    if batch:
-        return int(batch)
-    if mode == "pretrain":
-        return int(cfg.optim.batch_size)
-    if mode == "features":
-        return int(cfg.get("feature_batch_size") or cfg.get("batch_size") or 256)
-    if mode == "segment":
-        return int(cfg.train_dataloader.batch_size)
-    return int(cfg.optim.get("batch_size", 64))
+def modes() -> tuple[str, ...]:
+    """Every bench mode: ``pretrain``, each task's mode (table order), ``data``."""
+    return ("pretrain", *_bench_tasks(), "data")
+
+
+def _dotted(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 # ---------------------------------------------------------------------------- data
 def _bench_data(data: str | None, *, img_size: int, batch: int, steps: int, warmup: int, workers: int,
                 compare: bool) -> tuple[dict, dict]:
     """Images/s of the MAE pre-training transform over an ImageFolder tree's train split."""
-    from mimbench.data import build_dataset
-    from pretrain.data import mae_pretrain_transform
-
     if not data or str(data).startswith("builtin:"):
         raise MimbenchError("bench data needs an ImageFolder tree (--data ROOT with ROOT/train/<class>/*.JPEG).",
                             "Pass --data /path/to/imagenet; the built-in set is decoded once, not per step.")
@@ -378,96 +383,151 @@ def _bench_data(data: str | None, *, img_size: int, batch: int, steps: int, warm
 
 
 # ---------------------------------------------------------------------------- entry point
-def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), device: str | None = None,
-              steps: int = 10, batch: int | None = None, warmup: int = 3, compare: bool = False,
-              peak_tflops: float | None = None, encoder: str | Path | None = None, arch: str | None = None,
-              data: str | None = None, workers: int | None = None, amp: str | None = None,
-              compile: bool | None = None, out: str | Path = "runs/bench") -> dict:
-    """Benchmark ``mode`` (see the module docstring) and write a ``bench`` run record into ``out``;
-    returns the record. ``config`` defaults to :data:`DEFAULT_CONFIGS`."""
-    from mimbench.config import config_sha256, load_config
-    from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
-    from mimbench.results.records import encoder_summary, new_record, write_record
-
+def _check_args(mode: str, steps: int, batch, warmup: int, workers, peak_tflops) -> None:
     if mode in ("train", "forward"):
-        raise MimbenchError(f"`mimbench bench {mode} --preset ...` was replaced by the bench modes {', '.join(MODES)}.",
+        raise MimbenchError(f"`mimbench bench {mode} --preset ...` was replaced by the bench modes "
+                            f"{', '.join(modes())}.",
                             "Use e.g. `mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py "
                             "--set model.name=mae_vit_tiny_patch4_32 --compare`.")
-    if mode not in MODES:
-        raise MimbenchError(f"Unknown bench mode {mode!r}.", f"Choose one of: {', '.join(MODES)}.")
+    if mode not in modes():
+        raise MimbenchError(f"Unknown bench mode {mode!r}.", f"Choose one of: {', '.join(modes())}.")
     _check_positive(steps=steps, batch=batch, workers=workers)
     if int(warmup) < 0:
         raise MimbenchError(f"--warmup {warmup} is negative.", "Pass 0 or more warm-up steps.")
     if peak_tflops is not None and not float(peak_tflops) > 0:
         raise MimbenchError(f"--peak-tflops {peak_tflops} must be > 0.", "Pass the device's peak in TFLOP/s.")
-    started = time.time()
+
+
+def _device(device: str | None) -> torch.device:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MimbenchError(f"--device {device} was asked for, but no CUDA device is available.", "Use --device cpu.")
+    return dev
+
+
+def _load(mode: str, config, overrides) -> tuple[Path | None, object]:
+    """(config path, loaded config) of ``mode``: the given config or the mode's default, checked against the
+    schema of its kind (``data`` without a config: none)."""
+    task = _bench_tasks().get(mode)
+    if config is not None:
+        path = resolve_config(config)
+    elif mode == "data":
+        return None, None
+    else:
+        path = eval_config(task.demo_config) if task else resolve_config(PRETRAIN_CONFIG)
+    kind = task.kind if task else "pretrain"
+    return path, load_config(path, list(overrides), kind=kind)
+
+
+def _run_data(data, cfg, *, batch, steps, warmup, workers, compare) -> tuple[dict, dict, dict]:
+    """metrics, protocol fields and dataset of ``bench data``."""
+    n_workers = int(workers or default_workers())
+    size = int(cfg.data.img_size) if cfg is not None else DATA_IMG_SIZE
+    b = int(batch or 64)
+    metrics, info = _bench_data(data, img_size=size, batch=b, steps=int(steps), warmup=int(warmup),
+                                workers=n_workers, compare=compare)
+    protocol = dict(batch=b, img_size=size, workers=n_workers, precision=None, **info)
+    return metrics, protocol, {"name": str(data), "root": str(Path(data).resolve()), "sizes": {"train": info["images"]}}
+
+
+def _path_metrics(times: dict, peaks: dict, flops: int, batch: int, peak, device) -> dict:
+    """Per path (fast, plain_): step-time summary, TFLOP/s, MFU, peak memory; then FLOPs/img and the ratios."""
+    metrics = {}
+    for name, prefix in (("fast", ""), ("plain", "plain_")):
+        if name not in times:
+            continue
+        summary = _summary(times[name], batch)
+        achieved = flops / (summary["step_ms_median"] / 1000) / 1e12
+        summary.update(tflops=achieved, mfu=achieved / peak if peak else None,
+                       peak_mem_mb_per_img=peaks[name] / batch / 2**20 if device.type == "cuda" else None)
+        metrics.update({prefix + k: v for k, v in summary.items()})
+    metrics["flops_per_img"] = flops / batch
+    if "plain" in times:
+        metrics["speedup"] = metrics["img_per_s"] / metrics["plain_img_per_s"]
+        # Each round ran both paths back to back: the median of the per-round ratios is the
+        # figure least moved by load that changes during the run.
+        metrics["speedup_paired"] = statistics.median(p / f for f, p in zip(times["fast"], times["plain"]))
+    return metrics
+
+
+def _builder(mode: str):
+    if mode == "pretrain":
+        return pretrain_step
+    task = _bench_tasks()[mode]
+    return resolve(task.bench_step, task.name)
+
+
+def _batch(mode: str, cfg, batch: int | None) -> int:
+    if batch:
+        return int(batch)
+    return int(_dotted(cfg, "optim.batch_size" if mode == "pretrain" else _bench_tasks()[mode].bench_batch))
+
+
+def _config_amp(mode: str, cfg) -> str:
+    if mode == "pretrain":
+        return cfg.runtime.amp
+    # k-NN configs have no amp key: their features are extracted at the evaluation runner's default, auto
+    return cfg.amp if "amp" in cfg else "auto"
+
+
+def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, encoder, arch, amp,
+              compile) -> tuple[dict, dict]:
+    """metrics and protocol fields of a step mode: fast path (and plain path) timed, FLOPs counted."""
+    b = _batch(mode, cfg, batch)
+    amp_setting = amp or _config_amp(mode, cfg)
+    precision = resolve_amp(str(amp_setting), dev)
+    if precision == "fp16":
+        raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
+                            "Pass --amp bf16 or --amp none.")
+    use_compile = bool(compile if compile is not None else (mode == "pretrain" and cfg.runtime.compile))
+    build = _builder(mode)
+    model, fast_step, info = build(cfg, b, dev, True, autocast_factory(precision, dev), encoder, arch)
+    # One eager step, which also serves as a warm-up step. FlopCounterMode has no formula for the
+    # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
+    set_fused_attention(model, False)
+    flops = count_flops(fast_step)
+    set_fused_attention(model, True)
+    maybe_compile(model, use_compile)
+    paths = {"fast": fast_step}
+    if compare:
+        paths["plain"] = build(cfg, b, dev, False, autocast_factory("none", dev), encoder, arch)[1]
+    times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
+    peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
+    protocol = dict(batch=b, precision=precision, amp=str(amp_setting), compile=use_compile, fused_attention=True,
+                    peak_tflops=peak, **info)
+    if arch or (encoder is None and mode != "pretrain"):
+        protocol["arch"] = arch or DEFAULT_ARCH
+    return _path_metrics(times, peaks, flops, b, peak, dev), protocol
+
+
+def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), device: str | None = None,
+              steps: int = 10, batch: int | None = None, warmup: int = 3, compare: bool = False,
+              peak_tflops: float | None = None, encoder: str | Path | None = None, arch: str | None = None,
+              data: str | None = None, workers: int | None = None, amp: str | None = None,
+              compile: bool | None = None, out: str | Path = "runs/bench") -> dict:
+    """Benchmark ``mode`` (see the module docstring; :func:`modes`) and write a ``bench`` run record into
+    ``out``; returns the record. ``config`` defaults to the task's demo config (``pretrain``:
+    :data:`PRETRAIN_CONFIG`)."""
+    _check_args(mode, steps, batch, warmup, workers, peak_tflops)
+    started = time.time()
+    dev = _device(device)
     encoder = Path(encoder) if encoder else None
     if encoder is not None:
-        from mimbench.encoders import check_encoder_file
-
         check_encoder_file(encoder)
-    cfg_path = config or DEFAULT_CONFIGS[mode]
-    cfg = load_config(cfg_path, list(overrides)) if cfg_path else None
-
+    cfg_path, cfg = _load(mode, config, overrides)
     protocol = {"name": f"bench-{mode}", "sha256": config_sha256(cfg) if cfg is not None else None,
                 "config": str(cfg_path) if cfg_path else None, "overrides": list(overrides), "mode": mode,
                 "steps": int(steps), "warmup": int(warmup), "compare": bool(compare),
                 "plain_path": (PLAIN if mode != "data" else "0 workers (main process)") if compare else None,
                 "interleaved": mode != "data"}
     if mode == "data":
-        n_workers = int(workers or default_workers())
-        size = int(cfg.get("img_size") or 224) if cfg is not None else 224
-        b = int(batch or 64)
-        metrics, info = _bench_data(data, img_size=size, batch=b, steps=int(steps), warmup=int(warmup),
-                                    workers=n_workers, compare=compare)
-        protocol.update(batch=b, img_size=size, workers=n_workers, precision=None, **info)
-        dataset = {"name": str(data), "root": str(Path(data).resolve()), "sizes": {"train": info["images"]}}
+        metrics, fields, dataset = _run_data(data, cfg, batch=batch, steps=steps, warmup=warmup, workers=workers,
+                                             compare=compare)
     else:
-        b = _batch_of(mode, cfg, batch)
-        amp_setting = amp or (cfg.runtime.get("amp") if mode == "pretrain" else cfg.get("amp")) or "auto"
-        precision = resolve_amp(str(amp_setting), dev)
-        if precision == "fp16":
-            raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
-                                "Pass --amp bf16 or --amp none.")
-        use_compile = bool(compile if compile is not None else
-                           (mode == "pretrain" and cfg.runtime.get("compile", False)))
-        extra = () if mode == "pretrain" else (encoder, arch)
-        model, fast_step, info = _BUILDERS[mode](cfg, b, dev, True, autocast_factory(precision, dev), *extra)
-        # One eager step, which also serves as a warm-up step. FlopCounterMode has no formula for the
-        # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
-        set_fused_attention(model, False)
-        flops = count_flops(fast_step)
-        set_fused_attention(model, True)
-        maybe_compile(model, use_compile)
-        paths = {"fast": fast_step}
-        if compare:
-            _, plain_step, _ = _BUILDERS[mode](cfg, b, dev, False, autocast_factory("none", dev), *extra)
-            paths["plain"] = plain_step
-        times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
-        peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
-        metrics = {}
-        for name, prefix in (("fast", ""), ("plain", "plain_")):
-            if name not in times:
-                continue
-            summary = _summary(times[name], b)
-            achieved = flops / (summary["step_ms_median"] / 1000) / 1e12
-            summary.update(tflops=achieved, mfu=achieved / peak if peak else None,
-                           peak_mem_mb_per_img=peaks[name] / b / 2**20 if dev.type == "cuda" else None)
-            metrics.update({prefix + k: v for k, v in summary.items()})
-        metrics["flops_per_img"] = flops / b
-        if compare:
-            metrics["speedup"] = metrics["img_per_s"] / metrics["plain_img_per_s"]
-            # Each round ran both paths back to back: the median of the per-round ratios is the
-            # figure least moved by load that changes during the run.
-            metrics["speedup_paired"] = statistics.median(p / f for f, p in zip(times["fast"], times["plain"]))
-        protocol.update(batch=b, precision=precision, amp=str(amp_setting), compile=use_compile,
-                        fused_attention=True, peak_tflops=peak, **info)
+        metrics, fields = _run_step(mode, cfg, dev, batch=batch, steps=steps, warmup=warmup, compare=compare,
+                                    peak_tflops=peak_tflops, encoder=encoder, arch=arch, amp=amp, compile=compile)
         dataset = {"name": "random", "root": None, "sizes": {}}
-        if arch or (encoder is None and mode != "pretrain"):
-            protocol["arch"] = arch or DEFAULT_ARCH
+    protocol.update(fields)
     if dev.type == "cpu":
         metrics["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics = {k: v for k, v in metrics.items() if v is not None}

@@ -2,18 +2,32 @@
 
 Every command delegates to a library function; this module only parses arguments,
 turns :class:`~mimbench.errors.MimbenchError` into a one-paragraph message with exit
-status 2, and imports heavy modules lazily so that ``--help`` stays instant.
+status 2, and imports the torch-heavy modules (encoders, pre-training, bench) inside the commands that use
+them, so that ``--help`` stays instant. The ``eval`` subcommands are generated from the task table
+(:mod:`mimbench.evals.tasks`).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+from importlib import import_module
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Callable, List, Literal, Optional
 
 import typer
+from typer.models import CommandInfo
 
+from mimbench.control import build_control
+from mimbench.demo import run_demo
 from mimbench.errors import MimbenchError
+from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
+from mimbench.evals.tasks import Task, all_tasks
+from mimbench.paths import EVAL_CONFIGS, resolve_config
+from mimbench.reproduce import PAPERS, SCALES, run_reproduce
+from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
+from mimbench.results.report import FORMATS, console_table, write_report
+from mimbench.schema import AMP
 
 app = typer.Typer(
     help="Pre-train masked-image-modelling ViT encoders and evaluate them under the published protocols.\n\n"
@@ -22,25 +36,51 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-eval_app = typer.Typer(help="Evaluate an encoder: linear probe, fine-tune, k-NN, ADE20K segmentation.", no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
 
 SET_HELP = ("Override a config value, e.g. --set optim.lr=1e-3 (repeatable). Values are Python literals, "
             "or true/false/null; anything else is a string.")
 
-# Typed choices: Typer refuses any other value and lists these. Each mirrors the constant of the module that
-# implements it (tests/test_cli.py checks that they agree).
-ReportFormat = Literal["md", "csv", "latex", "html"]               # mimbench.results.report.FORMATS
-Launcher = Literal["auto", "none", "pytorch", "slurm"]              # mimbench.evals.segment
-LeaderboardTask = Literal["linear", "finetune", "knn", "ade20k"]    # mimbench.results.leaderboard.TASK_METRIC
-Layout = Literal["auto", "mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "beit", "beitv2",
-                 "data2vec-vision"]                                  # mimbench.encoders.convert.LAYOUTS
-Paper = Literal["robust-mae", "ddae"]                               # mimbench.reproduce.PAPERS
-Scale = Literal["demo", "full"]                                     # mimbench.reproduce.SCALES
-BenchWhat = Literal["pretrain", "features", "linear", "finetune", "segment", "data"]  # mimbench.bench.MODES
-Amp = Literal["auto", "bf16", "fp16", "none"]                       # mimbench.fastpath.AMP_CHOICES
+# Typed choices, built from the constants of the modules that implement them: Typer refuses any other value
+# and lists these, and offers them to shell completion.
+ReportFormat = Literal[FORMATS]
+LeaderboardTask = Literal[tuple(TASK_METRIC)]
+Paper = Literal[PAPERS]
+Scale = Literal[SCALES]
+Amp = Literal[AMP.values]
+
+
+class LazyChoice:
+    """The choices of an option that are the constant of a torch-heavy module (``module:name``; a callable is
+    called): imported when the option is parsed or completed, not when the CLI is built, which happens on
+    every invocation, ``mimbench --help`` included. A value outside them is refused with the list."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        module, name = self.ref.split(":")
+        value = getattr(import_module(module), name)
+        return tuple(value() if callable(value) else value)
+
+    def check(self, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in self.values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, self.values))}.")
+        return value
+
+    def complete(self, incomplete: str) -> list[str]:
+        return [v for v in self.values if v.startswith(incomplete)]
+
+
+LAYOUTS = LazyChoice("mimbench.encoders.convert:LAYOUTS")
+BENCH_MODES = LazyChoice("mimbench.bench:modes")
 ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
 FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
+
+
+def _from_option(*flags: str) -> typer.models.OptionInfo:
+    return typer.Option("auto", *(flags or ("--from",)), help=FROM_HELP, callback=LAYOUTS.check,
+                        autocompletion=LAYOUTS.complete)
 
 
 def _user_errors(fn):
@@ -62,12 +102,12 @@ def _user_errors(fn):
 @app.command()
 @_user_errors
 def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe."),
-         from_: Layout = typer.Option("auto", "--from", help=FROM_HELP)):
+         from_: str = _from_option()):
     """Print an encoder's metadata and parameter count (for a checkpoint: as it will be read).
 
     Example: mimbench info runs/demo/mae/encoder.safetensors
     """
-    from mimbench.encoders import describe_encoder
+    from mimbench.encoders import describe_encoder  # torch and safetensors
 
     typer.echo(describe_encoder(path, layout=from_))
 
@@ -86,8 +126,7 @@ def pretrain(
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
-    from mimbench.paths import resolve_config
-    from pretrain.main import run_pretrain
+    from pretrain.main import run_pretrain  # torch and the models
 
     path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
     typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
@@ -96,93 +135,71 @@ def pretrain(
 # Every `eval` subcommand defaults to the demo config of its task on the built-in data (the default --data):
 # a published protocol on the 12,000-image subset would be meaningless (LARS at batch 16,384, 100 epochs), and a
 # demo config on ImageNet would be mislabelled. The protocols are one --config away, named in each --help.
-DEFAULT_EVAL_CONFIGS = {
-    "linear": "eval_configs/demo/linear_fmnist.py",
-    "finetune": "eval_configs/demo/finetune_fmnist.py",
-    "knn": "eval_configs/demo/knn_fmnist.py",
-    "segment": "eval_configs/segmentation/demo_fmnist_seg.py",
-}
-PROTOCOL_CONFIGS = {
-    "linear": "eval_configs/linear/mae_vit-b_in1k.py",
-    "finetune": "eval_configs/finetune/mae_vit-b_in1k.py",
-    "knn": "eval_configs/knn/dino_k20.py",
-    "segment": "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py",
-}
 CONFIG_HELP = ("Evaluation config. Default: the demo config for the built-in data (its departures from the "
                "published protocol are recorded); the published protocol: {protocol}")
 
 
-def _eval_command(task: str, example: str):
-    from mimbench.paths import resolve_config
-
-    @_user_errors
-    def command(
-        encoder: Path = typer.Option(..., help=ENCODER_HELP),
-        from_: Layout = typer.Option("auto", "--from", help=FROM_HELP),
-        config: Path = typer.Option(Path(DEFAULT_EVAL_CONFIGS[task]),
-                                    help=CONFIG_HELP.format(protocol=PROTOCOL_CONFIGS[task])),
-        data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
-        out: Path = typer.Option(..., help="Output directory (checkpoint, run record)"),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-        resume: bool = typer.Option(False, help="Continue from OUT's last checkpoint"),
-    ):
-        from mimbench.evals import run_eval
-
-        record = run_eval(task, encoder=encoder, config=resolve_config(config), data=data, out=out,
-                          overrides=list(set_ or []), resume=resume, layout=from_)
-        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
-        typer.echo(f"{task}: {metrics}")
-
-    command.__doc__ = (f"{task} evaluation of an encoder (default: the demo config on the built-in data).\n\n"
-                       f"Example: {example}")
-    command.__name__ = task
-    return command
+def _option(name: str, annotation, info) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-eval_app.command("linear")(_eval_command(
-    "linear",
-    "mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py --data /data/imagenet --out runs/lin"))
-eval_app.command("finetune")(_eval_command(
-    "finetune",
-    "mimbench eval finetune --encoder enc.safetensors --config eval_configs/finetune/mae_vit-b_in1k.py --data /data/imagenet --out runs/ft"))
-eval_app.command("knn")(_eval_command(
-    "knn",
-    "mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn"))
+def _eval_parameters(task: Task) -> list[inspect.Parameter]:
+    """The options of ``mimbench eval <task>``: the common ones, then the entry's own (``task.options``)."""
+    params = [
+        _option("encoder", Path, typer.Option(..., help=ENCODER_HELP)),
+        _option("from_", str, _from_option()),
+        _option("config", Path, typer.Option(EVAL_CONFIGS / task.demo_config, help=CONFIG_HELP.format(
+            protocol=EVAL_CONFIGS / task.protocol_config))),
+        _option("data", str, typer.Option(task.default_data, help=task.data_help)),
+        _option("out", Path, typer.Option(..., help="Output directory (checkpoint, run record)")),
+        _option("set_", Optional[List[str]], typer.Option(None, "--set", help=SET_HELP)),
+        _option("resume", bool, typer.Option(False, help="Continue from OUT's last checkpoint")),
+    ]
+    for opt in task.options:
+        annotation = Literal[opt.choices] if opt.choices else opt.annotation
+        params.append(_option(opt.name, annotation, typer.Option(opt.default, *opt.flags, help=opt.help)))
+    return params
 
 
-@eval_app.command("segment")
-@_user_errors
-def segment(
-    encoder: Path = typer.Option(..., help=ENCODER_HELP),
-    from_: Layout = typer.Option("auto", "--from", help=FROM_HELP),
-    config: Path = typer.Option(Path(DEFAULT_EVAL_CONFIGS["segment"]),
-                                help=CONFIG_HELP.format(protocol=PROTOCOL_CONFIGS["segment"])),
-    data: str = typer.Option("builtin:fashion-mnist-seg",
-                             help="builtin:fashion-mnist-seg or an ADE20K root (ADEChallengeData2016)"),
-    out: Path = typer.Option(...),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    launcher: Launcher = typer.Option("auto", help="mmengine launcher: auto (from the torchrun / Slurm environment), "
-                                                   "none (one process), pytorch (torchrun) or slurm (srun)"),
-    resume: bool = typer.Option(False),
-    aug_test: Optional[bool] = typer.Option(
-        None, "--aug-test/--no-aug-test",
-        help="Also test multi-scale + flip (mIoU_ms ...). Default: when the config defines tta_model/tta_pipeline"),
-):
-    """UperNet semantic segmentation through mmsegmentation (default: the demo config on FashionMNIST-Seg).
+def _metrics_line(metrics: dict) -> str:
+    """``key=value, ...`` of the scalar metrics (per-class tables are in the record)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                     if not isinstance(v, dict))
 
-    Trains, then tests single-scale (the config's test mode) and, by default, multi-scale + flip; the run
-    record holds aAcc/mIoU/mAcc, their _ms counterparts and the per-class IoU.
 
-    Example: mimbench eval segment --encoder enc.safetensors --config eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py --data /data/ADEChallengeData2016 --out runs/seg
-    """
-    from mimbench.evals.segment import run_segment
+def _eval_command(task: Task) -> Callable:
+    """The ``mimbench eval <task>`` command of a table entry: its options are :func:`_eval_parameters`."""
 
-    from mimbench.paths import resolve_config
+    def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, **options):
+        record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
+                          overrides=list(set_ or []), resume=resume, layout=from_, **options)
+        typer.echo(f"{task.name}: {_metrics_line(record['metrics'])}")
 
-    record = run_segment(encoder=encoder, config=resolve_config(config), data=data, out=out, overrides=list(set_ or []),
-                         launcher=launcher, resume=resume, aug_test=aug_test, layout=from_)
-    summary = {k: v for k, v in record["metrics"].items() if not isinstance(v, dict)}
-    typer.echo(f"segment: {summary}")
+    params = _eval_parameters(task)
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = (f"{task.summary} Default: the demo config on the built-in data.\n\n"
+                       f"Example: {task.example}")
+    command.__name__ = task.name
+    return _user_errors(command)
+
+
+class _TaskCommands(typer.Typer):
+    """The ``eval`` group: one subcommand per entry of :data:`mimbench.evals.tasks.TASKS`, read each time the
+    CLI is built (on every invocation), so that a task registered later has its subcommand too."""
+
+    @property
+    def registered_commands(self) -> list[CommandInfo]:
+        return [CommandInfo(name=task.name, callback=_eval_command(task)) for task in all_tasks()]
+
+    @registered_commands.setter
+    def registered_commands(self, value) -> None:  # typer.Typer.__init__ starts it empty; it is derived here
+        pass
+
+
+eval_app = _TaskCommands(help="Evaluate an encoder on one task (linear probe, fine-tune, k-NN, ADE20K "
+                         "segmentation, ...): one subcommand per task.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 @app.command()
@@ -201,9 +218,6 @@ def control(
 
     Example: mimbench control --config pretrain/configs/mae_tiny_fmnist.py --out runs/control/encoder.safetensors
     """
-    from mimbench.control import build_control
-    from mimbench.paths import resolve_config
-
     if set_ and config is None:
         raise MimbenchError("--set changes a pre-training config, and none was given.",
                             "Use --set together with --config.")
@@ -222,8 +236,6 @@ def demo(
 
     Example: mimbench demo --quick
     """
-    from mimbench.demo import run_demo
-
     run_demo(out=out, quick=quick)
 
 
@@ -240,8 +252,6 @@ def report(
 
     Example: mimbench report runs/demo --format md
     """
-    from mimbench.results.report import console_table, write_report
-
     if out is None and format == "md":
         console_table(dirs)
     else:
@@ -259,8 +269,6 @@ def leaderboard(
 
     Example: mimbench leaderboard --task finetune --arch vit-b/16
     """
-    from mimbench.results.leaderboard import show_leaderboard
-
     show_leaderboard(task=task, arch=arch, include_runs=include_runs)
 
 
@@ -271,8 +279,6 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 
     Example: mimbench compare runs/lin/record.json
     """
-    from mimbench.results.leaderboard import compare_runs
-
     compare_runs(runs)
 
 
@@ -281,7 +287,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run records or director
 def convert(
     src: Path = typer.Argument(..., help="Checkpoint in a supported layout (official MAE, BEiT, DINO ... .pth)"),
     dst: Path = typer.Argument(..., help="Encoder file to write (.safetensors)"),
-    layout: Layout = typer.Option("auto", "--from", "--layout", help=FROM_HELP),
+    layout: str = _from_option("--from", "--layout"),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads, only for non-standard widths"),
     technique: Optional[str] = typer.Option(None, help="Provenance: pre-training technique (default from the layout)"),
     epochs: Optional[float] = typer.Option(None, help="Provenance: pre-training epochs (default from the checkpoint)"),
@@ -291,7 +297,7 @@ def convert(
 
     Example: mimbench convert mae_pretrain_vit_base.pth mae_b.safetensors --epochs 1600 --data in1k
     """
-    from mimbench.encoders import convert_checkpoint
+    from mimbench.encoders import convert_checkpoint  # torch
 
     path = convert_checkpoint(src, dst, layout=layout, num_heads=num_heads, technique=technique, epochs=epochs, data=data)
     typer.echo(f"wrote {path}")
@@ -307,8 +313,6 @@ def reproduce(paper: Paper = typer.Argument(..., help="The paper whose ablation 
 
     Example: mimbench reproduce ddae --scale full --out runs/ddae-grid
     """
-    from mimbench.reproduce import run_reproduce
-
     typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick)}")
 
 
@@ -326,7 +330,8 @@ def _replaced_preset(value: Optional[str]) -> Optional[str]:
 @app.command()
 @_user_errors
 def bench(
-    what: BenchWhat = typer.Argument(..., help="pretrain | features | linear | finetune | segment | data"),
+    what: str = typer.Argument(..., help="pretrain | features | data, or a task's bench mode (linear, finetune, "
+                               "segment ...)", callback=BENCH_MODES.check, autocompletion=BENCH_MODES.complete),
     config: Optional[Path] = typer.Option(None, help="Config of the loop to time (default: the demo/protocol config of WHAT)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)"),
@@ -348,7 +353,7 @@ def bench(
 
     Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
     """
-    from mimbench.bench import format_bench, run_bench
+    from mimbench.bench import format_bench, run_bench  # torch, timm and the pre-training models
 
     record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,

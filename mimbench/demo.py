@@ -2,16 +2,16 @@
 
 Pre-trains small encoders under MAE, the robust-MAE recipe and DDAE, adds the random-initialisation
 control (the MAE config's model at its initialisation: what pre-training starts from), evaluates every
-encoder with k-NN, the linear probe, fine-tuning and FashionMNIST-Seg segmentation, and ends with the
-report table, its figures and the time taken.
+encoder on every task of :data:`mimbench.evals.tasks.TASKS` (k-NN, the linear probe, fine-tuning and
+FashionMNIST-Seg segmentation), and ends with the report table, its figures and the time taken.
 
 The demo is a list of steps (:func:`demo_steps`) run by :class:`mimbench.steps.StepRunner`: a step whose
 result is already in ``out``, made from the same config, overrides and encoder, is reused, so a second
 run (or a run after an interruption) only does what is missing; a step left there by other settings
 (``--quick`` into the same folder, an older config, a re-trained encoder) is removed and redone.
 
-Every encoder, the control included, is evaluated with the same config per task (eval_configs/demo/ and
-eval_configs/segmentation/demo_fmnist_seg.py): nothing is tuned per technique.
+Every encoder, the control included, is evaluated with the same config per task (its entry's demo config,
+eval_configs/demo/ and eval_configs/segmentation/demo_fmnist_seg.py): nothing is tuned per technique.
 """
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+
+from mimbench.atomic import atomic_write
+from mimbench.evals.tasks import all_tasks, resolve
 from mimbench.paths import eval_config, pretrain_config
+from mimbench.results.report import console_table, write_report
 from mimbench.steps import Control, Evaluate, Pretrain, Step, StepRunner, reuse_note
 
 CONTROL = "random-init"
@@ -27,71 +32,80 @@ CONTROL = "random-init"
 
 @dataclass(frozen=True)
 class DemoScale:
-    """Budgets of one demo size; everything else comes from the configs themselves."""
+    """Budgets of one demo size; everything else comes from the configs themselves.
 
+    ``name`` picks each task's own budget for this size (the ``demo_overrides`` and ``demo_data_kwargs`` of
+    its entry in :data:`mimbench.evals.tasks.TASKS`).
+    """
+
+    name: str                                  # "full" or "quick"
     techniques: tuple[tuple[str, str], ...]    # (row name, pre-training config under pretrain/configs/)
     pretrain: tuple[str, ...]                  # --set overrides of every pre-training (and of the control)
-    knn: tuple[str, ...] = ()
-    linear: tuple[str, ...] = ()
-    finetune: tuple[str, ...] = ()
-    segment: tuple[str, ...] = ()
-    seg_data: tuple[tuple[str, int], ...] = ()  # FashionMNIST-Seg sizes (n_train, n_val); () = the defaults
 
 
 # Full demo: the three techniques' ViT-micro/4 configs on all 12,000 images for 3 epochs at blr 4e-3 (the README says
-# why this size and budget), the demo fine-tune config as shipped (2 epochs), 150-iteration segmentation.
+# why this size and budget); the tasks' demo configs with their full-demo budgets (segmentation: 150 iterations).
 FULL = DemoScale(
+    name="full",
     techniques=(("mae", "mae_micro_fmnist.py"), ("robust-mae", "robust-mae_micro_fmnist.py"),
                 ("ddae", "ddae_micro_fmnist.py")),
     pretrain=("data.limit=None", "optim.batch_size=64", "optim.blr=4e-3", "schedule.epochs=3",
               "schedule.warmup_epochs=0.5", "runtime.ckpt_every=1", "runtime.log_every=20"),
-    segment=("train_cfg.max_iters=150",),
 )
-# Quick: toy sizes (ViT-micro, 1 epoch on 1,024 images, two techniques), used by the tests.
+# Quick: toy sizes (ViT-micro, 1 epoch on 1,024 images, two techniques; the tasks' quick budgets), used by the tests.
 QUICK = DemoScale(
+    name="quick",
     techniques=(("mae", "mae_micro_fmnist.py"), ("ddae", "ddae_micro_fmnist.py")),
     pretrain=("schedule.epochs=1", "schedule.warmup_epochs=0.2", "data.limit=1024"),
-    knn=("data.limit_train=2048", "data.limit_val=500"),
-    linear=("data.limit_train=2048", "data.limit_val=500"),
-    finetune=("schedule.epochs=1", "schedule.warmup_epochs=0.2", "data.limit_train=1024", "data.limit_val=500"),
-    segment=("train_cfg.max_iters=10",),
-    seg_data=(("n_train", 200), ("n_val", 50)),
 )
 
 
-def demo_steps(out: Path, scale: DemoScale, seg_data: str) -> list[Step]:
-    """The demo as steps: pre-train each technique, build the control, then evaluate every encoder four ways."""
+def demo_data(out: Path, scale: DemoScale) -> dict[str, str]:
+    """Task name -> its data: the default data, or for a task whose entry builds it (``demo_data``), the folder
+    built once under ``out/data/`` at this scale's size and shared by every encoder."""
+    data = {}
+    for task in all_tasks():
+        if task.demo_data is None:
+            data[task.name] = task.default_data
+            continue
+        build = resolve(task.demo_data, task.name)
+        root = Path(out) / "data" / task.default_data.split(":", 1)[-1]
+        data[task.name] = str(build(root, **dict(task.demo_data_kwargs.get(scale.name, {}))))
+    return data
+
+
+def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str]) -> list[Step]:
+    """Every task of the table on encoder ``name``, with its demo config and this scale's budget."""
+    # The tasks that read features (k-NN, the cached linear probe) share one cache per encoder: extracted once.
+    cache = f"cache_dir={str(Path(out) / 'features' / name)!r}"
+    return [Evaluate(name, task.name, eval_config(task.demo_config),
+                     (*task.demo_overrides.get(scale.name, ()), *((cache,) if task.feature_cache else ())),
+                     data=data[task.name])
+            for task in all_tasks()]
+
+
+def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
+    """The demo as steps: pre-train each technique, build the control, then evaluate every encoder on every task.
+
+    ``data``: task name -> data (:func:`demo_data`)."""
     steps: list[Step] = [Pretrain(name, pretrain_config(cfg), scale.pretrain) for name, cfg in scale.techniques]
     # The control is the first technique's (MAE's) model at its initialisation, with the same overrides.
     steps.append(Control(CONTROL, config=pretrain_config(scale.techniques[0][1]), overrides=scale.pretrain))
     for name in [n for n, _ in scale.techniques] + [CONTROL]:
-        # k-NN and the cached linear probe share one feature cache per encoder: features are extracted once.
-        cache = f"cache_dir={str(Path(out) / 'features' / name)!r}"
-        steps += [
-            Evaluate(name, "knn", eval_config("demo/knn_fmnist.py"), (*scale.knn, cache)),
-            Evaluate(name, "linear", eval_config("demo/linear_fmnist.py"), (*scale.linear, cache)),
-            Evaluate(name, "finetune", eval_config("demo/finetune_fmnist.py"), scale.finetune),
-            Evaluate(name, "segment", eval_config("segmentation/demo_fmnist_seg.py"), scale.segment, data=seg_data),
-        ]
+        steps += _evaluations(out, scale, name, data)
     return steps
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     """Pre-train → control → evaluate (k-NN, linear probe, fine-tune, segmentation) → report; returns its path."""
-    from rich.console import Console
-
-    from mimbench.atomic import atomic_write
-    from mimbench.data.seg import build_fashion_mnist_seg
-    from mimbench.results.report import console_table, write_report
-
     console = Console()
     out = Path(out)
     scale = QUICK if quick else FULL
     t0 = time.time()
-    seg_data = str(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg", **dict(scale.seg_data)))
+    data = demo_data(out, scale)
     runner = StepRunner(out, log=lambda text: console.print(text, markup=False, highlight=False),
                         header=lambda text: console.rule(f"[bold]{text}[/]", characters="─"))
-    outcomes = runner.run(demo_steps(out, scale, seg_data))
+    outcomes = runner.run(demo_steps(out, scale, data))
     elapsed = time.time() - t0
 
     report = out / "report.md"

@@ -12,6 +12,9 @@ from pathlib import Path
 from mimbench.errors import MimbenchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The config folders, relative to the repository root.
+EVAL_CONFIGS = Path("eval_configs")
+PRETRAIN_CONFIGS = Path("pretrain") / "configs"
 
 
 def repo_file(rel: str | Path) -> Path:
@@ -26,12 +29,12 @@ def repo_file(rel: str | Path) -> Path:
 
 def eval_config(rel: str | Path) -> Path:
     """An evaluation config, ``rel`` below ``eval_configs/`` (e.g. ``demo/knn_fmnist.py``)."""
-    return repo_file(Path("eval_configs") / rel)
+    return repo_file(EVAL_CONFIGS / rel)
 
 
 def pretrain_config(name: str | Path) -> Path:
     """A pre-training config, ``name`` below ``pretrain/configs/`` (e.g. ``mae_tiny_fmnist.py``)."""
-    return repo_file(Path("pretrain") / "configs" / name)
+    return repo_file(PRETRAIN_CONFIGS / name)
 
 
 def resolve_config(path: str | Path) -> Path:
@@ -52,4 +55,4 @@ def relative(path: str | Path) -> str:
         return str(path)
 
 
-__all__ = ["REPO_ROOT", "eval_config", "pretrain_config", "relative", "repo_file", "resolve_config"]
+__all__ = ["EVAL_CONFIGS", "PRETRAIN_CONFIGS", "REPO_ROOT", "eval_config", "pretrain_config", "relative", "repo_file", "resolve_config"]

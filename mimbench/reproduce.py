@@ -37,8 +37,12 @@ from typing import Iterable, Sequence
 
 from mimbench import paths
 from mimbench.atomic import atomic_write_text
+from mimbench.config import format_override, load_config
 from mimbench.errors import MimbenchError
-from mimbench.jobs import FULL_EVALS, write_full_grid  # noqa: F401  (the full scale's job files live there)
+from mimbench.evals.tasks import all_tasks
+from mimbench.jobs import write_full_grid
+from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, reuse_note
+
 PAPERS = ("robust-mae", "ddae")
 SCALES = ("demo", "full")
 
@@ -73,8 +77,13 @@ BASE_CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
 # (eval_configs/reproduce/ddae_*.py inherit pretrain/configs/ddae_*.py and write out the DDAE knobs the grid
 # varies at the model's defaults, so that the grid can --set them.)
 
-DEMO_EVALS = (("knn", "eval_configs/demo/knn_fmnist.py"), ("linear", "eval_configs/demo/linear_fmnist.py"))
-DEMO_DATA = "builtin:fashion-mnist"
+
+
+def demo_evals() -> tuple[tuple[str, str], ...]:
+    """(task, demo config relative to the repository root) of the tasks a demo-scale grid runs at every point
+    (the entries with ``in_grid_demo``: k-NN and the demo linear probe)."""
+    return tuple((t.name, str(paths.EVAL_CONFIGS / t.demo_config)) for t in all_tasks() if t.in_grid_demo)
+
 
 # Numbers the DDAE paper reports (ViT-B/16, ImageNet-1k pre-training): reference only.
 DDAE_PAPER = {"finetune IN-1k @100ep": 83.5, "finetune IN-1k longer": 84.3, "ADE20K mIoU": 49.3}
@@ -122,15 +131,8 @@ def _write(path: Path, text: str) -> None:
     atomic_write_text(path, text, what="a reproduce file", fix="Pass an --out folder you can write to.")
 
 
-def _fmt(value) -> str:
-    """A value as a Python literal that :func:`mimbench.config.parse_override` reads back unchanged."""
-    from mimbench.config import format_value
-
-    return format_value(value)
-
-
 def _set(key_prefix: str, **knobs) -> tuple[str, ...]:
-    return tuple(f"{key_prefix}{k}={_fmt(v)}" for k, v in knobs.items())
+    return tuple(format_override(f"{key_prefix}{k}", v) for k, v in knobs.items())
 
 
 def _find_base(scale: str, role: str) -> Path:
@@ -161,7 +163,7 @@ def _model_name_key(model, path: Path) -> str:
 def _depth(model, name_key: str) -> int:
     if "depth" in model.keys():
         return int(model["depth"])
-    from pretrain.models.mae import PRESETS
+    from pretrain.models.mae import PRESETS  # torch and the models
 
     name = model[name_key]
     for preset, args in PRESETS.items():
@@ -170,9 +172,8 @@ def _depth(model, name_key: str) -> int:
     raise MimbenchError(f"Cannot tell the encoder depth of model {name!r}.", "Give model.depth in the config.")
 
 
-# Keys that set a pre-training budget (first one present in a config is used).
-BUDGET_KEYS = (("epochs", "train.epochs", "loop.epochs", "schedule.epochs"),
-               ("warmup_epochs", "train.warmup_epochs", "loop.warmup_epochs", "schedule.warmup_epochs"))
+#: The keys of a pre-training budget (mimbench.schema: the ``schedule`` section of a pre-training config).
+BUDGET_KEYS = ("schedule.epochs", "schedule.warmup_epochs")
 
 
 def _get(cfg, dotted: str):
@@ -187,13 +188,10 @@ def _get(cfg, dotted: str):
 def _budget_overrides(target, source) -> tuple[str, ...]:
     """Overrides giving ``target`` the epochs / warm-up of ``source`` where both configs have the key."""
     out = []
-    for candidates in BUDGET_KEYS:
-        for key in candidates:
-            mine, theirs = _get(target, key), _get(source, key)
-            if mine is not None and theirs is not None:
-                if mine != theirs:
-                    out.append(f"{key}={_fmt(theirs)}")
-                break
+    for key in BUDGET_KEYS:
+        mine, theirs = _get(target, key), _get(source, key)
+        if mine is not None and theirs is not None and mine != theirs:
+            out.append(format_override(key, theirs))
     return tuple(out)
 
 
@@ -201,8 +199,21 @@ def _variant(name: str, base: str, cfg, overrides: tuple[str, ...]) -> GridPoint
     """A grid point that changes its base: its encoder records ``technique (name)`` so that reports keep
     the grid points apart (they group runs by technique and epochs)."""
     if "technique" in cfg.keys():
-        overrides = overrides + (f"technique={_fmt(f'{cfg.technique} ({name})')}",)
+        overrides = overrides + (format_override("technique", f"{cfg.technique} ({name})"),)
     return GridPoint(name, base, overrides)
+
+
+@dataclass(frozen=True)
+class _Bases:
+    """The base configs of one grid: ``which`` scale ("demo", "quick", "full"), ``given`` role -> file."""
+
+    which: str
+    given: dict | None
+
+    def path(self, role: str) -> Path:
+        if self.given is not None and role in self.given:
+            return Path(self.given[role])
+        return _find_base(self.which, role)
 
 
 def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict | None = None) -> Grid:
@@ -211,112 +222,120 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
     ``bases`` maps the roles ``"mae"``/``"ddae"`` to config files instead of the repository's.
     Depth-relative settings (mask-token layer depth/2, the DDS depths) are read from the base config.
     """
-    from mimbench.config import load_config
-
     paper = _check_paper(paper)
-    which = "full" if scale == "full" else ("quick" if quick else "demo")
-
-    def _resolve_base(scale_key: str, role: str) -> Path:
-        if bases is not None and role in bases:
-            return Path(bases[role])
-        return _find_base(scale_key, role)
-
-    mae_path = _resolve_base(which, "mae")
+    found = _Bases("full" if scale == "full" else ("quick" if quick else "demo"), bases)
+    mae_path = found.path("mae")
     mae_cfg = load_config(mae_path)
     mae_model = _model_section(mae_cfg, mae_path)
-    name_key = _model_name_key(mae_model, mae_path)
-    depth = _depth(mae_model, name_key)
-    m = "model."
+    depth = _depth(mae_model, _model_name_key(mae_model, mae_path))
     if paper == "robust-mae":
-        from pretrain.models.mae import ROBUST_RECIPE
+        return _robust_mae_grid(mae_path, mae_cfg, depth)
+    return _ddae_grid(found, mae_path, depth)
 
-        plain = dict(decoder_attn_drop=0.0, target_norm="patch", mask_token_layer=depth, mask_token_ratio=0.0)
-        if "norm_pix_loss" in mae_model.keys():  # the legacy flag would conflict with target_norm != "patch"
-            plain = {"norm_pix_loss": False, **plain}
-        points: dict[str, GridPoint] = {"random_init": RANDOM_INIT, "mae": GridPoint("mae", "mae", _set(m, **plain))}
-        rows: list[Row] = [CONTROL_ROW]
 
-        def add(factor: str, setting: str, name: str, **change) -> None:
-            knobs = {**plain, **change}
-            over = _set(m, **knobs)
-            for p in points.values():  # one run per distinct setting
-                if p.overrides == over:
-                    name = p.name
-                    break
-            else:
-                points[name] = _variant(name, "mae", mae_cfg, over)
-            rows.append(Row(factor, setting, name))
+def _robust_mae_grid(mae_path: Path, mae_cfg, depth: int) -> Grid:
+    """Plain MAE, then one factor at a time (decoder attention dropout, target normalisation, mask tokens)
+    and the three together; a setting several factors share is one point."""
+    from pretrain.models.mae import ROBUST_RECIPE  # torch and the models
 
-        for rate in (0.0, 0.1, 0.2):
-            add("decoder attention dropout", f"{rate:g}", f"attn_drop{rate:g}", decoder_attn_drop=rate)
-        for mode in ("none", "patch", "batch", "ema"):
-            add("target normalisation", mode, f"target_{mode}", target_norm=mode)
-        add("mask tokens (layer, ratio)", "(any, 0) = MAE", "mask_tokens_none", mask_token_ratio=0.0)
-        for layer in sorted({0, depth // 2, depth}):
-            for ratio in (0.5, 1.0):
-                add("mask tokens (layer, ratio)", f"({layer}, {ratio:g})", f"mask_tokens_l{layer}_r{ratio:g}",
-                    mask_token_layer=layer, mask_token_ratio=ratio)
-        recipe = {k: v for k, v in ROBUST_RECIPE.items() if k in plain}
-        recipe.setdefault("mask_token_layer", depth // 2)
-        add("all three", "MAE", "mae")
-        add("all three", "robust recipe (" + ", ".join(f"{k}={v}" for k, v in recipe.items()) + ")",
-            "robust_recipe", **recipe)
-        return Grid(paper, tuple(points.values()), tuple(rows), {"mae": mae_path})
+    plain = dict(decoder_attn_drop=0.0, target_norm="patch", mask_token_layer=depth, mask_token_ratio=0.0)
+    if "norm_pix_loss" in mae_cfg.model.keys():  # the legacy flag would conflict with target_norm != "patch"
+        plain = {"norm_pix_loss": False, **plain}
+    points: dict[str, GridPoint] = {"random_init": RANDOM_INIT, "mae": GridPoint("mae", "mae", _set("model.", **plain))}
+    rows: list[Row] = [CONTROL_ROW]
 
-    ddae_path = _resolve_base(which, "ddae")
-    ddae_cfg = load_config(ddae_path)
+    def add(factor: str, setting: str, name: str, **change) -> None:
+        over = _set("model.", **{**plain, **change})
+        same = [p.name for p in points.values() if p.overrides == over]  # one run per distinct setting
+        if same:
+            name = same[0]
+        else:
+            points[name] = _variant(name, "mae", mae_cfg, over)
+        rows.append(Row(factor, setting, name))
+
+    for rate in (0.0, 0.1, 0.2):
+        add("decoder attention dropout", f"{rate:g}", f"attn_drop{rate:g}", decoder_attn_drop=rate)
+    for mode in ("none", "patch", "batch", "ema"):
+        add("target normalisation", mode, f"target_{mode}", target_norm=mode)
+    add("mask tokens (layer, ratio)", "(any, 0) = MAE", "mask_tokens_none", mask_token_ratio=0.0)
+    for layer in sorted({0, depth // 2, depth}):
+        for ratio in (0.5, 1.0):
+            add("mask tokens (layer, ratio)", f"({layer}, {ratio:g})", f"mask_tokens_l{layer}_r{ratio:g}",
+                mask_token_layer=layer, mask_token_ratio=ratio)
+    recipe = {k: v for k, v in ROBUST_RECIPE.items() if k in plain}
+    recipe.setdefault("mask_token_layer", depth // 2)
+    add("all three", "MAE", "mae")
+    add("all three", "robust recipe (" + ", ".join(f"{k}={v}" for k, v in recipe.items()) + ")",
+        "robust_recipe", **recipe)
+    return Grid("robust-mae", tuple(points.values()), tuple(rows), {"mae": mae_path})
+
+
+DDAE_ROWS = (
+    CONTROL_ROW,
+    Row("plug-in", "MAE", "mae"),
+    Row("plug-in", "MAE + DDS", "mae_dds"),
+    Row("plug-in", "BEiT v2", "beitv2"),
+    Row("plug-in", "BEiT v2 + DDS", "beitv2_dds"),
+    Row("deep supervision", "on (DDAE)", "ddae"),
+    Row("deep supervision", "off (last layer only)", "ddae_no_deep_supervision"),
+    Row("dynamic weighting", "learnable beta (DDAE)", "ddae"),
+    Row("dynamic weighting", "scheduled beta", "ddae_scheduled_beta"),
+    Row("dynamic weighting", "off (beta = 0)", "ddae_no_dynamic_weighting"),
+    Row("self-distillation", "on (DDAE)", "ddae"),
+    Row("self-distillation", "off", "ddae_no_self_distillation"),
+)
+
+
+def _ddae_ablations(ddae_path: Path, ddae_cfg, depth: int) -> list[GridPoint]:
+    """Full DDAE (with the paper's numbers) and DDAE without each ingredient."""
     ddae_model = _model_section(ddae_cfg, ddae_path)
-    # An ablation compares equal budgets: the MAE rows get the DDAE config's schedule where they differ.
-    mae_budget = _budget_overrides(load_config(mae_path), ddae_cfg)
     last = [depth]
     no_dds = dict(dds_depths=last)
     if ddae_model.get("distill_depths") is not None:  # an explicit list must stay a subset of dds_depths
         no_dds["distill_depths"] = last
     if ddae_model.get("dds_weights") is not None:  # one weight per supervised depth
         no_dds["dds_weights"] = [1.0]
-    mae_dds_path = _resolve_base(which, "mae_dds")
-    paper_nums = {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}
-    # The tokenizer plug-in rows (BEiT v2, BEiT v2 + DDS) at the DDAE config's budget. At demo scale their
-    # VQ-KD tokenizer is trained first with the "mae" point's encoder as teacher; at full scale the configs
-    # take the official tokenizer.
-    beit_paths = {role: _resolve_base(which, role) for role in ("beitv2", "beitv2_dds")}
-    tokenizer_points, beit_tok = [], ()
-    if which != "full":
-        vqkd_path = _resolve_base(which, "vqkd")
-        beit_paths["vqkd"] = vqkd_path
-        tokenizer_points = [GridPoint("vqkd", "vqkd", _budget_overrides(load_config(vqkd_path), ddae_cfg)
-                                      + ('model.teacher="{runs}/mae/encoder.safetensors"',),
-                                      evaluate=False)]
-        beit_tok = ('model.tokenizer="{runs}/vqkd/tokenizer.safetensors"',)
-    beit_points = [GridPoint(name, name, _budget_overrides(load_config(beit_paths[name]), ddae_cfg) + beit_tok)
-                   for name in ("beitv2", "beitv2_dds")]
-    points_l = [
-        RANDOM_INIT,
-        GridPoint("mae", "mae", mae_budget),
-        GridPoint("mae_dds", "mae_dds", _budget_overrides(load_config(mae_dds_path), ddae_cfg)),
-        *tokenizer_points,
-        *beit_points,
-        GridPoint("ddae", "ddae", (), paper_nums),
+    m = "model."
+    return [
+        GridPoint("ddae", "ddae", (), {f"paper (IN-1k) {k}": v for k, v in DDAE_PAPER.items()}),
         _variant("ddae_no_deep_supervision", "ddae", ddae_cfg, _set(m, **no_dds)),
         _variant("ddae_no_dynamic_weighting", "ddae", ddae_cfg, _set(m, dds_beta_mode="fixed", dds_beta_start=0.0)),
         _variant("ddae_scheduled_beta", "ddae", ddae_cfg, _set(m, dds_beta_mode="scheduled")),
         _variant("ddae_no_self_distillation", "ddae", ddae_cfg, _set(m, distill_weight=0.0)),
     ]
-    rows_l = [
-        CONTROL_ROW,
-        Row("plug-in", "MAE", "mae"),
-        Row("plug-in", "MAE + DDS", "mae_dds"),
-        Row("plug-in", "BEiT v2", "beitv2"),
-        Row("plug-in", "BEiT v2 + DDS", "beitv2_dds"),
-        Row("deep supervision", "on (DDAE)", "ddae"),
-        Row("deep supervision", "off (last layer only)", "ddae_no_deep_supervision"),
-        Row("dynamic weighting", "learnable beta (DDAE)", "ddae"),
-        Row("dynamic weighting", "scheduled beta", "ddae_scheduled_beta"),
-        Row("dynamic weighting", "off (beta = 0)", "ddae_no_dynamic_weighting"),
-        Row("self-distillation", "on (DDAE)", "ddae"),
-        Row("self-distillation", "off", "ddae_no_self_distillation"),
+
+
+def _tokenizer_plugins(found: _Bases, ddae_cfg) -> tuple[list[GridPoint], dict]:
+    """The tokenizer plug-in points (BEiT v2, BEiT v2 + DDS) at the DDAE config's budget, and their base paths.
+
+    At demo scale their VQ-KD tokenizer is trained first with the "mae" point's encoder as teacher; at full
+    scale the configs take the official tokenizer."""
+    beit_paths = {role: found.path(role) for role in ("beitv2", "beitv2_dds")}
+    points, beit_tok = [], ()
+    if found.which != "full":
+        beit_paths["vqkd"] = found.path("vqkd")
+        points = [GridPoint("vqkd", "vqkd", _budget_overrides(load_config(beit_paths["vqkd"]), ddae_cfg)
+                            + ('model.teacher="{runs}/mae/encoder.safetensors"',), evaluate=False)]
+        beit_tok = ('model.tokenizer="{runs}/vqkd/tokenizer.safetensors"',)
+    points += [GridPoint(name, name, _budget_overrides(load_config(beit_paths[name]), ddae_cfg) + beit_tok)
+               for name in ("beitv2", "beitv2_dds")]
+    return points, beit_paths
+
+
+def _ddae_grid(found: _Bases, mae_path: Path, depth: int) -> Grid:
+    """The plug-in rows (MAE, MAE + DDS, BEiT v2 +/- DDS) and the DDAE ablations, all at the DDAE budget."""
+    ddae_path, mae_dds_path = found.path("ddae"), found.path("mae_dds")
+    ddae_cfg = load_config(ddae_path)
+    beit_points, beit_paths = _tokenizer_plugins(found, ddae_cfg)
+    points = [
+        RANDOM_INIT,
+        # An ablation compares equal budgets: the MAE rows get the DDAE config's schedule where they differ.
+        GridPoint("mae", "mae", _budget_overrides(load_config(mae_path), ddae_cfg)),
+        GridPoint("mae_dds", "mae_dds", _budget_overrides(load_config(mae_dds_path), ddae_cfg)),
+        *beit_points,
+        *_ddae_ablations(ddae_path, ddae_cfg, depth),
     ]
-    return Grid(paper, tuple(points_l), tuple(rows_l),
+    return Grid("ddae", tuple(points), DDAE_ROWS,
                 {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path, **beit_paths})
 
 
@@ -362,9 +381,7 @@ def tabulate(grid: Grid, results: dict[str, dict[str, float | None]], columns: S
 def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrides: Sequence[str] = ()) -> list:
     """The demo-scale grid as steps (:mod:`mimbench.steps`): per point, its pre-training (or, for the control,
     the base config's model at initialisation) and, unless it is a prerequisite (``evaluate=False``), the
-    :data:`DEMO_EVALS` evaluations."""
-    from mimbench.steps import Control, Evaluate, Pretrain
-
+    :func:`demo_evals` evaluations."""
     wanted = None if points is None else set(points)
     steps = []
     for point in grid.points:
@@ -373,11 +390,11 @@ def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrid
         config = grid.base_paths[point.base]
         overrides = tuple(point.overrides) + tuple(pretrain_overrides)
         if point.pretrain:
-            steps.append(Pretrain(point.name, config, overrides, DEMO_DATA))
+            steps.append(Pretrain(point.name, config, overrides))
         else:
             steps.append(Control(point.name, config=config, overrides=overrides))
         if point.evaluate:
-            steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg, (), DEMO_DATA) for task, cfg in DEMO_EVALS]
+            steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg) for task, cfg in demo_evals()]
     return steps
 
 
@@ -389,8 +406,6 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
     is reused only when its config, overrides and encoder match; table.md says which were.
     ``pretrain_overrides`` are appended to every point's (e.g. ``data.limit=512`` for a smoke run).
     """
-    from mimbench.steps import Evaluate, StepRunner, reuse_note
-
     root = Path(out) / grid.paper
     root.mkdir(parents=True, exist_ok=True)
     runner = StepRunner(root, log=log)
@@ -399,7 +414,7 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
     for o in outcomes:
         if isinstance(o.step, Evaluate):
             results.setdefault(o.step.encoder, {})[o.step.task] = _headline((o.record or {}).get("metrics", {}))
-    table = tabulate(grid, results, [task for task, _ in DEMO_EVALS])
+    table = tabulate(grid, results, [task for task, _ in demo_evals()])
     note = reuse_note(outcomes)
     path = root / "table.md"
     _write(path, f"# {grid.paper} ablations, demo scale (Fashion-MNIST subset, CPU)\n\n" + table

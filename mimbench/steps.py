@@ -32,10 +32,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+from mimbench import evals
+from mimbench.config import config_sha256, load_config
+from mimbench.control import build_control, is_control
 from mimbench.errors import MimbenchError
+from mimbench.evals.tasks import BUILTIN_DATA, get_task
+from mimbench.results.records import encoder_made_by, finished_record
 
-BUILTIN_DATA = "builtin:fashion-mnist"
-EVAL_TASKS = ("knn", "linear", "finetune", "segment")
 RUNS_PLACEHOLDER = "{runs}"
 
 
@@ -79,8 +82,9 @@ class Control:
 class Evaluate:
     """Evaluate encoder ``encoder`` (the name of an earlier step) on ``task`` with ``config`` (+ ``overrides``).
 
-    Segmentation runs in one process, single-scale test only (the multi-scale + flip test costs about 12x
-    the single-scale one on a CPU), with mmsegmentation's console output kept in ``console.log``.
+    ``task`` is an entry of :data:`mimbench.evals.tasks.TASKS`; the runner is called with the entry's
+    ``step_options`` (segmentation: one process, single-scale test only) and, where the entry says
+    ``console_log``, the task's console output kept in ``console.log`` in the step's folder.
     """
 
     encoder: str
@@ -90,8 +94,7 @@ class Evaluate:
     data: str = BUILTIN_DATA
 
     def __post_init__(self):
-        if self.task not in EVAL_TASKS:
-            raise MimbenchError(f"Unknown evaluation task {self.task!r}.", f"Use one of: {', '.join(EVAL_TASKS)}.")
+        get_task(self.task)  # refuses a task the table does not have
 
     @property
     def title(self) -> str:
@@ -113,6 +116,16 @@ class Outcome:
 
 def _console_log(text: str) -> None:
     print(text)
+
+
+@contextlib.contextmanager
+def _console(log_file: Path | None):
+    """Standard output goes to ``log_file`` inside (unchanged when None)."""
+    if log_file is None:
+        yield
+        return
+    with open(log_file, "w") as log, contextlib.redirect_stdout(log):
+        yield
 
 
 class StepRunner:
@@ -180,15 +193,13 @@ class StepRunner:
             shutil.rmtree(folder)
 
     def _pretrain(self, step: Pretrain) -> Outcome:
-        from mimbench.results.records import encoder_made_by
-
         enc = self.encoder_path(step.name)
         # the exported file: the encoder, or what the model writes instead (a tokenizer.safetensors)
         for made in [enc] + sorted(set(enc.parent.glob("*.safetensors")) - {enc}):
             if encoder_made_by(made, step.config, step.overrides):
                 self.log(f"reusing {made}")
                 return Outcome(step, True, made)
-        from pretrain.main import run_pretrain
+        from pretrain.main import run_pretrain  # torch and the models: only when something is pre-trained
 
         if self._interrupted_same_run(enc.parent, step):
             self.log(f"resuming {enc.parent} from its last checkpoint")
@@ -204,8 +215,6 @@ class StepRunner:
         """``folder`` holds a checkpoint of a pre-training whose resolved config (``config.py``) is this step's."""
         if not ((folder / "checkpoint-latest.pt").is_file() and (folder / "config.py").is_file()):
             return False
-        from mimbench.config import config_sha256, load_config
-
         try:
             done = config_sha256(load_config(folder / "config.py"))
         except MimbenchError:
@@ -213,8 +222,6 @@ class StepRunner:
         return done == config_sha256(load_config(step.config, list(step.overrides)))
 
     def _control(self, step: Control) -> Outcome:
-        from mimbench.control import build_control, is_control
-
         like = None
         if step.like is not None:
             if step.like not in self.encoders:
@@ -230,8 +237,6 @@ class StepRunner:
         return Outcome(step, False, build_control(enc, **recipe))
 
     def _evaluate(self, step: Evaluate) -> Outcome:
-        from mimbench.results.records import finished_record
-
         if step.encoder not in self.encoders:
             raise MimbenchError(f"Step {step.title!r} evaluates encoder {step.encoder!r}, which no earlier step made.",
                                 "Put its pre-training or control step first.")
@@ -242,19 +247,11 @@ class StepRunner:
             self.log(f"reusing {folder}")
             return Outcome(step, True, folder, record)
         self._clear(folder)
-        if step.task == "segment":
-            from mimbench.evals.segment import run_segment
-
-            folder.mkdir(parents=True, exist_ok=True)
-            # mmsegmentation prints every parameter's layer id: keep the terminal readable, the log complete
-            with open(folder / "console.log", "w") as log, contextlib.redirect_stdout(log):
-                record = run_segment(encoder=encoder, config=step.config, data=step.data, out=folder,
-                                     overrides=list(step.overrides), launcher="none", resume=False, aug_test=False)
-        else:
-            from mimbench.evals import run_eval
-
-            record = run_eval(step.task, encoder=encoder, config=step.config, data=step.data, out=folder,
-                              overrides=list(step.overrides), resume=False)
+        task = get_task(step.task)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _console(folder / "console.log" if task.console_log else None):
+            record = evals.run_eval(step.task, encoder=encoder, config=step.config, data=step.data, out=folder,
+                                    overrides=list(step.overrides), resume=False, **task.step_options)
         return Outcome(step, False, folder, record)
 
 
@@ -267,5 +264,5 @@ def reuse_note(outcomes: Sequence[Outcome]) -> str:
             f"{len(outcomes)} steps: " + ", ".join(reused) + ".")
 
 
-__all__ = ["BUILTIN_DATA", "Control", "EVAL_TASKS", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "Step",
+__all__ = ["BUILTIN_DATA", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "Step",
            "StepRunner", "expand_runs", "reuse_note"]

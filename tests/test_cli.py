@@ -11,7 +11,7 @@ runner = CliRunner()
 
 COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval",
             "control"]
-EVAL_COMMANDS = ["linear", "finetune", "knn", "segment"]
+EVAL_COMMANDS = ["knn", "linear", "finetune", "segment"]
 
 
 def _plain(text: str) -> str:
@@ -90,33 +90,35 @@ def test_bad_choice_is_refused_with_the_list(argv, option):
     assert "Invalid value" in out and option.lower() in out.lower() and "is not one of" in out
 
 
-def test_cli_choices_match_the_modules_that_implement_them():
+def test_cli_choices_are_the_constants_of_the_modules_that_implement_them():
     import typing
 
-    from mimbench import bench, cli, fastpath, reproduce
+    from mimbench import bench, cli, reproduce, schema
     from mimbench.encoders import convert
+    from mimbench.evals import tasks
     from mimbench.results import leaderboard, report
 
     assert typing.get_args(cli.ReportFormat) == report.FORMATS
-    assert typing.get_args(cli.Layout) == convert.LAYOUTS
-    assert set(typing.get_args(cli.LeaderboardTask)) == set(leaderboard.TASK_METRIC)
+    assert typing.get_args(cli.LeaderboardTask) == tuple(leaderboard.TASK_METRIC)
     assert typing.get_args(cli.Paper) == reproduce.PAPERS
     assert typing.get_args(cli.Scale) == reproduce.SCALES
-    assert typing.get_args(cli.BenchWhat) == bench.MODES
-    assert typing.get_args(cli.Amp) == fastpath.AMP_CHOICES
+    assert typing.get_args(cli.Amp) == schema.AMP.values
+    assert cli.LAYOUTS.values == convert.LAYOUTS and cli.BENCH_MODES.values == bench.modes()
+    launcher = next(o for o in tasks.get_task("segment").options if o.name == "launcher")
+    assert launcher.choices is tasks.LAUNCHERS
 
 
 def test_every_eval_subcommand_states_a_default_config_of_the_same_kind():
-    from mimbench import cli
-    from mimbench.paths import REPO_ROOT
+    from mimbench.evals.tasks import all_tasks
+    from mimbench.paths import EVAL_CONFIGS, REPO_ROOT
 
-    assert set(cli.DEFAULT_EVAL_CONFIGS) == set(EVAL_COMMANDS) == set(cli.PROTOCOL_CONFIGS)
-    for task in EVAL_COMMANDS:
-        default, protocol = cli.DEFAULT_EVAL_CONFIGS[task], cli.PROTOCOL_CONFIGS[task]
+    assert [t.name for t in all_tasks()] == EVAL_COMMANDS
+    for task in all_tasks():
+        default, protocol = str(EVAL_CONFIGS / task.demo_config), str(EVAL_CONFIGS / task.protocol_config)
         assert (REPO_ROOT / default).is_file() and (REPO_ROOT / protocol).is_file()
         assert "demo" in default and "fmnist" in default  # all four: the built-in data's demo configs
-        out = " ".join(_plain(runner.invoke(app, ["eval", task, "--help"], env={"COLUMNS": "400"}).output).split())
-        assert default in out and protocol in out, task
+        out = " ".join(_plain(runner.invoke(app, ["eval", task.name, "--help"], env={"COLUMNS": "400"}).output).split())
+        assert default in out and protocol in out, task.name
 
 
 def test_shell_completion_is_offered():

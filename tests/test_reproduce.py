@@ -15,6 +15,7 @@ from mimbench import paths
 from mimbench import reproduce as R
 from mimbench.config import load_config, parse_override
 from mimbench.errors import MimbenchError
+from mimbench.jobs import full_evals
 
 MAE_CFG = """technique = "mae"
 model = dict(name="mae_vit_micro_patch4_32", decoder_attn_drop=0.0, target_norm="patch",
@@ -54,7 +55,7 @@ def fake_repo(tmp_path, monkeypatch):
         for role, candidates in roles.items():
             (root / candidates[0]).parent.mkdir(parents=True, exist_ok=True)
             (root / candidates[0]).write_text(texts[role])
-    for _, cfg in R.DEMO_EVALS:
+    for _, cfg in R.demo_evals():
         (root / cfg).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(paths.REPO_ROOT / cfg, root / cfg)
     monkeypatch.setattr(paths, "REPO_ROOT", root)
@@ -304,7 +305,7 @@ def _fake_pipeline(monkeypatch, calls):
         return record
 
     monkeypatch.setitem(sys.modules, "pretrain.main", types.SimpleNamespace(run_pretrain=run_pretrain))
-    monkeypatch.setitem(sys.modules, "mimbench.evals", types.SimpleNamespace(run_eval=run_eval))
+    monkeypatch.setattr("mimbench.evals.run_eval", run_eval)
 
 
 def test_demo_runs_each_step_once_and_reuses_finished_ones(fake_repo, tmp_path, monkeypatch):
@@ -364,7 +365,7 @@ def test_reproduce_redoes_a_step_whose_config_changed_and_reuses_one_whose_hashe
     assert "3 of 6 steps: pre-train mae_dds, knn on mae_dds, linear on mae_dds" in table.read_text()
 
     # an evaluation config changes: only the evaluations are redone, the encoders are reused
-    knn_cfg = fake_repo / R.DEMO_EVALS[0][1]
+    knn_cfg = fake_repo / R.demo_evals()[0][1]
     knn_cfg.write_text(knn_cfg.read_text() + "\nbatch_size = 128\n")
     calls.clear()
     R.run_demo_grid(grid, tmp_path / "runs", points=["mae", "mae_dds"], log=lambda s: None)
@@ -425,14 +426,14 @@ def test_no_deep_supervision_stays_valid_with_explicit_depth_lists(fake_repo):
 def test_ddae_grid_gives_mae_rows_the_ddae_budget(fake_repo):
     for role, epochs in (("mae", 800), ("ddae", 100)):
         path = fake_repo / R.BASE_CONFIGS["full"][role][0]
-        path.write_text(path.read_text() + f"train = dict(epochs={epochs}, warmup_epochs={epochs // 20})\n")
+        path.write_text(path.read_text() + f"schedule = dict(epochs={epochs}, warmup_epochs={epochs // 20})\n")
     points = {p.name: p for p in R.build_grid("ddae", "full").points}
-    assert points["mae"].overrides == ("train.epochs=100", "train.warmup_epochs=5")
+    assert points["mae"].overrides == ("schedule.epochs=100", "schedule.warmup_epochs=5")
     assert points["mae_dds"].overrides == ()  # its config has no budget keys here
     assert points["ddae"].overrides == ()
 
 
-@pytest.mark.parametrize("task,config,data", R.FULL_EVALS)
+@pytest.mark.parametrize("task,config,data", full_evals())
 def test_full_scale_evaluation_configs_exist(task, config, data):
     path = paths.REPO_ROOT / config
     if not path.parent.is_dir():

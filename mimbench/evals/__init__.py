@@ -1,22 +1,13 @@
-"""Evaluations of an encoder file: k-NN, linear probe, fine-tuning (and segmentation, in ``segment``).
+"""Evaluations of an encoder file: k-NN, linear probe, fine-tuning, segmentation (the table: ``tasks``).
 
-``run_eval`` dispatches by task name; each task module is imported only when used, so that the
-mmseg stack behind ``segment`` is never loaded for a classification evaluation.
+``run_eval`` dispatches by task name through :data:`mimbench.evals.tasks.TASKS`; each task module is imported
+only when used, so that the mmseg stack behind ``segment`` is never loaded for a classification evaluation.
 """
 from __future__ import annotations
 
-from importlib import import_module
 from pathlib import Path
 
-from mimbench.errors import MimbenchError
-
-#: task name -> (module, function). Every function takes the keyword arguments of ``run_eval``.
-TASKS = {
-    "knn": ("mimbench.evals.knn", "run_knn"),
-    "linear": ("mimbench.evals.linear", "run_linear"),
-    "finetune": ("mimbench.evals.finetune", "run_finetune"),
-    "segment": ("mimbench.evals.segment", "run_segment"),
-}
+from mimbench.evals.tasks import get_task, resolve
 
 
 def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
@@ -24,20 +15,14 @@ def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, ov
     """Run evaluation ``task`` of ``encoder`` with protocol ``config`` on ``data``; write and return its record.
 
     The record (``mimbench.results.records`` schema) is also written into ``out``; ``record["metrics"]``
-    holds the accuracies in percent (segmentation: aAcc / mIoU / mAcc). ``layout`` is the checkpoint
-    layout of ``encoder`` (``--from``; "auto" detects it). ``options`` are passed on to the task
-    (``segment``: ``launcher``, ``aug_test``).
+    holds the accuracies in percent (segmentation: aAcc / mIoU / mAcc). ``layout`` is the checkpoint layout
+    of ``encoder`` (``auto``: detected); ``options`` are the task's extra keywords (its entry's ``options``,
+    e.g. ``segment``: ``launcher``, ``aug_test``).
     """
-    if task not in TASKS:
-        raise MimbenchError(f"Unknown evaluation task {task!r}.", f"Use one of {', '.join(sorted(TASKS))}.")
-    module_name, func_name = TASKS[task]
-    try:
-        module = import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise MimbenchError(f"The {task} evaluation is not available in this installation.",
-                            "Use one of the available tasks.") from err
-    func = getattr(module, func_name)
+    entry = get_task(task)
+    func = resolve(entry.runner, task)
     return func(encoder=Path(encoder), config=Path(config), data=str(data), out=Path(out),
                 overrides=list(overrides or []), resume=bool(resume), layout=str(layout), **options)
+
+
+__all__ = ["run_eval"]

@@ -251,3 +251,12 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
         feats, labels = _load_cache(feat_path, label_path)
     return feats, labels, {**info, "cached": False}
 
+
+
+def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode) -> torch.Tensor:
+    """Class-token features (N×D float32, after the encoder's final norm) of ``images`` (N×3×S×S), as
+    :func:`compute_features` computes them: under ``grad_off()`` and ``autocast()`` (a context factory,
+    :func:`mimbench.fastpath.autocast_factory`)."""
+    with grad_off(), autocast():
+        tokens = model.forward_features(images)
+    return tokens[:, 0].float()

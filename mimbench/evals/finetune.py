@@ -156,3 +156,21 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                   "val_transform": val_desc, "img_size": size},
         metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)},
                                   "skipped": runner.skipped(train_set, val_set)})
+
+
+def build_mixup(mix, num_classes: int):
+    """``(mixup, criterion)`` of the protocol from a config's ``mixup`` section: timm ``Mixup`` (Mixup/CutMix and
+    label smoothing, soft targets) and ``SoftTargetCrossEntropy``."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    mixup = Mixup(mixup_alpha=float(mix["mixup"]), cutmix_alpha=float(mix["cutmix"]), prob=float(mix["prob"]),
+                  switch_prob=float(mix["switch_prob"]), mode=mix["mode"], label_smoothing=float(mix["smoothing"]),
+                  num_classes=int(num_classes))
+    return mixup, SoftTargetCrossEntropy()
+
+
+def mixup_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mixup, criterion) -> torch.Tensor:
+    """The fine-tuning loss of images ``x`` (N×3×S×S, N even) with labels ``y`` (N): mixed inputs, soft targets."""
+    x, soft = mixup(x, y)
+    return criterion(model(x), soft)

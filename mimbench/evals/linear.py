@@ -214,3 +214,12 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
                   "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
         metrics=metrics, dataset={"sizes": sizes, "skipped": skipped})
+
+
+def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the probe ``head`` on the frozen encoder's class tokens of images ``x`` (N×3×S×S), or on
+    ``x`` itself when ``encoder_model`` is None (cached features, N×D); ``y``: labels (N)."""
+    if encoder_model is not None:
+        with torch.no_grad():  # frozen encoder: no graph, weights untouched
+            x = encoder_model.forward_features(x)[:, 0]
+    return F.cross_entropy(head(x.float()), y)

@@ -71,7 +71,7 @@ from mimbench.evals.tasks import Task, all_tasks, resolve
 from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
 from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
 from mimbench.results.records import encoder_summary, new_record, write_record
-from pretrain import create_model
+from pretrain import create_model, model_spec
 from pretrain.data import mae_pretrain_transform
 from pretrain.main import build_optimizer
 
@@ -185,9 +185,8 @@ def _seeded(fn):
 @_seeded
 def pretrain_step(cfg, batch, device, fast, autocast, encoder=None, arch=None):
     """One pre-training optimizer step of ``cfg`` (the model it names; ``encoder`` and ``arch`` unused)."""
-    kwargs = dict(cfg.model)
-    name = kwargs.pop("name")
-    model = create_model(name, **kwargs).to(device).train()
+    spec = model_spec(cfg)
+    model = create_model(spec.name, **spec.kwargs).to(device).train()
     set_fused_attention(model, fast)
     opt_cfg = cfg.optim
     optimizer = build_optimizer(model, lr=scaled_lr(opt_cfg, batch), weight_decay=float(opt_cfg.weight_decay),
@@ -204,7 +203,7 @@ def pretrain_step(cfg, batch, device, fast, autocast, encoder=None, arch=None):
         optimizer.zero_grad(set_to_none=True)
         model.on_step_end(0, 10**6)
 
-    return model, step, {"model": name, "img_size": size, "mask_ratio": mask_ratio}
+    return model, step, {"model": spec.name, "img_size": size, "mask_ratio": mask_ratio}
 
 
 def _inputs(batch: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:

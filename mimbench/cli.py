@@ -161,10 +161,13 @@ def _eval_parameters(task: Task) -> list[inspect.Parameter]:
     return params
 
 
-def _metrics_line(metrics: dict) -> str:
-    """``key=value, ...`` of the scalar metrics (per-class tables are in the record)."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                     if not isinstance(v, dict))
+def _metrics_line(task: Task, metrics: dict) -> str:
+    """The scalar metrics (per-class tables are in the record) as the task's entry says: ``key=value, ...``
+    or the dict."""
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    if task.metrics_line == "dict":
+        return str(scalars)
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items())
 
 
 def _eval_command(task: Task) -> Callable:
@@ -173,7 +176,7 @@ def _eval_command(task: Task) -> Callable:
     def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, **options):
         record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
                           overrides=list(set_ or []), resume=resume, layout=from_, **options)
-        typer.echo(f"{task.name}: {_metrics_line(record['metrics'])}")
+        typer.echo(f"{task.name}: {_metrics_line(task, record['metrics'])}")
 
     params = _eval_parameters(task)
     command.__signature__ = inspect.Signature(params)

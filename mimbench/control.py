@@ -22,29 +22,19 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from mimbench.config import config_sha256, load_config
+from mimbench.encoders import read_metadata
 from mimbench.errors import MimbenchError
+from pretrain.contract import export_encoder
+from pretrain.registry import create_model, model_spec
 
 TECHNIQUE = "random-init"
 ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
-def _model_section(cfg, path: Path) -> tuple[str, dict]:
-    """(registry name, constructor kwargs) of a pre-training config's ``model`` section."""
-    model = cfg.get("model") if hasattr(cfg, "get") else None
-    if not hasattr(model, "keys"):
-        raise MimbenchError(f"Config {path} has no `model` section.",
-                            "Give a pre-training config (one with model=dict(name=...)), e.g. "
-                            "pretrain/configs/mae_tiny_fmnist.py.")
-    kwargs = dict(model)
-    for key in ("name", "type", "arch"):
-        if isinstance(kwargs.get(key), str):
-            return kwargs.pop(key), kwargs
-    raise MimbenchError(f"Config {path} does not name its model.", "Set model=dict(name='mae_vit_...').")
-
-
 def _reference_arch(like: Path) -> dict:
-    from mimbench.encoders import read_metadata
-
     meta = read_metadata(like)
     family = meta.get("family", "vit")
     if family != "vit":
@@ -61,8 +51,6 @@ def control_sha256(*, like: Path | None = None, config: Path | None = None, over
     the seed. Stored as the control file's ``config_sha256``."""
     _check_one(like, config)
     if config is not None:
-        from mimbench.config import config_sha256, load_config
-
         recipe = {"config_sha256": config_sha256(load_config(config, list(overrides)))}
     else:
         recipe = {"like": _reference_arch(Path(like))}
@@ -86,41 +74,32 @@ def build_control(out: str | Path, *, like: str | Path | None = None, config: st
     whose model to build. Exactly one of them. ``seed`` seeds the initialisation (the global RNG state is
     restored afterwards).
     """
-    import torch
-
-    from mimbench.encoders import arch_name, save_encoder
-    from pretrain.registry import create_model
-
     _check_one(like, config)
     recipe = control_sha256(like=like, config=config, overrides=overrides, seed=seed)
-    if config is not None:
-        from mimbench.config import load_config
-
-        name, kwargs = _model_section(load_config(config, list(overrides)), Path(config))
-        source = f"config {Path(config).name}"
-    else:
-        ref = _reference_arch(Path(like))
-        # the smallest decoder: only the encoder is kept, and its initialisation does not depend on the decoder
-        name = "mae"
-        kwargs = {**{k: ref[k] for k in (*ARCH_FIELDS, "mlp_ratio")},
-                  "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
-        source = f"like {Path(like).name}"
+    name, kwargs, source = _control_model(like, config, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = create_model(name, **kwargs)
-    if not hasattr(model, "encoder_state_dict"):
-        raise MimbenchError(f"The model of {source} ({name}) is not an encoder (a tokenizer?); a control is an "
-                            "encoder.", "Give the config of an encoder pre-training (MAE, DDAE, BEiT v2, ...).")
-    arch = model.encoder_arch()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A BEiT-family model (BEiT v2) describes its file's extra fields; a ViT-family one has none.
-    family_fields = model.encoder_family_metadata() if hasattr(model, "encoder_family_metadata") else {}
-    return save_encoder(model.encoder_state_dict(), out,
-                        arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                        technique=TECHNIQUE, config_sha256=recipe, epochs=0, data="none", **arch,
-                        family=getattr(model, "encoder_family", "vit"),
-                        extra={**family_fields, "control_seed": str(int(seed)), "control_of": source})
+    return export_encoder(model, out, technique=TECHNIQUE, config_sha256=recipe, epochs=0, data="none",
+                          extra={"control_seed": str(int(seed)), "control_of": source})
+
+
+def _control_model(like, config, overrides: Sequence[str]) -> tuple[str, dict, str]:
+    """(registry name, constructor arguments, what the control copies) of the control's model."""
+    if config is not None:
+        spec = model_spec(load_config(config, list(overrides)))
+        if spec.exports != "encoder":
+            raise MimbenchError(f"The model of config {Path(config).name} ({spec.name}) exports a {spec.exports}, not "
+                                "an encoder; a control is an encoder.",
+                                "Give the config of an encoder pre-training (MAE, DDAE, BEiT v2, ...).")
+        return spec.name, spec.kwargs, f"config {Path(config).name}"
+    ref = _reference_arch(Path(like))
+    # the smallest decoder: only the encoder is kept, and its initialisation does not depend on the decoder
+    kwargs = {**{k: ref[k] for k in (*ARCH_FIELDS, "mlp_ratio")},
+              "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
+    return "mae", kwargs, f"like {Path(like).name}"
 
 
 def is_control(path: Path, *, like=None, config=None, overrides: Sequence[str] = (), seed: int = 0) -> bool:
@@ -128,8 +107,6 @@ def is_control(path: Path, *, like=None, config=None, overrides: Sequence[str] =
     path = Path(path)
     if not path.is_file():
         return False
-    from mimbench.encoders import read_metadata
-
     meta = read_metadata(path)
     return meta.get("technique") == TECHNIQUE and meta.get("config_sha256") == control_sha256(
         like=like, config=config, overrides=overrides, seed=seed)

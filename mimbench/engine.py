@@ -156,6 +156,7 @@ class LoopConfig:
     log_every: int = 20
     progress: bool = True
     tensorboard: bool = False
+    compile: bool = False
 
 
 def _autocast(amp: str, device: torch.device):

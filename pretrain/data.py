@@ -25,7 +25,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
+from mimbench.batching import GlobalBatchSampler, SeededItems, uniform_by_index
+from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset, build_dataset
 from mimbench.errors import MimbenchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,8 +107,6 @@ class TensorPretrainLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int,
                  mean, std, seed: int = 0, rank: int = 0, world_size: int = 1, accum_iter: int = 1,
                  scale=(0.2, 1.0)):
-        from mimbench.batching import GlobalBatchSampler
-
         if images.dtype != torch.uint8:
             raise MimbenchError(f"Expected uint8 images, got {images.dtype}.", "Pass the raw uint8 image tensor.")
         self.images = images if images.dim() == 4 else images[:, None]
@@ -132,8 +134,6 @@ class TensorPretrainLoader:
     def iter_from(self, start: int):
         """The epoch's batches from micro-batch ``start`` on (resume): crops and flips are functions of
         ``(seed, epoch, index)``, so the skipped batches are neither loaded nor drawn."""
-        from mimbench.batching import uniform_by_index
-
         _, _, height, width = self.images.shape
         epoch = self.epoch
         for chunk in self.sampler.iter_from(start):
@@ -150,8 +150,6 @@ class TensorPretrainLoader:
 
 def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The official MAE pre-training transform (PIL image -> normalised 3×S×S tensor)."""
-    from torchvision import transforms as T
-
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -168,11 +166,7 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
     broken files up to ``max_bad_fraction`` (``mimbench.data.image_folder``; ``loader.dataset``
     lists them through ``mimbench.data.skipped_files``). The loader has ``set_epoch(e)`` (directly or
     on its batch sampler) and yields ``(images, labels, indices)``."""
-    from mimbench.batching import GlobalBatchSampler, SeededItems
-
     if data == BUILTIN_FMNIST:
-        from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset
-
         ds = FashionMNISTSubset("train", img_size=img_size)
         mean, std = FASHION_MNIST_MEAN[:1], FASHION_MNIST_STD[:1]  # grey: one channel, replicated later
         images, labels = ds.images, torch.as_tensor(ds.labels)
@@ -180,10 +174,6 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
             images, labels = images[: int(limit)], labels[: int(limit)]
         return TensorPretrainLoader(images, labels, batch_size=batch_size, img_size=img_size, mean=mean, std=std,
                                     seed=seed, rank=rank, world_size=world_size, accum_iter=accum_iter)
-    from torch.utils.data import DataLoader
-
-    from mimbench.data import build_dataset
-
     ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size,
                        max_bad_fraction=max_bad_fraction)
     if limit:

@@ -1,76 +1,103 @@
-"""Registry of pre-training models: ``create_model(name, **kwargs)``.
+"""Registry of pre-training models: ``create_model(name, **kwargs)`` and ``model_spec(cfg)``.
 
-Model modules register builders with ``@register("name")``; every module of
-:mod:`pretrain.models` is imported on first use, so a new model family only needs its file.
+Model modules register builders with ``@register("name", technique=..., model_cls=...)``;
+:mod:`pretrain.models` imports every model module, and importing :mod:`pretrain` imports it, so the
+table is complete whenever anything of the package is used. Every built model is checked against
+:class:`pretrain.contract.PretrainModel`.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch import nn
 
 from mimbench.errors import MimbenchError
-
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
-_discovered = False
+from pretrain.contract import check_model
 
 
-def register(name: str | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model builder under ``name`` (default: the function's name)."""
+class ModelEntry(NamedTuple):
+    """One registered model: its builder, the technique its files record by default, and its class."""
+
+    builder: Callable[..., nn.Module]
+    technique: str
+    model_cls: type
+
+
+class ModelSpec(NamedTuple):
+    """What a pre-training config builds (:func:`model_spec`), known before the model is built."""
+
+    name: str  # registry name
+    kwargs: dict  # constructor arguments
+    family: str  # family of the exported file: "vit", "beit" (encoders) or "vqkd" (a tokenizer)
+    technique: str  # recorded in the exported file
+    exports: str  # "encoder" or "tokenizer"
+    export_name: str  # file name in the run folder
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register(name: str, *, technique: str, model_cls: type) -> Callable[[Callable[..., nn.Module]], Callable]:
+    """Decorator registering a model builder under ``name``; ``technique`` is the default technique of
+    its files, ``model_cls`` the class it builds (read for the spec and the accepted arguments)."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or fn.__name__
-        if key in _BUILDERS and _BUILDERS[key] is not fn:
-            raise ValueError(f"model name {key!r} registered twice")
-        _BUILDERS[key] = fn
+        if name in _MODELS and _MODELS[name].builder is not fn:
+            raise ValueError(f"model name {name!r} registered twice")
+        _MODELS[name] = ModelEntry(fn, technique, model_cls)
         return fn
 
     return deco
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    import pretrain.models as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
-    _discovered = True
-
-
 def list_models() -> list[str]:
     """Sorted names accepted by :func:`create_model`."""
-    _discover()
-    return sorted(_BUILDERS)
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise MimbenchError(f"Unknown pre-training model {name!r}.", f"Known models: {', '.join(sorted(_MODELS))}.")
+    return _MODELS[name]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with keyword arguments ``kwargs``.
 
-    Unknown names and unknown/invalid arguments raise :class:`MimbenchError`.
+    Unknown names, unknown/invalid arguments and a model that breaks the contract raise :class:`MimbenchError`.
     """
-    _discover()
-    if name not in _BUILDERS:
-        raise MimbenchError(
-            f"Unknown pre-training model {name!r}.", f"Known models: {', '.join(sorted(_BUILDERS))}."
-        )
+    entry = _entry(name)
     try:
-        return _BUILDERS[name](**kwargs)
+        model = entry.builder(**kwargs)
     except TypeError as e:
         if "keyword argument" not in str(e):
             raise
-        raise MimbenchError(
-            f"Model {name!r} does not accept these arguments ({e}).",
-            _accepted_hint(name),
-        ) from e
+        raise MimbenchError(f"Model {name!r} does not accept these arguments ({e}).",
+                            f"{name} accepts: {', '.join(accepted_arguments(entry.model_cls))}.") from e
+    return check_model(model, name)
 
 
-def _accepted_hint(name: str) -> str:
-    from pretrain.models.mae import MaskedAutoencoderViT
+def accepted_arguments(cls: type) -> list[str]:
+    """Constructor argument names of ``cls`` and of the bases its ``*args, **kwargs`` pass on to."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                  and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
-    params = [p for p in inspect.signature(MaskedAutoencoderViT.__init__).parameters if p != "self"]
-    return f"The MAE family accepts: {', '.join(params)}." if "mae" in name else "Check the model's docstring."
+
+def model_spec(cfg) -> ModelSpec:
+    """What the pre-training config ``cfg`` builds: ``cfg.model.name`` with the other ``model`` keys as
+    arguments; the technique is ``cfg.technique``, or the registered one when the config leaves it None."""
+    kwargs = dict(cfg.model)
+    name = kwargs.pop("name")
+    entry = _entry(name)
+    cls = entry.model_cls
+    return ModelSpec(name=name, kwargs=kwargs, family=cls.encoder_family, technique=cfg.technique or entry.technique,
+                     exports=cls.exports, export_name=cls.export_name)

@@ -128,33 +128,23 @@ class TargetNorm(nn.Module):
             self.register_buffer("running_mean", torch.zeros(()))
             self.register_buffer("running_var", torch.ones(()))
             self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        # Host-side copy of "num_updates > 0" so that a training step never reads the device
-        # buffer back (a synchronisation on CUDA); None = not known yet (read once, lazily).
-        self._has_stats: bool | None = None
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._has_stats = None  # the loaded num_updates decides
-        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, alpha={self.alpha}, momentum={self.momentum}, eps={self.eps}"
 
     @torch.no_grad()
     def _ema_stats(self, target: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._has_stats is None:
-            self._has_stats = int(self.num_updates) > 0
         if update:
+            # Branch-free in tensors (the first update copies the batch statistics, later ones blend them):
+            # no host read of num_updates, so a compiled training step has neither a graph break nor a
+            # value guard. ``running * m + (1 - m) * stat`` rounds as the in-place ``mul_(m).add_(...)``.
             mean, var = population_stats(target)
-            if not self._has_stats:
-                self.running_mean.copy_(mean)
-                self.running_var.copy_(var)
-            else:
-                m = self.momentum
-                self.running_mean.mul_(m).add_((1 - m) * mean)
-                self.running_var.mul_(m).add_((1 - m) * var)
-            self.num_updates += 1
-            self._has_stats = True
-        elif not self._has_stats:
+            first = self.num_updates == 0
+            m = self.momentum
+            self.running_mean.copy_(torch.where(first, mean, self.running_mean * m + (1 - m) * mean))
+            self.running_var.copy_(torch.where(first, var, self.running_var * m + (1 - m) * var))
+            self.num_updates.add_(1)
+        elif int(self.num_updates) == 0:  # evaluation only: the training step never reads the buffer back
             raise MimbenchError(
                 "target_norm='ema' has no running statistics yet (no training step has been taken).",
                 "Run at least one training-mode forward pass, or load a checkpoint that has them.",

@@ -120,7 +120,7 @@ def test_runner_builds_a_control_like_an_earlier_encoder_and_reuses_it(tmp_path)
 def test_control_of_a_beit_v2_config_is_a_beit_family_encoder(tmp_path):
     # The control of a BEiT v2 config is the BEiT-family encoder pre-training starts from (relative
     # position bias, layer scale): written with the family's metadata, readable by every evaluation.
-    from pretrain.tokenizer import VQKD
+    from pretrain.models.vqkd import VQKD
 
     tok = VQKD(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1, num_tokens=16,
                code_dim=8, teacher_dim=24)

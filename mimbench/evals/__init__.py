@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimbench.evals.tasks import get_task, resolve
+from mimbench.evals.tasks import TASKS, get_task, resolve
 
 
 def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
@@ -25,4 +25,4 @@ def run_eval(task: str, *, encoder: Path, config: Path, data: str, out: Path, ov
                 overrides=list(overrides or []), resume=bool(resume), layout=str(layout), **options)
 
 
-__all__ = ["run_eval"]
+__all__ = ["TASKS", "run_eval"]

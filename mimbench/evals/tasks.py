@@ -74,6 +74,9 @@ class Task:
     bench_mode: str | None = None  # `mimbench bench <mode>`; None: not benchmarked
     bench_step: str | None = None  # "module:function" building the timed step (mimbench.bench.StepBuilder)
     bench_batch: str | None = None  # dotted config key of the bench's default batch size
+    # How `mimbench eval <name>` prints the scalar metrics: "pairs" (``top1=71.5, top5=90.1``) or "dict"
+    # (the Python dict, ``{'aAcc': ..., 'mIoU': ...}``: segmentation's line, which scripts already parse).
+    metrics_line: str = "pairs"
 
 
 def resolve(ref: str, task: str) -> Callable:
@@ -151,7 +154,7 @@ register_task(Task(
     example="mimbench eval segment --encoder enc.safetensors --config "
             "eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py --data /data/ADEChallengeData2016 "
             "--out runs/seg",
-    default_data=BUILTIN_SEG_DATA,
+    default_data=BUILTIN_SEG_DATA, metrics_line="dict",
     data_help="builtin:fashion-mnist-seg or an ADE20K root (ADEChallengeData2016)",
     options=(
         Option("launcher", ("--launcher",), "auto", "mmengine launcher: auto (from the torchrun / Slurm "

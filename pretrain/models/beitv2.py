@@ -29,7 +29,7 @@
     ``dds_depths`` go through the encoder's final norm and the shared ``lm_head`` (no new
     parameters), each depth's per-patch cross-entropy is weighted by the dynamic weights of the
     distance map of its block mask with that depth's beta, and the depths are summed with
-    ``dds_weights`` - by the same :func:`pretrain.ddae.deep_dynamic_supervision` that MAE+DDS
+    ``dds_weights`` - by the same :func:`pretrain.dds.deep_dynamic_supervision` that MAE+DDS
     uses, with the same knobs and defaults (docs/techniques.md). With ``dds_depths=(depth,)``,
     ``dds_beta_mode="fixed"``, ``dds_beta_start=0`` it is BEiT v2's loss exactly.
 
@@ -46,13 +46,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.beit import Beit, Block
 from torch import nn
 
 from mimbench.errors import MimbenchError
-from pretrain import ddae as D
+from pretrain import dds
 from pretrain.block_masking import BlockMaskGenerator
-from pretrain.contract import StepContract
+from pretrain.contract import StepContract, VisualTokenizer
 from pretrain.registry import register
+from pretrain.tokenizer import load_tokenizer
 
 PRESETS = {
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4),
@@ -66,7 +68,7 @@ class BEiTv2(StepContract, nn.Module):
     """BEiT v2 masked image modelling; see the module docstring.
 
     Args:
-        tokenizer: tokenizer file, or a :class:`pretrain.tokenizer.VisualTokenizer` instance.
+        tokenizer: tokenizer file, or a :class:`pretrain.contract.VisualTokenizer` instance.
         img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the encoder.
         drop_path_rate: stochastic depth (BEiT v2 base: 0 for 300 epochs, 0.1 for 1600).
         layer_scale_init_value: layer scale init (0 = no layer scale).
@@ -79,6 +81,12 @@ class BEiTv2(StepContract, nn.Module):
         tokenizer_num_heads: head count for an official tokenizer checkpoint (default 64-dim heads).
     """
 
+    # pretrain.contract.PretrainModel: block masks in (draw_mask), a BEiT-family encoder file out (export:
+    # StepContract's, with encoder_family_metadata's fields).
+    mask_input = "blocks"
+    exports = "encoder"
+    encoder_family = "beit"
+
     def __init__(self, tokenizer, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 0.1, use_abs_pos_emb: bool = False,
@@ -88,8 +96,6 @@ class BEiTv2(StepContract, nn.Module):
                  cls_pt_early_layers: int = 9, cls_pt_head_layers: int = 2, cls_pt_shared_lm_head: bool = True,
                  init_std: float = 0.02, tokenizer_num_heads: int | None = None) -> None:
         super().__init__()
-        from timm.models.beit import Beit, Block
-
         if use_rel_pos_bias and use_shared_rel_pos_bias:
             raise MimbenchError("use_rel_pos_bias and use_shared_rel_pos_bias are exclusive.",
                                 "BEiT v2 uses the shared bias (use_shared_rel_pos_bias=True).")
@@ -142,8 +148,6 @@ class BEiTv2(StepContract, nn.Module):
 
     @staticmethod
     def _build_tokenizer(tokenizer, num_heads):
-        from pretrain.tokenizer import VisualTokenizer, load_tokenizer
-
         if isinstance(tokenizer, VisualTokenizer):
             tok = tokenizer
         elif tokenizer is None or tokenizer == "":
@@ -274,7 +278,7 @@ class BEiTv2(StepContract, nn.Module):
         self._loss_terms = terms
         return total, logits, mask.float()
 
-    # ------------------------------------------------------------------ training contract (and StepContract)
+    # ------------------------------------------------------------------ contract (the rest: StepContract)
     def no_weight_decay(self) -> set[str]:
         # The official BEiT v2 skip list ({pos_embed, cls_token}; 1-D tensors and biases are excluded by
         # the optimizer anyway): the mask token and the relative position bias tables are decayed there too.
@@ -295,23 +299,8 @@ class BEiTv2(StepContract, nn.Module):
                 "use_shared_rel_pos_bias": str(self.use_shared_rel_pos_bias).lower(),
                 "layer_scale_init_value": repr(self.layer_scale_init_value)}
 
-    #: The encoder file family written by :meth:`export` (and by the random-init control of this model).
-    encoder_family = "beit"
 
-    def export(self, path, *, technique: str, config_sha256: str = "", epochs: float = 0, data: str = ""):
-        """Write the BEiT-family encoder file (``save_encoder(..., family="beit")``)."""
-        from mimbench.encoders import arch_name, save_encoder
-
-        arch = self.encoder_arch()
-        return save_encoder(self.encoder_state_dict(), path, family=self.encoder_family,
-                            arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
-                            technique=technique, config_sha256=config_sha256, epochs=epochs, data=data,
-                            extra=self.encoder_family_metadata(), **arch)
-
-    export_name = "encoder.safetensors"
-
-
-class BEiTv2WithDDS(D.DDSBetaSchedule, BEiTv2):
+class BEiTv2WithDDS(dds.DDSBetaSchedule, BEiTv2):
     """BEiT v2 with deep dynamic supervision on the token-prediction loss (module docstring).
 
     Args (besides :class:`BEiTv2`'s, keyword-only): ``dds_depths``, ``dds_weights``,
@@ -326,11 +315,11 @@ class BEiTv2WithDDS(D.DDSBetaSchedule, BEiTv2):
                  dds_beta_schedule: str = "cosine", dds_beta_bound: float = 0.5, dds_beta_reg: float = 0.0,
                  dds_distance_metric: str = "euclidean", dds_distance_norm: str = "max", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.dds_depths, self.dds_weights = D.check_dds_args(
+        self.dds_depths, self.dds_weights = dds.check_dds_args(
             self.depth, dds_depths, dds_weights, dds_distance_metric, dds_distance_norm, dds_beta_reg)
         self.dds_beta_reg = float(dds_beta_reg)
         self.dds_distance_metric, self.dds_distance_norm = dds_distance_metric, dds_distance_norm
-        self.dds_beta = D.DynamicBeta(len(self.dds_depths), mode=dds_beta_mode, beta_start=dds_beta_start,
+        self.dds_beta = dds.DynamicBeta(len(self.dds_depths), mode=dds_beta_mode, beta_start=dds_beta_start,
                                       beta_end=dds_beta_end, schedule=dds_beta_schedule, bound=dds_beta_bound,
                                       persistent_progress=True)
 
@@ -343,15 +332,15 @@ class BEiTv2WithDDS(D.DDSBetaSchedule, BEiTv2):
         maskf = mask.float()
         betas = self.dds_beta()
         # Block masks keep visible patches by construction (num_mask_patches < L).
-        dds = D.deep_dynamic_supervision(per_patch, maskf, self.grid_size, betas, self.dds_weights,
+        objective = dds.deep_dynamic_supervision(per_patch, maskf, self.grid_size, betas, self.dds_weights,
                                          self.dds_distance_metric, self.dds_distance_norm)
-        total = dds.total
+        total = objective.total
         terms: dict[str, torch.Tensor] = {
-            "loss_mim": D.weighted_masked_mean(per_patch[-1], maskf, maskf).detach(),
+            "loss_mim": dds.weighted_masked_mean(per_patch[-1], maskf, maskf).detach(),
             "mlm_acc": (logits[mask].argmax(-1) == labels[mask]).float().mean().detach(),
         }
         for k, d in enumerate(self.dds_depths):
-            terms[f"loss_mim_d{d}"] = dds.losses[k].detach()
+            terms[f"loss_mim_d{d}"] = objective.losses[k].detach()
             terms[f"beta_d{d}"] = betas[k].detach()
         if self.cls_pt:
             loss_cls = F.cross_entropy(self._cls_pt_logits(x_cls)[mask].float(), labels[mask])
@@ -365,17 +354,17 @@ class BEiTv2WithDDS(D.DDSBetaSchedule, BEiTv2):
         self._loss_terms = terms
         return total, logits, maskf
 
-    # on_step_end / set_progress / no_weight_decay: pretrain.ddae.DDSBetaSchedule, shared with MAE + DDS.
+    # on_step_end / set_progress / no_weight_decay: pretrain.dds.DDSBetaSchedule, shared with MAE + DDS.
 
 
 # ---------------------------------------------------------------------- registry entries
-@register("beitv2")
+@register("beitv2", technique="beitv2", model_cls=BEiTv2)
 def beitv2(**kwargs) -> BEiTv2:
     """BEiT v2 from explicit constructor arguments."""
     return BEiTv2(**kwargs)
 
 
-@register("beitv2+dds")
+@register("beitv2+dds", technique="beitv2+dds", model_cls=BEiTv2WithDDS)
 def beitv2_dds(**kwargs) -> BEiTv2WithDDS:
     """BEiT v2 with deep dynamic supervision on the token-prediction loss."""
     return BEiTv2WithDDS(**kwargs)
@@ -383,8 +372,9 @@ def beitv2_dds(**kwargs) -> BEiTv2WithDDS:
 
 def _register_presets() -> None:
     for name, preset in PRESETS.items():
-        register("beitv2_" + name)(lambda _p=preset, **kw: BEiTv2(**{**_p, **kw}))
-        register("beitv2+dds_" + name)(lambda _p=preset, **kw: BEiTv2WithDDS(**{**_p, **kw}))
+        register("beitv2_" + name, technique="beitv2", model_cls=BEiTv2)(lambda _p=preset, **kw: BEiTv2(**{**_p, **kw}))
+        dds_preset = register("beitv2+dds_" + name, technique="beitv2+dds", model_cls=BEiTv2WithDDS)
+        dds_preset(lambda _p=preset, **kw: BEiTv2WithDDS(**{**_p, **kw}))
 
 
 _register_presets()

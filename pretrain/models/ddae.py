@@ -5,7 +5,7 @@ arguments, encoder/decoder, masking, target normalisation and forward contract
 (``forward(imgs, mask_ratio, noise) -> (loss, pred, mask)`` with ``pred`` from the last layer).
 The formulas are this project's interpretation of the paper (only its abstract and introduction
 are known); docs/techniques.md (section DDAE) lists every choice. Helpers live in
-:mod:`pretrain.ddae`.
+:mod:`pretrain.dds`.
 
 Deep dynamic supervision (DDS), ``MAEWithDDS`` (registered ``"mae+dds"``)
     The encoder is supervised at several depths ``dds_depths`` (numbers of blocks, 1..depth; the
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimbench.errors import MimbenchError
-from pretrain import ddae as D
+from pretrain import dds
 from pretrain import masking, targets
 from pretrain.models.mae import PRESETS, LayerNorm6, MaskedAutoencoderViT
 from pretrain.registry import register
@@ -60,11 +60,11 @@ DISTILL_TOKENS = ("masked", "visible")
 DISTILL_TARGET_NORMS = ("layernorm", "none")
 
 
-# Re-exported: the DDS depth rules live with the shared DDS objective in :mod:`pretrain.ddae`.
-default_dds_depths = D.default_dds_depths
+# Re-exported: the DDS depth rules live with the shared DDS objective in :mod:`pretrain.dds`.
+default_dds_depths = dds.default_dds_depths
 
 
-class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
+class MAEWithDDS(dds.DDSBetaSchedule, MaskedAutoencoderViT):
     """MAE trained with deep dynamic supervision; see the module docstring.
 
     Args (besides MAE's, all keyword-only):
@@ -72,9 +72,9 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
         dds_weights: loss weight per supervised depth (same order as the sorted depths); ``None`` = all 1.
         dds_norm: ``"shared"`` (encoder's final norm on every depth) or ``"separate"``.
         dds_beta_mode, dds_beta_start, dds_beta_end, dds_beta_schedule, dds_beta_bound:
-            :class:`pretrain.ddae.DynamicBeta` (default learnable, -1 -> 1, cosine, bound 0.5).
+            :class:`pretrain.dds.DynamicBeta` (default learnable, -1 -> 1, cosine, bound 0.5).
         dds_beta_reg: weight of the L2 penalty on the learnable offsets (default 0).
-        dds_distance_metric, dds_distance_norm: :func:`pretrain.ddae.distance_map` (euclidean, max).
+        dds_distance_metric, dds_distance_norm: :func:`pretrain.dds.distance_map` (euclidean, max).
     """
 
     _persistent_progress = False  # the plug-in keeps MAE's state-dict keys
@@ -96,7 +96,7 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.dds_depths, self.dds_weights = D.check_dds_args(
+        self.dds_depths, self.dds_weights = dds.check_dds_args(
             self.depth, dds_depths, dds_weights, dds_distance_metric, dds_distance_norm, dds_beta_reg
         )
         if dds_norm not in DDS_NORMS:
@@ -105,7 +105,7 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
         self.dds_beta_reg = float(dds_beta_reg)
         self.dds_distance_metric = dds_distance_metric
         self.dds_distance_norm = dds_distance_norm
-        self.dds_beta = D.DynamicBeta(
+        self.dds_beta = dds.DynamicBeta(
             len(self.dds_depths),
             mode=dds_beta_mode,
             beta_start=dds_beta_start,
@@ -146,7 +146,7 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
     def _dds(self, imgs, mask_ratio, noise):
         """Shared DDS computation; returns a dict of intermediate results (see ``forward``)."""
         if masking.num_keep(self.num_patches, mask_ratio) == 0:
-            raise D.NoVisiblePatchError(
+            raise dds.NoVisiblePatchError(
                 f"mask_ratio={mask_ratio} leaves no visible patch of {self.num_patches}, so the distance "
                 "map (distance of each masked patch to the nearest visible one) is undefined.",
                 f"Use a mask ratio below {1 - 1 / self.num_patches:.4f}.",
@@ -161,9 +161,9 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
             preds.append(pred)
             per_patch.append(targets.per_patch_mse(pred, target))
         # _dds has checked on the host that every image keeps a visible patch.
-        dds = D.deep_dynamic_supervision(per_patch, mask, self.img_size // self.patch_size, betas, self.dds_weights,
-                                         self.dds_distance_metric, self.dds_distance_norm)
-        total, rec, weights = dds.total, dds.losses, dds.weights
+        objective = dds.deep_dynamic_supervision(per_patch, mask, self.img_size // self.patch_size, betas,
+                                                 self.dds_weights, self.dds_distance_metric, self.dds_distance_norm)
+        total, rec, weights = objective.total, objective.losses, objective.weights
         terms: dict[str, torch.Tensor] = {"loss_rec": rec[-1].detach()}
         for k, d in enumerate(self.dds_depths):
             terms[f"loss_rec_d{d}"] = rec[k].detach()
@@ -184,7 +184,7 @@ class MAEWithDDS(D.DDSBetaSchedule, MaskedAutoencoderViT):
         self._loss_terms = out["terms"]
         return out["total"], out["preds"][-1], out["mask"]
 
-    # on_step_end / set_progress / no_weight_decay: pretrain.ddae.DDSBetaSchedule (the plug-in keeps MAE's
+    # on_step_end / set_progress / no_weight_decay: pretrain.dds.DDSBetaSchedule (the plug-in keeps MAE's
     # state-dict keys, so the beta progress is not in checkpoints: pretrain.main calls set_progress on resume).
 
 
@@ -259,7 +259,7 @@ class DDAE(MAEWithDDS):
             raise MimbenchError(
                 f"Need 0 <= ema_momentum <= ema_momentum_end <= 1, got {ema_momentum!r}, {ema_momentum_end!r}."
             )
-        depths = self.dds_depths if distill_depths is None else D.check_depths(
+        depths = self.dds_depths if distill_depths is None else dds.check_depths(
             "distill_depths", distill_depths, self.depth, False
         )
         if not set(depths) <= set(self.dds_depths):
@@ -286,7 +286,9 @@ class DDAE(MAEWithDDS):
         else:
             self.distill_heads = None
             self.teacher = None
-        self._last_momentum = self.ema_momentum  # logged until the first update
+        # The momentum of the last teacher update (logged; ema_momentum until the first update): a buffer
+        # updated in place outside forward, so a compiled forward neither guards on nor re-traces its value.
+        self.register_buffer("last_momentum", torch.tensor(self.ema_momentum), persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -325,18 +327,18 @@ class DDAE(MAEWithDDS):
                 t_patch = teacher[d][:, 1:, :]  # N x L x D in patch order
                 if self.distill_tokens == "masked":
                     student = self.distill_heads[j](out["hidden"][k][:, 1:, :])
-                    per_patch = D.feature_loss(student, t_patch, self.distill_loss)
-                    loss = D.weighted_masked_mean(per_patch, out["weights"][k], mask)
+                    per_patch = dds.feature_loss(student, t_patch, self.distill_loss)
+                    loss = dds.weighted_masked_mean(per_patch, out["weights"][k], mask)
                 else:
                     len_keep = masking.num_keep(self.num_patches, mask_ratio)
                     vis_ids = torch.argsort(out["ids_restore"], dim=1)[:, :len_keep]  # ids_shuffle
                     student = self.distill_heads[j](out["feats"][k][:, 1 : 1 + len_keep, :])
-                    loss = D.feature_loss(student, masking.gather_tokens(t_patch, vis_ids), self.distill_loss).mean()
+                    loss = dds.feature_loss(student, masking.gather_tokens(t_patch, vis_ids), self.distill_loss).mean()
                 terms[f"loss_distill_d{d}"] = loss.detach()
                 distill_total = loss if distill_total is None else distill_total + loss
             terms["loss_distill"] = distill_total.detach()
             total = total + self.distill_weight * distill_total
-        terms["ema_momentum"] = torch.tensor(self._last_momentum)
+        terms["ema_momentum"] = self.last_momentum.clone()  # the value of this step, not of a later update
         self._loss_terms = terms
         return total, out["preds"][-1], mask
 
@@ -364,13 +366,13 @@ class DDAE(MAEWithDDS):
             torch._foreach_add_(ema_t, ema_s, alpha=1.0 - momentum)
         if copy_t:
             torch._foreach_copy_(copy_t, copy_s)
-        self._last_momentum = float(momentum)
+        self.last_momentum.fill_(momentum)
 
     def on_step_end(self, it: int, total_its: int) -> None:
         """EMA teacher update with the momentum at progress ``(it + 1) / total_its``, then the beta schedule."""
         if self.teacher is not None:
             progress = (it + 1) / max(int(total_its), 1)
-            self.update_teacher(D.ema_momentum(progress, self.ema_momentum, self.ema_momentum_end))
+            self.update_teacher(dds.ema_momentum(progress, self.ema_momentum, self.ema_momentum_end))
         super().on_step_end(it, total_its)
 
     def set_progress(self, next_it: int, total_its: int) -> None:
@@ -378,8 +380,8 @@ class DDAE(MAEWithDDS):
         as an uninterrupted run has them before step ``next_it``."""
         super().set_progress(next_it, total_its)
         if self.teacher is not None and next_it > 0:
-            self._last_momentum = float(D.ema_momentum(next_it / max(int(total_its), 1), self.ema_momentum,
-                                                       self.ema_momentum_end))
+            self.last_momentum.fill_(dds.ema_momentum(next_it / max(int(total_its), 1), self.ema_momentum,
+                                                    self.ema_momentum_end))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         if self.export_teacher:
@@ -395,13 +397,13 @@ def _build(cls, preset: dict, kwargs: dict) -> MaskedAutoencoderViT:
     return cls(**args)
 
 
-@register("ddae")
+@register("ddae", technique="ddae", model_cls=DDAE)
 def ddae(**kwargs) -> DDAE:
     """DDAE from explicit MAE constructor arguments plus DDS/distillation knobs."""
     return _build(DDAE, {}, kwargs)
 
 
-@register("mae+dds")
+@register("mae+dds", technique="mae+dds", model_cls=MAEWithDDS)
 def mae_dds(**kwargs) -> MAEWithDDS:
     """MAE with deep dynamic supervision (same architecture and state-dict keys as MAE)."""
     return _build(MAEWithDDS, {}, kwargs)
@@ -410,8 +412,10 @@ def mae_dds(**kwargs) -> MAEWithDDS:
 def _register_presets() -> None:
     for name, preset in PRESETS.items():
         suffix = name[len("mae_"):]  # e.g. "vit_base_patch16"
-        register("ddae_" + suffix)(lambda _p=preset, **kw: _build(DDAE, _p, kw))
-        register("mae+dds_" + suffix)(lambda _p=preset, **kw: _build(MAEWithDDS, _p, kw))
+        ddae_preset = register("ddae_" + suffix, technique="ddae", model_cls=DDAE)
+        ddae_preset(lambda _p=preset, **kw: _build(DDAE, _p, kw))
+        dds_preset = register("mae+dds_" + suffix, technique="mae+dds", model_cls=MAEWithDDS)
+        dds_preset(lambda _p=preset, **kw: _build(MAEWithDDS, _p, kw))
 
 
 _register_presets()

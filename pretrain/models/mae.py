@@ -91,6 +91,11 @@ class MaskedAutoencoderViT(StepContract, nn.Module):
     (lowest noise kept).
     """
 
+    # pretrain.contract.PretrainModel: per-image mask noise in, a ViT-family encoder file out.
+    mask_input = "noise"
+    exports = "encoder"
+    encoder_family = "vit"
+
     def __init__(
         self,
         img_size: int = 224,
@@ -115,24 +120,10 @@ class MaskedAutoencoderViT(StepContract, nn.Module):
     ) -> None:
         super().__init__()
         self._check_args(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads, depth)
-        if target_norm is None:
-            target_norm = "patch" if norm_pix_loss else "none"
-        elif norm_pix_loss and target_norm != "patch":
-            raise MimbenchError(
-                f"norm_pix_loss=True conflicts with target_norm={target_norm!r}.",
-                "norm_pix_loss=True is the same as target_norm='patch'; set only target_norm.",
-            )
+        target_norm = self._resolve_target_norm(target_norm, norm_pix_loss)
+        mask_token_layer = self._check_mask_tokens(mask_token_layer, mask_token_ratio, depth)
         if not 0.0 <= float(decoder_attn_drop) < 1.0:
             raise MimbenchError(f"decoder_attn_drop must be in [0, 1), got {decoder_attn_drop!r}.")
-        if mask_token_layer is None:
-            mask_token_layer = depth
-        if not (isinstance(mask_token_layer, int) and 0 <= mask_token_layer <= depth):
-            raise MimbenchError(
-                f"mask_token_layer must be an integer in [0, depth={depth}], got {mask_token_layer!r}.",
-                "0 inserts encoder mask tokens before the first block, depth after the last one.",
-            )
-        if not 0.0 <= float(mask_token_ratio) <= 1.0:
-            raise MimbenchError(f"mask_token_ratio must be in [0, 1], got {mask_token_ratio!r}.")
 
         self.img_size = int(img_size)
         self.patch_size = int(patch_size)
@@ -149,34 +140,8 @@ class MaskedAutoencoderViT(StepContract, nn.Module):
 
         # Registration order matches the official model so that the state dict lists the same
         # keys in the same order and a seeded construction consumes the RNG identically.
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
-        )
-        self.norm = norm_layer(embed_dim)
-
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [
-                Block(
-                    decoder_embed_dim,
-                    decoder_num_heads,
-                    mlp_ratio,
-                    qkv_bias=True,
-                    attn_drop=self.decoder_attn_drop,
-                    norm_layer=norm_layer,
-                )
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
-
+        self._build_encoder(norm_layer)
+        self._build_decoder(decoder_embed_dim, decoder_depth, decoder_num_heads, norm_layer)
         # Parameter-free unless target_norm == "ema": the default state dict stays official.
         self.target_normalizer = targets.TargetNorm(target_norm, target_norm_alpha, target_norm_momentum)
         if self.mask_token_ratio > 0:
@@ -185,6 +150,58 @@ class MaskedAutoencoderViT(StepContract, nn.Module):
             self.encoder_mask_token = None
 
         self.initialize_weights()
+
+    def _build_encoder(self, norm_layer: Callable[[int], nn.Module]) -> None:
+        """The official encoder modules: ``patch_embed``, ``cls_token``, ``pos_embed`` (fixed), ``blocks``, ``norm``."""
+        dim = self.embed_dim
+        self.patch_embed = PatchEmbed(self.img_size, self.patch_size, self.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(dim, self.num_heads, self.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+             for _ in range(self.depth)]
+        )
+        self.norm = norm_layer(dim)
+
+    def _build_decoder(self, dim: int, depth: int, num_heads: int, norm_layer: Callable[[int], nn.Module]) -> None:
+        """The official decoder modules: ``decoder_embed``, ``mask_token``, ``decoder_pos_embed`` (fixed),
+        ``decoder_blocks`` (attention dropout ``decoder_attn_drop``), ``decoder_norm``, ``decoder_pred``."""
+        self.decoder_embed = nn.Linear(self.embed_dim, dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        num_positions = self.patch_embed.num_patches + 1
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_positions, dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(dim, num_heads, self.mlp_ratio, qkv_bias=True, attn_drop=self.decoder_attn_drop,
+                   norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.decoder_norm = norm_layer(dim)
+        self.decoder_pred = nn.Linear(dim, self.patch_size**2 * self.in_chans, bias=True)
+
+    @staticmethod
+    def _resolve_target_norm(target_norm: str | None, norm_pix_loss: bool) -> str:
+        """``None`` follows the official flag (``"patch"`` when ``norm_pix_loss``, else ``"none"``)."""
+        if target_norm is None:
+            return "patch" if norm_pix_loss else "none"
+        if norm_pix_loss and target_norm != "patch":
+            raise MimbenchError(
+                f"norm_pix_loss=True conflicts with target_norm={target_norm!r}.",
+                "norm_pix_loss=True is the same as target_norm='patch'; set only target_norm.",
+            )
+        return target_norm
+
+    @staticmethod
+    def _check_mask_tokens(mask_token_layer: int | None, mask_token_ratio: float, depth: int) -> int:
+        """The insertion layer (``None`` = ``depth``), after checking it and the ratio."""
+        if mask_token_layer is None:
+            mask_token_layer = depth
+        if not (isinstance(mask_token_layer, int) and 0 <= mask_token_layer <= depth):
+            raise MimbenchError(
+                f"mask_token_layer must be an integer in [0, depth={depth}], got {mask_token_layer!r}.",
+                "0 inserts encoder mask tokens before the first block, depth after the last one.",
+            )
+        if not 0.0 <= float(mask_token_ratio) <= 1.0:
+            raise MimbenchError(f"mask_token_ratio must be in [0, 1], got {mask_token_ratio!r}.")
+        return mask_token_layer
 
     @staticmethod
     def _check_args(img_size, patch_size, embed_dim, num_heads, dec_dim, dec_heads, depth) -> None:
@@ -346,8 +363,8 @@ class MaskedAutoencoderViT(StepContract, nn.Module):
         return loss, pred, mask
 
     # ------------------------------------------------------------------ model contract
-    # loss_terms / on_step_end: pretrain.contract.StepContract (nothing is scheduled per step in MAE; the EMA
-    # target statistics update in forward).
+    # loss_terms / on_step_end / set_progress / export: pretrain.contract.StepContract (nothing is scheduled
+    # per step in MAE; the EMA target statistics update in forward).
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder weights in timm ``VisionTransformer`` key layout (cls_token, pos_embed incl. the
         class position, patch_embed.proj.*, blocks.*, norm.*), detached copies."""
@@ -417,13 +434,13 @@ def _build(preset: dict, kwargs: dict, recipe: dict | None = None) -> MaskedAuto
     return MaskedAutoencoderViT(**args)
 
 
-@register("mae")
+@register("mae", technique="mae", model_cls=MaskedAutoencoderViT)
 def mae(**kwargs) -> MaskedAutoencoderViT:
     """MAE from explicit official constructor arguments (+ knobs); LayerNorm eps 1e-6 unless given."""
     return _build({}, kwargs)
 
 
-@register("robust_mae")
+@register("robust_mae", technique="robust-mae", model_cls=MaskedAutoencoderViT)
 def robust_mae(**kwargs) -> MaskedAutoencoderViT:
     """MAE with the robust-MAE recipe defaults (``ROBUST_RECIPE``) under explicit arguments."""
     return _build({}, kwargs, ROBUST_RECIPE)
@@ -431,8 +448,10 @@ def robust_mae(**kwargs) -> MaskedAutoencoderViT:
 
 def _register_presets() -> None:
     for name, preset in PRESETS.items():
-        register(name)(lambda _p=preset, **kw: _build(_p, kw))
-        register("robust_" + name)(lambda _p=preset, **kw: _build(_p, kw, ROBUST_RECIPE))
+        plain = register(name, technique="mae", model_cls=MaskedAutoencoderViT)
+        plain(lambda _p=preset, **kw: _build(_p, kw))
+        robust = register("robust_" + name, technique="robust-mae", model_cls=MaskedAutoencoderViT)
+        robust(lambda _p=preset, **kw: _build(_p, kw, ROBUST_RECIPE))
 
 
 _register_presets()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
 from pretrain import create_model
-from pretrain import ddae as D
-from pretrain.tokenizer import VisualTokenizer
+from pretrain import dds
+from pretrain.contract import VisualTokenizer
 
 VOCAB = 32
 
@@ -173,14 +173,14 @@ def test_export_through_the_encoder_file(tmp_path):
 
 # ---------------------------------------------------------------------- DDS
 def test_dds_is_one_function_with_two_callers():
-    """MAE+DDS and BEiT v2+DDS both compute their loss through pretrain.ddae.deep_dynamic_supervision."""
-    real, returns = D.deep_dynamic_supervision, []
+    """MAE+DDS and BEiT v2+DDS both compute their loss through pretrain.dds.deep_dynamic_supervision."""
+    real, returns = dds.deep_dynamic_supervision, []
 
     def record(*args, **kwargs):
         returns.append(real(*args, **kwargs))
         return returns[-1]
 
-    with mock.patch.object(D, "deep_dynamic_supervision", side_effect=record) as spy:
+    with mock.patch.object(dds, "deep_dynamic_supervision", side_effect=record) as spy:
         mae = create_model("mae+dds", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
         mae_loss, _, _ = mae(torch.randn(2, 3, 16, 16), mask_ratio=0.75)
@@ -200,13 +200,13 @@ def test_dds_is_one_function_with_two_callers():
 def test_beitv2_dds_reduces_to_beitv2_without_depths_or_dynamics():
     imgs, ids, mask = _batch()
     plain = _model("beitv2")
-    dds = _model("beitv2+dds", dds_depths=[4], dds_beta_mode="fixed", dds_beta_start=0.0)
-    dds.load_state_dict(plain.state_dict(), strict=False)
-    for m in (plain, dds):
+    dds_model = _model("beitv2+dds", dds_depths=[4], dds_beta_mode="fixed", dds_beta_start=0.0)
+    dds_model.load_state_dict(plain.state_dict(), strict=False)
+    for m in (plain, dds_model):
         m.tokenizer.ids = ids
         m.train()
     a = plain(imgs, mask=mask)[0]
-    b = dds(imgs, mask=mask)[0]
+    b = dds_model(imgs, mask=mask)[0]
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
@@ -219,8 +219,8 @@ def test_beitv2_dds_intermediate_depth_loss_by_hand():
     _, _, feats = m.forward_features(imgs, mask, [2])
     ce2 = F.cross_entropy(m.lm_head(m.encoder.norm(feats[0]))[:, 1:].transpose(1, 2), ids, reduction="none")
     ce4 = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
-    dist = D.distance_map(mask.float(), 4)
-    w = D.dynamic_weights(dist, mask.float(), 1.5)
+    dist = dds.distance_map(mask.float(), 4)
+    w = dds.dynamic_weights(dist, mask.float(), 1.5)
     want = [(ce * w * mask).sum() / mask.sum() for ce in (ce2, ce4)]
     assert m.loss_terms["loss_mim_d2"] == pytest.approx(want[0].item(), rel=1e-5)
     assert m.loss_terms["loss_mim_d4"] == pytest.approx(want[1].item(), rel=1e-5)

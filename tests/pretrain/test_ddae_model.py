@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
-from pretrain import ddae as D
+from pretrain import dds
 from pretrain import targets
 from pretrain.models.ddae import DDAE, MAEWithDDS, default_dds_depths
 from pretrain.models.mae import MaskedAutoencoderViT
@@ -59,11 +59,11 @@ def test_mae_dds_keeps_mae_state_dict_keys():
 def test_single_last_depth_beta_zero_no_distillation_is_exactly_mae(cls):
     extra = dict(distill_weight=0.0) if cls is DDAE else {}
     mae = make(MaskedAutoencoderViT)
-    dds = make(cls, dds_depths=(3,), dds_beta_mode="fixed", dds_beta_start=0.0, **extra)
-    dds.load_state_dict(mae.state_dict(), strict=False)
+    dds_model = make(cls, dds_depths=(3,), dds_beta_mode="fixed", dds_beta_start=0.0, **extra)
+    dds_model.load_state_dict(mae.state_dict(), strict=False)
     imgs, noise = data()
     l0, p0, m0 = mae(imgs, 0.75, noise)
-    l1, p1, m1 = dds(imgs, 0.75, noise)
+    l1, p1, m1 = dds_model(imgs, 0.75, noise)
     assert torch.equal(l0, l1) and torch.equal(p0, p1) and torch.equal(m0, m1)
     # also the learnable mode at its start (theta = 0) with a zero schedule
     learn = make(MAEWithDDS, dds_depths=(3,), dds_beta_start=0.0, dds_beta_end=0.0)
@@ -95,7 +95,7 @@ def test_dds_loss_matches_hand_computation():
     latent, mask_ref, ids_restore, (f1,) = model.forward_encoder(imgs, 0.6, noise, return_layers=[0])
     target = model.patchify(imgs)
     # distance map, weights and means written out directly in float64
-    dist = D.distance_map(mask_ref, 8, metric="chebyshev").double()
+    dist = dds.distance_map(mask_ref, 8, metric="chebyshev").double()
     w = torch.exp(1.5 * dist) * mask_ref
     w = w / (w.sum(1, keepdim=True) / mask_ref.sum(1, keepdim=True))
     total = 0.0
@@ -204,7 +204,7 @@ def test_ddae_teacher_gets_no_gradient_and_moves_by_the_momentum():
     before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
     student = m.encoder_state_dict()
     m.on_step_end(4, 10)  # progress 0.5 -> m = 1 - 0.1 * (1 + cos(pi/2)) / 2 = 0.95
-    mom = D.ema_momentum(0.5, 0.9, 1.0)
+    mom = dds.ema_momentum(0.5, 0.9, 1.0)
     assert mom == pytest.approx(0.95)
     moved = 0
     for k, t_new in m.teacher.state_dict().items():

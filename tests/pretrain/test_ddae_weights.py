@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mimbench.errors import MimbenchError
-from pretrain.ddae import (
+from pretrain.dds import (
     DynamicBeta,
     NoVisiblePatchError,
     distance_map,

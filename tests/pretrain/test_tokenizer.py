@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
-from pretrain.tokenizer import VQKD, NormEMAQuantizer, load_tokenizer, map_official_vqkd
+from pretrain.models.vqkd import VQKD, NormEMAQuantizer
+from pretrain.tokenizer import load_tokenizer, map_official_vqkd
 
 
 def _unit(x):

@@ -30,7 +30,7 @@ def test_config_builds(path):
     name = kwargs.pop("name")
     with torch.device("meta"):
         if "tokenizer" in kwargs:  # BEiT v2: a stand-in tokenizer with the config's token grid
-            from pretrain.tokenizer import VQKD
+            from pretrain.models.vqkd import VQKD
 
             size = cfg.data.img_size
             patch = 16 if size == 224 else 4

@@ -20,6 +20,22 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU (still run in CI)")
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A random-init ViT (embed 32, depth 2, 2 heads, patch 8, 32x32) saved as an encoder file."""
+    from mimbench.testing import write_tiny_encoder
+
+    return write_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def dist_encoder(tmp_path_factory):
+    """The same ViT with depth 4, the least the segmentation configs tap (4 blocks)."""
+    from mimbench.testing import write_tiny_encoder
+
+    return write_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny4.safetensors", depth=4)
+
+
 @pytest.fixture
 def rng_seed():
     import torch

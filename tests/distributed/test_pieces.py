@@ -188,21 +188,12 @@ def test_tensorboard_is_optional(tmp_path):
     assert not (tmp_path / "off" / "tensorboard").exists()
 
 
-def test_segment_is_an_evaluation_task(tmp_path):
+def test_segment_is_an_evaluation_task(tmp_path, dist_encoder):
     """run_eval reaches segmentation like the other tasks (here stopped by a data root of the wrong layout)."""
-    from functools import partial
-
-    import timm.models.vision_transformer as tvit
-
-    from mimbench.encoders import save_encoder
     from mimbench.evals import TASKS, run_eval
 
     assert set(TASKS) == {"knn", "linear", "finetune", "segment"}
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    enc = tmp_path / "enc.safetensors"
-    save_encoder(vit.state_dict(), enc, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32, depth=4,
-                 num_heads=2, technique="random-init")
+    enc = dist_encoder
     (tmp_path / "empty").mkdir()
     with pytest.raises(MimbenchError, match="ADE20K-layout"):
         run_eval("segment", encoder=enc, config="eval_configs/segmentation/demo_fmnist_seg.py",

@@ -1,6 +1,5 @@
 """`mimbench bench`: every mode runs for a few steps on CPU and writes a valid bench record."""
 import re
-from functools import partial
 
 import pytest
 import torch
@@ -15,19 +14,9 @@ FAST_KEYS = {"img_per_s", "step_ms_median", "step_ms_min", "step_ms_max", "step_
 
 
 @pytest.fixture(scope="module")
-def encoder4(tmp_path_factory):
+def encoder4(dist_encoder):
     """A random-init ViT (embed 32, depth 4, 2 heads, patch 8, 32x32): deep enough for UperNet's 4 taps."""
-    import timm.models.vision_transformer as tvit
-
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0,
-                                 qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    path = tmp_path_factory.mktemp("enc") / "enc4.safetensors"
-    save_encoder(vit.state_dict(), path, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32, depth=4,
-                 num_heads=2, technique="random-init")
-    return path
+    return dist_encoder
 
 
 def _check(record, mode, compare):

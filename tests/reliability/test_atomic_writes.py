@@ -14,19 +14,10 @@ import torch
 from mimbench.errors import MimbenchError
 
 
-def _vit_state(seed):
-    import timm.models.vision_transformer as tvit
-
-    torch.manual_seed(seed)
-    return tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                  norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).state_dict()
-
-
 def _encoder(path, seed):
-    from mimbench.encoders import save_encoder
+    from mimbench.testing import write_tiny_encoder
 
-    return save_encoder(_vit_state(seed), path, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32, depth=2,
-                        num_heads=2, technique="random-init")
+    return write_tiny_encoder(path, seed=seed)
 
 
 def _write_checkpoint(d, v):

@@ -117,16 +117,9 @@ def _sample_out(tmp_path):
 def test_bad_config_stops_every_command_before_any_work(tmp_path, kind):
     from functools import partial
 
-    import timm.models.vision_transformer as tvit
-    import torch
+    from mimbench.testing import write_tiny_encoder
 
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-test/8", img_size=32, patch_size=8,
-                       embed_dim=32, depth=2, num_heads=2, technique="random-init")
+    enc = write_tiny_encoder(tmp_path / "enc.safetensors")
     out = _sample_out(tmp_path)
     line = {"pretrain": "runtime = dict(seeed=1)", "linear": "optim = dict(bs=1)", "finetune": "amp = 'fp8'",
             "knn": "knn = dict(k=0)", "segment": "crop_size = (32, -32)"}[kind]

@@ -87,18 +87,10 @@ def test_too_many_broken_files_refuse_the_run_naming_them(tmp_path):
 
 
 def test_skipped_files_are_listed_in_the_run_record(tmp_path):
-    from functools import partial
-
-    import timm.models.vision_transformer as tvit
-
-    from mimbench.encoders import save_encoder
     from mimbench.evals.knn import run_knn
+    from mimbench.testing import write_tiny_encoder
 
-    torch.manual_seed(0)
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-test/8", img_size=32, patch_size=8,
-                       embed_dim=32, depth=2, num_heads=2, technique="random-init")
+    enc = write_tiny_encoder(tmp_path / "enc.safetensors")
     root = _tree(tmp_path / "imgs")
     record = run_knn(encoder=enc, config=REPO / "eval_configs" / "knn" / "dino_k20.py", data=str(root), out=tmp_path / "out",
                      overrides=["data.max_bad_fraction=0.2", "num_workers=0", "knn.k=3"])

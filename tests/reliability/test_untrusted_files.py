@@ -27,17 +27,9 @@ def _malicious(path, marker, wrap=lambda p: p):
 
 
 def _encoder_file(path):
-    from functools import partial
+    from mimbench.testing import write_tiny_encoder
 
-    import timm.models.vision_transformer as tvit
-
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    return save_encoder(vit.state_dict(), path, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32, depth=2,
-                        num_heads=2, technique="random-init")
+    return write_tiny_encoder(path)
 
 
 def _load_encoder(tmp_path, marker):

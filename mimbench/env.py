@@ -13,6 +13,10 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
+from mimbench import __version__
+
 _DISTRIBUTIONS = {"torch": "torch", "timm": "timm", "mmseg": "mmsegmentation", "mimbench": "mimbench"}
 
 
@@ -56,10 +60,6 @@ def hardware_info() -> dict:
     ``count`` is the distributed world size when launched with torchrun (WORLD_SIZE), otherwise 1
     (a single process uses one device); ``visible`` adds how many GPUs the process could see.
     """
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency, keep this from failing anyway
-        return {"device": "cpu", "count": 1, "name": platform.processor() or platform.machine()}
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)
     if torch.cuda.is_available():
         return {"device": "cuda", "count": world or 1, "name": torch.cuda.get_device_name(0),
@@ -77,8 +77,6 @@ def environment_info() -> dict:
     for key, dist in _DISTRIBUTIONS.items():
         versions[key] = _dist_version(dist)
     if versions["mimbench"] is None:  # running from a source tree that was never pip-installed
-        from mimbench import __version__
-
         versions["mimbench"] = __version__
     commit, dirty = _git_state()
     versions["git_commit"] = commit

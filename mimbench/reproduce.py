@@ -42,6 +42,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals.tasks import all_tasks
 from mimbench.jobs import write_full_grid
 from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, reuse_note
+from pretrain.models.mae import PRESETS, ROBUST_RECIPE
 
 PAPERS = ("robust-mae", "ddae")
 SCALES = ("demo", "full")
@@ -163,7 +164,6 @@ def _model_name_key(model, path: Path) -> str:
 def _depth(model, name_key: str) -> int:
     if "depth" in model.keys():
         return int(model["depth"])
-    from pretrain.models.mae import PRESETS  # torch and the models
 
     name = model[name_key]
     for preset, args in PRESETS.items():
@@ -236,7 +236,6 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
 def _robust_mae_grid(mae_path: Path, mae_cfg, depth: int) -> Grid:
     """Plain MAE, then one factor at a time (decoder attention dropout, target normalisation, mask tokens)
     and the three together; a setting several factors share is one point."""
-    from pretrain.models.mae import ROBUST_RECIPE  # torch and the models
 
     plain = dict(decoder_attn_drop=0.0, target_norm="patch", mask_token_layer=depth, mask_token_ratio=0.0)
     if "norm_pix_loss" in mae_cfg.model.keys():  # the legacy flag would conflict with target_norm != "patch"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mimbench.errors import MimbenchError
@@ -79,8 +80,6 @@ class FashionMNISTSubset(Dataset):
     def __getitem__(self, index: int):
         label = int(self.labels[index])
         if self.transform is not None:
-            from PIL import Image
-
             return self.transform(Image.fromarray(self.images[index].numpy()).convert("RGB")), label
         x = resize_grey(self.images[index: index + 1], self.img_size)[0].expand(3, -1, -1)
         return (x - self._mean) / self._std, label

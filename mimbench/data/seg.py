@@ -21,14 +21,16 @@ benchmark: numbers on it say nothing about ADE20K.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mimbench.atomic import atomic_write, atomic_write_text
-from mimbench.data.builtin import subset_arrays, resize_grey
+from mimbench.data.builtin import SUBSET_FILE, resize_grey, subset_arrays
 from mimbench.errors import MimbenchError
 
 FOREGROUND_THRESHOLD = 40  # of 255: the faint fringe of a garment counts as background
@@ -63,7 +65,6 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
     every file) is written last, atomically: the set is reused only when the manifest matches and every
     listed file is there with its size, so an interrupted, tampered or stale build is redone, never read.
     """
-    from PIL import Image
 
     if not 1 <= garments[0] <= garments[1]:
         raise MimbenchError(f"garments={garments} must be (fewest, most) with 1 <= fewest <= most.",
@@ -110,10 +111,6 @@ def build_fashion_mnist_seg(root: str | Path, n_train: int = 1000, n_val: int = 
 
 
 def _source_sha256() -> str:
-    import hashlib
-
-    from mimbench.data.builtin import SUBSET_FILE
-
     return hashlib.sha256(SUBSET_FILE.read_bytes()).hexdigest()
 
 

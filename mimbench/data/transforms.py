@@ -20,6 +20,10 @@ Two things are added in front of / inside timm's pipeline, both narrow:
 """
 from __future__ import annotations
 
+from timm.data import create_transform
+from timm.data.auto_augment import AugmentOp
+from torchvision import transforms as T
+
 __all__ = ["ToRGB", "posterize", "finetune_train_transform", "augment_ops"]
 
 
@@ -50,7 +54,6 @@ def posterize(img, bits_to_keep, **_):
 
 def augment_ops(transform) -> list:
     """Every timm ``AugmentOp`` inside ``transform`` (RandAugment ops, AutoAugment sub-policies, AugMix ops)."""
-    from timm.data.auto_augment import AugmentOp
 
     found, stack = [], [transform]
     while stack:
@@ -73,8 +76,6 @@ def finetune_train_transform(*, img_size: int, mean, std, auto_augment: str = "r
     is_training=True, color_jitter=None, auto_augment=..., interpolation="bicubic", re_prob, re_mode,
     re_count, mean, std)`` with its posterize ops given :func:`posterize` (module docstring).
     """
-    from timm.data import create_transform
-    from torchvision import transforms as T
 
     timm_tf = create_transform(input_size=int(img_size), is_training=True, color_jitter=None,
                                auto_augment=auto_augment, interpolation="bicubic", re_prob=float(re_prob),

@@ -25,7 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from mimbench.errors import MimbenchError
+from mimbench.results.records import load_records
 
 COLUMNS = ["method", "arch", "pretrain_epochs", "task", "metric", "value", "protocol", "notes", "source", "verified"]
 KEY = ["method", "arch", "pretrain_epochs", "task", "metric", "protocol"]
@@ -66,7 +72,6 @@ def load_leaderboard(path: str | Path | None = None) -> "pandas.DataFrame":  # n
 
     ``pretrain_epochs`` is a nullable integer column (``<NA>`` where the source gives none).
     """
-    import pandas as pd
 
     path = Path(path) if path is not None else packaged_csv()
     if not path.is_file():
@@ -85,7 +90,6 @@ def load_leaderboard(path: str | Path | None = None) -> "pandas.DataFrame":  # n
 
 def leaderboard_problems(df) -> list[str]:
     """Everything wrong with a leaderboard table; empty when it is valid."""
-    import pandas as pd
 
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
@@ -134,14 +138,12 @@ def validate_leaderboard(df) -> None:
 
 def field_text(value) -> str:
     """A record field as text; missing (None/NaN) -> ''."""
-    import pandas as pd
 
     return "" if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)) else str(value)
 
 
 def record_metric(row, task: str) -> float | None:
     """The headline metric of a flattened record row: top-1 (%) for classification, mIoU (%) for ADE20K/segment."""
-    import pandas as pd
 
     task = RECORD_TASK.get(task, task)
     names = ("mIoU", "miou", "mIoU_ss") if task == "ade20k" else ("top1", "acc1", "top1_acc")
@@ -177,9 +179,7 @@ def run_deviations(row) -> list[str]:
 
 def own_runs(include_runs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
     """The user's runs as leaderboard rows (plus ``own``, ``deviations``, ``file``); problems from loading."""
-    import pandas as pd
 
-    from mimbench.results.records import load_records
 
     dirs = include_runs if isinstance(include_runs, (list, tuple)) else [include_runs]
     table, problems = load_records(*dirs)
@@ -214,7 +214,6 @@ def ranked(task: str | None = None, arch: str | None = None, include_runs=None):
     Returns ``(table, problems)``; the table has the leaderboard columns plus ``own`` (bool) and
     ``deviations`` (list of str; empty for published rows).
     """
-    import pandas as pd
 
     if task is not None and task not in TASK_METRIC:
         raise MimbenchError(f"Unknown task {task!r}.", f"Use one of {', '.join(TASK_METRIC)}.")
@@ -240,9 +239,6 @@ def ranked(task: str | None = None, arch: str | None = None, include_runs=None):
 
 def show_leaderboard(task: str | None = None, arch: str | None = None, include_runs=None, console=None):
     """Print the ranked leaderboard as a rich table (own runs marked ``*``, deviations named); return it."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     df, problems = ranked(task, arch, include_runs)
     console = console or Console()
@@ -297,10 +293,7 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
     run that cannot be ranked: deviations from the protocol, demo data, an architecture or task with
     no published rows under the standard protocol. Prints a short summary.
     """
-    import pandas as pd
 
-    from rich.console import Console
-    from rich.markup import escape
 
     paths = list(paths)
     if not paths:

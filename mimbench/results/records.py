@@ -29,8 +29,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-from mimbench.env import environment_info  # noqa: F401  (re-exported: records carry it)
+import pandas as pd
+
 from mimbench.atomic import atomic_write
+from mimbench.config import config_sha256, load_config
+from mimbench.encoders import encoder_family, encoder_sha256, is_encoder_file, read_metadata
+from mimbench.env import environment_info  # noqa: F401  (re-exported: records carry it)
 from mimbench.errors import MimbenchError
 
 SCHEMA_VERSION = 1
@@ -65,7 +69,6 @@ def encoder_summary(path, layout: str = "auto") -> dict:
     ``layout`` is ``mimbench`` (or the layout the file was converted from). The argument ``layout`` is
     the checkpoint's layout as given (``--from``; "auto" detects it).
     """
-    from mimbench.encoders import encoder_family, encoder_sha256, read_metadata
 
     meta = read_metadata(path, layout=layout)
     return {"path": str(Path(path)), "sha256": encoder_sha256(path), "arch": meta["arch"],
@@ -237,7 +240,6 @@ def load_records(*dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
     ``file``; ``problems`` names each skipped file and why (unreadable, not JSON, missing
     fields, other schema version, duplicate run_id). Skipped files are never counted.
     """
-    import pandas as pd
 
     files, problems = _candidates(dirs)
     rows, run_ids = [], {}
@@ -287,12 +289,8 @@ def finished_record(step_dir: Path, config: Path | None = None, overrides=(),
     """
     want_sha = enc_sha = None
     if config is not None:
-        from mimbench.config import config_sha256, load_config
-
         want_sha = config_sha256(load_config(config, list(overrides)))
     if encoder is not None:
-        from mimbench.encoders import encoder_sha256
-
         enc_sha = encoder_sha256(encoder)
     for path in sorted(step_dir.glob("*.json")) if step_dir.is_dir() else []:
         try:
@@ -315,8 +313,6 @@ def encoder_made_by(enc: Path, config: Path, overrides) -> bool:
     safetensors file a model exports itself (a BEiT v2 tokenizer); both carry the resolved config's hash."""
     if not enc.is_file():
         return False
-    from mimbench.config import config_sha256, load_config
-    from mimbench.encoders import is_encoder_file, read_metadata
 
     if is_encoder_file(enc):
         meta = read_metadata(enc)

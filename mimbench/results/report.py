@@ -12,10 +12,19 @@ precedes the notes. :func:`console_table` renders the same table for a terminal 
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from mimbench.atomic import atomic_write_text
 from mimbench.errors import MimbenchError
+from mimbench.results import plots
 from mimbench.results.leaderboard import field_text, record_metric, run_deviations
+from mimbench.results.plots import CONTROL_TECHNIQUE
+from mimbench.results.records import load_records
 
 #: Record task -> report column, in display order. A segmentation column is named after its dataset
 #: (``segment_column``): ADE20K mIoU and the demo's FashionMNIST-Seg mIoU are different numbers.
@@ -48,7 +57,6 @@ def _label(technique: str, epochs: float, path: str) -> str:
 
 def _encoder_row(r) -> tuple[str, str, float]:
     """(table row label, technique, pre-training epochs) of a flattened record."""
-    import pandas as pd
 
     technique = field_text(r.get("encoder.technique"))
     epochs = pd.to_numeric(r.get("encoder.epochs"), errors="coerce")
@@ -61,9 +69,7 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
 
     ``problems`` are the files load_records skipped plus runs without their headline metric.
     """
-    import pandas as pd
 
-    from mimbench.results.records import load_records
 
     dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
     if not dirs:
@@ -90,7 +96,6 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
 
 def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
     """Per (label, column): task, technique, epochs, mean, std (ddof=1; NaN when n=1), n, deviates (bool)."""
-    import pandas as pd
 
     if runs.empty:
         return pd.DataFrame(columns=["label", "column", "task", "technique", "epochs", "mean", "std", "n",
@@ -104,7 +109,6 @@ def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
 
 def _cell(mean: float, std: float, n: int, deviates: bool, pm: str) -> str:
     """``mean ± std (n=k)`` over k > 1 runs; a single run's value alone; `` †`` when a run deviates."""
-    import math
 
     text = f"{mean:.2f}" if n == 1 or math.isnan(std) else f"{mean:.2f} {pm} {std:.2f} (n={n})"
     return text + (" †" if deviates else "")
@@ -118,7 +122,6 @@ HOW_TO_READ = ("How to read this: one row per encoder (technique @ pre-training 
 
 def _ordered_labels(summary) -> list[str]:
     """Rows by technique, then epochs; the random-initialisation control last, as the reference line."""
-    from mimbench.results.plots import CONTROL_TECHNIQUE
 
     first = summary.drop_duplicates("label")
     first = first.assign(_tech=first["technique"].where(first["technique"] != "", first["label"]),
@@ -135,7 +138,6 @@ def _columns(summary) -> list[str]:
 
 def pivot(summary, pm: str = "±") -> "pandas.DataFrame":  # noqa: F821
     """Display table: index = technique/checkpoint, columns = the evaluations present, cells from :func:`_cell`."""
-    import pandas as pd
 
     labels = _ordered_labels(summary)
     out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"),
@@ -147,7 +149,6 @@ def pivot(summary, pm: str = "±") -> "pandas.DataFrame":  # noqa: F821
 
 def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
     """Machine-readable table: per evaluation three columns '<metric> mean', '<metric> std', '<metric> n'."""
-    import pandas as pd
 
     labels = _ordered_labels(summary)
     out = pd.DataFrame(index=pd.Index(labels, name="technique / checkpoint"))
@@ -200,8 +201,6 @@ def console_table(dirs, console=None) -> None:
     """Print the report of ``dirs`` to ``console`` (rich): a table sized to the terminal, the how-to-read
     line and the grouped notes. On a console that is not a terminal (output piped or redirected) the
     Markdown text of :func:`write_report` is printed instead, with no colour codes and no box drawing."""
-    from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     if not console.is_terminal:
@@ -230,10 +229,7 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
     """PNG figures next to ``table_path``: the summary (every encoder per metric, the random control marked),
     metric vs epochs (only when a technique has two or more epoch values), per-class IoU per segment run,
     loss curves."""
-    import pandas as pd
 
-    from mimbench.results import plots
-    from mimbench.results.records import load_records
 
     stem, folder = table_path.stem, table_path.parent
     written = []
@@ -336,8 +332,6 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
                 sep = "\n\n" if fmt == "md" and not notes else "\n"
                 text += sep + "\n".join(f"{lead}{p}" for p in figures)
         try:
-            from mimbench.atomic import atomic_write_text
-
             atomic_write_text(out, text + "\n", what="the report",
                               fix="Give --out a path in a folder you can write to.")
         except OSError as e:

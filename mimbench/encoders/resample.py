@@ -106,6 +106,7 @@ def resize_rel_pos_table(table: torch.Tensor, new_grid, old_grid=None, num_extra
         raise MimbenchError(f"Resizing relative position bias from a {old_h}x{old_w} to a {new_h}x{new_w} grid: "
                             "only square grids are supported (as in BEiT and mmsegmentation).",
                             "Use square inputs.")
+    # scipy: only BEiT relative-position tables at another grid need it (its import costs more than the rest)
     from scipy.interpolate import RectBivariateSpline
 
     src, dst = 2 * old_h - 1, 2 * new_h - 1

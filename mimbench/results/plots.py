@@ -26,6 +26,7 @@ def _save(fig, out: str | Path) -> Path:
 
 
 def _pyplot():
+    # matplotlib (with its font cache) is imported only when a figure is drawn: tables never need it
     import matplotlib
 
     matplotlib.use("Agg", force=True)

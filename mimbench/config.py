@@ -135,7 +135,8 @@ def _read(p: Path):
     try:
         return Config.fromfile(str(p))
     except Exception as exc:  # mmengine raises many types for a broken config
-        raise MimbenchError(f"Config file {p} could not be read: {exc}", "Fix the Python syntax of the config file.") from exc
+        raise MimbenchError(f"Config file {p} could not be read: {exc}",
+                            "Fix the Python syntax of the config file.") from exc
 
 
 #: Where a loaded config remembers what :func:`_fill_defaults` added (an attribute of the object, not a key).

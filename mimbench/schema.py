@@ -264,8 +264,9 @@ SCHEMAS: dict[str, Section] = {
                           "smoothing": Num(float, 0.0, 1.0, hi_open=True), "prob": FRACTION(1.0),
                           "switch_prob": FRACTION(0.5), "mode": Choice(MIXUP_MODES)("batch")},
                          required=("mixup", "cutmix", "smoothing")),
-        "augment": Section({"mode": Choice(AUGMENT_MODES)("timm"), "auto_augment": Text(none=True)("rand-m9-mstd0.5-inc1"),
-                            "re_prob": FRACTION(0.25), "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+        "augment": Section({"mode": Choice(AUGMENT_MODES)("timm"),
+                            "auto_augment": Text(none=True)("rand-m9-mstd0.5-inc1"), "re_prob": FRACTION(0.25),
+                            "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
     }, required=("model", "optim", "schedule", "mixup")),
     "knn": Section({
         **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # no training loop

@@ -48,7 +48,8 @@ from mimbench.schema import spec_of
 #: The schema's defaults of the head's init std and AdamW's betas (keyword defaults of the builders below).
 HEAD_INIT_STD, BETAS = spec_of("finetune", "model.head_init_std").default, spec_of("finetune", "optim.betas").default
 #: The deviation recorded by ``augment.mode="tensor"``.
-TENSOR_DEVIATION = "augmentation: horizontal flip + random erasing on tensors only (no RandomResizedCrop, no RandAugment)"
+TENSOR_DEVIATION = ("augmentation: horizontal flip + random erasing on tensors only (no RandomResizedCrop, "
+                    "no RandAugment)")
 
 
 def build_model(encoder: Path, num_classes: int, *, img_size: int | None, drop_path: float,

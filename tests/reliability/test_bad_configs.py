@@ -35,7 +35,8 @@ BAD = [
     ("linear", "data = dict(max_bad_fraction=1.5)", ["data.max_bad_fraction", "1.5", "[0, 1]"]),
     ("finetune", "mixup = dict(smoothing=1.0)", ["mixup.smoothing", "[0, 1)"]),
     ("finetune", "optim = dict(layer_decay=0)", ["optim.layer_decay", "= 0", "(0, 1]"]),
-    ("finetune", "runtime = dict(progres=False)", ["unknown key `runtime.progres`", "did you mean `runtime.progress`"]),
+    ("finetune", "runtime = dict(progres=False)",
+     ["unknown key `runtime.progres`", "did you mean `runtime.progress`"]),
     ("finetune", "runtime = dict(ckpt_every_steps=True)", ["ckpt_every_steps", "True", "is a bool", "an integer >= 0"]),
     ("knn", "knn = dict(k=20.5)", ["knn.k", "20.5", "is a float"]),
     ("knn", "knn = dict(temperature=-0.07)", ["knn.temperature", "a number > 0"]),
@@ -128,7 +129,8 @@ def test_bad_config_stops_every_command_before_any_work(tmp_path, kind):
     enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-test/8", img_size=32, patch_size=8,
                        embed_dim=32, depth=2, num_heads=2, technique="random-init")
     out = _sample_out(tmp_path)
-    line = {"pretrain": "runtime = dict(seeed=1)", "linear": "optim = dict(bs=1)", "finetune": "runtime = dict(amp='fp8')",
+    line = {"pretrain": "runtime = dict(seeed=1)", "linear": "optim = dict(bs=1)",
+            "finetune": "runtime = dict(amp='fp8')",
             "knn": "knn = dict(k=0)", "segment": "crop_size = (32, -32)"}[kind]
     bad = _bad_file(tmp_path, kind, line)
     if kind == "pretrain":

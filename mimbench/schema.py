@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from mimbench.errors import MimbenchError
 
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
-           "AMP", "AMP_CHOICES", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
+           "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -216,9 +216,8 @@ def schedule(min_lr: float) -> Section:
                             "schedule.warmup_epochs must be below schedule.epochs"),))
 
 
-def batch_keys(eff_batch_size=None) -> dict:
-    """Micro-batch (required), effective batch (None: batch_size x accum_iter x processes), accumulation."""
-    return {"batch_size": INT_GE1, "eff_batch_size": SIZE_OR_NONE(eff_batch_size), "accum_iter": INT_GE1(1)}
+#: Micro-batch (required), effective batch (None: batch_size x accum_iter x processes), accumulation.
+BATCH = {"batch_size": INT_GE1, "eff_batch_size": SIZE_OR_NONE(None), "accum_iter": INT_GE1(1)}
 
 
 EVAL_DATA = Section({"limit_train": SIZE_OR_NONE(None), "limit_val": SIZE_OR_NONE(None), "max_bad_fraction": MAX_BAD,
@@ -235,7 +234,7 @@ SCHEMAS: dict[str, Section] = {
                          "max_bad_fraction": MAX_BAD}),
         "optim": Section({"blr": Num(float, lo=0, lo_open=True), "weight_decay": Num(float, lo=0)(0.05),
                           "betas": BETAS((0.9, 0.95)), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
-                          **batch_keys()},
+                          **BATCH},
                          required=("blr", "batch_size")),
         "schedule": schedule(min_lr=0.0),
         "runtime": Section({**RUNTIME_KEYS, "compile": Flag()(False),
@@ -245,7 +244,7 @@ SCHEMAS: dict[str, Section] = {
         **EVAL_COMMON, "mode": Choice(LINEAR_MODES)("protocol"), "runtime": Section(RUNTIME_KEYS),
         "optim": Section({"name": Choice(LINEAR_OPTIMIZERS)("lars"), "blr": LR(None), "lr": LR(None),
                           "momentum": FRACTION(0.9), "trust_coeff": Num(float, lo=0)(0.001),
-                          "weight_decay": Num(float, lo=0)(0.0), "betas": BETAS((0.9, 0.999)), **batch_keys()},
+                          "weight_decay": Num(float, lo=0)(0.0), "betas": BETAS((0.9, 0.999)), **BATCH},
                          required=("batch_size",), checks=HAS_LR),
         "schedule": schedule(min_lr=0.0),
         "augment": Section({"scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0))}),
@@ -257,7 +256,7 @@ SCHEMAS: dict[str, Section] = {
                          required=("drop_path",)),
         "optim": Section({"blr": LR(None), "lr": LR(None), "weight_decay": Num(float, lo=0),
                           "layer_decay": Num(float, 0.0, 1.0, lo_open=True), "betas": BETAS((0.9, 0.999)),
-                          **batch_keys()},
+                          **BATCH},
                          required=("batch_size", "weight_decay", "layer_decay"), checks=HAS_LR),
         "schedule": schedule(min_lr=1e-6),
         "mixup": Section({"mixup": Num(float, lo=0), "cutmix": Num(float, lo=0),

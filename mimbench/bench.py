@@ -66,6 +66,7 @@ from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
 from mimbench.errors import MimbenchError
 from mimbench.evals import finetune, linear
 from mimbench.evals.features import class_tokens
+from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
 from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
@@ -463,10 +464,9 @@ def _batch(mode: str, cfg, batch: int | None) -> int:
 
 
 def _config_amp(mode: str, cfg) -> str:
-    if mode == "pretrain":
-        return cfg.runtime.amp
-    # k-NN configs have no amp key: their features are extracted at the evaluation runner's default, auto
-    return cfg.amp if "amp" in cfg else "auto"
+    """The config's ``runtime.amp``, as its evaluation reads it (a segmentation config has none: the schema's
+    default, :func:`mimbench.evals.runner.runtime_value`)."""
+    return str(runtime_value(cfg, "pretrain" if mode == "pretrain" else _bench_tasks()[mode].kind, "amp"))
 
 
 def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, encoder, arch, amp,

@@ -27,7 +27,7 @@ from mimbench.paths import EVAL_CONFIGS, resolve_config
 from mimbench.reproduce import PAPERS, SCALES, run_reproduce
 from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
 from mimbench.results.report import FORMATS, console_table, write_report
-from mimbench.schema import AMP
+from mimbench.schema import AMP_CHOICES
 
 app = typer.Typer(
     help="Pre-train masked-image-modelling ViT encoders and evaluate them under the published protocols.\n\n"
@@ -40,13 +40,14 @@ app = typer.Typer(
 SET_HELP = ("Override a config value, e.g. --set optim.lr=1e-3 (repeatable). Values are Python literals, "
             "or true/false/null; anything else is a string.")
 
-# Typed choices, built from the constants of the modules that implement them: Typer refuses any other value
-# and lists these, and offers them to shell completion.
+# Typed choices, built from the constants of the modules that implement them (a config value's: the schema's
+# allowed values, mimbench.schema): Typer refuses any other value and lists these, and offers them to shell
+# completion.
 ReportFormat = Literal[FORMATS]
 LeaderboardTask = Literal[tuple(TASK_METRIC)]
 Paper = Literal[PAPERS]
 Scale = Literal[SCALES]
-Amp = Literal[AMP.values]
+Amp = Literal[AMP_CHOICES]
 
 
 class LazyChoice:
@@ -347,7 +348,7 @@ def bench(
     arch: Optional[str] = typer.Option(None, help="features/linear/finetune: random-init timm ViT (default vit_base_patch16_224)"),
     data: Optional[str] = typer.Option(None, help="data: ImageFolder root"),
     workers: Optional[int] = typer.Option(None, help="data: loader workers (default: this machine's CPUs)"),
-    amp: Optional[Amp] = typer.Option(None, help="auto | bf16 | fp16 | none (default: the config's amp)"),
+    amp: Optional[Amp] = typer.Option(None, help=f"{' | '.join(AMP_CHOICES)} (default: the config's runtime.amp)"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
     out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
     preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mimbench.errors import MimbenchError
+from mimbench.schema import knows_key, missing_defaults, validate
 
 
 #: Words read as constants whatever their case, as mmengine's ``DictAction`` does (``--set progress=false``
@@ -103,43 +104,83 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), allow_new_keys:
     ``kind`` (pretrain, linear, finetune, knn, segment) the merged config is checked against that
     kind's schema (:mod:`mimbench.schema`): unknown keys, wrong types and out-of-range values in the
     file or in the overrides are refused, naming key, value and what is allowed; an override may
-    then also set a key the schema knows but the file leaves at its default.
+    then also set a key the schema knows but the file leaves at its default. Every key the config
+    still leaves out then gets its schema default (:func:`mimbench.schema.missing_defaults`), so
+    readers use ``cfg.section.key`` directly; :func:`as_written` is the config without them.
     """
-    from mmengine.config import Config
-
-    p = Path(path)
-    if not p.is_file():
-        raise MimbenchError(f"Config file {p} does not exist.",
-                            "Pass an existing config, e.g. one under eval_configs/ or pretrain/configs/.")
-    try:
-        cfg = Config.fromfile(str(p))
-    except Exception as exc:  # mmengine raises many types for a broken config
-        raise MimbenchError(f"Config file {p} could not be read: {exc}", "Fix the Python syntax of the config file.") from exc
+    cfg = _read(Path(path))
     parsed = dict(parse_override(o) for o in overrides)
-    if kind is not None:
-        from mimbench.schema import knows_key
-
-        unknown = [k for k in parsed if not _has_key(cfg, k) and not knows_key(kind, k)]
-    else:
-        unknown = [k for k in parsed if not _has_key(cfg, k)]
+    unknown = [k for k in parsed if not _has_key(cfg, k) and not (kind is not None and knows_key(kind, k))]
     if unknown and not allow_new_keys:
-        raise MimbenchError(f"Override key(s) {', '.join(unknown)} do not exist in {p}.",
+        raise MimbenchError(f"Override key(s) {', '.join(unknown)} do not exist in {path}.",
                             "Check the spelling against the config file (keys are dotted paths, e.g. optim.lr).")
     if parsed:
         try:
             cfg.merge_from_dict(parsed)
         except Exception as exc:  # e.g. a.b=1 where a is not a section
-            raise MimbenchError(f"Overrides {', '.join(overrides)} cannot be merged into {p} ({exc}).",
+            raise MimbenchError(f"Overrides {', '.join(overrides)} cannot be merged into {path} ({exc}).",
                                 "Override leaf keys with values of their type (--set optim.lr=1e-3).") from exc
     if kind is not None:
-        from mimbench.schema import validate
-
-        validate(cfg.to_dict(), kind, source=str(p), overridden=parsed)
+        validate(cfg.to_dict(), kind, source=str(path), overridden=parsed)
+        _fill_defaults(cfg, kind)
     return cfg
 
 
-def config_sha256(cfg) -> str:
-    """SHA-256 of the config's resolved content (stable key order), for provenance."""
+def _read(p: Path):
+    from mmengine.config import Config  # mmengine's config machinery (yapf, addict): only when a file is read
+
+    if not p.is_file():
+        raise MimbenchError(f"Config file {p} does not exist.",
+                            "Pass an existing config, e.g. one under eval_configs/ or pretrain/configs/.")
+    try:
+        return Config.fromfile(str(p))
+    except Exception as exc:  # mmengine raises many types for a broken config
+        raise MimbenchError(f"Config file {p} could not be read: {exc}",
+                            "Fix the Python syntax of the config file.") from exc
+
+
+#: Where a loaded config remembers what :func:`_fill_defaults` added (an attribute of the object, not a key).
+_FILLED = "_mimbench_filled_defaults"
+
+
+def _fill_defaults(cfg, kind: str) -> None:
+    """Add the schema default of every key ``cfg`` leaves out, and remember the keys (and the sections made
+    for them) so that :func:`as_written` can take them out again."""
+    filled = missing_defaults(cfg.to_dict(), kind)
+    sections = {".".join(key.split(".")[:depth]) for key in filled for depth in range(1, key.count(".") + 1)}
+    added = list(filled) + [s for s in sections if not _has_key(cfg, s)]
+    cfg.merge_from_dict(filled)
+    object.__setattr__(cfg, _FILLED, tuple(sorted(added, key=lambda k: -k.count("."))))  # deepest first
+
+
+def as_written(cfg) -> dict:
+    """The config as its files and ``--set`` overrides say it, without the schema defaults that
+    :func:`load_config` filled in (a plain dict)."""
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    for dotted in vars(cfg).get(_FILLED, ()) if hasattr(cfg, "__dict__") else ():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+    return data
+
+
+def written_text(cfg) -> str:
+    """:func:`as_written` as the text of a config file (a run's ``config.py``): loaded back, it hashes as
+    ``cfg`` does (:func:`config_sha256`)."""
+    from mmengine.config import Config  # as in _read
+
+    return Config(as_written(cfg), filename=cfg.filename).pretty_text
+
+
+def config_sha256(cfg) -> str:
+    """SHA-256 of the config's resolved content (stable key order), for provenance.
+
+    The hash covers what the config files (``_base_`` included) and the overrides set, not the schema
+    defaults :func:`load_config` filled in (:func:`as_written`): a config hashes the same whether it was
+    loaded with its kind or without (the pipelines compare both), and an existing run's hash stays valid.
+    A config that writes a default out and one that leaves it to the schema hash differently.
+    """
+    blob = json.dumps(as_written(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

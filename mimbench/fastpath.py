@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from mimbench.errors import MimbenchError
+from mimbench.schema import AMP_CHOICES  # the allowed values of ``amp``, written once in the schema
 
 __all__ = ["AMP_CHOICES", "cpu_supports_bf16", "cpuinfo_has_bf16", "resolve_amp", "autocast_factory", "amp_dtype",
            "adamw_kwargs", "set_fused_attention", "maybe_compile"]
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 #: /proc/cpuinfo flags of CPUs that compute bf16 natively (x86: AVX512-BF16, AMX; Arm: BF16, SVE-BF16).
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"})
 

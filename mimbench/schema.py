@@ -11,21 +11,61 @@ segmentation config is an mmsegmentation config whose top level holds helper var
 only the keys mimbench reads there are checked (crop size, class count, iterations, batch size,
 checkpoint interval, seed). Numbers: an ``int`` field takes integers only (not ``True``/``False``), a
 ``float`` field integers or floats; both must be finite.
+
+Defaults: every leaf carries its default (``INT_GE1(20)``: an integer >= 1, 20 when left out), except the
+keys a section lists as ``required``, which every config sets. :func:`mimbench.config.load_config` fills
+what a config leaves out (:func:`missing_defaults`), so the code reads ``cfg.runtime.log_every`` directly and
+this module is the one place a default is written. A segmentation config is mmsegmentation's and keeps
+mmseg's defaults: nothing is filled in.
+
+Allowed values (``AMP_CHOICES``, ``LINEAR_MODES`` ...) are written here once; the modules that implement
+them and the CLI's typed choices read them from here.
+
+Every training kind (pre-training, linear probe, fine-tuning) has the same ``runtime`` section
+(:data:`RUNTIME_KEYS`: seed, precision, checkpoint and log intervals, progress bar, TensorBoard); k-NN has
+its seed and precision; pre-training adds ``compile`` and ``mask_ratio``.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from mimbench.errors import MimbenchError
 
-__all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "SCHEMAS", "KINDS", "validate", "knows_key"]
+__all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
+           "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
+           "validate", "knows_key", "spec_of", "missing_defaults"]
+
+
+class _Required:
+    """The default of a key every config must set (listed in its section's ``required``)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
+class _Leaf:
+    """A leaf called with a value is the same leaf with that default: ``INT_GE1(20)`` is "an integer >= 1,
+    20 when the config leaves it out"."""
+
+    default: Any = REQUIRED
+
+    def __call__(self, default):
+        return replace(self, default=default)
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not REQUIRED
 
 
 @dataclass(frozen=True)
-class Num:
+class Num(_Leaf):
     """A number: ``kind`` int or float, within [lo, hi] (``lo_open``/``hi_open`` exclude the ends)."""
 
     kind: type = float
@@ -34,6 +74,7 @@ class Num:
     lo_open: bool = False
     hi_open: bool = False
     none: bool = False
+    default: Any = REQUIRED
 
     def problem(self, v) -> str | None:
         if v is None:
@@ -60,9 +101,10 @@ class Num:
 
 
 @dataclass(frozen=True)
-class Choice:
+class Choice(_Leaf):
     values: tuple
     none: bool = False
+    default: Any = REQUIRED
 
     def problem(self, v) -> str | None:
         if v is None and self.none:
@@ -74,7 +116,9 @@ class Choice:
 
 
 @dataclass(frozen=True)
-class Flag:
+class Flag(_Leaf):
+    default: Any = REQUIRED
+
     def problem(self, v) -> str | None:
         return None if isinstance(v, bool) else f"is a {type(v).__name__}"
 
@@ -83,8 +127,9 @@ class Flag:
 
 
 @dataclass(frozen=True)
-class Text:
+class Text(_Leaf):
     none: bool = False
+    default: Any = REQUIRED
 
     def problem(self, v) -> str | None:
         if v is None:
@@ -96,12 +141,13 @@ class Text:
 
 
 @dataclass(frozen=True)
-class Seq:
+class Seq(_Leaf):
     """A list or tuple of ``item``s (exactly ``length`` of them when given)."""
 
     item: Any
     length: int | None = None
     none: bool = False
+    default: Any = REQUIRED
 
     def problem(self, v) -> str | None:
         if v is None:
@@ -120,7 +166,11 @@ class Seq:
 
 @dataclass(frozen=True)
 class Section:
-    """A dict of known keys; ``open`` sections also accept keys they do not list."""
+    """A dict of known keys; ``open`` sections also accept keys they do not list.
+
+    A key of ``required`` has no default (every config sets it); every other key has one (a leaf's
+    ``default``, a section's the defaults of its keys), which :func:`missing_defaults` supplies.
+    """
 
     keys: Mapping[str, Any]
     open: bool = False
@@ -134,64 +184,96 @@ class Section:
         return "a dict"
 
 
+# ---------------------------------------------------------------------------- allowed values
+# Each tuple is the one place its values are written: the modules that implement them and the CLI read them here.
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")    # mimbench.fastpath.resolve_amp
+LINEAR_MODES = ("protocol", "cached")             # mimbench.evals.linear
+LINEAR_OPTIMIZERS = ("lars", "adam")              # mimbench.evals.linear.build_optimizer
+AUGMENT_MODES = ("timm", "tensor")                # mimbench.evals.finetune
+MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
+ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
+
+# ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
 FRACTION = Num(float, 0.0, 1.0)
-AMP = Choice(("auto", "bf16", "fp16", "none"))
-SCHEDULE = Section({"epochs": INT_GE1, "warmup_epochs": Num(float, lo=0), "min_lr": Num(float, lo=0)},
-                   checks=((lambda s: "epochs" not in s or "warmup_epochs" not in s or s["warmup_epochs"] < s["epochs"],
-                            "schedule.warmup_epochs must be below schedule.epochs"),))
-BETAS = Seq(Num(float, 0.0, 1.0, hi_open=True), length=2)
+SIZE_OR_NONE = Num(int, lo=1, none=True)
 LR = Num(float, lo=0, lo_open=True, none=True)
-LOOP = {"amp": AMP, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1, "progress": Flag(),
-        "tensorboard": Flag(), "seed": INT_GE0, "num_workers": INT_GE0, "img_size": Num(int, lo=1, none=True), "deviations": Seq(Text())}
-EVAL_DATA = Section({"limit_train": Num(int, lo=1, none=True), "limit_val": Num(int, lo=1, none=True),
-                     "max_bad_fraction": FRACTION})
-BATCH = {"batch_size": INT_GE1, "eff_batch_size": Num(int, lo=1, none=True), "accum_iter": INT_GE1}
+#: The precision of a run: "auto" = bf16 where the hardware has it (CUDA, bf16-capable CPUs), else fp32.
+AMP = Choice(AMP_CHOICES)("auto")
+BETAS = Seq(Num(float, 0.0, 1.0, hi_open=True), length=2)
+#: Broken image files a split may skip; None: the folder loader's own limit (mimbench.data.folders).
+MAX_BAD = Num(float, 0.0, 1.0, none=True)(None)
+#: The loop settings every training run shares (pre-training, linear probe, fine-tuning).
+RUNTIME_KEYS = {"seed": INT_GE0(0), "amp": AMP, "ckpt_every": INT_GE0(0), "ckpt_every_steps": INT_GE0(0),
+                "log_every": INT_GE1(20), "progress": Flag()(True), "tensorboard": Flag()(False)}
+
+
+def schedule(min_lr: float) -> Section:
+    """``schedule``: epochs and warm-up (every config sets them), cosine floor ``min_lr`` unless set."""
+    return Section({"epochs": INT_GE1, "warmup_epochs": Num(float, lo=0), "min_lr": Num(float, lo=0)(min_lr)},
+                   required=("epochs", "warmup_epochs"),
+                   checks=((lambda s: s["warmup_epochs"] < s["epochs"],
+                            "schedule.warmup_epochs must be below schedule.epochs"),))
+
+
+#: Micro-batch (required), effective batch (None: batch_size x accum_iter x processes), accumulation.
+BATCH = {"batch_size": INT_GE1, "eff_batch_size": SIZE_OR_NONE(None), "accum_iter": INT_GE1(1)}
+
+
+EVAL_DATA = Section({"limit_train": SIZE_OR_NONE(None), "limit_val": SIZE_OR_NONE(None), "max_bad_fraction": MAX_BAD,
+                     "num_workers": INT_GE0(0)})
 HAS_LR = ((lambda o: o.get("lr") is not None or o.get("blr") is not None, "optim needs lr or blr"),)
+#: Keys every evaluation config may set at the top level.
+EVAL_COMMON = {"img_size": SIZE_OR_NONE(None), "data": EVAL_DATA, "deviations": Seq(Text())([])}
 
 SCHEMAS: dict[str, Section] = {
     "pretrain": Section({
-        "technique": Text(none=True),
+        "technique": Text(none=True)(None),  # None: the model's registered technique
         "model": Section({"name": Text()}, open=True, required=("name",)),
-        "data": Section({"img_size": INT_GE1, "num_workers": INT_GE0, "limit": Num(int, lo=1, none=True),
-                         "max_bad_fraction": FRACTION}),
-        "optim": Section({"blr": Num(float, lo=0, lo_open=True), "weight_decay": Num(float, lo=0), "betas": BETAS,
-                          "clip_grad": Num(float, lo=0, lo_open=True, none=True), **BATCH},
+        "data": Section({"img_size": INT_GE1(224), "num_workers": INT_GE0(0), "limit": SIZE_OR_NONE(None),
+                         "max_bad_fraction": MAX_BAD}),
+        "optim": Section({"blr": Num(float, lo=0, lo_open=True), "weight_decay": Num(float, lo=0)(0.05),
+                          "betas": BETAS((0.9, 0.95)), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
+                          **BATCH},
                          required=("blr", "batch_size")),
-        "schedule": SCHEDULE,
-        "runtime": Section({"seed": INT_GE0, "ckpt_every": INT_GE0, "ckpt_every_steps": INT_GE0, "log_every": INT_GE1,
-                            "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True), "amp": AMP,
-                            "compile": Flag(), "progress": Flag(), "tensorboard": Flag()}),
-    }, required=("model", "optim", "schedule", "runtime")),
+        "schedule": schedule(min_lr=0.0),
+        "runtime": Section({**RUNTIME_KEYS, "compile": Flag()(False),
+                            "mask_ratio": Num(float, 0.0, 1.0, lo_open=True, hi_open=True, none=True)(0.75)}),
+    }, required=("model", "optim", "schedule")),
     "linear": Section({
-        **LOOP, "mode": Choice(("protocol", "cached")),
-        "optim": Section({"name": Choice(("lars", "adam")), "blr": LR, "lr": LR, "momentum": FRACTION,
-                          "trust_coeff": Num(float, lo=0), "weight_decay": Num(float, lo=0), "betas": BETAS, **BATCH},
+        **EVAL_COMMON, "mode": Choice(LINEAR_MODES)("protocol"), "runtime": Section(RUNTIME_KEYS),
+        "optim": Section({"name": Choice(LINEAR_OPTIMIZERS)("lars"), "blr": LR(None), "lr": LR(None),
+                          "momentum": FRACTION(0.9), "trust_coeff": Num(float, lo=0)(0.001),
+                          "weight_decay": Num(float, lo=0)(0.0), "betas": BETAS((0.9, 0.999)), **BATCH},
                          required=("batch_size",), checks=HAS_LR),
-        "schedule": SCHEDULE, "augment": Section({"scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)}),
-        "data": EVAL_DATA, "cache_dir": Text(none=True), "feature_batch_size": INT_GE1,
+        "schedule": schedule(min_lr=0.0),
+        "augment": Section({"scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0))}),
+        "cache_dir": Text(none=True)(None), "feature_batch_size": INT_GE1(256),
     }, required=("optim", "schedule")),
     "finetune": Section({
-        **LOOP, "clip_grad": Num(float, lo=0, lo_open=True, none=True),
-        "model": Section({"drop_path": Num(float, 0.0, 1.0, hi_open=True), "head_init_std": Num(float, lo=0)},
+        **EVAL_COMMON, "runtime": Section(RUNTIME_KEYS), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
+        "model": Section({"drop_path": Num(float, 0.0, 1.0, hi_open=True), "head_init_std": Num(float, lo=0)(2e-5)},
                          required=("drop_path",)),
-        "optim": Section({"blr": LR, "lr": LR, "weight_decay": Num(float, lo=0),
-                          "layer_decay": Num(float, 0.0, 1.0, lo_open=True), "betas": BETAS, **BATCH},
+        "optim": Section({"blr": LR(None), "lr": LR(None), "weight_decay": Num(float, lo=0),
+                          "layer_decay": Num(float, 0.0, 1.0, lo_open=True), "betas": BETAS((0.9, 0.999)),
+                          **BATCH},
                          required=("batch_size", "weight_decay", "layer_decay"), checks=HAS_LR),
-        "schedule": SCHEDULE,
+        "schedule": schedule(min_lr=1e-6),
         "mixup": Section({"mixup": Num(float, lo=0), "cutmix": Num(float, lo=0),
-                          "smoothing": Num(float, 0.0, 1.0, hi_open=True), "prob": FRACTION, "switch_prob": FRACTION,
-                          "mode": Choice(("batch", "pair", "elem"))},
+                          "smoothing": Num(float, 0.0, 1.0, hi_open=True), "prob": FRACTION(1.0),
+                          "switch_prob": FRACTION(0.5), "mode": Choice(MIXUP_MODES)("batch")},
                          required=("mixup", "cutmix", "smoothing")),
-        "augment": Section({"mode": Choice(("timm", "tensor")), "auto_augment": Text(none=True), "re_prob": FRACTION,
-                            "re_mode": Choice(("const", "rand", "pixel")), "re_count": INT_GE1}),
-        "data": EVAL_DATA,
-    }, required=("model", "optim", "schedule", "mixup", "augment")),
+        "augment": Section({"mode": Choice(AUGMENT_MODES)("timm"),
+                            "auto_augment": Text(none=True)("rand-m9-mstd0.5-inc1"), "re_prob": FRACTION(0.25),
+                            "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+    }, required=("model", "optim", "schedule", "mixup")),
     "knn": Section({
-        "knn": Section({"k": INT_GE1, "temperature": Num(float, lo=0, lo_open=True)}),
-        "img_size": Num(int, lo=1, none=True), "batch_size": INT_GE1, "num_workers": INT_GE0, "data": EVAL_DATA,
-        "cache_dir": Text(none=True), "deviations": Seq(Text()), "seed": INT_GE0,
+        **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # no training loop
+        "knn": Section({"k": INT_GE1(20), "temperature": Num(float, lo=0, lo_open=True)(0.07)}),
+        "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
     }),
+    # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
+    # key is filled in).
     "segment": Section({
         "crop_size": Seq(INT_GE1, length=2), "num_classes": INT_GE1, "max_iters": INT_GE1,
         "train_cfg": Section({"max_iters": INT_GE1, "val_interval": INT_GE1}, open=True),
@@ -203,12 +285,43 @@ SCHEMAS: dict[str, Section] = {
                             "train_cfg", "crop_size")),
 }
 KINDS = tuple(SCHEMAS)
+#: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn")
 
 
 def _section(kind: str) -> Section:
     if kind not in SCHEMAS:
         raise MimbenchError(f"Unknown config kind {kind!r}.", f"Use one of: {', '.join(KINDS)}.")
     return SCHEMAS[kind]
+
+
+def spec_of(kind: str, dotted: str):
+    """The schema entry (a leaf or a :class:`Section`) of key ``dotted`` of ``kind``; KeyError when unlisted."""
+    node: Any = _section(kind)
+    for part in dotted.split("."):
+        if not isinstance(node, Section) or part not in node.keys:
+            raise KeyError(dotted)
+        node = node.keys[part]
+    return node
+
+
+def missing_defaults(cfg: Mapping, kind: str) -> dict[str, Any]:
+    """``{dotted key: default}`` for every key with a default that ``cfg`` leaves out (inside a section it
+    leaves out too); empty for a kind outside :data:`FILLED_KINDS`. Each default is a fresh copy."""
+    found: dict[str, Any] = {}
+
+    def walk(node: Mapping, spec: Section, prefix: str) -> None:
+        for key, sub in spec.keys.items():
+            if isinstance(sub, Section):
+                value = node[key] if key in node else {}
+                if isinstance(value, Mapping):
+                    walk(value, sub, f"{prefix}{key}.")
+            elif key not in node and sub.has_default:
+                found[prefix + key] = copy.deepcopy(sub.default)
+
+    if kind in FILLED_KINDS:
+        walk(cfg, _section(kind), "")
+    return found
 
 
 def knows_key(kind: str, dotted: str) -> bool:

@@ -27,7 +27,7 @@ from timm.optim import param_groups_weight_decay
 from mimbench import dist
 from mimbench.atomic import atomic_write_text, check_writable_dir
 from mimbench.batching import item_seed, resolve_batch, scaled_lr, uniform_by_index
-from mimbench.config import config_sha256, load_config
+from mimbench.config import config_sha256, load_config, written_text
 from mimbench.data import skipped_files
 from mimbench.engine import LoopConfig, fit
 from mimbench.errors import MimbenchError
@@ -76,7 +76,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     loader = _build_loader(cfg, data, model, batch, accum, ctx, out)
     step = make_step(model, cfg.runtime.mask_ratio, cfg.runtime.seed, loader, ctx.device)
     if ctx.is_main:
-        atomic_write_text(out / "config.py", cfg.pretty_text, what="the resolved config", fix=WRITE_FIX)
+        atomic_write_text(out / "config.py", written_text(cfg), what="the resolved config", fix=WRITE_FIX)
     fit(model, optimizer, loader, step, _loop_config(cfg, accum), out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {spec.name}")
     path = out / spec.export_name

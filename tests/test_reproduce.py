@@ -43,7 +43,7 @@ model = dict(name="beitv2+dds_vit_tiny_patch4_32", tokenizer="tokenizer.safetens
 @pytest.fixture()
 def fake_repo(tmp_path, monkeypatch):
     """A repository root with one MAE and one DDAE config per scale (micro ViT, depth 4) and the real demo
-    evaluation configs."""
+    evaluation configs (with the ``_base_`` files they inherit)."""
     import shutil
 
     from mimbench import paths
@@ -58,6 +58,7 @@ def fake_repo(tmp_path, monkeypatch):
     for _, cfg in R.demo_evals():
         (root / cfg).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(paths.REPO_ROOT / cfg, root / cfg)
+    shutil.copytree(paths.REPO_ROOT / paths.EVAL_CONFIGS / "_base_", root / paths.EVAL_CONFIGS / "_base_")  # inherited
     monkeypatch.setattr(paths, "REPO_ROOT", root)
     return root
 

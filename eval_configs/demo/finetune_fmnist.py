@@ -9,6 +9,7 @@
 # 67.00-69.45) and above the random-initialisation control (71.65) -- by only 1.2-2.2 points: at this budget
 # fine-tuning all weights on 12,000 images lifts a random encoder too (README, "Quick start", for what else was measured).
 # Label smoothing 0.1 and random erasing 0.25 are kept.
+_base_ = ["../_base_/demo_runtime.py", "../_base_/demo_data.py"]
 img_size = None          # the encoder's own resolution
 model = dict(drop_path=0.0, head_init_std=2e-5)
 optim = dict(blr=4e-3, lr=None, weight_decay=0.05, layer_decay=0.75, betas=(0.9, 0.999),
@@ -17,19 +18,10 @@ schedule = dict(epochs=2, warmup_epochs=1, min_lr=1e-6)
 # prob 0: no sample is mixed (timm Mixup then only smooths the labels)
 mixup = dict(mixup=0.0, cutmix=0.0, smoothing=0.1, prob=0.0, switch_prob=0.5, mode="batch")
 augment = dict(mode="tensor", auto_augment=None, re_prob=0.25, re_mode="pixel", re_count=1)
-data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 clip_grad = None
-num_workers = 0
-amp = "auto"             # bf16 autocast where the hardware has it (CUDA, bf16-capable CPUs), else fp32
-ckpt_every = 0
-ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
-log_every = 20
-progress = False
-tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 deviations = [
     "dataset: embedded Fashion-MNIST subset (32x32, 12,000 training images) instead of ImageNet-1k",
     "schedule: 2 epochs, 1 warm-up, batch 64, blr 4e-3, layer decay 0.75 instead of 100 / 5 epochs, batch 1024, "
     "blr 5e-4, layer decay 0.65",
     "regularisation: no Mixup/CutMix, no drop path instead of Mixup 0.8 / CutMix 1.0 (prob 1.0) and drop path 0.1",
 ]
-seed = 0

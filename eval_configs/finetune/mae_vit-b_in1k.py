@@ -5,6 +5,7 @@
 # 100 epochs, 5 warm-up, cosine to 1e-6 per iteration; Mixup 0.8 / CutMix 1.0 / smoothing 0.1 with
 # SoftTargetCrossEntropy; RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 pixel mode 1 box; no grad clipping.
 # Reported: 83.6 (MAE paper), 83.57 (repository, mean of 4 seeds).
+_base_ = ["../_base_/runtime.py", "../_base_/data.py"]
 img_size = 224
 model = dict(drop_path=0.1, head_init_std=2e-5)
 optim = dict(blr=5e-4, lr=None, weight_decay=0.05, layer_decay=0.65, betas=(0.9, 0.999),
@@ -12,14 +13,5 @@ optim = dict(blr=5e-4, lr=None, weight_decay=0.05, layer_decay=0.65, betas=(0.9,
 schedule = dict(epochs=100, warmup_epochs=5, min_lr=1e-6)
 mixup = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, prob=1.0, switch_prob=0.5, mode="batch")
 augment = dict(mode="timm", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1)
-data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
 clip_grad = None
-num_workers = 10
-amp = "auto"
-ckpt_every = 10
-ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
-log_every = 20
-progress = True
-tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 deviations = []
-seed = 0

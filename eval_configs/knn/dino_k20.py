@@ -2,11 +2,11 @@
 # cosine similarity of L2-normalised features, k=20 nearest training samples, votes exp(sim / 0.07)
 # summed per class (facebookresearch/dino eval_knn.py defaults --nb_knn 20 --temperature 0.07).
 # Pre-processing for folders: Resize(img_size / 0.875, bicubic) + CenterCrop(img_size) + ImageNet mean/std.
+_base_ = ["../_base_/data.py"]
 knn = dict(k=20, temperature=0.07)
 img_size = None          # None: the encoder's own resolution
 batch_size = 256         # feature extraction only (inference mode, large batches); does not change the result
-num_workers = 8
-data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
+data = dict(num_workers=8)
 cache_dir = None         # None: <out>/feature_cache
 deviations = []
-seed = 0
+runtime = dict(seed=0)

@@ -5,21 +5,13 @@
 # the reference, so the head's batch statistics are over 512 images, as there); 90 epochs, 10 warm-up, cosine
 # to 0 per iteration; RandomResizedCrop(224, bicubic) + flip; val Resize 256 bicubic + CenterCrop 224.
 # Reported: 68.0 (MAE paper), 67.8 (repository re-run).
+_base_ = ["../_base_/runtime.py", "../_base_/data.py"]
 mode = "protocol"
 img_size = 224
 optim = dict(name="lars", blr=0.1, lr=None, momentum=0.9, trust_coeff=0.001, weight_decay=0.0,
              batch_size=512, eff_batch_size=16384)
 schedule = dict(epochs=90, warmup_epochs=10, min_lr=0.0)
 augment = dict(scale=(0.08, 1.0))
-data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)  # broken files skipped up to 0.1 % of a split
-num_workers = 10
-amp = "auto"
-ckpt_every = 10
-ckpt_every_steps = 0     # >0: also checkpoint every n optimizer steps inside an epoch (resumable mid-epoch)
-log_every = 20
-progress = True
-tensorboard = False      # also log scalars to <out>/tensorboard (needs the tensorboard package)
 cache_dir = None
 feature_batch_size = 256
 deviations = []
-seed = 0

@@ -68,8 +68,8 @@ def augment_ops(transform) -> list:
     return found
 
 
-def finetune_train_transform(*, img_size: int, mean, std, auto_augment: str = "rand-m9-mstd0.5-inc1",
-                             re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1):
+def finetune_train_transform(*, img_size: int, mean, std, auto_augment: str | None, re_prob: float, re_mode: str,
+                             re_count: int):
     """(transform, description) of the MAE fine-tuning training pipeline for PIL images of any mode.
 
     Returns a torchvision ``Compose``: :class:`ToRGB`, then timm ``create_transform(input_size=img_size,

@@ -22,13 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
+from mimbench.batching import shard_range
+from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
 from mimbench.errors import MimbenchError
+from mimbench.fastpath import autocast_factory, resolve_amp
+from mimbench.schema import AMP
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
 #: ``int(img_size / (224 / 256))`` (256 for 224, as DINO's k-NN and MAE's linear probe), above 224 the crop
@@ -47,8 +54,6 @@ def eval_transform(data: str, img_size: int):
     Built-in data uses its own tensor path (``transform=None``: pad/resize + the subset's statistics);
     folders use Resize(eval_resize(img_size), bicubic) + CenterCrop(img_size) + ImageNet normalisation.
     """
-    from mimbench.data import dataset_stats, is_builtin
-
     mean, std = dataset_stats(data)
     if is_builtin(data):
         return None, f"builtin-default(img_size={img_size},mean={mean},std={std})"
@@ -66,8 +71,6 @@ def eval_transform(data: str, img_size: int):
 
 def data_identity(data: str) -> str:
     """The data spec as it enters the cache key: builtin names as is, folders by absolute path."""
-    from mimbench.data import is_builtin
-
     return data if is_builtin(data) else str(Path(data).resolve())
 
 
@@ -92,8 +95,6 @@ def limited(dataset, limit: int | None):
 def compute_features(model: torch.nn.Module, loader, precision: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``, under
     ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 | none)."""
-    from mimbench.fastpath import autocast_factory
-
     model.eval()
     device = next(model.parameters()).device
     autocast = autocast_factory(precision, device)
@@ -176,9 +177,79 @@ def _write_cache(feat_path: Path, label_path: Path, manifest_path: Path, built_f
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1), what="the feature-cache manifest", fix=CACHE_FIX)
 
 
+@dataclass
+class _Entry:
+    """One cache entry: the split it is computed from, where its files go, and what it is built from."""
+
+    dataset: Any
+    img_size: int
+    device: torch.device
+    precision: str
+    paths: tuple[Path, Path, Path]  # features, labels, manifest
+    built_from: dict
+    info: dict
+
+
+def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
+           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str) -> _Entry:
+    """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
+    size = int(img_size or encoders.read_metadata(encoder, layout=layout)["img_size"])
+    transform, desc = eval_transform(data, size)
+    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
+    precision = resolve_amp(amp, device)
+    enc_sha = encoders.encoder_sha256(encoder)
+    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
+                    precision=precision)
+    cache_dir = Path(cache_dir)
+    paths = (cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy", cache_dir / f"{key}.manifest.json")
+    built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
+                  "img_size": size, "limit": limit, "precision": precision,
+                  "samples_sha256": dataset_fingerprint(dataset)}
+    info = {"key": key, "transform": desc, "img_size": size, "classes": list(dataset.classes),
+            "precision": precision, "skipped": skipped_files(dataset)}
+    return _Entry(dataset, size, device, precision, paths, built_from, info)
+
+
+def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, batch_size: int, num_workers: int,
+                     layout: str, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """This rank's contiguous shard of the (limited) split through the encoder, gathered: all rows in dataset
+    order on rank 0 (None on the others under several processes)."""
+    model = encoders.load_encoder(encoder, img_size=entry.img_size, layout=layout).to(entry.device)
+    items = limited(entry.dataset, limit)
+    if len(items) == 0:
+        raise MimbenchError(f"The {where} is empty; no features to compute.", "Check the data path and split.")
+    shard = torch.utils.data.Subset(items, shard_range(len(items), ctx.rank, ctx.world_size))
+    if len(shard):
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
+                                             num_workers=num_workers, pin_memory=entry.device.type == "cuda")
+        feats, labels = compute_features(model, loader, entry.precision)
+    else:  # more ranks than items
+        feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
+    if ctx.distributed:  # only rank 0 keeps a host copy (to write it); the others read the cache back
+        feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device))
+        labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device))
+        feats, labels = (feats.cpu().numpy(), labels.cpu().numpy()) if ctx.is_main else (None, None)
+    return feats, labels
+
+
+def _publish(entry: _Entry, ctx, feats, labels):
+    """Rank 0 writes the entry (arrays, then manifest); every rank returns the features and labels, the other
+    ranks as memory maps of the written files (the ranks of a node share its pages)."""
+    error = None
+    if ctx.is_main:
+        try:
+            _write_cache(*entry.paths, entry.built_from, feats, labels)
+        except MimbenchError as err:
+            error = err
+    if not dist.broadcast_flag(error is None):
+        raise error or MimbenchError(f"Feature cache {entry.paths[0].parent} could not be written on rank 0.",
+                                     CACHE_FIX)
+    return _load_cache(*entry.paths[:2]) if ctx.distributed else (feats, labels)
+
+
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
-                     device: str | torch.device | None = None, amp: str = "auto",
+                     device: str | torch.device | None = None, amp: str = AMP.default,
                      max_bad_fraction: float | None = None,
                      layout: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
@@ -192,65 +263,21 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
     ``layout``: the checkpoint layout of ``encoder`` (``--from``).
     """
-    from mimbench import dist
-    from mimbench.batching import shard_range
-    from mimbench.data import build_dataset, skipped_files
-    from mimbench.encoders import check_encoder_file, encoder_sha256, load_encoder, read_metadata
-    from mimbench.fastpath import resolve_amp
-
     ctx = dist.setup()
     encoder = Path(encoder)
-    check_encoder_file(encoder)
-    size = int(img_size or read_metadata(encoder, layout=layout)["img_size"])
-    transform, desc = eval_transform(data, size)
-    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
-    classes = list(dataset.classes)
-    device = torch.device(device) if device is not None else ctx.device
-    precision = resolve_amp(amp, device)
-    enc_sha = encoder_sha256(encoder)
-    key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
-                    precision=precision)
-    cache_dir = Path(cache_dir)
-    feat_path, label_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy"
-    manifest_path = cache_dir / f"{key}.manifest.json"
-    built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
-                  "img_size": size, "limit": limit, "precision": precision,
-                  "samples_sha256": dataset_fingerprint(dataset)}
-    info = {"key": key, "transform": desc, "img_size": size, "classes": classes, "precision": precision,
-            "skipped": skipped_files(dataset)}
-    cached = _read_cache(feat_path, label_path, manifest_path, built_from) if ctx.is_main else None
+    encoders.check_encoder_file(encoder)
+    entry = _entry(encoder, data, split, cache_dir=cache_dir, img_size=img_size, limit=limit, amp=amp,
+                   device=torch.device(device) if device is not None else ctx.device,
+                   max_bad_fraction=max_bad_fraction, layout=layout)
+    cached = _read_cache(*entry.paths, entry.built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest
-            cached = _load_cache(feat_path, label_path)
-        return cached[0], cached[1], {**info, "cached": True}
-    model = load_encoder(encoder, img_size=size, layout=layout).to(device)
-    items = limited(dataset, limit)
-    if len(items) == 0:
-        raise MimbenchError(f"The {split} split of {data} is empty; no features to compute.",
-                            "Check the data path and split.")
-    shard = torch.utils.data.Subset(items, shard_range(len(items), ctx.rank, ctx.world_size))
-    if len(shard):
-        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
-        feats, labels = compute_features(model, loader, precision)
-    else:  # more ranks than items
-        feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
-    if ctx.distributed:  # only rank 0 keeps a host copy (to write it); the others read the cache back below
-        feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device))
-        labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device))
-        feats, labels = (feats.cpu().numpy(), labels.cpu().numpy()) if ctx.is_main else (None, None)
-    error = None
-    if ctx.is_main:
-        try:
-            _write_cache(feat_path, label_path, manifest_path, built_from, feats, labels)
-        except MimbenchError as err:
-            error = err
-    if not dist.broadcast_flag(error is None):
-        raise error or MimbenchError(f"Feature cache {cache_dir} could not be written on rank 0.", CACHE_FIX)
-    if ctx.distributed:  # every rank maps the one file: the ranks of a node share its pages
-        feats, labels = _load_cache(feat_path, label_path)
-    return feats, labels, {**info, "cached": False}
-
+            cached = _load_cache(*entry.paths[:2])
+        return cached[0], cached[1], {**entry.info, "cached": True}
+    feats, labels = _compute_sharded(entry, encoder, ctx, limit=limit, batch_size=batch_size, layout=layout,
+                                     num_workers=num_workers, where=f"{split} split of {data}")
+    feats, labels = _publish(entry, ctx, feats, labels)
+    return feats, labels, {**entry.info, "cached": False}
 
 
 def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode) -> torch.Tensor:

@@ -31,19 +31,25 @@ replaying them does not. Validation is sharded (each image scored once) and gath
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimbench import dist
+from mimbench import dist, encoders
+from mimbench.engine import fit
 from mimbench.errors import MimbenchError
+from mimbench.evals import runner
+from mimbench.evals.features import eval_transform, extract_features, limited
+from mimbench.schema import LINEAR_OPTIMIZERS
 
 CACHED_DEVIATION = "fast linear probe on cached features"
-MODES = ("protocol", "cached")
-OPTIMIZERS = ("lars", "adam")
+#: Validation batch of the cached mode (feature vectors: large batches are cheap).
+CACHED_EVAL_BATCH = 4096
 
 
 class StepBatchNorm1d(nn.BatchNorm1d):
@@ -93,38 +99,38 @@ def build_head(embed_dim: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(StepBatchNorm1d(embed_dim, eps=1e-6), linear)
 
 
-def build_optimizer(head: nn.Module, optim: dict, lr: float) -> torch.optim.Optimizer:
-    """LARS as in MAE (matrices adapted, 1-D params plain momentum SGD) or Adam; all without weight decay.
+def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
+    """LARS as in MAE (matrices adapted, 1-D params plain momentum SGD) or Adam (``optim["name"]``); 1-D
+    parameters without weight decay. ``optim``: a config's ``optim`` section (the keys its optimizer reads).
 
     timm's ``Lars`` adapts a parameter only when ``weight_decay != 0`` or ``always_adapt`` is set,
     so with weight decay 0 the weight matrix needs its own group with ``always_adapt=True``. ``eps=0``
     gives MAE's trust ratio ``trust_coeff * |w| / |g|`` exactly (timm guards zero norms itself).
     """
-    name = str(optim.get("name", "lars")).lower()
-    if name not in OPTIMIZERS:
-        raise MimbenchError(f"Unknown linear-probe optimizer {name!r}.", f"Use optim.name in {OPTIMIZERS}.")
-    wd = float(optim.get("weight_decay", 0.0))
+    name = str(optim["name"]).lower()
+    if name not in LINEAR_OPTIMIZERS:
+        raise MimbenchError(f"Unknown linear-probe optimizer {name!r}.", f"Use optim.name in {LINEAR_OPTIMIZERS}.")
+    wd = float(optim["weight_decay"])
     matrices = [p for p in head.parameters() if p.ndim > 1]
     vectors = [p for p in head.parameters() if p.ndim <= 1]
     if name == "adam":
-        betas = tuple(optim.get("betas", (0.9, 0.999)))
         return torch.optim.Adam([{"params": matrices, "weight_decay": wd}, {"params": vectors, "weight_decay": 0.0}],
-                                lr=lr, betas=betas)
+                                lr=lr, betas=tuple(optim["betas"]))
     from timm.optim import Lars
 
-    common = dict(lr=lr, momentum=float(optim.get("momentum", 0.9)),
-                  trust_coeff=float(optim.get("trust_coeff", 0.001)), eps=0.0, trust_clip=False)
+    common = dict(lr=lr, momentum=float(optim["momentum"]), trust_coeff=float(optim["trust_coeff"]), eps=0.0,
+                  trust_clip=False)
     return Lars([{"params": matrices, "weight_decay": wd, "always_adapt": True},
                  {"params": vectors, "weight_decay": 0.0, "always_adapt": False}], **common)
 
 
-def _train_transform(data: str, img_size: int, aug: dict):
+def _train_transform(data: str, img_size: int, scale):
     from torchvision import transforms as T
 
     from mimbench.data import dataset_stats
 
     mean, std = dataset_stats(data)
-    scale = tuple(aug.get("scale", (0.08, 1.0)))
+    scale = tuple(scale)
     transform = T.Compose([
         T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -134,92 +140,103 @@ def _train_transform(data: str, img_size: int, aug: dict):
     return transform, f"randomresizedcrop{img_size}(scale={scale},bicubic)/hflip/normalize(mean={mean},std={std})"
 
 
+@dataclass
+class Probe:
+    """What a linear probe trains and scores: the head, the frozen encoder (None when the inputs are cached
+    features), the training batches, the validation set, and what the record says about them."""
+
+    head: nn.Module
+    encoder: nn.Module | None
+    loader: Any
+    train_size: int
+    val_set: Any
+    eval_batch: int
+    transforms: dict  # {"train_transform": ..., "val_transform": ...}
+    skipped: dict
+
+
+def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
+    """Head on features of the un-augmented images, extracted once and cached (``features``); the batches are
+    index arrays into the features on the device."""
+    cfg, device = run.cfg, run.device
+    if CACHED_DEVIATION not in run.deviations:
+        run.deviations.insert(0, CACHED_DEVIATION)
+    common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
+                  batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
+                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout)
+    tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
+    vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
+    train_x, train_y = torch.from_numpy(np.array(tx)).to(device), torch.from_numpy(np.array(ty)).to(device)
+    val_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(vx)), torch.from_numpy(np.array(vy)))
+    return Probe(head=build_head(int(tx.shape[1]), len(tinfo["classes"])).to(device), encoder=None,
+                 loader=runner.TensorBatches(run, train_x, train_y, batch, accum), train_size=len(train_x),
+                 val_set=val_set, eval_batch=CACHED_EVAL_BATCH,
+                 transforms={"train_transform": tinfo["transform"] + " (no augmentation)",
+                             "val_transform": vinfo["transform"]},
+                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]})
+
+
+def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
+    """Head on the frozen encoder (eval mode, no gradients) of augmented images: RandomResizedCrop + flip."""
+    cfg = run.cfg
+    encoder_model = encoders.load_encoder(run.encoder, img_size=size, layout=run.layout).to(run.device).eval()
+    for p in encoder_model.parameters():
+        p.requires_grad_(False)
+    train_tf, train_desc = _train_transform(run.data, size, cfg.augment.scale)
+    val_tf, val_desc = eval_transform(run.data, size)
+    train_set = runner.build_split(run, "train", transform=train_tf, img_size=size)
+    val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
+    skipped = runner.skipped(train_set, val_set)
+    classes = list(train_set.classes)
+    train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
+    return Probe(head=build_head(encoder_model.embed_dim, len(classes)).to(run.device), encoder=encoder_model,
+                 loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
+                 train_size=len(train_set), val_set=val_set, eval_batch=batch,
+                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped)
+
+
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                resume: bool = False, layout: str = "auto") -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
-    from mimbench.encoders import load_encoder, read_metadata
-    from mimbench.engine import fit
-    from mimbench.evals import runner
-    from mimbench.evals.features import eval_transform, extract_features, limited
-
     run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
-    mode = cfg.get("mode", "protocol")
-    if mode not in MODES:
-        raise MimbenchError(f"Unknown linear-probe mode {mode!r}.", f"Use mode in {MODES}.")
-    optim, sched, data_cfg = dict(cfg.optim), dict(cfg.schedule), dict(cfg.get("data", {}))
-    batch, accum, eff, lr = runner.batch_rule(run, optim)
-    size = int(cfg.get("img_size") or read_metadata(run.encoder, layout=layout)["img_size"])
-    loop = runner.loop_config(run, sched, accum)
-    num_workers = int(cfg.get("num_workers", 0))
-    limit_train, limit_val = data_cfg.get("limit_train"), data_cfg.get("limit_val")
+    batch, accum, eff, lr = runner.batch_rule(run, cfg.optim)
+    size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
+    build = _cached_probe if cfg.mode == "cached" else _protocol_probe
+    probe = build(run, size, batch, accum)
+    optimizer = build_optimizer(probe.head, cfg.optim, lr)
+    loop = runner.loop_config(run, accum)
 
-    if mode == "cached":
-        if CACHED_DEVIATION not in run.deviations:
-            run.deviations.insert(0, CACHED_DEVIATION)
-        common = dict(cache_dir=Path(cfg.get("cache_dir") or run.out / "feature_cache"), img_size=size,
-                      batch_size=int(cfg.get("feature_batch_size", 256)), num_workers=num_workers,
-                      amp=run.amp, max_bad_fraction=runner.max_bad_fraction(run), layout=layout)
-        tx, ty, tinfo = extract_features(run.encoder, data, "train", limit=limit_train, **common)
-        vx, vy, vinfo = extract_features(run.encoder, data, "val", limit=limit_val, **common)
-        classes = tinfo["classes"]
-        train_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(tx)).to(device),
-                                                   torch.from_numpy(np.array(ty)).to(device))
-        val_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(vx)), torch.from_numpy(np.array(vy)))
-        loader = runner.TensorBatches(run, *train_set.tensors, batch, accum)
-        head = build_head(int(tx.shape[1]), len(classes)).to(device)
-        encoder_model = None
-        train_desc, val_desc = tinfo["transform"] + " (no augmentation)", vinfo["transform"]
-        eval_batch = 4096
-        skipped = {"train": tinfo["skipped"], "val": vinfo["skipped"]}
-    else:
-        encoder_model = load_encoder(run.encoder, img_size=size, layout=layout).to(device).eval()
-        for p in encoder_model.parameters():
-            p.requires_grad_(False)
-        train_tf, train_desc = _train_transform(data, size, dict(cfg.get("augment", {})))
-        val_tf, val_desc = eval_transform(data, size)
-        train_set = runner.build_split(run, "train", transform=train_tf, img_size=size)
-        val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
-        skipped = runner.skipped(train_set, val_set)
-        classes = list(train_set.classes)
-        train_set, val_set = limited(train_set, limit_train), limited(val_set, limit_val)
-        head = build_head(encoder_model.embed_dim, len(classes)).to(device)
-        eval_batch = batch
-        loader = runner.train_loader(run, train_set, batch, accum, num_workers=num_workers)
-    sizes = {"train": len(train_set), "val": len(val_set)}
-    optimizer = build_optimizer(head, optim, lr)
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        if encoder_model is None:
-            return x
-        with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            return encoder_model.forward_features(x)[:, 0]
-
-    def step(model, batch_):
+    def step(head, batch_):
         x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
-        logits = model(features(x).float())
-        return F.cross_entropy(logits, y), {}
+        return probe_loss(head, probe.encoder, x, y), {}
 
-    history = fit(head, optimizer, loader, step, loop, run.out, resume=resume, desc=f"linear ({mode})",
-                  on_step_end=lambda it, total: head[0].commit())
-    head.eval()
-    logits, labels = runner.score(run, lambda x: head(features(x).float()), val_set, eval_batch,
-                                  num_workers=num_workers)
+    history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
+                  desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
+    probe.head.eval()
+    logits, labels = runner.score(run, lambda x: probe_logits(probe.head, probe.encoder, x), probe.val_set,
+                                  probe.eval_batch, num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
     return runner.finish(
         run,
-        protocol={"mode": mode, "optimizer": str(optim.get("name", "lars")), "lr": lr, "eff_batch_size": eff,
+        protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  "train_transform": train_desc, "val_transform": val_desc, "img_size": size},
-        metrics=metrics, dataset={"sizes": sizes, "skipped": skipped})
+                  **probe.transforms, "img_size": size},
+        metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
+                                  "skipped": probe.skipped})
 
 
-def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the probe ``head`` on the frozen encoder's class tokens of images ``x`` (N×3×S×S), or on
-    ``x`` itself when ``encoder_model`` is None (cached features, N×D); ``y``: labels (N)."""
+def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """Scores (N×C) of the probe ``head`` on the frozen encoder's class tokens of images ``x`` (N×3×S×S), or on
+    ``x`` itself when ``encoder_model`` is None (cached features, N×D)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
             x = encoder_model.forward_features(x)[:, 0]
-    return F.cross_entropy(head(x.float()), y)
+    return head(x.float())
+
+
+def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss."""
+    return F.cross_entropy(probe_logits(head, encoder_model, x), y)

@@ -6,7 +6,7 @@ check, config + ``--set`` overrides checked against the task's schema (:mod:`mim
 recorded seed; returns an :class:`EvalRun`.
 :func:`batch_rule` - micro-batch, accumulation, effective batch and learning rate, the rule
 pre-training uses too (:mod:`mimbench.batching`).
-:func:`loop_config` - the training loop settings from the config (mid-epoch checkpoints included).
+:func:`loop_config` - the training loop settings from the config's ``schedule`` and ``runtime`` sections.
 :func:`build_split` - a split of the data, broken files skipped up to ``data.max_bad_fraction``;
 :func:`skipped` lists them for the record.
 :func:`train_loader` - a loader whose optimizer steps hold the same images on any number of
@@ -28,9 +28,10 @@ import torch
 
 from mimbench.errors import MimbenchError
 from mimbench.evals.metrics import topk_accuracy
+from mimbench.schema import FILLED_KINDS, RUNTIME_KEYS
 
 __all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
-           "dataset_root", "max_bad_fraction", "build_split", "skipped"]
+           "dataset_root", "max_bad_fraction", "build_split", "skipped", "runtime_value"]
 
 
 @dataclass
@@ -68,8 +69,9 @@ class EvalRun:
 
     @property
     def amp(self) -> str:
-        """The config's ``amp`` setting ("auto" unless set)."""
-        return str(self.cfg.get("amp", "auto"))
+        """The config's ``runtime.amp`` (a segmentation config has none: the schema's default, whose precision
+        the segmentation runner replaces by its optimizer wrapper's)."""
+        return str(runtime_value(self.cfg, self.task, "amp"))
 
     @property
     def precision(self) -> str:
@@ -94,11 +96,18 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
     if check_encoder:
         check_encoder_file(encoder)
     cfg = load_config(config, list(overrides), kind=task)
-    seed = int(cfg.get("seed", 0))
+    seed = int(runtime_value(cfg, task, "seed"))
     seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
+    deviations = list(cfg.deviations) if task in FILLED_KINDS else []  # segmentation: adapt_config lists them
     return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
-                   overrides=list(overrides), seed=seed, ctx=ctx, started=started,
-                   deviations=list(cfg.get("deviations", [])), layout=layout)
+                   overrides=list(overrides), seed=seed, ctx=ctx, started=started, deviations=deviations,
+                   layout=layout)
+
+
+def runtime_value(cfg, kind: str, key: str):
+    """``cfg.runtime.<key>``; for a kind whose configs have no runtime section (an mmsegmentation config),
+    the schema's default of that key (:data:`mimbench.schema.RUNTIME_KEYS`)."""
+    return cfg.runtime[key] if kind in FILLED_KINDS else RUNTIME_KEYS[key].default
 
 
 def batch_rule(run: EvalRun, optim: Mapping) -> tuple[int, int, int, float]:
@@ -109,22 +118,20 @@ def batch_rule(run: EvalRun, optim: Mapping) -> tuple[int, int, int, float]:
     return batch, accum, eff, scaled_lr(optim, eff)
 
 
-def loop_config(run: EvalRun, sched: Mapping, accum: int, *, min_lr: float = 0.0, clip_grad=None):
-    """:class:`mimbench.engine.LoopConfig` from the schedule section and the config's loop keys."""
+def loop_config(run: EvalRun, accum: int, *, clip_grad=None):
+    """:class:`mimbench.engine.LoopConfig` from the config's ``schedule`` and ``runtime`` sections."""
     from mimbench.engine import LoopConfig
 
-    cfg = run.cfg
-    return LoopConfig(epochs=int(sched["epochs"]), warmup_epochs=float(sched["warmup_epochs"]),
-                      min_lr=float(sched.get("min_lr", min_lr)), accum_iter=accum, clip_grad=clip_grad,
-                      amp=run.amp, ckpt_every=int(cfg.get("ckpt_every", 0)),
-                      ckpt_every_steps=int(cfg.get("ckpt_every_steps", 0) or 0), seed=run.seed,
-                      log_every=int(cfg.get("log_every", 20)), progress=bool(cfg.get("progress", True)),
-                      tensorboard=bool(cfg.get("tensorboard", False)))
+    sched, rt = run.cfg.schedule, run.cfg.runtime
+    return LoopConfig(epochs=int(sched.epochs), warmup_epochs=float(sched.warmup_epochs), min_lr=float(sched.min_lr),
+                      accum_iter=accum, clip_grad=clip_grad, amp=run.amp, ckpt_every=int(rt.ckpt_every),
+                      ckpt_every_steps=int(rt.ckpt_every_steps), seed=run.seed, log_every=int(rt.log_every),
+                      progress=bool(rt.progress), tensorboard=bool(rt.tensorboard))
 
 
 def max_bad_fraction(run: EvalRun) -> float | None:
-    """``data.max_bad_fraction``: the share of broken files a folder split may skip (None: the default)."""
-    return dict(run.cfg.get("data") or {}).get("max_bad_fraction")
+    """``data.max_bad_fraction``: the share of broken files a folder split may skip (None: the loader's default)."""
+    return run.cfg.data.max_bad_fraction
 
 
 def build_split(run: EvalRun, split: str, *, transform, img_size: int):

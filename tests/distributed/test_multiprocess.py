@@ -92,7 +92,7 @@ def test_linear_cached_two_processes_equal_one(tmp_path, dist_encoder):
     from mimbench.evals import run_eval
 
     common = ["data.limit_train=512", "data.limit_val=200", "schedule.epochs=3", "schedule.warmup_epochs=1",
-              "optim.batch_size=32", "optim.eff_batch_size=64", "log_every=2"]
+              "optim.batch_size=32", "optim.eff_batch_size=64", "runtime.log_every=2"]
     one = run_eval("linear", encoder=dist_encoder, config=LINEAR_DEMO, data="builtin:fashion-mnist",
                    out=tmp_path / "one", overrides=common)
     assert one["protocol"]["accum_iter"] == 2
@@ -119,7 +119,7 @@ def test_linear_two_processes_killed_mid_epoch_resume_to_one_process_numbers(tmp
     from mimbench.evals import run_eval
 
     common = ["data.limit_train=512", "data.limit_val=200", "schedule.epochs=3", "schedule.warmup_epochs=1",
-              "optim.batch_size=32", "optim.eff_batch_size=64", "log_every=2", "ckpt_every_steps=3"]
+              "optim.batch_size=32", "optim.eff_batch_size=64", "runtime.log_every=2", "runtime.ckpt_every_steps=3"]
     one = run_eval("linear", encoder=dist_encoder, config=LINEAR_DEMO, data="builtin:fashion-mnist",
                    out=tmp_path / "one", overrides=common)
     args = ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_DEMO, "--out",
@@ -170,8 +170,8 @@ def test_linear_protocol_two_processes_complete_and_agree(tmp_path, dist_encoder
     from mimbench.evals import run_eval
 
     common = ["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=16", "schedule.epochs=2",
-              "schedule.warmup_epochs=1", "data.limit_train=64", "data.limit_val=200", "progress=False",
-              "num_workers=0"]
+              "schedule.warmup_epochs=1", "data.limit_train=64", "data.limit_val=200", "runtime.progress=False",
+              "data.num_workers=0"]
     one = run_eval("linear", encoder=dist_encoder, config=LINEAR_PROTOCOL, data="builtin:fashion-mnist",
                    out=tmp_path / "one", overrides=common)
     _two_procs(tmp_path, "linprot", ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_PROTOCOL,

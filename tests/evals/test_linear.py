@@ -62,7 +62,8 @@ def test_protocol_mode_keeps_encoder_bit_identical(tiny_encoder, tmp_path, monke
                       data="builtin:fashion-mnist", out=tmp_path,
                       overrides=["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=16",
                                  "schedule.epochs=2", "schedule.warmup_epochs=1", "data.limit_train=32",
-                                 "data.limit_val=16", "num_workers=0", "progress=False", "ckpt_every=0"])
+                                 "data.limit_val=16", "data.num_workers=0", "runtime.progress=False",
+                                 "runtime.ckpt_every=0"])
     assert record["protocol"]["accum_iter"] == 2 and record["protocol"]["lr"] == pytest.approx(0.1 * 16 / 256)
     assert record["protocol"]["deviations"] == []
     assert 0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100

@@ -15,7 +15,7 @@ from mimbench.evals import run_eval
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
-SMALL = ["img_size=32", "schedule.epochs=2", "schedule.warmup_epochs=1", "num_workers=0", "progress=False"]
+SMALL = ["img_size=32", "schedule.epochs=2", "schedule.warmup_epochs=1", "data.num_workers=0", "runtime.progress=False"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _one_record(out: Path) -> dict:
 @pytest.mark.parametrize("size", ["b", "l", "h"])
 def test_finetune_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path, size):
     config = REPO / "eval_configs" / "finetune" / f"mae_vit-{size}_in1k.py"
-    workers = ["num_workers=2"] if size == "b" else []  # one run decodes and augments in worker processes
+    workers = ["data.num_workers=2"] if size == "b" else []  # one run decodes and augments in worker processes
     record = run_eval("finetune", encoder=tiny_encoder, config=config, data=str(jpeg_tree), out=tmp_path,
                       overrides=SMALL + ["optim.batch_size=8", "optim.eff_batch_size=16"] + workers)
     assert record["status"] == "ok"
@@ -87,7 +87,7 @@ def test_linear_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path, config)
 
 def test_knn_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path):
     record = run_eval("knn", encoder=tiny_encoder, config=REPO / "eval_configs" / "knn" / "dino_k20.py",
-                      data=str(jpeg_tree), out=tmp_path, overrides=["img_size=32", "num_workers=0"])
+                      data=str(jpeg_tree), out=tmp_path, overrides=["img_size=32", "data.num_workers=0"])
     assert record["dataset"]["sizes"]["train"] == 48 and record["dataset"]["sizes"]["val"] == 20
     assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
     assert _one_record(tmp_path)["run_id"] == record["run_id"]

@@ -35,8 +35,9 @@ BAD = [
     ("linear", "data = dict(max_bad_fraction=1.5)", ["data.max_bad_fraction", "1.5", "[0, 1]"]),
     ("finetune", "mixup = dict(smoothing=1.0)", ["mixup.smoothing", "[0, 1)"]),
     ("finetune", "optim = dict(layer_decay=0)", ["optim.layer_decay", "= 0", "(0, 1]"]),
-    ("finetune", "progres = False", ["unknown key `progres`", "did you mean `progress`"]),
-    ("finetune", "ckpt_every_steps = True", ["ckpt_every_steps", "True", "is a bool", "an integer >= 0"]),
+    ("finetune", "runtime = dict(progres=False)",
+     ["unknown key `runtime.progres`", "did you mean `runtime.progress`"]),
+    ("finetune", "runtime = dict(ckpt_every_steps=True)", ["ckpt_every_steps", "True", "is a bool", "an integer >= 0"]),
     ("knn", "knn = dict(k=20.5)", ["knn.k", "20.5", "is a float"]),
     ("knn", "knn = dict(temperature=-0.07)", ["knn.temperature", "a number > 0"]),
     ("segment", "crop_size = (32, 32, 3)", ["crop_size", "has 3 items"]),
@@ -121,7 +122,8 @@ def test_bad_config_stops_every_command_before_any_work(tmp_path, kind):
 
     enc = write_tiny_encoder(tmp_path / "enc.safetensors")
     out = _sample_out(tmp_path)
-    line = {"pretrain": "runtime = dict(seeed=1)", "linear": "optim = dict(bs=1)", "finetune": "amp = 'fp8'",
+    line = {"pretrain": "runtime = dict(seeed=1)", "linear": "optim = dict(bs=1)",
+            "finetune": "runtime = dict(amp='fp8')",
             "knn": "knn = dict(k=0)", "segment": "crop_size = (32, -32)"}[kind]
     bad = _bad_file(tmp_path, kind, line)
     if kind == "pretrain":

@@ -93,7 +93,7 @@ def test_skipped_files_are_listed_in_the_run_record(tmp_path):
     enc = write_tiny_encoder(tmp_path / "enc.safetensors")
     root = _tree(tmp_path / "imgs")
     record = run_knn(encoder=enc, config=REPO / "eval_configs" / "knn" / "dino_k20.py", data=str(root), out=tmp_path / "out",
-                     overrides=["data.max_bad_fraction=0.2", "num_workers=0", "knn.k=3"])
+                     overrides=["data.max_bad_fraction=0.2", "data.num_workers=0", "knn.k=3"])
     assert record["dataset"]["sizes"] == {"train": 18, "val": 18}
     assert sorted(s["file"] for s in record["dataset"]["skipped"]["train"]) == sorted(BROKEN)
     assert record["dataset"]["skipped"]["val"] == []

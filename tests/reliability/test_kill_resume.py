@@ -90,11 +90,11 @@ EVALS = {
     # Protocol linear probe: a shuffling DataLoader with PIL RandomResizedCrop/flip drawing from the global RNG.
     "linear": ("run_linear", str(REPO / "eval_configs/demo/linear_fmnist.py"),
                ["mode='protocol'", "data.limit_train=256", "data.limit_val=64", "optim.batch_size=32",
-                "schedule.epochs=2", "schedule.warmup_epochs=1", "ckpt_every_steps=3", "log_every=1"]),
+                "schedule.epochs=2", "schedule.warmup_epochs=1", "runtime.ckpt_every_steps=3", "runtime.log_every=1"]),
     # Fine-tune: drop path, tensor flips/erasing (torch RNG) and Mixup/CutMix (NumPy RNG).
     "finetune": ("run_finetune", str(REPO / "eval_configs/demo/finetune_fmnist.py"),
-                 ["data.limit_train=256", "data.limit_val=64", "optim.batch_size=32", "ckpt_every_steps=3",
-                  "log_every=1"]),
+                 ["data.limit_train=256", "data.limit_val=64", "optim.batch_size=32", "runtime.ckpt_every_steps=3",
+                  "runtime.log_every=1"]),
 }
 
 

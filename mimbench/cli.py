@@ -20,6 +20,7 @@ from typer.models import CommandInfo
 
 from mimbench.control import build_control
 from mimbench.demo import run_demo
+from mimbench.env import env_report, format_env_report
 from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
@@ -362,6 +363,18 @@ def bench(
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
                        data=data, workers=workers, amp=amp, compile=compile, out=out)
     typer.echo(format_bench(record))
+
+
+@app.command("env")
+@_user_errors
+def env_command():
+    """Print what results here would be produced with: library versions (torch, CUDA, timm, mmengine, mmseg,
+    mmcv and whether its compiled ops are present), devices, bf16/AMX/TF32 support and the precision amp=auto
+    picks. Every run record carries the same versions and hardware fields.
+
+    Example: mimbench env
+    """
+    typer.echo(format_env_report(env_report()))
 
 
 def main() -> None:  # console-script entry point

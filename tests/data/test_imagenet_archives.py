@@ -217,6 +217,11 @@ def test_md5_sums_are_checked_once_and_remembered(tmp_path, monkeypatch):
         imagenet.verify_md5(paths, state)
 
 
+def test_data_imagenet_help_has_an_example():
+    result = runner.invoke(app, ["data", "imagenet", "--help"])
+    assert result.exit_code == 0 and "Example: mimbench data imagenet" in result.output
+
+
 def test_the_summary_says_whether_the_tree_is_the_full_imagenet():
     full = imagenet.format_summary({**imagenet.FULL_COUNTS, "full": True, "tree": "T"})
     assert "1,281,167 train / 50,000 val images, 1,000 classes - the full ImageNet-1k" in full

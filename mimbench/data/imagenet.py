@@ -13,9 +13,10 @@ each class tar of the train archive is extracted with ``extract_archive`` into a
 step ``parse_train_archive`` repeats for all 1,000 - here one class at a time, so that the work can resume.
 
 **Checks before any work starts.** Each archive must be present under its official name. By default the
-archives must be the official files: their official sizes (a different size is an incomplete download),
-then their MD5 sums (torchvision's, about 5-15 minutes for the 138 GB train archive at disk speed; a
-verified sum is remembered in the tree, so a resumed run does not hash again; ``--no-md5`` skips it).
+archives must be the official files: the two image archives of the official sizes (a different size is an
+incomplete download) and the devkit of torchvision's MD5 sum (computed in a moment), then the image archives'
+MD5 sums (torchvision's, about 5-15 minutes for the 138 GB train archive at disk speed; a verified sum is
+remembered in the tree, so a resumed run does not hash again; ``--no-md5`` skips these two).
 ``--custom-archives`` accepts archives of the same structure that are not the official files (a subset,
 the test suite's small archives): sizes and MD5 sums are then not checked. In both cases the archives must
 be whole (every member within the file) and consistent: the val archive holds one file per ground-truth
@@ -54,8 +55,8 @@ from mimbench.errors import MimbenchError
 #: torchvision's (``torchvision.datasets.imagenet.ARCHIVE_META``).
 ARCHIVE_NAMES = {part: name for part, (name, _) in tv_imagenet.ARCHIVE_META.items()}
 OFFICIAL_MD5 = {part: md5 for part, (_, md5) in tv_imagenet.ARCHIVE_META.items()}
-#: Sizes in bytes of the files image-net.org distributes.
-OFFICIAL_SIZES = {"train": 147_897_477_120, "val": 6_744_924_160, "devkit": 2_568_145}
+#: Sizes in bytes of the image archives image-net.org distributes (the 2.5 MB devkit is checked by its MD5 sum).
+OFFICIAL_SIZES = {"train": 147_897_477_120, "val": 6_744_924_160}
 #: ImageNet-1k (ILSVRC2012): training images, validation images, classes.
 FULL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
 STATE = ".mimbench-imagenet"  # under TREE: markers and partial extractions; ImageFolder never looks there
@@ -96,12 +97,15 @@ def find_archives(directory: str | Path) -> dict[str, Path]:
     return paths
 
 
-def check_official_sizes(paths: dict[str, Path]) -> None:
-    """Every archive has the size of the official file (else: an incomplete download, or not that file)."""
-    wrong = [(p, p.stat().st_size, OFFICIAL_SIZES[part]) for part, p in paths.items()
-             if p.stat().st_size != OFFICIAL_SIZES[part]]
+def check_official_files(paths: dict[str, Path]) -> None:
+    """The image archives have the official sizes (else: an incomplete download, or not those files) and the
+    devkit the official MD5 sum (a moment to compute)."""
+    wrong = [f"{paths[part].name} is {paths[part].stat().st_size:,} bytes, the official file {size:,}"
+             for part, size in OFFICIAL_SIZES.items() if paths[part].stat().st_size != size]
+    if _file_md5(paths["devkit"]) != OFFICIAL_MD5["devkit"]:
+        wrong.append(f"{paths['devkit'].name} does not have the official MD5 sum")
     if wrong:
-        listed = "; ".join(f"{p.name} is {size:,} bytes, the official file {official:,}" for p, size, official in wrong)
+        listed = "; ".join(wrong)
         raise MimbenchError(
             f"Not the official ImageNet archives: {listed}. A smaller file is an incomplete download.",
             "Download the file again (or resume the download). For archives of the same structure that you "
@@ -203,7 +207,7 @@ def read_archives(directory: str | Path, workdir: Path, custom: bool) -> Archive
     """Find and check the archives (names, sizes unless ``custom``, structure, consistency); no extraction."""
     paths = find_archives(directory)
     if not custom:
-        check_official_sizes(paths)
+        check_official_files(paths)
     archives = Archives(paths=paths, class_tars=_train_class_tars(paths["train"]),
                         val_files=_val_files(paths["val"]))
     archives.wnid_to_classes, archives.val_wnids = read_devkit(paths["devkit"], workdir)
@@ -223,7 +227,8 @@ def _file_md5(path: Path) -> str:
 
 def verify_md5(paths: dict[str, Path], state: Path) -> None:
     """Each archive's MD5 sum is torchvision's; a verified sum is remembered (file size and mtime) in ``state``."""
-    for part, path in paths.items():
+    for part in OFFICIAL_SIZES:  # the devkit's sum was checked with the sizes (check_official_files)
+        path = paths[part]
         stat = path.stat()
         stamp = f"{OFFICIAL_MD5[part]} {stat.st_size} {stat.st_mtime_ns}"
         marker = state / f"md5-{path.name}.ok"

@@ -191,6 +191,7 @@ def test_archives_that_are_not_the_official_files_need_custom_archives(tmp_path,
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "ILSVRC2012_img_train.tar is" in text and "the official file 147,897,477,120" in text
+    assert "ILSVRC2012_devkit_t12.tar.gz does not have the official MD5 sum" in text
     assert "--custom-archives" in text and counted == {"class": 0, "val": 0} and not tree.exists()
 
 
@@ -208,7 +209,7 @@ def test_md5_sums_are_checked_once_and_remembered(tmp_path, monkeypatch):
     monkeypatch.setattr(imagenet, "OFFICIAL_MD5", sums)
     state = tmp_path / "state"
     imagenet.verify_md5(paths, state)
-    assert len(list(state.glob("md5-*.ok"))) == 3
+    assert len(list(state.glob("md5-*.ok"))) == 2  # the two image archives (the devkit's is checked with the sizes)
     monkeypatch.setattr(imagenet, "_file_md5", lambda path: pytest.fail(f"{path} hashed again"))
     imagenet.verify_md5(paths, state)  # remembered: no second hash
     monkeypatch.setattr(imagenet, "OFFICIAL_MD5", {**sums, "val": "0" * 32})
@@ -245,3 +246,23 @@ def test_an_evaluation_runs_on_the_built_tree_and_a_flat_val_names_this_command(
     flat = runner.invoke(app, argv[:-4] + ["--out", str(tmp_path / "knn2")] + argv[-4:])
     assert flat.exit_code == 2
     assert "mimbench data imagenet --archives DIR --out TREE" in " ".join(flat.output.split())
+
+
+def test_official_archives_are_checked_by_size_and_md5_then_built(tmp_path, monkeypatch):
+    """The default path (no --custom-archives), with the official sizes and sums replaced by these archives'."""
+    archives, tree = make_archives(tmp_path / "dl"), tmp_path / "imagenet"
+    paths = imagenet.find_archives(archives)
+    monkeypatch.setattr(imagenet, "OFFICIAL_SIZES", {part: paths[part].stat().st_size for part in ("train", "val")})
+    monkeypatch.setattr(imagenet, "OFFICIAL_MD5", {p: hashlib.md5(f.read_bytes()).hexdigest() for p, f in paths.items()})
+    result = build(archives, tree)
+    assert result.exit_code == 0, result.output
+    assert "15 train / 6 val images, 3 classes" in result.output
+    assert sorted(p.name for p in (tree / imagenet.STATE).glob("md5-*.ok")) == [
+        "md5-ILSVRC2012_img_train.tar.ok", "md5-ILSVRC2012_img_val.tar.ok"]
+    with open(paths["val"], "r+b") as fh:  # same size, one byte changed: a damaged download
+        fh.seek(600)
+        byte = fh.read(1)
+        fh.seek(600)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    damaged = build(archives, tmp_path / "other")
+    assert damaged.exit_code == 2 and "has the official size but not the official MD5 sum" in damaged.output

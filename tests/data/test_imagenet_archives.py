@@ -253,7 +253,8 @@ def test_official_archives_are_checked_by_size_and_md5_then_built(tmp_path, monk
     archives, tree = make_archives(tmp_path / "dl"), tmp_path / "imagenet"
     paths = imagenet.find_archives(archives)
     monkeypatch.setattr(imagenet, "OFFICIAL_SIZES", {part: paths[part].stat().st_size for part in ("train", "val")})
-    monkeypatch.setattr(imagenet, "OFFICIAL_MD5", {p: hashlib.md5(f.read_bytes()).hexdigest() for p, f in paths.items()})
+    sums = {part: hashlib.md5(path.read_bytes()).hexdigest() for part, path in paths.items()}
+    monkeypatch.setattr(imagenet, "OFFICIAL_MD5", sums)
     result = build(archives, tree)
     assert result.exit_code == 0, result.output
     assert "15 train / 6 val images, 3 classes" in result.output

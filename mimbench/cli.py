@@ -20,6 +20,7 @@ from typer.models import CommandInfo
 
 from mimbench.control import build_control
 from mimbench.demo import run_demo
+from mimbench.env import env_report, format_env_report
 from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
@@ -363,6 +364,51 @@ def bench(
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
                        data=data, workers=workers, amp=amp, compile=compile, out=out)
     typer.echo(format_bench(record))
+
+
+@app.command("env")
+@_user_errors
+def env_command():
+    """Print what results here would be produced with: library versions (torch, CUDA, timm, mmengine, mmseg,
+    mmcv and whether its compiled ops are present), devices, bf16/AMX/TF32 support and the precision amp=auto
+    picks. Every run record carries the same versions and hardware fields.
+
+    Example: mimbench env
+    """
+    typer.echo(format_env_report(env_report()))
+
+
+data_app = typer.Typer(no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback()
+def data():
+    """Prepare datasets as the evaluations read them (ImageNet from its official archives).
+
+    Example: mimbench data imagenet --archives ~/Downloads/imagenet --out data/imagenet
+    """
+
+
+@data_app.command("imagenet")
+@_user_errors
+def data_imagenet(
+    archives: Path = typer.Option(..., help="Folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and "
+                                  "ILSVRC2012_devkit_t12.tar.gz"),
+    out: Path = typer.Option(..., help="The tree to write: OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG"),
+    custom_archives: bool = typer.Option(False, "--custom-archives", help="Archives of the official structure that "
+                                         "are not the official files (a subset): sizes and MD5 sums not checked"),
+    md5: bool = typer.Option(True, "--md5/--no-md5", help="Check the official archives' MD5 sums (minutes for the "
+                             "138 GB train archive; remembered when the command is run again)"),
+):
+    """Build the ImageNet-1k folder tree every evaluation reads from the official archives, with torchvision's
+    parsing; resumable (run it again after an interruption), counts checked at the end.
+
+    Example: mimbench data imagenet --archives ~/Downloads/imagenet --out data/imagenet
+    """
+    from mimbench.data.imagenet import build_imagenet_tree, format_summary  # torchvision
+
+    typer.echo(format_summary(build_imagenet_tree(archives, out, custom=custom_archives, md5=md5)))
 
 
 def main() -> None:  # console-script entry point

@@ -44,6 +44,11 @@ def check_imagefolder(root: str | Path, split: str) -> Path:
         raise MimbenchError(f"{root} has no '{split}' folder.", f"Expected layout: {LAYOUT}.")
     classes = sorted(p for p in split_dir.iterdir() if p.is_dir())
     if not classes:
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in split_dir.iterdir()):  # ILSVRC2012_img_val.tar as is
+            raise MimbenchError(f"{split_dir} holds images directly, not in class folders (the flat layout of "
+                                "ImageNet's validation archive).",
+                                "Build the tree from the official archives: mimbench data imagenet --archives DIR "
+                                f"--out TREE (it sorts val by the devkit's labels). Expected layout: {LAYOUT}.")
         raise MimbenchError(f"{split_dir} holds no class folders.", f"Expected layout: {LAYOUT}.")
     for cls in classes:
         if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in cls.iterdir()):

@@ -1,4 +1,4 @@
-"""Published results (``results/leaderboard.csv``) and where a user's own runs land among them.
+"""Published results (``mimbench/results/leaderboard.csv``) and where a user's own runs land among them.
 
 The table has one row per (method, arch, pretrain_epochs, task, metric, protocol)::
 
@@ -14,9 +14,9 @@ The table has one row per (method, arch, pretrain_epochs, task, metric, protocol
     verified         yes (the number was found in that source) | unverified (taken from a secondary
                      summary and not confirmed against the source; kept, never guessed or dropped)
 
-The CSV ships inside the package (``mimbench/results/leaderboard.csv``) so that an installed
-mimbench reads it without a checkout; ``results/leaderboard.csv`` at the repository root is the
-same file (a test keeps them identical).
+The CSV exists once, inside the package (``mimbench/results/leaderboard.csv``, read through
+``importlib.resources``), so that an installed mimbench reads it without a checkout and no second copy
+can drift from it; the repository's top-level ``results/`` is for what users write.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def validate_leaderboard(df) -> None:
     problems = leaderboard_problems(df)
     if problems:
         raise MimbenchError("Invalid leaderboard: " + "; ".join(problems) + ".",
-                            "Fix those rows of results/leaderboard.csv (and its packaged copy).")
+                            "Fix those rows of mimbench/results/leaderboard.csv.")
 
 
 # --------------------------------------------------------------------------------------------------

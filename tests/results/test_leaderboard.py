@@ -14,7 +14,7 @@ from mimbench.results.leaderboard import (COLUMNS, KEY, STANDARD_PROTOCOLS, comp
                                           validate_leaderboard)
 from mimbench.results.records import new_record, write_record
 
-REPO_CSV = Path(__file__).resolve().parents[2] / "results" / "leaderboard.csv"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def record(tmp_path, task="finetune", value=83.55, arch="vit-b/16", deviations=(), dataset="imagenet", seed=0,
@@ -30,9 +30,19 @@ def record(tmp_path, task="finetune", value=83.55, arch="vit-b/16", deviations=(
     return write_record(tmp_path / "runs", rec)
 
 
-def test_packaged_copy_is_identical_to_repository_csv():
-    assert REPO_CSV.is_file()
-    assert packaged_csv().read_bytes() == REPO_CSV.read_bytes()
+def test_the_leaderboard_exists_once_in_the_package_and_is_the_file_read(tmp_path, monkeypatch):
+    import mimbench.results
+
+    assert packaged_csv() == Path(mimbench.results.__file__).resolve().parent / "leaderboard.csv"
+    assert packaged_csv().is_file()
+    assert not (REPO_ROOT / "results" / "leaderboard.csv").exists()  # no second copy to drift
+    # load_leaderboard() with no path reads the package file (through importlib.resources), no other copy
+    marked = load_leaderboard().assign(notes="read from the package")
+    pkg = tmp_path / "mimbench_results"
+    pkg.mkdir()
+    marked.to_csv(pkg / "leaderboard.csv", index=False)
+    monkeypatch.setattr("mimbench.results.leaderboard.resources.files", lambda name: pkg)
+    assert set(load_leaderboard()["notes"]) == {"read from the package"}
 
 
 def test_published_leaderboard_is_valid_and_has_the_reference_rows():
@@ -78,7 +88,7 @@ def test_validate_leaderboard_rejects_bad_tables(mutate, message):
 
 
 def test_load_leaderboard_rejects_a_bad_file(tmp_path):
-    text = REPO_CSV.read_text().splitlines()
+    text = packaged_csv().read_text().splitlines()
     (tmp_path / "dup.csv").write_text("\n".join(text + [text[1]]) + "\n")
     with pytest.raises(MimbenchError, match="duplicate key"):
         load_leaderboard(tmp_path / "dup.csv")

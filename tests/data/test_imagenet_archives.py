@@ -234,7 +234,7 @@ def test_an_evaluation_runs_on_the_built_tree_and_a_flat_val_names_this_command(
     archives, tree = make_archives(tmp_path / "dl"), tmp_path / "imagenet"
     assert build(archives, tree, "--custom-archives").exit_code == 0
     argv = ["eval", "knn", "--encoder", str(tiny_encoder), "--config", str(REPO / "eval_configs/knn/dino_k20.py"),
-            "--data", str(tree), "--out", str(tmp_path / "knn"), "--set", "num_workers=0", "--set", "knn.k=3"]
+            "--data", str(tree), "--out", str(tmp_path / "knn"), "--set", "data.num_workers=0", "--set", "knn.k=3"]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert re.search(r"knn: .*top1=", result.output)

@@ -18,6 +18,7 @@ from typing import Callable, List, Literal, Optional
 import typer
 from typer.models import CommandInfo
 
+from mimbench.config import format_override
 from mimbench.control import build_control
 from mimbench.demo import run_demo
 from mimbench.env import env_report, format_env_report
@@ -28,7 +29,7 @@ from mimbench.paths import EVAL_CONFIGS, resolve_config
 from mimbench.reproduce import PAPERS, SCALES, run_reproduce
 from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
 from mimbench.results.report import FORMATS, console_table, write_report
-from mimbench.schema import AMP_CHOICES
+from mimbench.schema import AMP_CHOICES, TRACKERS, knows_key
 
 app = typer.Typer(
     help="Pre-train masked-image-modelling ViT encoders and evaluate them under the published protocols.\n\n"
@@ -49,6 +50,27 @@ LeaderboardTask = Literal[tuple(TASK_METRIC)]
 Paper = Literal[PAPERS]
 Scale = Literal[SCALES]
 Amp = Literal[AMP_CHOICES]
+TRACKER_HELP = ("Also log to this tracker (repeatable; sets runtime.trackers): tensorboard, wandb (offline) or "
+                "mlflow (file store), under OUT. Needs: pip install 'mimbench[trackers]'")
+
+
+def _check_trackers(values: Optional[List[str]]) -> Optional[List[str]]:
+    bad = [v for v in values or () if v not in TRACKERS]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not one of {', '.join(map(repr, TRACKERS))}.")
+    return values
+
+
+def _tracker_option() -> typer.models.OptionInfo:
+    """``--tracker``, repeatable; a value outside TRACKERS is refused with the list (Typer takes no list of a
+    Literal)."""
+    return typer.Option(None, "--tracker", help=TRACKER_HELP, callback=_check_trackers,
+                        autocompletion=lambda incomplete: [t for t in TRACKERS if t.startswith(incomplete)])
+
+
+def _tracker_overrides(tracker) -> list[str]:
+    """``--tracker`` as the ``--set`` override of ``runtime.trackers`` (none given: the config's)."""
+    return [format_override("runtime.trackers", list(tracker))] if tracker else []
 
 
 class LazyChoice:
@@ -122,6 +144,7 @@ def pretrain(
     out: Path = typer.Option(..., help="Output directory (checkpoints, log, exported encoder)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint-latest.pt"),
+    tracker: Optional[List[str]] = _tracker_option(),
 ):
     """Pre-train an encoder (MAE, robust-MAE recipe, DDAE, MAE+DDS, BEiT v2, BEiT v2+DDS) and export it as an
     encoder file, or a BEiT v2 tokenizer (VQ-KD config) as a tokenizer file.
@@ -130,7 +153,8 @@ def pretrain(
     """
     from pretrain.main import run_pretrain  # torch and the models
 
-    path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
+    path = run_pretrain(resolve_config(config), data=data, out=out,
+                        overrides=list(set_ or []) + _tracker_overrides(tracker), resume=resume)
     typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
 
 
@@ -157,6 +181,8 @@ def _eval_parameters(task: Task) -> list[inspect.Parameter]:
         _option("set_", Optional[List[str]], typer.Option(None, "--set", help=SET_HELP)),
         _option("resume", bool, typer.Option(False, help="Continue from OUT's last checkpoint")),
     ]
+    if knows_key(task.kind, "runtime.trackers"):
+        params.append(_option("tracker", Optional[List[str]], _tracker_option()))
     for opt in task.options:
         annotation = Literal[opt.choices] if opt.choices else opt.annotation
         params.append(_option(opt.name, annotation, typer.Option(opt.default, *opt.flags, help=opt.help)))
@@ -175,9 +201,11 @@ def _metrics_line(task: Task, metrics: dict) -> str:
 def _eval_command(task: Task) -> Callable:
     """The ``mimbench eval <task>`` command of a table entry: its options are :func:`_eval_parameters`."""
 
-    def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, **options):
+    def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, tracker=None,
+                **options):
         record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
-                          overrides=list(set_ or []), resume=resume, layout=from_, **options)
+                          overrides=list(set_ or []) + _tracker_overrides(tracker), resume=resume, layout=from_,
+                          **options)
         typer.echo(f"{task.name}: {_metrics_line(task, record['metrics'])}")
 
     params = _eval_parameters(task)

@@ -38,8 +38,9 @@ What it guarantees:
   checkpoint.
 * **Logs** - on a terminal a tqdm bar (stderr); otherwise (a batch job) a plain line on stdout
   every ``log_every`` optimizer steps: step / total, epoch, loss, lr, img/s, ETA. With
-  ``tensorboard=True`` the same scalars also go to ``<out>/tensorboard`` through mmengine's
-  ``TensorboardVisBackend`` (needs the ``tensorboard`` package; off by default).
+  ``trackers`` (``tensorboard``, ``wandb``, ``mlflow``; ``tensorboard=True`` adds the first) the same
+  scalars also go to mmengine's vis backends under ``<out>`` (:mod:`mimbench.trackers`; the packages are
+  the ``mimbench[trackers]`` extra; none by default).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from mimbench import trackers
 from mimbench.atomic import atomic_write, check_writable_dir
 from mimbench.errors import MimbenchError
 from mimbench.rng import rng_state, seed_everything, set_rng_state
@@ -140,7 +142,8 @@ class LoopConfig:
     ``clip_grad`` is a max global grad norm (None: no clipping); ``amp``: "auto" (bf16 on CUDA and on
     CPUs with native bf16, fp32 elsewhere; :func:`mimbench.fastpath.resolve_amp`), "bf16", "fp16"
     (with a grad scaler) or "none"; ``log_every`` in optimizer steps; ``progress``: show progress (bar
-    or plain log lines); ``tensorboard``: also log scalars for TensorBoard;
+    or plain log lines); ``tensorboard``: also log scalars for TensorBoard; ``trackers``: log them to these
+    (:data:`mimbench.trackers.TRACKERS`);
     ``ckpt_every_steps`` > 0 also writes ``checkpoint-latest.pt`` every that many optimizer steps
     inside an epoch (0: at epoch ends only)."""
 
@@ -156,6 +159,7 @@ class LoopConfig:
     log_every: int = 20
     progress: bool = True
     tensorboard: bool = False
+    trackers: tuple = ()
     compile: bool = False
 
 
@@ -216,16 +220,10 @@ class _Progress:
             self.bar.close()
 
 
-def _tensorboard(out_dir: Path):
-    """mmengine's TensorBoard backend writing to ``out_dir/tensorboard``."""
-    try:
-        import tensorboard  # noqa: F401  (mmengine's backend needs it; fail here with a clear message)
-    except ImportError as err:
-        raise MimbenchError("tensorboard=True needs the tensorboard package, which is not installed.",
-                            "pip install tensorboard, or leave tensorboard off.") from err
-    from mmengine.visualization import TensorboardVisBackend
-
-    return TensorboardVisBackend(save_dir=str(out_dir / "tensorboard"))
+def _vis_backends(cfg: LoopConfig, out_dir: Path) -> list:
+    """The trackers' mmengine backends (``cfg.trackers``; ``tensorboard=True`` adds TensorBoard) under ``out_dir``."""
+    names = tuple(cfg.trackers) + (("tensorboard",) if cfg.tensorboard else ())
+    return trackers.vis_backends(names, out_dir, config=asdict(cfg)) if names else []
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -325,7 +323,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
     bad = torch.zeros((), dtype=torch.bool, device=device)  # accelerators: non-finite seen, read lazily
     scheduler.step_update(it)
     log_every = max(int(cfg.log_every), 1)
-    board = _tensorboard(out_dir) if (cfg.tensorboard and is_main) else None
+    boards = _vis_backends(cfg, out_dir) if is_main else []
     bar = _Progress(total_its, it, desc, enabled=cfg.progress and is_main)
     log_fh = open(log_path, "a") if is_main else None
     try:
@@ -406,7 +404,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
                                "terms": _resolve_terms(terms), "img_per_s": round(ips, 1)}
                         log_fh.write(json.dumps(rec) + "\n")
                         log_fh.flush()
-                        if board is not None:
+                        for board in boards:
                             board.add_scalars({"loss": loss_v, "lr": lr, "img_per_s": ips,
                                                **{f"terms/{k}": v for k, v in rec["terms"].items()}}, step=it)
                 step_loss.zero_()
@@ -438,7 +436,7 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
         bar.close()
         if log_fh is not None:
             log_fh.close()
-        if board is not None:
+        for board in boards:
             board.close()
     return history
 

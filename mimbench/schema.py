@@ -22,7 +22,7 @@ Allowed values (``AMP_CHOICES``, ``LINEAR_MODES`` ...) are written here once; th
 them and the CLI's typed choices read them from here.
 
 Every training kind (pre-training, linear probe, fine-tuning) has the same ``runtime`` section
-(:data:`RUNTIME_KEYS`: seed, precision, checkpoint and log intervals, progress bar, TensorBoard); k-NN has
+(:data:`RUNTIME_KEYS`: seed, precision, checkpoint and log intervals, progress bar, TensorBoard, trackers); k-NN has
 its seed and precision; pre-training adds ``compile`` and ``mask_ratio``.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from mimbench.errors import MimbenchError
 
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
+           "TRACKERS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -192,6 +193,7 @@ LINEAR_OPTIMIZERS = ("lars", "adam")              # mimbench.evals.linear.build_
 AUGMENT_MODES = ("timm", "tensor")                # mimbench.evals.finetune
 MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
 ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
+TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -205,7 +207,8 @@ BETAS = Seq(Num(float, 0.0, 1.0, hi_open=True), length=2)
 MAX_BAD = Num(float, 0.0, 1.0, none=True)(None)
 #: The loop settings every training run shares (pre-training, linear probe, fine-tuning).
 RUNTIME_KEYS = {"seed": INT_GE0(0), "amp": AMP, "ckpt_every": INT_GE0(0), "ckpt_every_steps": INT_GE0(0),
-                "log_every": INT_GE1(20), "progress": Flag()(True), "tensorboard": Flag()(False)}
+                "log_every": INT_GE1(20), "progress": Flag()(True), "tensorboard": Flag()(False),
+                "trackers": Seq(Choice(TRACKERS))([])}  # tensorboard=True adds "tensorboard" to the trackers
 
 
 def schedule(min_lr: float) -> Section:
@@ -281,6 +284,7 @@ SCHEMAS: dict[str, Section] = {
         "default_hooks": Section({"checkpoint": Section({"interval": INT_GE1, "max_keep_ckpts": Num(int)}, open=True)},
                                  open=True),
         "randomness": Section({"seed": Num(int, lo=0, none=True)}, open=True),
+        "runtime": Section({"trackers": RUNTIME_KEYS["trackers"]}),  # mimbench's, not mmseg's: `--tracker`
     }, open=True, required=("model", "train_dataloader", "test_dataloader", "test_evaluator", "optim_wrapper",
                             "train_cfg", "crop_size")),
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from timm.optim import param_groups_weight_decay
 
-from mimbench import dist
+from mimbench import dist, trackers
 from mimbench.atomic import atomic_write_text, check_writable_dir
 from mimbench.batching import item_seed, resolve_batch, scaled_lr, uniform_by_index
 from mimbench.config import config_sha256, load_config, written_text
@@ -65,6 +65,7 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     """
     ctx = dist.setup()  # process group and device before any model or tensor exists
     cfg = load_config(config, list(overrides), kind="pretrain")
+    trackers.selected(cfg.runtime)  # a tracker whose package is missing: refused before any work
     out = Path(out)
     _check_out(out, resume, ctx.is_main)
     seed_everything(cfg.runtime.seed)
@@ -145,4 +146,5 @@ def _loop_config(cfg, accum: int) -> LoopConfig:
     return LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.min_lr),
                       accum_iter=accum, clip_grad=cfg.optim.clip_grad, amp=str(rt.amp), ckpt_every=int(rt.ckpt_every),
                       ckpt_every_steps=int(rt.ckpt_every_steps), seed=int(rt.seed), log_every=int(rt.log_every),
-                      progress=bool(rt.progress), tensorboard=bool(rt.tensorboard), compile=bool(rt.compile))
+                      progress=bool(rt.progress), tensorboard=bool(rt.tensorboard), compile=bool(rt.compile),
+                      trackers=tuple(rt.trackers))

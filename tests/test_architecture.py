@@ -99,7 +99,8 @@ def test_config_values_have_no_literal_fallbacks(where):
 #: layer and the layers below it. A module belongs to the layer of its longest matching prefix.
 LAYERS = (
     ("foundations", ("mimbench.errors", "mimbench.atomic", "mimbench.env", "mimbench.paths", "mimbench.config",
-                     "mimbench.schema", "mimbench.rng", "mimbench.dist", "mimbench.batching", "mimbench.fastpath")),
+                     "mimbench.schema", "mimbench.rng", "mimbench.dist", "mimbench.batching", "mimbench.fastpath",
+                     "mimbench.trackers")),
     ("data", ("mimbench.data",)),
     ("encoders", ("mimbench.encoders", "mimbench.testing")),
     ("training loop", ("mimbench.engine",)),

@@ -114,7 +114,7 @@ def test_the_hash_covers_what_the_config_says_not_the_filled_defaults(tmp_path):
 
 def test_shipped_eval_configs_inherit_the_runtime_and_data_blocks():
     protocol_runtime = dict(seed=0, amp="auto", ckpt_every=10, ckpt_every_steps=0, log_every=20, progress=True,
-                            tensorboard=False)
+                            tensorboard=False, trackers=[])
     demo_runtime = {**protocol_runtime, "ckpt_every": 0, "progress": False}
     data = dict(limit_train=None, limit_val=None, max_bad_fraction=0.001)
     for path, kind, runtime, workers in [

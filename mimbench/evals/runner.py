@@ -15,7 +15,8 @@ processes, each image's augmentation seeded by ``(seed, epoch, index)``; batches
 :func:`score` - the validation set sharded over ranks (each image scored once), scores gathered
 in dataset order on every rank, so metrics are identical on all ranks.
 :func:`finish` - record assembly, including the compute precision the run used
-(``hardware.precision``, :attr:`EvalRun.precision`); rank 0 writes it, every rank returns it.
+(``hardware.precision``, :attr:`EvalRun.precision`); rank 0 writes it and logs its metrics to the run's
+trackers (:mod:`mimbench.trackers`), every rank returns it.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from mimbench import trackers
 from mimbench.errors import MimbenchError
 from mimbench.evals.metrics import topk_accuracy
 from mimbench.schema import FILLED_KINDS, RUNTIME_KEYS
@@ -96,6 +98,7 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
     if check_encoder:
         check_encoder_file(encoder)
     cfg = load_config(config, list(overrides), kind=task)
+    trackers.selected(cfg.get("runtime"))  # a tracker whose package is missing: refused before any work
     seed = int(runtime_value(cfg, task, "seed"))
     seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     deviations = list(cfg.deviations) if task in FILLED_KINDS else []  # segmentation: adapt_config lists them
@@ -126,7 +129,7 @@ def loop_config(run: EvalRun, accum: int, *, clip_grad=None):
     return LoopConfig(epochs=int(sched.epochs), warmup_epochs=float(sched.warmup_epochs), min_lr=float(sched.min_lr),
                       accum_iter=accum, clip_grad=clip_grad, amp=run.amp, ckpt_every=int(rt.ckpt_every),
                       ckpt_every_steps=int(rt.ckpt_every_steps), seed=run.seed, log_every=int(rt.log_every),
-                      progress=bool(rt.progress), tensorboard=bool(rt.tensorboard))
+                      progress=bool(rt.progress), tensorboard=bool(rt.tensorboard), trackers=tuple(rt.trackers))
 
 
 def max_bad_fraction(run: EvalRun) -> float | None:
@@ -261,5 +264,6 @@ def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mappin
     )
     if run.is_main:
         write_record(run.out, record)
+        trackers.log_record(trackers.selected(run.cfg.get("runtime")), run.out, record)
     dist.barrier()
     return record

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mimbench import trackers
 from mimbench.errors import MimbenchError
 
 BUILTIN_SEG = "builtin:fashion-mnist-seg"
@@ -334,6 +335,7 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     have = {h.get("type") for h in hooks}
     cfg.custom_hooks = hooks + [dict(type=t) for t in ("RngStateHook", "NonFiniteLossHook") if t not in have]
     cfg.work_dir = str(out / "mmseg")
+    trackers.add_to_runner_config(cfg, trackers.selected(cfg.get("runtime")), out)
     cfg.launcher = launcher
     cfg.resume = bool(resume)
     cfg.load_from = None

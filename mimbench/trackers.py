@@ -104,35 +104,51 @@ def vis_backend_cfgs(names: Iterable[str], out_dir, run_name: str | None = None,
     return [_backend_cfg(n, out_dir, run_name or out_dir.name, config) for n in require(names)]
 
 
-def _continue_mlflow_run(uri: str, exp_name: str, key: str) -> None:
-    """Make the newest MLflow run tagged ``key`` the active run, so that the backend logs into it."""
+def _continue_mlflow_run(uri: str, exp_name: str, key: str) -> bool:
+    """Make the newest MLflow run tagged ``key`` the active run, so that the backend logs into it; False when
+    there is none (the backend then starts one)."""
     import mlflow  # optional (mimbench[trackers]) and heavy
 
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(exp_name)
-    if exp is None or mlflow.active_run() is not None:
-        return
+    if exp is None:
+        return False
+    if mlflow.active_run() is not None:
+        return mlflow.active_run().data.tags.get(RUN_TAG) == key
     runs = mlflow.tracking.MlflowClient(uri).search_runs(
         [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{key}'", order_by=["attributes.start_time DESC"],
         max_results=1)
     if runs:
         mlflow.start_run(run_id=runs[0].info.run_id)
+    return bool(runs)
+
+
+def _flat(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def vis_backends(names: Iterable[str], out_dir, run_name: str | None = None,
                  config: Mapping | None = None) -> list:
     """The mmengine backends of ``names`` (see :func:`vis_backend_cfgs`), ready for ``add_scalars(scalars,
-    step=...)`` and ``close()``; an earlier W&B / MLflow run of ``out_dir`` is continued."""
+    step=...)`` and ``close()``. An earlier W&B / MLflow run of ``out_dir`` is continued; a new MLflow run gets
+    ``config`` as its parameters (a continued one keeps its own: MLflow parameters cannot change)."""
     from mmengine.config import Config  # mmengine's visualization stack (matplotlib, cv2): only when tracking
     from mmengine.visualization.vis_backend import VISBACKENDS
 
     backends = []
     for cfg in vis_backend_cfgs(names, out_dir, run_name, config):
-        if cfg["type"] == BACKENDS["mlflow"]:
-            _continue_mlflow_run(_mlflow_uri(Path(out_dir)), cfg["exp_name"], cfg["tags"][RUN_TAG])
+        is_mlflow = cfg["type"] == BACKENDS["mlflow"]
+        if is_mlflow and not _continue_mlflow_run(_mlflow_uri(Path(out_dir)), cfg["exp_name"], cfg["tags"][RUN_TAG]):
+            cfg["params"] = _flat(config or {})
         backend = VISBACKENDS.build(cfg)
-        if cfg["type"] == BACKENDS["mlflow"]:  # its close() reads the config's work_dir
-            backend.add_config(Config({**(config or {}), "work_dir": str(out_dir)}))
+        if is_mlflow:  # its close() reads the config's work_dir (and would upload files of artifact_suffix: none)
+            backend.add_config(Config({"work_dir": str(out_dir)}))
         backends.append(backend)
     return backends
 

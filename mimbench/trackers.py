@@ -147,8 +147,9 @@ def vis_backends(names: Iterable[str], out_dir, run_name: str | None = None,
         if is_mlflow and not _continue_mlflow_run(_mlflow_uri(Path(out_dir)), cfg["exp_name"], cfg["tags"][RUN_TAG]):
             cfg["params"] = _flat(config or {})
         backend = VISBACKENDS.build(cfg)
-        if is_mlflow:  # its close() reads the config's work_dir (and would upload files of artifact_suffix: none)
-            backend.add_config(Config({"work_dir": str(out_dir)}))
+        if is_mlflow:  # close() reads the work_dir that add_config() keeps (and uploads no files: no artifact_suffix);
+            backend.cfg = Config({"work_dir": str(out_dir)})  # add_config() itself would log it as a parameter,
+            # which a continued run (a segmentation run's, whose work_dir is <out>/mmseg) may hold with another value
         backends.append(backend)
     return backends
 

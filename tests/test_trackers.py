@@ -194,3 +194,36 @@ def test_the_segmentation_runner_config_gets_the_three_backends(tmp_path):
     plain = load_config("eval_configs/segmentation/demo_fmnist_seg.py", kind="segment")
     trackers.add_to_runner_config(plain, trackers.selected(plain.get("runtime")), tmp_path)
     assert "visualizer" not in plain
+
+
+def _seg_data(root: Path, size=(64, 64)) -> Path:
+    """An ADE20K-layout folder of random images and labels (classes 0..10)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 4), ("validation", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 11, size, dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+    return root
+
+
+def test_segmentation_logs_mmengine_scalars_and_the_record_to_the_trackers(dist_encoder, tmp_path):
+    from mimbench.evals.segment import run_segment
+
+    out = tmp_path / "run"
+    record = run_segment(encoder=dist_encoder, config="eval_configs/segmentation/demo_fmnist_seg.py",
+                         data=str(_seg_data(tmp_path / "seg")), out=out, aug_test=False,
+                         overrides=["train_cfg.max_iters=3", "train_dataloader.batch_size=2",
+                                    "default_hooks.logger.interval=1", "runtime.trackers=['mlflow','tensorboard','wandb']"])
+    # mmengine's own local copy of what its logger hook sent to every backend
+    (local,) = out.glob("mmseg/*/vis_data/scalars.json")
+    logged = [(row["step"], row["loss"]) for row in map(json.loads, local.read_text().splitlines()) if "loss" in row]
+    assert len(logged) == 3
+    assert _same(_mlflow_history(out, "loss"), logged)
+    assert _same(_tensorboard_scalars(out, "loss"), logged)
+    assert [v for _, v in _mlflow_history(out, "final/mIoU")] == pytest.approx([record["metrics"]["mIoU"]])
+    assert [r["loss"] for r in _wandb_history(out) if "loss" in r] == pytest.approx([v for _, v in logged], rel=1e-6)

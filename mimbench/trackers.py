@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -123,6 +125,17 @@ def _continue_mlflow_run(uri: str, exp_name: str, key: str) -> bool:
     return bool(runs)
 
 
+def _console_streams_open() -> None:
+    """mmengine's MLflow backend reopens every closed stream of its logger as a file, which a console handler
+    has none of (its stream closes when, e.g., a test runner's captured stdout goes): point those at stdout."""
+    from mmengine.logging import MMLogger  # mmengine's logging stack: only when tracking
+
+    for handler in MMLogger.get_current_instance().handlers:
+        if not isinstance(handler, logging.FileHandler) and getattr(handler, "stream", None) is not None \
+                and handler.stream.closed:
+            handler.stream = sys.stdout
+
+
 def _flat(config: Mapping, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -144,6 +157,8 @@ def vis_backends(names: Iterable[str], out_dir, run_name: str | None = None,
     backends = []
     for cfg in vis_backend_cfgs(names, out_dir, run_name, config):
         is_mlflow = cfg["type"] == BACKENDS["mlflow"]
+        if is_mlflow:
+            _console_streams_open()
         if is_mlflow and not _continue_mlflow_run(_mlflow_uri(Path(out_dir)), cfg["exp_name"], cfg["tags"][RUN_TAG]):
             cfg["params"] = _flat(config or {})
         backend = VISBACKENDS.build(cfg)

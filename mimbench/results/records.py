@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from safetensors import safe_open
 
 from mimbench.atomic import atomic_write
 from mimbench.config import config_sha256, load_config
@@ -317,8 +318,6 @@ def encoder_made_by(enc: Path, config: Path, overrides) -> bool:
     if is_encoder_file(enc):
         meta = read_metadata(enc)
     else:
-        from safetensors import safe_open
-
         with safe_open(str(enc), framework="pt") as f:
             meta = f.metadata() or {}
     return meta.get("config_sha256") == config_sha256(load_config(config, list(overrides)))

@@ -99,8 +99,9 @@ def evaluate(task: str, encoder: str | Path, data: str | None = None, config: st
     strings = override_strings(overrides)
     extra = _task_options(entry, options)
     config = resolve_config(EVAL_CONFIGS / entry.demo_config if config is None else config)
-    return run_eval(entry.name, encoder=Path(encoder), config=config, data=entry.default_data if data is None else data,
-                    out=default_out(entry.name, encoder) if out is None else Path(out), overrides=strings,
+    data = entry.default_data if data is None else data
+    out = default_out(entry.name, encoder) if out is None else Path(out)
+    return run_eval(entry.name, encoder=Path(encoder), config=config, data=data, out=out, overrides=strings,
                     resume=resume, layout=layout, **extra)
 
 

@@ -77,9 +77,8 @@ def test_pretrain_returns_an_encoder_file_that_load_encoder_reads(tmp_path):
     (dict(task="segment", launcher="mpi"), "'mpi' is not one of"),
 ])
 def test_evaluate_refuses_bad_input_before_any_work(tiny_encoder, tmp_path, call, match):
-    args = dict(task="knn", encoder=tiny_encoder, config=None, **{"out": tmp_path / "run"})
-    args.update(call)
-    if isinstance(args["encoder"], str):
+    args = {"task": "knn", "encoder": tiny_encoder, "out": tmp_path / "run", **call}
+    if isinstance(args["encoder"], str):  # a file name: one that is not there
         args["encoder"] = tmp_path / args["encoder"]
     with pytest.raises(MimbenchError, match=match):
         mimbench.evaluate(args.pop("task"), args.pop("encoder"), **args)

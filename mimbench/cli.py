@@ -4,7 +4,9 @@ Every command delegates to a library function; this module only parses arguments
 turns :class:`~mimbench.errors.MimbenchError` into a one-paragraph message with exit
 status 2, and imports the torch-heavy modules (encoders, pre-training, bench) inside the commands that use
 them, so that ``--help`` stays instant. The ``eval`` subcommands are generated from the task table
-(:mod:`mimbench.evals.tasks`).
+(:mod:`mimbench.evals.tasks`). ``pretrain`` and every ``eval`` subcommand call the Python API
+(:func:`mimbench.api.pretrain`, :func:`mimbench.api.evaluate`) with their ``--set`` values as given, so a script
+and the command line cannot drift apart.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from typing import Callable, List, Literal, Optional
 import typer
 from typer.models import CommandInfo
 
+from mimbench import api  # the functions every pretrain/eval command calls; torch only when one runs
 from mimbench.control import build_control
 from mimbench.demo import run_demo
 from mimbench.env import env_report, format_env_report
 from mimbench.errors import MimbenchError
-from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
 from mimbench.paths import EVAL_CONFIGS, resolve_config
 from mimbench.reproduce import PAPERS, SCALES, run_reproduce
@@ -128,9 +130,7 @@ def pretrain(
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
-    from pretrain.main import run_pretrain  # torch and the models
-
-    path = run_pretrain(resolve_config(config), data=data, out=out, overrides=list(set_ or []), resume=resume)
+    path = api.pretrain(config, out, overrides=list(set_ or []), data=data, resume=resume)
     typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
 
 
@@ -176,8 +176,8 @@ def _eval_command(task: Task) -> Callable:
     """The ``mimbench eval <task>`` command of a table entry: its options are :func:`_eval_parameters`."""
 
     def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, **options):
-        record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
-                          overrides=list(set_ or []), resume=resume, layout=from_, **options)
+        record = api.evaluate(task.name, encoder, data=data, config=config, out=out, overrides=list(set_ or []),
+                              layout=from_, resume=resume, **options)
         typer.echo(f"{task.name}: {_metrics_line(task, record['metrics'])}")
 
     params = _eval_parameters(task)

@@ -19,10 +19,11 @@ from mimbench.seg import checkpoint  # noqa: E402
 checkpoint.install()
 
 from mimbench.seg.datasets import FASHION_MNIST_SEG_CLASSES, FashionMNISTSegDataset  # noqa: E402
-from mimbench.seg.metrics import PerClassIoUMetric  # noqa: E402
+from mimbench.seg.metrics import FinalValidationHook, PerClassIoUMetric  # noqa: E402
 from mimbench.seg.optim import MimLayerDecayOptimizerConstructor  # noqa: E402
 from mimbench.seg.resume import RngStateHook  # noqa: E402
 from mimbench.seg.safety import NonFiniteLossHook  # noqa: E402
 
-__all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset", "MimLayerDecayOptimizerConstructor",
+__all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset", "FinalValidationHook",
+           "MimLayerDecayOptimizerConstructor",
            "NonFiniteLossHook", "PerClassIoUMetric", "RngStateHook"]

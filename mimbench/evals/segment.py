@@ -14,11 +14,23 @@ plugs the encoder in and runs mmengine's ``Runner``:
    fp32 ``OptimWrapper`` -- also listed as a deviation;
 4. before training, every annotation map is checked to hold only labels the config's classes
    allow (a bad label otherwise surfaces as an index error, or a CUDA device assert, mid-run);
-5. after training, the test loop (single-scale, the config's test mode) gives aAcc/mIoU/mAcc and
-   the per-class IoU, in percent; with ``aug_test`` (default: when the config defines
-   ``tta_model``/``tta_pipeline``, as the ADE20K protocol does) the trained model is tested again
-   with mmseg's ``SegTTAModel`` over the multi-scale + flip pipeline, giving ``mIoU_ms`` etc.
-   Both go into one ``segment`` record in ``out``.
+5. the evaluation data is defined once (:func:`share_eval_data`): ``test_dataloader`` /
+   ``test_evaluator``, which the validation mmengine runs during and at the end of training reads
+   too; a ``--set`` of either ``val_`` or ``test_`` key reaches both;
+6. validation and test run in the training's precision (:func:`match_eval_precision`: fp16
+   autocast after fp16 AMP training, else fp32), recorded as ``protocol.eval_precision`` next to
+   the training's ``hardware.precision``;
+7. after training, the single-scale evaluation (the config's test mode) gives aAcc/mIoU/mAcc and
+   the per-class IoU, in percent: the validation after the last iteration when the config has one
+   (the same model, data, metric and precision as the test, so its metrics are reported and the test
+   loop does not run them again; :class:`mimbench.seg.metrics.FinalValidationHook`), else the test
+   loop; with ``aug_test`` (default: when the config defines ``tta_model``/``tta_pipeline``, as the
+   ADE20K protocol does) the trained model is tested again with mmseg's ``SegTTAModel`` over the
+   multi-scale + flip pipeline, giving ``mIoU_ms`` etc. Both go into one ``segment`` record in ``out``.
+
+:func:`run_segment` reads top to bottom: start (config, processes) -> evaluation data once -> inputs
+checked -> shared files (data, backbone weights) -> the config fitted to encoder and job
+(:func:`fit_config`) -> precision, labels, runner settings -> :func:`train_and_test` -> record.
 
 Processes: the launcher is taken from the environment (``launcher="auto"``, the default): under
 ``torchrun`` mmengine's ``pytorch`` launcher, under ``srun`` without torchrun its ``slurm`` one,

@@ -279,7 +279,14 @@ def match_eval_precision(cfg) -> str:
     return "fp16" if fp16 else "none"
 
 
-EVAL_DATA = {"val_dataloader": "test_dataloader", "val_evaluator": "test_evaluator"}
+#: mmengine's (validation, test) names of the evaluation data and metric.
+EVAL_PAIRS = (("val_dataloader", "test_dataloader"), ("val_evaluator", "test_evaluator"))
+
+
+def _in_both(key: str) -> list[str]:
+    """An override key of either copy of the evaluation data, for both copies (else no key)."""
+    head, dot, rest = key.partition(".")
+    return next(([name + dot + rest for name in pair] for pair in EVAL_PAIRS if head in pair), [])
 
 
 def share_eval_data(cfg, overrides) -> None:
@@ -295,16 +302,10 @@ def share_eval_data(cfg, overrides) -> None:
     """
     if cfg.get("val_dataloader") is None:
         return
-    moved = {}
-    for key, value in (parse_override(o) for o in overrides):
-        head, dot, rest = key.partition(".")
-        test = EVAL_DATA.get(head, head if head in EVAL_DATA.values() else None)
-        if test is not None:
-            val = next(v for v, t in EVAL_DATA.items() if t == test)
-            moved.update({val + dot + rest: value, test + dot + rest: value})
-    if moved:
-        cfg.merge_from_dict(moved)
-    for val, test in EVAL_DATA.items():
+    both = {name: value for key, value in map(parse_override, overrides) for name in _in_both(key)}
+    if both:
+        cfg.merge_from_dict(both)
+    for val, test in EVAL_PAIRS:
         if cfg.get(val) != cfg.get(test):
             raise MimbenchError(f"The config defines {val} and {test} differently; segmentation evaluates one "
                                 "data set, during training and after it.",
@@ -315,7 +316,7 @@ def sync_eval_data(cfg) -> None:
     """The validation pair becomes the test pair, as completed (see :func:`share_eval_data`)."""
     if cfg.get("val_dataloader") is None:
         return
-    for val, test in EVAL_DATA.items():
+    for val, test in EVAL_PAIRS:
         cfg[val] = copy.deepcopy(cfg[test])
 
 

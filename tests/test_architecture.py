@@ -85,9 +85,7 @@ def _literal_get_fallbacks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("where", [
-    pytest.param("mimbench/evals", marks=pytest.mark.xfail(strict=True, reason="evals/segment.py still reads four "
-                                                           "keys with literal fallbacks")),
-    "mimbench/bench.py", "pretrain/main.py"])
+    "mimbench/evals", "mimbench/bench.py", "pretrain/main.py"])
 def test_config_values_have_no_literal_fallbacks(where):
     target = ROOT / where
     files = sorted(target.rglob("*.py")) if target.is_dir() else [target]

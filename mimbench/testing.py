@@ -44,18 +44,27 @@ def write_tiny_encoder(path, *, img_size: int = 32, patch_size: int = 8, embed_d
                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, technique=technique)
 
 
-def write_seg_tree(root, *, n: int = 4, size: tuple[int, int] = (48, 48), num_classes: int = 11,
-                   seed: int = 0) -> Path:
-    """``n`` random RGB images (JPEG) and label maps (PNG, labels ``0..num_classes-1``) of ``size`` (h, w) per
-    split in the ADE20K layout under ``root``; returns ``root``. The files depend only on the arguments."""
+def write_seg_encoder(path, **sizes) -> Path:
+    """:func:`write_tiny_encoder` with the 4 blocks the segmentation configs tap (``arch="vit-d32x4/8"``)."""
+    return write_tiny_encoder(path, **{"depth": 4, "arch": "vit-d32x4/8", "technique": "mae", **sizes})
+
+
+def write_seg_tree(root, *, n: int = 4, n_val: int | None = None, sizes=((48, 48),), num_classes: int = 11,
+                   name: str = "{i}", quality: int = 75, seed: int = 0) -> Path:
+    """Random RGB images (JPEG) and label maps (PNG, labels ``0..num_classes-1``) in the ADE20K layout under
+    ``root``: ``n`` training and ``n_val`` (default ``n``) validation pairs, image ``i`` of size
+    ``sizes[i % len(sizes)]`` (h, w), file stem ``name.format(split=..., i=...)``; returns ``root``. The files
+    depend only on the arguments."""
     root, rng = Path(root), np.random.default_rng(seed)
-    for split in ("training", "validation"):
+    for split, count in (("training", n), ("validation", n if n_val is None else n_val)):
         for sub in ("images", "annotations"):
             (root / sub / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
+        for i in range(count):
+            size, stem = tuple(sizes[i % len(sizes)]), name.format(split=split, i=i)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"{stem}.jpg", quality=quality)
             Image.fromarray(rng.integers(0, num_classes, size, dtype=np.uint8)).save(
-                root / "annotations" / split / f"{i}.png")
+                root / "annotations" / split / f"{stem}.png")
     return root
 
 
@@ -71,4 +80,4 @@ def log_losses(path) -> list[tuple]:
     return [(r["it"], r["loss"], r["terms"]) for r in map(json.loads, Path(path).read_text().splitlines())]
 
 
-__all__ = ["assert_same_state", "log_losses", "tiny_vit", "write_seg_tree", "write_tiny_encoder"]
+__all__ = ["assert_same_state", "log_losses", "tiny_vit", "write_seg_encoder", "write_seg_tree", "write_tiny_encoder"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimbench.engine import load_checkpoint
-from mimbench.testing import assert_same_state, log_losses, write_seg_tree, write_tiny_encoder
+from mimbench.testing import assert_same_state, log_losses, write_seg_encoder, write_seg_tree, write_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_segmentation_killed_mid_run_resumes_bit_exact(tmp_path, killed_run):
 
     from mimbench.evals.segment import run_segment
 
-    enc = write_tiny_encoder(tmp_path / "enc.safetensors", depth=4, arch="vit-d32x4/8", technique="mae")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
     root = write_seg_tree(tmp_path / "seg", n=6)
     config = str(REPO / "eval_configs/segmentation/demo_fmnist_seg.py")
     sets = ["default_hooks.checkpoint.interval=2", "default_hooks.checkpoint.max_keep_ckpts=-1",

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mimbench.engine import LoopConfig, fit, load_checkpoint
 from mimbench.errors import MimbenchError
-from mimbench.testing import write_seg_tree, write_tiny_encoder
+from mimbench.testing import write_seg_encoder, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_segmentation_stops_at_a_non_finite_loss_before_checkpointing_it(tmp_pat
 
     from mimbench.evals.segment import run_segment
 
-    enc = write_tiny_encoder(tmp_path / "enc.safetensors", depth=4, arch="vit-d32x4/8", technique="mae")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
     root = write_seg_tree(tmp_path / "seg", n=4)
 
     real, calls = UPerHead.loss_by_feat, {"n": 0}

@@ -3,40 +3,16 @@ and test read the same loader and metric, whichever of the two a --set names; th
 are the test's; both run under the training's precision."""
 from pathlib import Path
 
-import numpy as np
 import pytest
-import timm
-import torch
-from PIL import Image
 
 import mimbench.seg  # noqa: F401
 from mimbench.config import load_config
 from mimbench.errors import MimbenchError
+from mimbench.testing import write_seg_encoder, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
 ADE = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
 DEMO = REPO / "eval_configs" / "segmentation" / "demo_fmnist_seg.py"
-
-
-def _encoder(tmp_path):
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    return save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32,
-                        patch_size=8, embed_dim=32, depth=4, num_heads=2, technique="mae")
-
-
-def _tree(root: Path, high: int) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, high, (48, 64), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
-    return root
 
 
 class _Built(Exception):
@@ -60,11 +36,11 @@ def _runner_cfg(tmp_path, monkeypatch, overrides, *, cuda=False):
     if cuda:
         real = segment.fit_config
         monkeypatch.setattr(segment, "fit_config", lambda run, root, crop, launcher, _: real(run, root, crop, launcher, True))
-    data = _tree(tmp_path / "ADEChallengeData2016", high=151)
+    data = write_seg_tree(tmp_path / "ADEChallengeData2016", n=2, sizes=[(48, 64)], num_classes=151)
     crop = ["crop_size=(64, 64)", "model.data_preprocessor.size=(64, 64)", "model.data_preprocessor.test_cfg.size=(64, 64)",
             "model.test_cfg.crop_size=(64, 64)"]
     with pytest.raises(_Built):
-        segment.run_segment(encoder=_encoder(tmp_path), config=ADE, data=str(data), out=tmp_path / "run",
+        segment.run_segment(encoder=write_seg_encoder(tmp_path / "enc.safetensors"), config=ADE, data=str(data), out=tmp_path / "run",
                             overrides=crop + list(overrides), aug_test=False)
     return captured["cfg"], data
 
@@ -132,7 +108,7 @@ def test_the_final_validation_is_the_test_and_runs_once(tmp_path, monkeypatch):
         assert old in text
         text = text.replace(old, new)
     config.write_text(text)
-    enc, data = _encoder(tmp_path), str(_tree(tmp_path / "fmseg", high=11))
+    enc, data = write_seg_encoder(tmp_path / "enc.safetensors"), str(write_seg_tree(tmp_path / "fmseg", n=2, sizes=[(48, 64)]))
     common = ["train_cfg.max_iters=2", "train_dataloader.batch_size=2"]
     seen = {}
     real = FinalValidationHook.metrics_of

@@ -20,7 +20,7 @@ from typer.models import CommandInfo
 
 from mimbench.control import build_control
 from mimbench.demo import run_demo
-from mimbench.env import env_report, format_env_report
+from mimbench.env import check_torch, env_report, format_env_report
 from mimbench.errors import MimbenchError
 from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
@@ -99,6 +99,13 @@ def _user_errors(fn):
             raise typer.Exit(2)
 
     return wrapper
+
+
+@app.callback()
+@_user_errors
+def _start() -> None:
+    """Runs before every command (not for --help): an installed torch below the lowest supported is refused."""
+    check_torch()
 
 
 @app.command()

@@ -36,7 +36,6 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel built from a copy of the source tree (the tree itself stays free of build output)."""
-    pytest.importorskip("setuptools")
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)

@@ -86,7 +86,7 @@ def test_evaluate_refuses_bad_input_before_any_work(tiny_encoder, tmp_path, call
 
 
 @pytest.mark.parametrize("config,overrides,match", [
-    ("no_such_config.py", None, "does not exist"),
+    ("no_such_config.py", None, "neither a config file nor the name of a config shipped"),
     (MICRO_MAE, {"schedule.epoch": 1}, "schedule.epoch"),
     (MICRO_MAE, "schedule.epochs=1", "one string"),
 ])

@@ -370,7 +370,7 @@ class NonFiniteGuard:
         self.loss, self.terms = loss, terms
         self.flags[0] += (~torch.isfinite(loss.detach())).float()
         if self.every_step and self.alone and bool(self.flags[0]):
-            self._raise(it, 0, self.flags)
+            self._raise(it, 0, self.flags, loss=float(loss.detach()))
 
     def after_grads(self, it: int, grad_norm: torch.Tensor | None) -> None:
         self.grad_norm = grad_norm if self.check_grads else None
@@ -382,15 +382,15 @@ class NonFiniteGuard:
     def check(self, it: int, window: int = 0) -> None:
         """Raise on every rank when any rank saw a non-finite value since the start (collective)."""
         flags = dist.all_max(self.flags)
-        if bool(flags.any()):
-            self._raise(it, window, flags)
+        if bool(flags.any()):  # every rank is here: the message's loss is the mean over ranks, the same on each
+            self._raise(it, window, flags, loss=float(dist.all_mean(self.loss.detach().float())))
 
     def check_lazily(self, it: int, window: int) -> None:
         """:meth:`check` where values are not checked every step (accelerators)."""
         if not self.every_step:
             self.check(it, window)
 
-    def _raise(self, it: int, window: int, flags: torch.Tensor) -> None:
+    def _raise(self, it: int, window: int, flags: torch.Tensor, loss: float) -> None:
         try:
             shown = ", ".join(f"{k}={v:.6g}" for k, v in _resolve_terms(self.terms).items()) or "none reported"
         except Exception:  # terms may themselves be unusable once the loss diverged
@@ -399,7 +399,7 @@ class NonFiniteGuard:
         what = "loss or gradient" if window else ("loss" if bool(flags[0]) else "gradient")
         grad = f"; gradient norm {float(self.grad_norm)}" if bool(flags[1]) and self.grad_norm is not None else ""
         raise MimbenchError(
-            f"The {what} became non-finite at {where} (loss {float(self.loss.detach())}{grad}); loss terms: {shown}.",
+            f"The {what} became non-finite at {where} (loss {loss}{grad}); loss terms: {shown}.",
             f"Training stopped; {Path(self.out_dir) / 'checkpoint-latest.pt'} still holds the last good state. "
             "Lower the learning rate (optim.blr), enable gradient clipping, or use amp='none', then resume.",
         )

@@ -9,8 +9,8 @@
   present (torchrun inside srun). A process inside an allocation of several tasks that srun did not
   start (the batch script itself: no ``SLURM_STEP_NUM_TASKS``, or 1) is one process on its own - it
   must not wait for peers that never start.
-* **the process group** - NCCL on CUDA (after the device below is made current), gloo on CPU, with a finite collective timeout
-  (``MIMBENCH_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died leaves the others
+* **the process group** - NCCL on CUDA (after the device below is made current), gloo on CPU, with a
+  finite collective timeout (``MIMBENCH_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died leaves the others
   blocked for a bounded time, after which they fail and the job exits non-zero.
 * **the device** - ``cuda:<local_rank>`` (made the current CUDA device), ``cuda:0`` when the
   process sees a single GPU (srun ``--gpus-per-task=1`` / ``--gpu-bind=single:1`` binds one GPU to
@@ -21,7 +21,8 @@
   discarded and its Python warnings are silenced (they repeat rank 0's). Errors (stderr) stay.
 
 The collective helpers below (:func:`gather_rows`, :func:`all_mean`, :func:`broadcast_flag`,
-:func:`broadcast_object`, :func:`barrier`) are no-ops in a single process, so the runners call them unconditionally.
+:func:`broadcast_object`, :func:`barrier`) are no-ops in a single process, so the runners call them
+unconditionally.
 """
 from __future__ import annotations
 

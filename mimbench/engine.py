@@ -414,17 +414,20 @@ def load_resume_point(path: Path, raw_model: nn.Module, optimizer, scaler, iters
                             "Start without --resume, or point --out at the directory of the interrupted run.")
     ck = load_checkpoint(path)
     try:
+        missing = [key for key in ("epoch", "rng") if key not in ck]
+        if missing:
+            raise KeyError(", ".join(missing))
         raw_model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        int(ck["epoch"]), ck["rng"]
     except (KeyError, RuntimeError, ValueError) as exc:
         raise MimbenchError(f"Checkpoint {path} does not match this model/config ({exc}).",
                             "Resume with the config the run was started with, or start a new --out.") from exc
     if ck.get("iters_per_epoch", iters_per_epoch) != iters_per_epoch:
         raise MimbenchError(
-            f"Checkpoint {path} was written with {ck['iters_per_epoch']} steps per epoch, this run has {iters_per_epoch}.",
+            f"Checkpoint {path} was written with {ck['iters_per_epoch']} steps per epoch, "
+            f"this run has {iters_per_epoch}.",
             "Resume with the same data, batch size and accum_iter.")
     return ck
 
@@ -492,10 +495,13 @@ class TrainLoop:
         self.guard = NonFiniteGuard(self.ctx, out_dir, check_grads=scaler is None)
         self.ckpt_steps = max(int(cfg.ckpt_every_steps or 0), 0)
         self.it, self.start_epoch, self.skip_steps, self.resume_ck = 0, 0, 0, None
-        self.epoch, self.epoch_rng, self.terms = 0, None, None
+        self.epoch, self.epoch_rng, self.terms, self.log = 0, None, None, None
 
     def run(self, resume: bool) -> list[dict]:
-        self.resume() if resume else self.start_fresh()
+        if resume:
+            self.resume()
+        else:
+            self.start_fresh()
         self.scheduler.step_update(self.it)
         self.log = StepLog(self.cfg, self.out_dir, self.sizes, self.it, self.desc, self.ctx)
         try:
@@ -534,9 +540,8 @@ class TrainLoop:
             if micro >= self.sizes.micro_per_epoch:
                 break
             self.run_step(micro, batch)
-        world = self.ctx.world_size
-        entry = {"epoch": epoch + 1, "loss": float(dist.all_sum(self.epoch_loss)) / (self.sizes.micro_per_epoch * world),
-                 "lr": self.optimizer.param_groups[0]["lr"]}
+        mean_loss = float(dist.all_sum(self.epoch_loss)) / (self.sizes.micro_per_epoch * self.ctx.world_size)
+        entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"]}
         self.guard.check(self.it - 1, window=self.sizes.iters_per_epoch)
         self.save(epoch + 1)
         return entry
@@ -591,7 +596,8 @@ class TrainLoop:
             self.guard.check(self.it - 1, window=self.ckpt_steps)  # every rank stops together, none writes
             # the running loss as a per-rank mean: each rank resumes from it, so the epoch-end sum over
             # ranks still counts every micro-batch once
-            self.save(self.epoch, step_in_epoch=in_epoch, epoch_loss=dist.all_sum(self.epoch_loss) / self.ctx.world_size)
+            shared_loss = dist.all_sum(self.epoch_loss) / self.ctx.world_size
+            self.save(self.epoch, step_in_epoch=in_epoch, epoch_loss=shared_loss)
 
     def save(self, epoch: int, *, step_in_epoch: int = 0, epoch_loss=None) -> None:
         """Rank 0 writes ``checkpoint-latest.pt`` (and at epoch ends every ``ckpt_every`` epochs
@@ -625,7 +631,8 @@ def fit(model: nn.Module, optimizer, loader, step_fn: Callable, cfg: LoopConfig,
 
 class _SkipBatches:
     """A batch sampler that drops the first ``skip`` index lists of ``inner`` (never loading them;
-    one with ``iter_from(skip)`` starts there without drawing them), then calls ``then()`` - lazily, at the first request, as the wrapped sampler would draw."""
+    one with ``iter_from(skip)`` starts there without drawing them), then calls ``then()`` - lazily, at the
+    first request, as the wrapped sampler would draw."""
 
     def __init__(self, inner, skip: int, then: Callable[[], None]):
         self.inner, self.skip, self.then = inner, skip, then

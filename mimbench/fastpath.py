@@ -23,7 +23,8 @@ this module instead of deciding for itself, so one rule holds everywhere:
   is the same dropout on the attention probabilities as the explicit path.
   :func:`set_fused_attention` switches it off for the plain reference path of ``mimbench bench``.
 * **Compile** (:func:`maybe_compile`): ``torch.compile`` of a module in place (state-dict keys
-  unchanged), static shapes - the number of visible tokens is fixed by the mask ratio.
+  unchanged), static shapes - the number of visible tokens is fixed by the mask ratio. The training
+  loop compiles the DDP wrapper, not the model inside it (:func:`mimbench.engine.wrap_for_training`).
 """
 from __future__ import annotations
 

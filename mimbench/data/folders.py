@@ -4,8 +4,8 @@ Bad data: every image is converted to RGB when it is loaded (greyscale, CMYK, pa
 read as RGB, as the reference pipelines do with ``.convert("RGB")``). Before a run starts, every file of
 a split is checked without being decoded - a zero-byte file, a file PIL cannot identify (not an image),
 a JPEG without its end-of-image marker or a PNG without its ``IEND`` chunk (truncated downloads and
-copies) is *broken*. Rank 0 scans and every rank of a multi-process run uses its list. Broken files are skipped: left out of the split, counted, reported on stderr and
-listed in the run record (``dataset.skipped``). The run fails before any work when more than
+copies) is *broken*. Rank 0 scans and every rank of a multi-process run uses its list. Broken files
+are skipped: left out of the split, counted, reported on stderr and listed in the run record (``dataset.skipped``). The run fails before any work when more than
 ``max_bad_fraction`` of a split is broken (default 0.1 %: one broken file in ImageNet's 50,000
 validation images is tolerated, a half-copied tree is not). A file that passes the scan but still
 cannot be decoded stops the run with an error naming it.

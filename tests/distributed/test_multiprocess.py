@@ -248,8 +248,8 @@ def test_without_torchrun_the_collective_timeout_ends_a_waiting_rank(tmp_path):
 
 
 def test_slurm_environment_without_torchrun(tmp_path):
-    """srun-style variables only (SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_NUM_TASKS / SLURM_LOCALID): the group forms, the
-    collectives work, rank 1 prints nothing."""
+    """srun-style variables only (SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_NUM_TASKS / SLURM_LOCALID): the
+    group forms, the collectives work, rank 1 prints nothing."""
     port, result = str(_free_port()), tmp_path / "result.json"
     procs = _spawn(REPO / "tests" / "distributed" / "collectives.py",
                    lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",

@@ -20,7 +20,7 @@ import torch
 
 from mimbench import __version__
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import cpu_supports_bf16, resolve_amp
+from mimbench.fastpath import cpu_supports_bf16, resolve_amp, tf32_enabled
 
 _DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "mmengine": "mmengine",
                   "mmseg": "mmsegmentation", "mimbench": "mimbench"}
@@ -97,10 +97,12 @@ def mmcv_info() -> tuple[str | None, str | None, bool]:
 def precision_support() -> dict:
     """What the first device computes natively: ``bf16``, ``tf32`` (CUDA compute capability >= 8.0; None
     on CPU), ``amx`` (the CPU's AMX tiles), and ``float32_matmul_precision`` (torch's setting: "highest"
-    keeps fp32 matrix products in fp32, "high" lets them use TF32 or bf16)."""
+    keeps fp32 matrix products in fp32, "high" lets them use TF32 or bf16); ``tf32_enabled``: whether this
+    process lets fp32 matrix products use TF32 (:func:`mimbench.fastpath.configure_tf32`)."""
     flags = _cpu_flags()
     support: dict[str, object] = {"amx": bool(AMX_FLAGS & flags),
-                                  "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                                  "tf32_enabled": tf32_enabled()}
     if torch.cuda.is_available():
         support["bf16"] = bool(torch.cuda.is_bf16_supported())
         support["tf32"] = torch.cuda.get_device_capability(0) >= (8, 0)

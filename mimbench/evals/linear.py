@@ -45,6 +45,7 @@ from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import eval_transform, extract_features, limited
+from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
 CACHED_DEVIATION = "fast linear probe on cached features"
@@ -214,7 +215,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
     probe.head.eval()
-    logits, labels = runner.score(run, lambda x: probe_logits(probe.head, probe.encoder, x), probe.val_set,
+    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x), run.precision, device)  # as recorded
+    logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
     if history:

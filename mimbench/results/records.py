@@ -12,7 +12,8 @@ A record (``SCHEMA_VERSION`` 1) is a JSON object::
     metrics         {name: value}                                e.g. {"top1": 71.3, "top5": 90.2}
     seed            int
     started/finished ISO-8601 UTC strings;  duration_s  seconds (float)
-    hardware        {device: cpu|cuda, count, ..., precision}      precision: bf16 | fp16 | none (fp32) as resolved
+    hardware        {device: cpu|cuda, count, ..., tf32_enabled, precision}  precision: bf16 | fp16 | none (fp32) as resolved;
+                                                                   tf32_enabled: fp32 products ran on TF32
     versions        {python, torch, timm, mmseg, mimbench, git_commit, git_dirty}
     status          ok | failed | interrupted
 

@@ -49,8 +49,6 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
-@pytest.mark.xfail(strict=True, reason="engine.fit (206 lines) and segment.run_segment (93) are still to be split; "
-                   "strict: this fails once they are, so the mark goes with them")
 def test_no_function_is_longer_than_one_screen():
     long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path, tree in _sources() for node in ast.walk(tree)

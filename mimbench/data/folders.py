@@ -22,6 +22,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+
 from mimbench import dist
 from mimbench.errors import MimbenchError
 
@@ -72,8 +75,6 @@ def check_imagefolder(root: str | Path, split: str) -> Path:
 
 
 def _load_rgb(path: str):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
@@ -84,8 +85,6 @@ def _load_rgb(path: str):
 
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` is a broken image file (``None`` when it looks whole), without decoding its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -139,8 +138,6 @@ def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction:
     MimbenchError when more than ``max_bad_fraction`` (default :data:`MAX_BAD_FRACTION`) of the files are
     broken, and when a file that passed the scan cannot be decoded.
     """
-    from torchvision.datasets import ImageFolder
-
     limit = MAX_BAD_FRACTION if max_bad_fraction is None else float(max_bad_fraction)
     if not 0.0 <= limit <= 1.0:
         raise MimbenchError(f"max_bad_fraction={max_bad_fraction!r} is not a fraction in [0, 1].",

@@ -38,9 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
 from torch import nn
+from torchvision import transforms as T
 
 from mimbench import dist, encoders
+from mimbench.data import dataset_stats
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
@@ -92,8 +96,6 @@ class StepBatchNorm1d(nn.BatchNorm1d):
 def build_head(embed_dim: int, num_classes: int) -> nn.Sequential:
     """BatchNorm1d(D, affine=False, eps=1e-6) (as :class:`StepBatchNorm1d`) + Linear(D, C),
     weight ~ trunc-normal(std 0.01), bias 0."""
-    from timm.layers import trunc_normal_
-
     linear = nn.Linear(embed_dim, num_classes)
     trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
@@ -117,7 +119,6 @@ def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam([{"params": matrices, "weight_decay": wd}, {"params": vectors, "weight_decay": 0.0}],
                                 lr=lr, betas=tuple(optim["betas"]))
-    from timm.optim import Lars
 
     common = dict(lr=lr, momentum=float(optim["momentum"]), trust_coeff=float(optim["trust_coeff"]), eps=0.0,
                   trust_clip=False)
@@ -126,10 +127,6 @@ def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
 
 
 def _train_transform(data: str, img_size: int, scale):
-    from torchvision import transforms as T
-
-    from mimbench.data import dataset_stats
-
     mean, std = dataset_stats(data)
     scale = tuple(scale)
     transform = T.Compose([

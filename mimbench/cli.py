@@ -4,7 +4,9 @@ Every command delegates to a library function; this module only parses arguments
 turns :class:`~mimbench.errors.MimbenchError` into a one-paragraph message with exit
 status 2, and imports the torch-heavy modules (encoders, pre-training, bench) inside the commands that use
 them, so that ``--help`` stays instant. The ``eval`` subcommands are generated from the task table
-(:mod:`mimbench.evals.tasks`).
+(:mod:`mimbench.evals.tasks`). ``pretrain`` and every ``eval`` subcommand call the Python API
+(:func:`mimbench.api.pretrain`, :func:`mimbench.api.evaluate`) with their ``--set`` values as given, so a script
+and the command line cannot drift apart.
 """
 from __future__ import annotations
 
@@ -18,14 +20,14 @@ from typing import Callable, List, Literal, Optional
 import typer
 from typer.models import CommandInfo
 
+from mimbench import api  # the functions every pretrain/eval command calls; torch only when one runs
 from mimbench.config import format_override
 from mimbench.control import build_control
 from mimbench.demo import run_demo
-from mimbench.env import env_report, format_env_report
+from mimbench.env import check_torch, env_report, format_env_report
 from mimbench.errors import MimbenchError
-from mimbench.evals import run_eval  # each task's modules (torch, mmseg) are imported when the task runs
 from mimbench.evals.tasks import Task, all_tasks
-from mimbench.paths import EVAL_CONFIGS, resolve_config
+from mimbench.paths import EVAL_CONFIGS, config_summary, resolve_config, shipped_configs
 from mimbench.reproduce import PAPERS, SCALES, run_reproduce
 from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
 from mimbench.results.report import FORMATS, console_table, write_report
@@ -123,6 +125,13 @@ def _user_errors(fn):
     return wrapper
 
 
+@app.callback()
+@_user_errors
+def _start() -> None:
+    """Runs before every command (not for --help): an installed torch below the lowest supported is refused."""
+    check_torch()
+
+
 @app.command()
 @_user_errors
 def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to describe."),
@@ -139,7 +148,8 @@ def info(path: Path = typer.Argument(..., help="Encoder file (.safetensors) or c
 @app.command()
 @_user_errors
 def pretrain(
-    config: Path = typer.Option(..., help="Pre-training config, e.g. pretrain/configs/mae_tiny_fmnist.py"),
+    config: Path = typer.Option(..., help="Pre-training config: a file, or a shipped config's name, e.g. "
+                                "pretrain/mae_tiny_fmnist (mimbench configs pretrain lists them)"),
     data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
     out: Path = typer.Option(..., help="Output directory (checkpoints, log, exported encoder)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -151,10 +161,8 @@ def pretrain(
 
     Example: mimbench pretrain --config pretrain/configs/mae_tiny_fmnist.py --out runs/mae
     """
-    from pretrain.main import run_pretrain  # torch and the models
-
-    path = run_pretrain(resolve_config(config), data=data, out=out,
-                        overrides=list(set_ or []) + _tracker_overrides(tracker), resume=resume)
+    overrides = list(set_ or []) + _tracker_overrides(tracker)
+    path = api.pretrain(config, out, overrides=overrides, data=data, resume=resume)
     typer.echo(f"{'tokenizer' if path.name.startswith('tokenizer') else 'encoder'} written to {path}")
 
 
@@ -162,7 +170,8 @@ def pretrain(
 # a published protocol on the 12,000-image subset would be meaningless (LARS at batch 16,384, 100 epochs), and a
 # demo config on ImageNet would be mislabelled. The protocols are one --config away, named in each --help.
 CONFIG_HELP = ("Evaluation config. Default: the demo config for the built-in data (its departures from the "
-               "published protocol are recorded); the published protocol: {protocol}")
+               "published protocol are recorded); the published protocol: {protocol}. A file, or the name of a shipped "
+               "config (mimbench configs lists them)")
 
 
 def _option(name: str, annotation, info) -> inspect.Parameter:
@@ -203,9 +212,9 @@ def _eval_command(task: Task) -> Callable:
 
     def command(*, encoder: Path, from_: str, config: Path, data: str, out: Path, set_, resume: bool, tracker=None,
                 **options):
-        record = run_eval(task.name, encoder=encoder, config=resolve_config(config), data=data, out=out,
-                          overrides=list(set_ or []) + _tracker_overrides(tracker), resume=resume, layout=from_,
-                          **options)
+        record = api.evaluate(task.name, encoder, data=data, config=config, out=out,
+                              overrides=list(set_ or []) + _tracker_overrides(tracker), layout=from_, resume=resume,
+                              **options)
         typer.echo(f"{task.name}: {_metrics_line(task, record['metrics'])}")
 
     params = _eval_parameters(task)
@@ -437,6 +446,32 @@ def data_imagenet(
     from mimbench.data.imagenet import build_imagenet_tree, format_summary  # torchvision
 
     typer.echo(format_summary(build_imagenet_tree(archives, out, custom=custom_archives, md5=md5)))
+
+
+def _config_groups() -> dict[str, str]:
+    """``mimbench configs TASK``: a config folder (``linear``, ``demo``, ``pretrain``, ...), or a task of the task
+    table, which stands for the folder of its protocol config (``segment`` -> ``segmentation``)."""
+    groups = {name.split("/")[0]: name.split("/")[0] for name in shipped_configs()}
+    groups.update({t.name: Path(t.protocol_config).parts[0] for t in all_tasks()})
+    return groups
+
+
+@app.command("configs")
+@_user_errors
+def configs_command(task: Optional[str] = typer.Argument(None, help="Only this task's configs (linear, finetune, "
+                                                         "knn, segment, demo, reproduce, pretrain)")):
+    """List the configs shipped with mimbench, by the name --config takes, each with what it reproduces.
+
+    Example: mimbench configs linear
+    """
+    groups = _config_groups()
+    if task is not None and task not in groups:
+        raise MimbenchError(f"No shipped configs for {task!r}.", f"Pass one of {', '.join(sorted(groups))}, or "
+                            "nothing to list every config.")
+    rows = [(name, config_summary(path)) for name, path in shipped_configs().items()
+            if task is None or name.split("/")[0] == groups[task]]
+    width = max(len(name) for name, _ in rows)
+    typer.echo("\n".join(f"{name.ljust(width)}  {summary}".rstrip() for name, summary in rows))
 
 
 def main() -> None:  # console-script entry point

@@ -13,10 +13,13 @@ import ast
 import hashlib
 import json
 import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 from mimbench.errors import MimbenchError
+from mimbench.paths import config_by_name
 from mimbench.schema import knows_key, missing_defaults, validate
 
 
@@ -133,10 +136,39 @@ def _read(p: Path):
         raise MimbenchError(f"Config file {p} does not exist.",
                             "Pass an existing config, e.g. one under eval_configs/ or pretrain/configs/.")
     try:
-        return Config.fromfile(str(p))
+        with _shipped_bases(Config):
+            return Config.fromfile(str(p))
+    except MimbenchError:
+        raise
     except Exception as exc:  # mmengine raises many types for a broken config
         raise MimbenchError(f"Config file {p} could not be read: {exc}",
                             "Fix the Python syntax of the config file.") from exc
+
+
+@contextmanager
+def _shipped_bases(config_class):
+    """Let ``_base_`` name a shipped config as ``--config`` does (``_base_ = ["linear/mae_vit-b_in1k"]``).
+
+    mmengine joins each ``_base_`` entry with the folder of the config naming it (``Config._get_cfg_path``, looked
+    up on the class at every use); for one read that lookup is wrapped so that an entry that is no file there is
+    taken as a shipped config's name (:func:`mimbench.paths.config_by_name`)."""
+    original = config_class.__dict__["_get_cfg_path"]
+
+    def lookup(cfg_path: str, filename: str):
+        path, scope = original.__func__(cfg_path, filename)
+        if scope is not None or os.path.isfile(path):
+            return path, scope
+        try:
+            return str(config_by_name(cfg_path)), None
+        except MimbenchError as exc:
+            raise MimbenchError(f"{filename} inherits {cfg_path!r} (_base_), which is neither a file beside it nor "
+                                "the name of a config shipped with mimbench.", exc.fix) from None
+
+    config_class._get_cfg_path = staticmethod(lookup)
+    try:
+        yield
+    finally:
+        config_class._get_cfg_path = original
 
 
 #: Where a loaded config remembers what :func:`_fill_defaults` added (an attribute of the object, not a key).

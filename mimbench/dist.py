@@ -3,20 +3,26 @@
 :func:`setup` runs first, before any model or tensor exists, and fixes for the whole process:
 
 * **who** - rank, world size and local rank, from the ``torchrun`` environment (``RANK``,
-  ``WORLD_SIZE``, ``LOCAL_RANK``) or, without torchrun, from Slurm's (``SLURM_PROCID``,
-  ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master address is the job's first node, the port
-  ``MASTER_PORT`` or 29500). torchrun's variables win when both are present (torchrun inside srun).
-* **the process group** - NCCL on CUDA (through ``mmengine.dist.init_dist``, which also calls
-  ``torch.cuda.set_device(local_rank)``), gloo on CPU, with a finite collective timeout
-  (``MIMBENCH_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died leaves the others
+  ``WORLD_SIZE``, ``LOCAL_RANK``) or, without torchrun, from the variables ``srun`` gives each task
+  of a job step (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the master address is
+  the job's first node, the port ``MASTER_PORT`` or 29500). torchrun's variables win when both are
+  present (torchrun inside srun). A process inside an allocation of several tasks that srun did not
+  start (the batch script itself: no ``SLURM_STEP_NUM_TASKS``, or 1) is one process on its own - it
+  must not wait for peers that never start.
+* **the process group** - NCCL on CUDA (after the device below is made current), gloo on CPU, with a
+  finite collective timeout (``MIMBENCH_DIST_TIMEOUT`` seconds, default 1800) so that a rank that died leaves the others
   blocked for a bounded time, after which they fail and the job exits non-zero.
-* **the device** - ``cuda:<local_rank>`` (made the current CUDA device) or ``cpu``: one
-  ``torch.device`` that every runner places its models and batches on.
+* **the device** - ``cuda:<local_rank>`` (made the current CUDA device), ``cuda:0`` when the
+  process sees a single GPU (srun ``--gpus-per-task=1`` / ``--gpu-bind=single:1`` binds one GPU to
+  each task while ``SLURM_LOCALID`` runs 0..7; :func:`choose_device`), or ``cpu``: one
+  ``torch.device`` that every runner places its models and batches on. TF32 is switched on or off
+  for it once (:func:`mimbench.fastpath.configure_tf32`).
 * **who speaks** - rank 0 writes files and prints; the standard output of every other rank is
   discarded and its Python warnings are silenced (they repeat rank 0's). Errors (stderr) stay.
 
 The collective helpers below (:func:`gather_rows`, :func:`all_mean`, :func:`broadcast_flag`,
-:func:`barrier`) are no-ops in a single process, so the runners call them unconditionally.
+:func:`broadcast_object`, :func:`barrier`) are no-ops in a single process, so the runners call them
+unconditionally.
 """
 from __future__ import annotations
 
@@ -28,11 +34,14 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 
 from mimbench.errors import MimbenchError
+from mimbench.fastpath import configure_tf32
 
 __all__ = ["DistContext", "setup", "context", "dist_info", "is_main", "barrier", "gather_rows", "all_mean",
-           "all_sum", "broadcast_flag", "check_device", "DEFAULT_TIMEOUT_S"]
+           "all_sum", "all_max", "broadcast_flag", "broadcast_object", "check_device", "choose_device",
+           "DEFAULT_TIMEOUT_S"]
 
 #: Collective timeout in seconds (``MIMBENCH_DIST_TIMEOUT`` overrides it).
 DEFAULT_TIMEOUT_S = 1800
@@ -79,7 +88,9 @@ def dist_info() -> tuple[int, int, int, str]:
         return _env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0, "pytorch"
     if world is not None:  # torchrun with one process: nothing to set up
         return 0, 1, _env_int("LOCAL_RANK") or 0, "none"
-    ntasks = _env_int("SLURM_NTASKS")
+    # srun gives every task of a step SLURM_STEP_NUM_TASKS; the batch script of an allocation of several
+    # tasks has SLURM_NTASKS > 1 too, but it is one process (without the step variable, or with 1)
+    ntasks = _env_int("SLURM_STEP_NUM_TASKS")
     if ntasks is not None and ntasks > 1 and _env_int("SLURM_PROCID") is not None:
         return _env_int("SLURM_PROCID"), ntasks, _env_int("SLURM_LOCALID") or 0, "slurm"
     return 0, 1, 0, "none"
@@ -129,34 +140,42 @@ def setup() -> DistContext:
     global _CONTEXT
     if _CONTEXT is not None:
         return _CONTEXT
-    import torch.distributed as tdist
-
     rank, world, local, launcher = dist_info()
-    cuda = torch.cuda.is_available()
+    device = choose_device(local)
+    cuda = device.type == "cuda"
     if cuda:
-        if local >= torch.cuda.device_count():
-            raise MimbenchError(f"Local rank {local} has no GPU: this node shows {torch.cuda.device_count()}.",
-                                "Start at most one process per visible GPU (torchrun --nproc_per_node, srun "
-                                "--ntasks-per-node) or check CUDA_VISIBLE_DEVICES.")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
+    configure_tf32(device)
     if world > 1 and not tdist.is_initialized():
         timeout = _timeout_s()
         if launcher == "slurm":
             _slurm_env(rank, world, local)
-        if cuda:
-            from mmengine.dist import init_dist
-
-            init_dist(launcher, backend="nccl", timeout=timeout)
-        else:
-            tdist.init_process_group(backend="gloo", rank=rank, world_size=world,
-                                     timeout=datetime.timedelta(seconds=timeout))
+        # the device is already chosen and current: a launcher-side set_device(local_rank) (mmengine's
+        # init_dist) would fail where each task sees one GPU
+        tdist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=timeout))
     if world > 1 and rank != 0:
         _quiet()
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local, device=device, launcher=launcher)
     return _CONTEXT
+
+
+def choose_device(local_rank: int) -> torch.device:
+    """This process's device: ``cpu`` without CUDA; ``cuda:0`` when it sees one GPU (a launcher bound one
+    GPU to each task, e.g. srun ``--gpus-per-task=1``: its local rank says nothing about the index);
+    ``cuda:<local_rank>`` when it sees them all; an error when it sees several but not its own."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    raise MimbenchError(f"Local rank {local_rank} has no GPU: this process sees {count} GPUs "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}).",
+                        "Start at most one process per visible GPU (torchrun --nproc_per_node, srun "
+                        "--ntasks-per-node), bind one GPU to each task (srun --gpus-per-task=1), or check "
+                        "CUDA_VISIBLE_DEVICES.")
 
 
 def context() -> DistContext:
@@ -170,16 +189,12 @@ def is_main() -> bool:
 
 
 def _active() -> bool:
-    import torch.distributed as tdist
-
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def barrier() -> None:
     """Wait until every rank reaches this point."""
     if _active():
-        import torch.distributed as tdist
-
         tdist.barrier()
 
 
@@ -187,8 +202,6 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over ranks (a new tensor; the input is untouched)."""
     out = tensor.detach().clone()
     if _active():
-        import torch.distributed as tdist
-
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
 
@@ -198,12 +211,27 @@ def all_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_sum(tensor) / (context().world_size if _active() else 1)
 
 
+def all_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ranks (a new tensor): e.g. "did any rank see X"."""
+    out = tensor.detach().clone()
+    if _active():
+        tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; every rank must call it."""
+    if not _active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, device=context().device if context().device.type == "cuda" else None)
+    return box[0]
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (decisions that must not differ, e.g. "the cache is valid")."""
     if not _active():
         return bool(flag)
-    import torch.distributed as tdist
-
     t = torch.tensor([int(bool(flag))], device=context().device)
     tdist.broadcast(t, src=0)
     return bool(t.item())
@@ -217,8 +245,6 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not _active():
         return tensor
-    import torch.distributed as tdist
-
     world = tdist.get_world_size()
     device = context().device
     local = tensor.detach().to(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from functools import lru_cache
 from importlib import metadata, util
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from mimbench import __version__
-from mimbench.fastpath import cpu_supports_bf16, resolve_amp
+from mimbench.errors import MimbenchError
+from mimbench.fastpath import cpu_supports_bf16, resolve_amp, tf32_enabled
 
 _DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "mmengine": "mmengine",
                   "mmseg": "mmsegmentation", "mimbench": "mimbench"}
@@ -95,10 +97,12 @@ def mmcv_info() -> tuple[str | None, str | None, bool]:
 def precision_support() -> dict:
     """What the first device computes natively: ``bf16``, ``tf32`` (CUDA compute capability >= 8.0; None
     on CPU), ``amx`` (the CPU's AMX tiles), and ``float32_matmul_precision`` (torch's setting: "highest"
-    keeps fp32 matrix products in fp32, "high" lets them use TF32 or bf16)."""
+    keeps fp32 matrix products in fp32, "high" lets them use TF32 or bf16); ``tf32_enabled``: whether this
+    process lets fp32 matrix products use TF32 (:func:`mimbench.fastpath.configure_tf32`)."""
     flags = _cpu_flags()
     support: dict[str, object] = {"amx": bool(AMX_FLAGS & flags),
-                                  "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                                  "tf32_enabled": tf32_enabled()}
     if torch.cuda.is_available():
         support["bf16"] = bool(torch.cuda.is_bf16_supported())
         support["tf32"] = torch.cuda.get_device_capability(0) >= (8, 0)
@@ -188,3 +192,26 @@ def format_env_report(report: dict) -> str:
              ("amp auto", f"{report['amp_auto']} (on {hw['device']})")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows)
+
+
+#: The lowest torch mimbench runs on: the lower bound of pyproject.toml's torch requirement, the version the CI
+#: wheel job (.ci/wheel) installs (tests/test_packaging.py checks that the two agree).
+MIN_TORCH = "2.9.1"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string (``"2.9.1+cu128"`` -> ``(2, 9, 1)``)."""
+    match = re.match(r"\d+(\.\d+)*", str(version))
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def check_torch() -> None:
+    """Refuse (MimbenchError) an installed torch below :data:`MIN_TORCH`, before any command starts its work.
+
+    pip keeps an environment's own torch when it satisfies the range, so an older torch can only come from an
+    environment that broke the requirement after the install (or a ``--no-deps`` install)."""
+    if _release(torch.__version__) < _release(MIN_TORCH):
+        raise MimbenchError(
+            f"mimbench needs torch {MIN_TORCH} or newer; this environment has torch {torch.__version__}.",
+            f"Upgrade torch in this environment (pip install 'torch>={MIN_TORCH}' with the torchvision that matches "
+            "it, from the index of your CUDA build), or install mimbench into a fresh virtual environment.")

@@ -138,12 +138,12 @@ def _set(key_prefix: str, **knobs) -> tuple[str, ...]:
 
 def _find_base(scale: str, role: str) -> Path:
     for rel in BASE_CONFIGS[scale][role]:
-        if (paths.REPO_ROOT / rel).is_file():
-            return paths.REPO_ROOT / rel
+        if paths.shipped_path(rel).is_file():
+            return paths.shipped_path(rel)
     raise MimbenchError(
         f"No {role} pre-training config for scale {scale!r} was found (looked for: "
         f"{', '.join(BASE_CONFIGS[scale][role])}).",
-        "Run from an editable install of the repository (pip install -e .) that has pretrain/configs/.",
+        "Reinstall mimbench (pip install mimbench-*.whl, or pip install -e . in a checkout): it ships these configs.",
     )
 
 
@@ -393,7 +393,7 @@ def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrid
         else:
             steps.append(Control(point.name, config=config, overrides=overrides))
         if point.evaluate:
-            steps += [Evaluate(point.name, task, paths.REPO_ROOT / cfg) for task, cfg in demo_evals()]
+            steps += [Evaluate(point.name, task, paths.shipped_path(cfg)) for task, cfg in demo_evals()]
     return steps
 
 

@@ -49,8 +49,6 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
-@pytest.mark.xfail(strict=True, reason="engine.fit (206 lines) and segment.run_segment (93) are still to be split; "
-                   "strict: this fails once they are, so the mark goes with them")
 def test_no_function_is_longer_than_one_screen():
     long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path, tree in _sources() for node in ast.walk(tree)
@@ -85,9 +83,7 @@ def _literal_get_fallbacks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("where", [
-    pytest.param("mimbench/evals", marks=pytest.mark.xfail(strict=True, reason="evals/segment.py still reads four "
-                                                           "keys with literal fallbacks")),
-    "mimbench/bench.py", "pretrain/main.py"])
+    "mimbench/evals", "mimbench/bench.py", "pretrain/main.py"])
 def test_config_values_have_no_literal_fallbacks(where):
     target = ROOT / where
     files = sorted(target.rglob("*.py")) if target.is_dir() else [target]

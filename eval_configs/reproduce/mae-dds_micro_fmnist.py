@@ -1,5 +1,5 @@
 # MAE + DDS at the micro size of pretrain/configs/mae_micro_fmnist.py, for the quick DDAE grid.
-_base_ = ["../../pretrain/configs/mae-dds_tiny_fmnist.py"]
+_base_ = ["pretrain/mae-dds_tiny_fmnist"]  # the shipped pre-training config of that name
 model = dict(name="mae+dds_vit_micro_patch4_32")
 optim = dict(batch_size=32)
 schedule = dict(epochs=2, warmup_epochs=1)

@@ -137,8 +137,9 @@ test_dataloader = dict(
     ),
 )
 test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
-# No validation during the short schedule: the test loop after training gives the reported numbers
-# (with a validation loop mmengine would also evaluate the same split at the last iteration).
+# No validation during the short schedule: the test loop after training gives the reported numbers.
+# (With one, mimbench makes it read test_dataloader/test_evaluator, and reports the validation mmengine
+# runs after the last iteration instead of testing the same model on the same split again.)
 val_dataloader = None
 val_cfg = None
 val_evaluator = None

@@ -156,6 +156,10 @@ val_dataloader = dict(
         pipeline=test_pipeline,
     ),
 )
+# One evaluation set: validation (every val_interval and after the last iteration) and test read the same
+# loader and metric. A loaded config holds two copies, so `mimbench segment` applies a --set of either
+# (val_dataloader.* / test_dataloader.*, val_evaluator.* / test_evaluator.*) to both, and reports the
+# validation after the last iteration as the single-scale result instead of testing a second time.
 test_dataloader = val_dataloader
 val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
 test_evaluator = val_evaluator

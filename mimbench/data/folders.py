@@ -4,8 +4,8 @@ Bad data: every image is converted to RGB when it is loaded (greyscale, CMYK, pa
 read as RGB, as the reference pipelines do with ``.convert("RGB")``). Before a run starts, every file of
 a split is checked without being decoded - a zero-byte file, a file PIL cannot identify (not an image),
 a JPEG without its end-of-image marker or a PNG without its ``IEND`` chunk (truncated downloads and
-copies) is *broken*. Broken files are skipped: left out of the split, counted, reported on stderr and
-listed in the run record (``dataset.skipped``). The run fails before any work when more than
+copies) is *broken*. Rank 0 scans and every rank of a multi-process run uses its list. Broken files
+are skipped: left out of the split, counted, reported on stderr and listed in the run record (``dataset.skipped``). The run fails before any work when more than
 ``max_bad_fraction`` of a split is broken (default 0.1 %: one broken file in ImageNet's 50,000
 validation images is tolerated, a half-copied tree is not). A file that passes the scan but still
 cannot be decoded stops the run with an error naming it.
@@ -22,6 +22,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+
+from mimbench import dist
 from mimbench.errors import MimbenchError
 
 #: Default largest fraction of a split's files that may be broken (skipped) before a run refuses to start.
@@ -71,8 +75,6 @@ def check_imagefolder(root: str | Path, split: str) -> Path:
 
 
 def _load_rgb(path: str):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
@@ -83,8 +85,6 @@ def _load_rgb(path: str):
 
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` is a broken image file (``None`` when it looks whole), without decoding its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -123,6 +123,14 @@ def scan_images(paths: list[str], workers: int | None = None) -> list[tuple[str,
     return [(p, why) for p, why in zip(paths, problems) if why is not None]
 
 
+def _broken_files(paths: list[str]) -> dict[str, str]:
+    """``{path: problem}`` of the broken files among ``paths`` as rank 0 sees them, on every rank: one scan,
+    and every rank leaves out the same files (a file half-visible on one node's cache would otherwise give
+    the ranks datasets of different lengths and orders)."""
+    found = scan_images(paths) if dist.is_main() else []
+    return dict(dist.broadcast_object(found))
+
+
 def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction: float | None = None):
     """torchvision ImageFolder over ``root/split`` without its broken files (module docstring).
 
@@ -130,15 +138,13 @@ def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction:
     MimbenchError when more than ``max_bad_fraction`` (default :data:`MAX_BAD_FRACTION`) of the files are
     broken, and when a file that passed the scan cannot be decoded.
     """
-    from torchvision.datasets import ImageFolder
-
     limit = MAX_BAD_FRACTION if max_bad_fraction is None else float(max_bad_fraction)
     if not 0.0 <= limit <= 1.0:
         raise MimbenchError(f"max_bad_fraction={max_bad_fraction!r} is not a fraction in [0, 1].",
                             "Set data.max_bad_fraction to e.g. 0.001 (0.1 %).")
     split_dir = check_imagefolder(root, split)
     ds = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb)
-    bad = dict(scan_images([path for path, _ in ds.samples]))
+    bad = _broken_files([path for path, _ in ds.samples])
     ds.skipped = [{"file": os.path.relpath(p, split_dir), "reason": why} for p, why in sorted(bad.items())]
     total = len(ds.samples)
     if bad:

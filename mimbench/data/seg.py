@@ -139,16 +139,16 @@ def check_ade20k_layout(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise MimbenchError(f"Segmentation data root {root} does not exist.",
-                            f"Pass the ADEChallengeData2016 folder, laid out as {ADE_LAYOUT}.")
+                            f"Pass the ADEChallengeData2016 folder, an ADE20K-layout root: {ADE_LAYOUT}.")
     for split in SPLITS:
         imgs, anns = root / "images" / split, root / "annotations" / split
         for d in (imgs, anns):
             if not d.is_dir():
-                raise MimbenchError(f"{root} lacks the folder {d.relative_to(root)}.", f"Expected layout: {ADE_LAYOUT}.")
+                raise MimbenchError(f"{root} lacks the folder {d.relative_to(root)}.", f"Expected an ADE20K-layout root: {ADE_LAYOUT}.")
         n_img = sum(1 for p in imgs.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         n_ann = sum(1 for p in anns.iterdir() if p.suffix.lower() == ".png")
         if n_img == 0:
-            raise MimbenchError(f"{imgs} holds no images.", f"Expected layout: {ADE_LAYOUT}.")
+            raise MimbenchError(f"{imgs} holds no images.", f"Expected an ADE20K-layout root: {ADE_LAYOUT}.")
         if n_img != n_ann:
             raise MimbenchError(f"{split}: {n_img} images but {n_ann} annotations under {root}.",
                                 "Every image needs a .png label map of the same name in annotations/.")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision import transforms as T
 
 from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
@@ -57,7 +58,6 @@ def eval_transform(data: str, img_size: int):
     mean, std = dataset_stats(data)
     if is_builtin(data):
         return None, f"builtin-default(img_size={img_size},mean={mean},std={std})"
-    from torchvision import transforms as T
 
     resize = eval_resize(int(img_size))
     transform = T.Compose([

@@ -42,7 +42,7 @@ from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import eval_transform, limited
-from mimbench.fastpath import adamw_kwargs
+from mimbench.fastpath import adamw_kwargs, under_autocast
 from mimbench.schema import spec_of
 
 #: The schema's defaults of the head's init std and AdamW's betas (keyword defaults of the builders below).
@@ -158,7 +158,8 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     loop = runner.loop_config(run, accum, clip_grad=cfg.clip_grad)
     history = fit(model, optimizer, loader, step, loop, run.out, resume=resume, desc="finetune")
     model.eval()
-    logits, labels = runner.score(run, model, val_set, batch, num_workers=int(cfg.data.num_workers))
+    logits, labels = runner.score(run, under_autocast(model, run.precision, run.device), val_set, batch,  # as recorded
+                                  num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])

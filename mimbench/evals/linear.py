@@ -38,13 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
 from torch import nn
+from torchvision import transforms as T
 
 from mimbench import dist, encoders
+from mimbench.data import dataset_stats
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import eval_transform, extract_features, limited
+from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
 CACHED_DEVIATION = "fast linear probe on cached features"
@@ -91,8 +96,6 @@ class StepBatchNorm1d(nn.BatchNorm1d):
 def build_head(embed_dim: int, num_classes: int) -> nn.Sequential:
     """BatchNorm1d(D, affine=False, eps=1e-6) (as :class:`StepBatchNorm1d`) + Linear(D, C),
     weight ~ trunc-normal(std 0.01), bias 0."""
-    from timm.layers import trunc_normal_
-
     linear = nn.Linear(embed_dim, num_classes)
     trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
@@ -116,7 +119,6 @@ def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam([{"params": matrices, "weight_decay": wd}, {"params": vectors, "weight_decay": 0.0}],
                                 lr=lr, betas=tuple(optim["betas"]))
-    from timm.optim import Lars
 
     common = dict(lr=lr, momentum=float(optim["momentum"]), trust_coeff=float(optim["trust_coeff"]), eps=0.0,
                   trust_clip=False)
@@ -125,10 +127,6 @@ def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
 
 
 def _train_transform(data: str, img_size: int, scale):
-    from torchvision import transforms as T
-
-    from mimbench.data import dataset_stats
-
     mean, std = dataset_stats(data)
     scale = tuple(scale)
     transform = T.Compose([
@@ -214,7 +212,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
     history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
     probe.head.eval()
-    logits, labels = runner.score(run, lambda x: probe_logits(probe.head, probe.encoder, x), probe.val_set,
+    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x), run.precision, device)  # as recorded
+    logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
     if history:

@@ -27,9 +27,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from mimbench import trackers
+from mimbench import dist, trackers
+from mimbench.batching import GlobalBatchSampler, SeededItems, resolve_batch, scaled_lr, shard_range
+from mimbench.config import config_sha256, load_config
+from mimbench.data import build_dataset, is_builtin, skipped_files
+from mimbench.encoders import check_encoder_file
+from mimbench.engine import LoopConfig, seed_everything
 from mimbench.errors import MimbenchError
 from mimbench.evals.metrics import topk_accuracy
+from mimbench.fastpath import resolve_amp
+from mimbench.results.records import encoder_summary, new_record, write_record
 from mimbench.schema import FILLED_KINDS, RUNTIME_KEYS
 
 __all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
@@ -79,19 +86,12 @@ class EvalRun:
     def precision(self) -> str:
         """What ``amp`` resolves to on this run's device: bf16 | fp16 | none (fp32),
         :func:`mimbench.fastpath.resolve_amp`."""
-        from mimbench.fastpath import resolve_amp
-
         return resolve_amp(self.amp, self.device)
 
 
 def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
           check_encoder: bool = True, layout: str = "auto") -> EvalRun:
     """Set up the processes and device, check the encoder, load the config, seed everything."""
-    from mimbench import dist
-    from mimbench.config import load_config
-    from mimbench.encoders import check_encoder_file
-    from mimbench.engine import seed_everything
-
     started = time.time()
     ctx = dist.setup()
     encoder, out = Path(encoder), Path(out)
@@ -115,16 +115,12 @@ def runtime_value(cfg, kind: str, key: str):
 
 def batch_rule(run: EvalRun, optim: Mapping) -> tuple[int, int, int, float]:
     """``(micro-batch per process, accum_iter, effective batch, lr)``; see :mod:`mimbench.batching`."""
-    from mimbench.batching import resolve_batch, scaled_lr
-
     batch, accum, eff = resolve_batch(optim, run.world_size)
     return batch, accum, eff, scaled_lr(optim, eff)
 
 
 def loop_config(run: EvalRun, accum: int, *, clip_grad=None):
     """:class:`mimbench.engine.LoopConfig` from the config's ``schedule`` and ``runtime`` sections."""
-    from mimbench.engine import LoopConfig
-
     sched, rt = run.cfg.schedule, run.cfg.runtime
     return LoopConfig(epochs=int(sched.epochs), warmup_epochs=float(sched.warmup_epochs), min_lr=float(sched.min_lr),
                       accum_iter=accum, clip_grad=clip_grad, amp=run.amp, ckpt_every=int(rt.ckpt_every),
@@ -140,16 +136,12 @@ def max_bad_fraction(run: EvalRun) -> float | None:
 def build_split(run: EvalRun, split: str, *, transform, img_size: int):
     """``split`` of the run's data; a folder's broken files are skipped up to :func:`max_bad_fraction`
     (:func:`mimbench.data.image_folder`)."""
-    from mimbench.data import build_dataset
-
     return build_dataset(run.data, split, transform=transform, img_size=img_size,
                          max_bad_fraction=max_bad_fraction(run))
 
 
 def skipped(train, val) -> dict:
     """The record's ``dataset.skipped``: the broken files each split left out."""
-    from mimbench.data import skipped_files
-
     return {"train": skipped_files(train), "val": skipped_files(val)}
 
 
@@ -160,8 +152,6 @@ def train_loader(run: EvalRun, dataset, batch: int, accum: int, *, num_workers: 
     :class:`mimbench.batching.GlobalBatchSampler`), and image ``i``'s random transform is drawn
     with the RNGs seeded by ``(seed, epoch, i)``. ``loader.batch_sampler.epoch`` is the epoch.
     """
-    from mimbench.batching import GlobalBatchSampler, SeededItems
-
     sampler = GlobalBatchSampler(len(dataset), batch, accum, seed=run.seed, rank=run.rank,
                                  world_size=run.world_size, with_epoch=True)
     return torch.utils.data.DataLoader(SeededItems(dataset, run.seed, stream=f"{run.task}-augment"),
@@ -174,8 +164,6 @@ class TensorBatches:
     augmentation): ``(x[idx], y[idx], idx)`` for this rank's micro-batches, indexed on the tensors' device."""
 
     def __init__(self, run: EvalRun, x: torch.Tensor, y: torch.Tensor, batch: int, accum: int):
-        from mimbench.batching import GlobalBatchSampler
-
         self.x, self.y = x, y
         self.batch_sampler = GlobalBatchSampler(len(x), batch, accum, seed=run.seed, rank=run.rank,
                                                 world_size=run.world_size)
@@ -205,9 +193,6 @@ def score(run: EvalRun, fn: Callable[[torch.Tensor], torch.Tensor], dataset, bat
     Rank ``r`` runs ``fn`` (inputs already on the run's device) over its contiguous shard
     (:func:`mimbench.batching.shard_range`); the shards are gathered in rank order, i.e. dataset order.
     """
-    from mimbench import dist
-    from mimbench.batching import shard_range
-
     part = torch.utils.data.Subset(dataset, shard_range(len(dataset), run.rank, run.world_size))
     loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False, num_workers=num_workers,
                                          pin_memory=run.device.type == "cuda")
@@ -236,8 +221,6 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
 
 def dataset_root(data: str) -> str | None:
     """The record's ``dataset.root``: None for built-in data, else the absolute path."""
-    from mimbench.data import is_builtin
-
     return None if is_builtin(data) else str(Path(data).resolve())
 
 
@@ -246,10 +229,6 @@ def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mappin
     """Assemble the run record (protocol name / sha256 / config / overrides / deviations filled in,
     ``hardware.precision`` = ``precision`` or else :attr:`EvalRun.precision`); rank 0 writes it to
     ``run.out``; every rank returns it once the file exists."""
-    from mimbench import dist
-    from mimbench.config import config_sha256
-    from mimbench.results.records import encoder_summary, new_record, write_record
-
     record = new_record(
         run.task,
         protocol={"name": run.config_path.stem, "sha256": config_sha256(run.cfg), "config": str(run.config_path),

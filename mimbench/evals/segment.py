@@ -14,11 +14,23 @@ plugs the encoder in and runs mmengine's ``Runner``:
    fp32 ``OptimWrapper`` -- also listed as a deviation;
 4. before training, every annotation map is checked to hold only labels the config's classes
    allow (a bad label otherwise surfaces as an index error, or a CUDA device assert, mid-run);
-5. after training, the test loop (single-scale, the config's test mode) gives aAcc/mIoU/mAcc and
-   the per-class IoU, in percent; with ``aug_test`` (default: when the config defines
-   ``tta_model``/``tta_pipeline``, as the ADE20K protocol does) the trained model is tested again
-   with mmseg's ``SegTTAModel`` over the multi-scale + flip pipeline, giving ``mIoU_ms`` etc.
-   Both go into one ``segment`` record in ``out``.
+5. the evaluation data is defined once (:func:`share_eval_data`): ``test_dataloader`` /
+   ``test_evaluator``, which the validation mmengine runs during and at the end of training reads
+   too; a ``--set`` of either ``val_`` or ``test_`` key reaches both;
+6. validation and test run in the training's precision (:func:`match_eval_precision`: fp16
+   autocast after fp16 AMP training, else fp32), recorded as ``protocol.eval_precision`` next to
+   the training's ``hardware.precision``;
+7. after training, the single-scale evaluation (the config's test mode) gives aAcc/mIoU/mAcc and
+   the per-class IoU, in percent: the validation after the last iteration when the config has one
+   (the same model, data, metric and precision as the test, so its metrics are reported and the test
+   loop does not run them again; :class:`mimbench.seg.metrics.FinalValidationHook`), else the test
+   loop; with ``aug_test`` (default: when the config defines ``tta_model``/``tta_pipeline``, as the
+   ADE20K protocol does) the trained model is tested again with mmseg's ``SegTTAModel`` over the
+   multi-scale + flip pipeline, giving ``mIoU_ms`` etc. Both go into one ``segment`` record in ``out``.
+
+:func:`run_segment` reads top to bottom: start (config, processes) -> evaluation data once -> inputs
+checked -> shared files (data, backbone weights) -> the config fitted to encoder and job
+(:func:`fit_config`) -> precision, labels, runner settings -> :func:`train_and_test` -> record.
 
 Processes: the launcher is taken from the environment (``launcher="auto"``, the default): under
 ``torchrun`` mmengine's ``pytorch`` launcher, under ``srun`` without torchrun its ``slurm`` one,
@@ -32,35 +44,31 @@ checkpoint are written by rank 0 (the others wait); the record is written by ran
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from mimbench import trackers
-from mimbench.errors import MimbenchError
+import numpy as np
+import torch
+from PIL import Image
 
-BUILTIN_SEG = "builtin:fashion-mnist-seg"
+from mimbench import dist, trackers
+from mimbench.config import config_sha256, parse_override
+from mimbench.data.seg import build_fashion_mnist_seg, check_ade20k_layout
+from mimbench.encoders import read_metadata
+from mimbench.errors import MimbenchError
+from mimbench.evals import runner as evals
+from mimbench.evals.tasks import BUILTIN_SEG_DATA as BUILTIN_SEG
+from mimbench.evals.tasks import LAUNCHERS
 
 
 def _resolve_data(data: str, out: Path) -> tuple[Path, str]:
-    """(ADE20K-layout root, dataset name) for a path or the built-in spec."""
+    """(ADE20K-layout root, dataset name) for a path (checked by :func:`check_ade20k_layout`) or the built-in spec."""
     if data == BUILTIN_SEG:
-        try:
-            from mimbench.data.seg import build_fashion_mnist_seg
-        except ImportError as err:
-            raise MimbenchError(f"The built-in {BUILTIN_SEG} generator is not available ({err}).",
-                                "Pass the path of an ADE20K-layout root with --data instead.") from err
         return Path(build_fashion_mnist_seg(out / "data" / "fashion-mnist-seg")), "fashion-mnist-seg"
     if data.startswith("builtin:"):
         raise MimbenchError(f"Unknown built-in segmentation dataset {data!r}.",
                             f"Use {BUILTIN_SEG} or the path of an ADE20K-layout root.")
-    root = Path(data)
-    needed = [root / top / split for top in ("images", "annotations") for split in ("training", "validation")]
-    missing = [str(p) for p in needed if not p.is_dir() or not any(p.iterdir())]
-    if missing:
-        raise MimbenchError(
-            f"Segmentation data root {root} lacks (or has empty) {', '.join(missing)}.",
-            "Point --data at an ADE20K-layout root (ADEChallengeData2016: images/{training,validation}/*.jpg and "
-            f"annotations/{{training,validation}}/*.png) or use {BUILTIN_SEG}.",
-        )
+    root = check_ade20k_layout(data)
     return root, "ade20k" if "ade" in root.name.lower() else root.name
 
 
@@ -117,21 +125,19 @@ def follow_max_iters(cfg, overrides) -> list[str]:
     when the overrides also touch ``param_scheduler``, or when the run ends before that scheduler
     begins (e.g. a few-iteration smoke run inside the warm-up). Returns the change made, for the record.
     """
-    from mimbench.config import parse_override
-
     keys = [parse_override(o)[0] for o in overrides]
     if "train_cfg.max_iters" not in keys or any(k.startswith("param_scheduler") for k in keys):
         return []
     scheds = cfg.get("param_scheduler")
     scheds = [scheds] if isinstance(scheds, dict) else list(scheds or [])
-    by_iter = [s for s in scheds if not s.get("by_epoch", True) and isinstance(s.get("end"), int)]
+    by_iter = [s for s in scheds if s.get("by_epoch") is False and isinstance(s.get("end"), int)]
     if not by_iter:
         return []
     last = max(by_iter, key=lambda s: s["end"])
     max_iters = int(cfg.train_cfg.max_iters)
     if last["end"] == max_iters:
         return []
-    if last.get("begin", 0) >= max_iters:  # the run ends before that scheduler starts (a smoke test): nothing to move
+    if (last.get("begin") or 0) >= max_iters:  # the run ends before that scheduler starts (a smoke test): nothing to move
         return []
     change = f"param_scheduler {last['type']} end: {last['end']} -> {max_iters} (follows train_cfg.max_iters)"
     last["end"] = max_iters
@@ -152,9 +158,7 @@ def check_labels(cfg) -> dict:
     Allowed: ``0..num_classes-1`` and 255 (ignore); with ``reduce_zero_label`` (ADE20K) the maps hold
     ``0..num_classes`` (0 = "other", ignored; k -> class k-1). Returns ``{split: files checked}``.
     """
-    import numpy as np
-    from mmseg.registry import DATASETS
-    from PIL import Image
+    from mmseg.registry import DATASETS  # mimbench.seg loads mmseg: imported when a run starts
 
     checked = {}
     for name in ("train_dataloader", "test_dataloader"):
@@ -164,7 +168,7 @@ def check_labels(cfg) -> dict:
         dataset_cfg = dict(loader.dataset, pipeline=[], lazy_init=False)
         dataset = DATASETS.build(dataset_cfg)
         reduce_zero = bool(getattr(dataset, "reduce_zero_label", False))
-        for step in loader.dataset.get("pipeline", []):
+        for step in loader.dataset.get("pipeline") or []:
             if step.get("type") == "LoadAnnotations" and step.get("reduce_zero_label") is not None:
                 reduce_zero = bool(step["reduce_zero_label"])
         num_classes = len(dataset.metainfo["classes"])
@@ -203,12 +207,11 @@ def _has_sync_bn(node) -> bool:
     return False
 
 
-def _test_multi_scale(runner, cfg) -> dict:
-    """Test the trained model again under mmseg's SegTTAModel with the config's multi-scale + flip pipeline."""
-    import copy
-
-    import torch
+def _test_multi_scale(runner, cfg, *, fp16: bool) -> dict:
+    """Test the trained model again under mmseg's SegTTAModel with the config's multi-scale + flip pipeline
+    (under fp16 autocast with ``fp16``, as mmengine's test loop)."""
     from mmengine.model import is_model_wrapper
+    from mmengine.runner.amp import autocast
     from mmseg.registry import MODELS
 
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
@@ -219,7 +222,7 @@ def _test_multi_scale(runner, cfg) -> dict:
     evaluator = runner.build_evaluator(copy.deepcopy(cfg.test_evaluator))  # already the per-class metric
     evaluator.dataset_meta = loader.dataset.metainfo
     tta.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(enabled=fp16):
         for batch in loader:
             evaluator.process(data_samples=tta.test_step(batch), data_batch=batch)
     return evaluator.evaluate(len(loader.dataset))
@@ -238,8 +241,7 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 def _backbone_fields(encoder: Path, img_size: int, layout: str = "auto") -> dict:
     """The mmseg backbone fields of ``encoder`` at crop ``img_size`` (as ``write_backbone_checkpoint`` returns)."""
-    from mimbench.encoders import read_metadata
-    from mimbench.seg.backbone import backbone_cfg_from_metadata
+    from mimbench.seg.backbone import backbone_cfg_from_metadata  # mimbench.seg loads mmseg: only when a run starts
 
     return backbone_cfg_from_metadata(read_metadata(encoder, layout=layout), img_size)
 
@@ -263,6 +265,168 @@ def _precision(optim_wrapper) -> str:
     return "bf16" if str(optim_wrapper.get("dtype")) in ("bfloat16", "torch.bfloat16") else "fp16"
 
 
+def match_eval_precision(cfg) -> str:
+    """Validation and test under the precision training computes in; returns it (fp16 | none).
+
+    With fp16 AMP training (the ADE20K configs on a GPU) mmengine's ``ValLoop``/``TestLoop`` run under fp16
+    autocast (their ``fp16=True``), as mmseg 0.x tested an ``fp16`` config; the multi-scale test follows.
+    mmengine's loops have no bf16 autocast, so after bf16 or fp32 training they run in fp32 ("none").
+    """
+    fp16 = _precision(cfg.optim_wrapper) == "fp16"
+    for name in ("val_cfg", "test_cfg"):
+        if cfg.get(name) is not None:
+            cfg[name].fp16 = fp16
+    return "fp16" if fp16 else "none"
+
+
+#: mmengine's (validation, test) names of the evaluation data and metric.
+EVAL_PAIRS = (("val_dataloader", "test_dataloader"), ("val_evaluator", "test_evaluator"))
+
+
+def _in_both(key: str) -> list[str]:
+    """An override key of either copy of the evaluation data, for both copies (else no key)."""
+    head, dot, rest = key.partition(".")
+    return next(([name + dot + rest for name in pair] for pair in EVAL_PAIRS if head in pair), [])
+
+
+def share_eval_data(cfg, overrides) -> None:
+    """One definition of the evaluation data: ``test_dataloader`` / ``test_evaluator``.
+
+    mmengine validates during and at the end of training with ``val_dataloader`` / ``val_evaluator`` and
+    tests with the ``test_`` pair; the ADE20K configs write ``test_dataloader = val_dataloader``, but a loaded
+    config holds two copies, so an override of one would leave the other as the file says. Here every
+    ``--set`` of either copy is applied to both (in the order given, the last one winning), and the config
+    must then define them alike (else MimbenchError). :func:`sync_eval_data` copies the ``test_`` pair, as
+    this module then completes it (data root, per-class metric), over the ``val_`` pair before the Runner
+    is built. A config without validation (``val_dataloader = None``) is left so.
+    """
+    if cfg.get("val_dataloader") is None:
+        return
+    both = {name: value for key, value in map(parse_override, overrides) for name in _in_both(key)}
+    if both:
+        cfg.merge_from_dict(both)
+    for val, test in EVAL_PAIRS:
+        if cfg.get(val) != cfg.get(test):
+            raise MimbenchError(f"The config defines {val} and {test} differently; segmentation evaluates one "
+                                "data set, during training and after it.",
+                                f"Define the evaluation data once in the config: {val} = {test}.")
+
+
+def sync_eval_data(cfg) -> None:
+    """The validation pair becomes the test pair, as completed (see :func:`share_eval_data`)."""
+    if cfg.get("val_dataloader") is None:
+        return
+    for val, test in EVAL_PAIRS:
+        cfg[val] = copy.deepcopy(cfg[test])
+
+
+def _check_launcher(launcher: str, ctx) -> str:
+    """The mmengine launcher: ``auto`` read from the environment, else the one given if it fits the job."""
+    if launcher == "auto":
+        return ctx.launcher
+    if (launcher == "none") != (ctx.world_size == 1):
+        raise MimbenchError(f"--launcher {launcher} does not match this job of {ctx.world_size} process(es).",
+                            "Leave --launcher at auto (the launcher is read from the torchrun / Slurm environment).")
+    return launcher
+
+
+def _check_inputs(cfg, data: str, config: Path) -> int:
+    """The square crop side, after checking the built-in data goes with its dataset type."""
+    dataset_type = cfg.train_dataloader.dataset.type
+    if data == BUILTIN_SEG and dataset_type != "FashionMNISTSegDataset":
+        raise MimbenchError(f"{BUILTIN_SEG} needs a FashionMNISTSegDataset config, {config} uses {dataset_type}.",
+                            "Use eval_configs/segmentation/demo_fmnist_seg.py.")
+    crop = tuple(cfg.crop_size)
+    if crop[0] != crop[1]:
+        raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
+    return crop[0]
+
+
+def _shared_files(run, data: str, crop: int) -> tuple[Path, str]:
+    """Data root and name; rank 0 writes the built-in data and the backbone checkpoint, the others wait."""
+    from mimbench.seg.backbone import write_backbone_checkpoint  # mimbench.seg loads mmseg: imported when a run starts
+
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        _resolve_data(data, run.out)
+        write_backbone_checkpoint(run.encoder, run.out / "backbone_init.pth", crop, layout=run.layout)
+    dist.barrier()
+    return _resolve_data(data, run.out)  # the built-in set now exists: this only returns its path
+
+
+def _process_deviations(cfg, launcher: str, cuda: bool) -> list[str]:
+    """SyncBN and the DDP wrapper for this job's processes and devices; returns the deviations."""
+    deviations = []
+    if _has_sync_bn(cfg.model) and launcher == "none":
+        deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
+    elif _has_sync_bn(cfg.model) and not cuda:
+        replace_sync_bn(cfg.model)
+        deviations.append("SyncBN -> BatchNorm (CPU processes: torch's SyncBatchNorm needs a GPU; "
+                          "batch statistics over each process's images only)")
+    if launcher != "none" and not cuda:  # DDP of a CPU module takes no device ids (mmengine passes LOCAL_RANK)
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=bool(cfg.get("find_unused_parameters")))
+    return deviations
+
+
+def _resolve_aug_test(cfg, aug_test: bool | None, config: Path) -> bool:
+    """Whether to test multi-scale + flip: by default when the config defines ``tta_model``/``tta_pipeline``."""
+    has_tta = cfg.get("tta_model") is not None and cfg.get("tta_pipeline") is not None
+    if aug_test and not has_tta:
+        raise MimbenchError(f"{config} defines no tta_model/tta_pipeline, so there is no multi-scale test to run.",
+                            "Leave out --aug-test, or use a config with a multi-scale + flip tta_pipeline.")
+    return has_tta if aug_test is None else bool(aug_test)
+
+
+def fit_config(run, root: Path, crop: int, launcher: str, cuda: bool) -> list[str]:
+    """Data root, encoder-dependent widths, schedule end, SyncBN/DDP: the config as it runs; the deviations."""
+    cfg = run.cfg
+    _set_data_root(cfg, root)
+    fields = _backbone_fields(run.encoder, crop, run.layout)
+    deviations = run.deviations + adapt_config(cfg, fields, cuda=cuda) + follow_max_iters(cfg, run.overrides)
+    deviations += _process_deviations(cfg, launcher, cuda)
+    cfg.test_evaluator = _metric_type_with_per_class(cfg.test_evaluator)
+    return deviations
+
+
+def runner_settings(cfg, *, out: Path, launcher: str, resume: bool) -> None:
+    """Backbone weights, seed, the project's hooks, work dir and launcher: what mmengine's Runner is built from."""
+    cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(out / "backbone_init.pth"))
+    randomness = dict(cfg.get("randomness") or {})
+    if randomness.get("seed") is None:  # mmengine draws one otherwise: fix it so the record's seed is the one used
+        cfg.randomness = dict(randomness, seed=0)
+    # exact resume (seg.resume), a stop at the first non-finite loss (seg.safety), the final validation kept (seg.metrics)
+    hooks = list(cfg.get("custom_hooks") or [])
+    have = {h.get("type") for h in hooks}
+    cfg.custom_hooks = hooks + [dict(type=t) for t in ("RngStateHook", "NonFiniteLossHook", "FinalValidationHook")
+                                if t not in have]
+    sync_eval_data(cfg)
+    cfg.work_dir = str(out / "mmseg")
+    trackers.add_to_runner_config(cfg, trackers.selected(cfg.get("runtime")), out)
+    cfg.launcher = launcher
+    cfg.resume = bool(resume)
+    cfg.load_from = None
+
+
+def train_and_test(cfg, *, aug_test: bool, fp16: bool) -> dict:
+    """Train; then the single-scale metrics (the final validation's when it ran on the trained model, else a
+    test run) and, with ``aug_test``, the multi-scale + flip ones as ``<name>_ms``."""
+    from mmengine.runner import Runner  # mmengine/mmseg: imported when a run starts
+
+    from mimbench.seg.metrics import FinalValidationHook, split_per_class
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    final = FinalValidationHook.metrics_of(runner)
+    metrics, per_class = split_per_class(_numeric(final if final is not None else runner.test()))
+    if per_class:
+        metrics["per_class_iou"] = per_class
+    if aug_test:
+        ms_metrics, _ = split_per_class(_numeric(_test_multi_scale(runner, cfg, fp16=fp16)))
+        metrics.update({f"{k}_ms": v for k, v in ms_metrics.items()})
+    return metrics
+
+
 def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
                 launcher: str = "auto", resume: bool = False, aug_test: bool | None = None,
                 layout: str = "auto") -> dict:
@@ -274,86 +438,25 @@ def run_segment(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     ``aug_test``: also test multi-scale + flip (None: when the config defines ``tta_model``).
     ``layout``: the checkpoint layout of ``encoder`` (``--from``; "auto" detects it).
     """
-    import torch
+    import mimbench.seg  # noqa: F401  (mmseg: mmcv.ops fallback and the project's registrations, when a run starts)
 
-    import mimbench.seg  # noqa: F401  (mmcv.ops fallback and dataset registration before mmseg)
-    from mimbench import dist
-    from mimbench.config import config_sha256
-    from mimbench.evals import runner as evals
-    from mimbench.seg.backbone import write_backbone_checkpoint
-
-    if launcher not in ("auto", "none", "pytorch", "slurm"):
+    if launcher not in LAUNCHERS:
         raise MimbenchError(f"Unknown launcher {launcher!r}.", "Use auto, none, pytorch or slurm.")
     run = evals.start("segment", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
-    ctx, cfg, encoder, out = run.ctx, run.cfg, run.encoder, run.out
-    if launcher == "auto":
-        launcher = ctx.launcher
-    elif (launcher == "none") != (ctx.world_size == 1):
-        raise MimbenchError(f"--launcher {launcher} does not match this job of {ctx.world_size} process(es).",
-                            "Leave --launcher at auto (the launcher is read from the torchrun / Slurm environment).")
+    cfg = run.cfg
+    share_eval_data(cfg, overrides)
     protocol_sha = config_sha256(cfg)
-    dataset_type = cfg.train_dataloader.dataset.type
-    if data == BUILTIN_SEG and dataset_type != "FashionMNISTSegDataset":
-        raise MimbenchError(f"{BUILTIN_SEG} needs a FashionMNISTSegDataset config, {config} uses {dataset_type}.",
-                            "Use eval_configs/segmentation/demo_fmnist_seg.py.")
-    crop = tuple(cfg.crop_size)
-    if crop[0] != crop[1]:
-        raise MimbenchError(f"Non-square crop {crop}.", "Use a square crop_size in the config.")
-    if ctx.is_main:  # files shared by all ranks: written once, the others wait at the barrier
-        out.mkdir(parents=True, exist_ok=True)
-        _resolve_data(data, out)
-        write_backbone_checkpoint(encoder, out / "backbone_init.pth", crop[0], layout=layout)
-    dist.barrier()
-    root, dataset_name = _resolve_data(data, out)  # the built-in set now exists: this only returns its path
-    _set_data_root(cfg, root)
-    ckpt, fields = out / "backbone_init.pth", _backbone_fields(encoder, crop[0], layout)
-    cuda = torch.cuda.is_available()
-    deviations = run.deviations + adapt_config(cfg, fields, cuda=cuda) + follow_max_iters(cfg, overrides)
-    if _has_sync_bn(cfg.model) and launcher == "none":
-        deviations.append("SyncBN -> BatchNorm (one process: batch statistics over this process's images only)")
-    elif _has_sync_bn(cfg.model) and not cuda:
-        replace_sync_bn(cfg.model)
-        deviations.append("SyncBN -> BatchNorm (CPU processes: torch's SyncBatchNorm needs a GPU; "
-                          "batch statistics over each process's images only)")
-    if launcher != "none" and not cuda:  # DDP of a CPU module takes no device ids (mmengine passes LOCAL_RANK)
-        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
-                                     find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
-    has_tta = cfg.get("tta_model") is not None and cfg.get("tta_pipeline") is not None
-    if aug_test is None:
-        aug_test = has_tta
-    elif aug_test and not has_tta:
-        raise MimbenchError(f"{config} defines no tta_model/tta_pipeline, so there is no multi-scale test to run.",
-                            "Leave out --aug-test, or use a config with a multi-scale + flip tta_pipeline.")
-    cfg.test_evaluator = _metric_type_with_per_class(cfg.test_evaluator)
+    launcher = _check_launcher(launcher, run.ctx)
+    crop = _check_inputs(cfg, data, config)
+    root, dataset_name = _shared_files(run, data, crop)
+    deviations = fit_config(run, root, crop, launcher, torch.cuda.is_available())
+    aug_test = _resolve_aug_test(cfg, aug_test, config)
+    eval_precision = match_eval_precision(cfg)
     check_labels(cfg)
-    cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(ckpt))
-    # mmengine draws a random seed when none is configured; fix one so the record's seed is the one used.
-    if cfg.get("randomness", {}).get("seed") is None:
-        cfg.randomness = dict(cfg.get("randomness", {}), seed=0)
-    # exact resume (mimbench.seg.resume) and a stop at the first non-finite loss (mimbench.seg.safety)
-    hooks = list(cfg.get("custom_hooks") or [])
-    have = {h.get("type") for h in hooks}
-    cfg.custom_hooks = hooks + [dict(type=t) for t in ("RngStateHook", "NonFiniteLossHook") if t not in have]
-    cfg.work_dir = str(out / "mmseg")
-    trackers.add_to_runner_config(cfg, trackers.selected(cfg.get("runtime")), out)
-    cfg.launcher = launcher
-    cfg.resume = bool(resume)
-    cfg.load_from = None
-
-    from mmengine.runner import Runner
-
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    from mimbench.seg.metrics import split_per_class
-
-    metrics, per_class = split_per_class(_numeric(runner.test()))
-    if per_class:
-        metrics["per_class_iou"] = per_class
-    if aug_test:
-        ms_metrics, _ = split_per_class(_numeric(_test_multi_scale(runner, cfg)))
-        metrics.update({f"{k}_ms": v for k, v in ms_metrics.items()})
+    runner_settings(cfg, out=run.out, launcher=launcher, resume=resume)
+    metrics = train_and_test(cfg, aug_test=aug_test, fp16=eval_precision == "fp16")
     run.deviations, run.seed = deviations, int(cfg.randomness.seed)
     return evals.finish(run, protocol={"sha256": protocol_sha, "test_mode": cfg.model.test_cfg.get("mode"),
-                                        "multi_scale_test": bool(aug_test)},
+                                        "multi_scale_test": aug_test, "eval_precision": eval_precision},
                         metrics=metrics, dataset={"root": str(root)}, name=dataset_name,
                         precision=_precision(cfg.optim_wrapper))

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mimbench.atomic import atomic_write
 from mimbench.errors import MimbenchError
-
 
 
 def _save(fig, out: str | Path) -> Path:
     """Lay out, write as PNG (100 dpi) and close ``fig``; returns the path."""
     fig.tight_layout()
     out = Path(out)
-    from mimbench.atomic import atomic_write
 
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what="the figure",
                  fix="Give --out a path in a folder you can write to.")

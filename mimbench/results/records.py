@@ -12,7 +12,8 @@ A record (``SCHEMA_VERSION`` 1) is a JSON object::
     metrics         {name: value}                                e.g. {"top1": 71.3, "top5": 90.2}
     seed            int
     started/finished ISO-8601 UTC strings;  duration_s  seconds (float)
-    hardware        {device: cpu|cuda, count, ..., precision}      precision: bf16 | fp16 | none (fp32) as resolved
+    hardware        {device: cpu|cuda, count, ..., tf32_enabled, precision}  precision: bf16 | fp16 | none (fp32) as resolved;
+                                                                   tf32_enabled: fp32 products ran on TF32
     versions        {python, torch, timm, mmseg, mimbench, git_commit, git_dirty}
     status          ok | failed | interrupted
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from safetensors import safe_open
 
 from mimbench.atomic import atomic_write
 from mimbench.config import config_sha256, load_config
@@ -317,8 +319,6 @@ def encoder_made_by(enc: Path, config: Path, overrides) -> bool:
     if is_encoder_file(enc):
         meta = read_metadata(enc)
     else:
-        from safetensors import safe_open
-
         with safe_open(str(enc), framework="pt") as f:
             meta = f.metadata() or {}
     return meta.get("config_sha256") == config_sha256(load_config(config, list(overrides)))

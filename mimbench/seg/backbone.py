@@ -44,8 +44,10 @@ from pathlib import Path
 import torch
 
 from mimbench.atomic import atomic_write
+from mimbench.encoders import open_encoder
 from mimbench.encoders.arch import norm_eps, parse_arch
 from mimbench.encoders.families import family_flags
+from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
 from mimbench.errors import MimbenchError
 
 _BLOCK_RULES = (
@@ -100,8 +102,6 @@ def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]
 
     Raises MimbenchError naming tensors that have no counterpart in the backbone.
     """
-    from mimbench.encoders.resample import resample_pos_embed
-
     out = _rename(state_dict)
     if "pos_embed" in out and grid is not None:
         out["pos_embed"] = resample_pos_embed(out["pos_embed"], tuple(grid))
@@ -111,8 +111,6 @@ def timm_to_mmseg_mae(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]
 def beit_to_mmseg(state_dict: dict[str, torch.Tensor], flags: dict, num_heads: int,
                   grid: tuple[int, int] | None = None) -> tuple[str, dict[str, torch.Tensor]]:
     """(mmseg backbone type, weights) for a BEiT-family encoder (timm ``Beit`` keys), see the module docstring."""
-    from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
-
     depth = _depth(state_dict)
     dim = state_dict["cls_token"].shape[-1]
     out = _rename(state_dict)
@@ -248,9 +246,6 @@ def write_backbone_checkpoint(encoder: Path, dst: Path, img_size: int, layout: s
 
     Returns the written path and the backbone config fields (:func:`backbone_cfg_from_metadata`).
     """
-    from mimbench.atomic import atomic_write
-    from mimbench.encoders import open_encoder
-
     state, meta = open_encoder(encoder, layout)
     fields, converted = encoder_to_backbone(state, meta, img_size)
     dst = Path(dst)

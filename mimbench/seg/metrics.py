@@ -5,11 +5,18 @@ mAcc). The run record needs the per-class values (the report draws them), so thi
 ``IoU.<class name>`` entries, in percent like mmseg's, computed from the same accumulated areas.
 Classes absent from both the ground truth and the predictions have no IoU (mmseg's NaN, which its
 mean skips) and get no entry. The summary values are mmseg's own, unchanged.
+
+:class:`FinalValidationHook` keeps the metrics of the validation mmengine runs after the last training
+iteration. The segmentation runner defines the validation data and metric as the test's
+(:func:`mimbench.evals.segment.share_eval_data`), with the same precision, and mmengine's ``val_step`` and
+``test_step`` are the same prediction, so those metrics are the test's: the runner reports them instead of
+evaluating the same model on the same images a second time.
 """
 from __future__ import annotations
 
+from mmengine.hooks import Hook
 from mmseg.evaluation import IoUMetric
-from mmseg.registry import METRICS
+from mmseg.registry import HOOKS, METRICS
 
 PER_CLASS_KEY = "IoU."
 
@@ -39,3 +46,23 @@ def split_per_class(metrics: dict) -> tuple[dict[str, float], dict[str, float]]:
         else:
             summary[key] = value
     return summary, per_class
+
+
+@HOOKS.register_module()
+class FinalValidationHook(Hook):
+    """Remember each validation's metrics and the iteration they were taken at."""
+
+    def __init__(self):
+        self.metrics, self.at_iter = None, None
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.metrics, self.at_iter = dict(metrics or {}), runner.iter
+
+    @staticmethod
+    def metrics_of(runner) -> dict | None:
+        """The metrics of the validation of the fully trained model (None when none ran after the last iteration)."""
+        for hook in runner.hooks:
+            if isinstance(hook, FinalValidationHook) and hook.metrics is not None \
+                    and hook.at_iter == runner.iter == runner.max_iters:
+                return hook.metrics
+        return None

@@ -32,7 +32,8 @@ def torchrun(args, nproc: int, log_dir: Path, *, env=None, timeout: int = 600) -
     run that Python file instead of the CLI."""
     run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    **(env or {}))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_STEP_NUM_TASKS"):
         run_env.pop(name, None)
     target = ["-m", "mimbench.cli", *args] if args[0] != "--script" else list(args[1:])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -228,7 +229,8 @@ def _free_port() -> int:
 
 def _spawn(script, env_for_rank, args=()):
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                 "SLURM_STEP_NUM_TASKS"):
         base.pop(name, None)
     return [subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env={**base, **env_for_rank(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
@@ -246,11 +248,12 @@ def test_without_torchrun_the_collective_timeout_ends_a_waiting_rank(tmp_path):
 
 
 def test_slurm_environment_without_torchrun(tmp_path):
-    """srun-style variables only (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID): the group forms, the
-    collectives work, rank 1 prints nothing."""
+    """srun-style variables only (SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_NUM_TASKS / SLURM_LOCALID): the
+    group forms, the collectives work, rank 1 prints nothing."""
     port, result = str(_free_port()), tmp_path / "result.json"
     procs = _spawn(REPO / "tests" / "distributed" / "collectives.py",
-                   lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                   lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                              "SLURM_LOCALID": str(r),
                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, args=[str(result)])
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -1,6 +1,5 @@
 """SIGKILL at a random optimizer step, resume from the mid-epoch checkpoint: the same weights, losses and
 metrics as an uninterrupted run, bit for bit on CPU, and one run record."""
-import json
 import random
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimbench.engine import load_checkpoint
+from mimbench.testing import assert_same_state, log_losses, write_seg_encoder, write_seg_tree, write_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,16 +34,6 @@ TECHNIQUES = {
 }
 
 
-def _log(path):
-    return [(r["it"], r["loss"], r["terms"]) for r in map(json.loads, path.read_text().splitlines())]
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("technique", sorted(TECHNIQUES))
 def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, technique):
@@ -64,26 +54,12 @@ def test_pretrain_killed_mid_epoch_resumes_bit_exact(tmp_path, killed_run, techn
 
     # The whole training state: student, EMA teacher, beta parameters / schedule buffers, optimizer moments.
     a, b = load_checkpoint(full / "checkpoint-latest.pt"), load_checkpoint(part / "checkpoint-latest.pt")
-    _assert_same_state(a["model"], b["model"])
+    assert_same_state(a["model"], b["model"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k in a["optimizer"]["state"]:
-        _assert_same_state(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
-    _assert_same_state(load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors"))
-    assert _log(full / "log.jsonl") == _log(part / "log.jsonl"), f"kill at {kill_at}"
-
-
-def _encoder(path):
-    from functools import partial
-
-    import timm.models.vision_transformer as tvit
-
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = tvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
-                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    return save_encoder(vit.state_dict(), path, arch="vit-test/8", img_size=32, patch_size=8, embed_dim=32,
-                        depth=2, num_heads=2, technique="random-init")
+        assert_same_state(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
+    assert_same_state(load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors"))
+    assert log_losses(full / "log.jsonl") == log_losses(part / "log.jsonl"), f"kill at {kill_at}"
 
 
 EVALS = {
@@ -112,7 +88,7 @@ def test_evaluation_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, kille
     import mimbench.evals.finetune as ft
     import mimbench.evals.linear as lin
 
-    encoder = _encoder(tmp_path / "enc.safetensors")
+    encoder = write_tiny_encoder(tmp_path / "enc.safetensors")
     fn_name, config, sets = EVALS[task]
     fn = getattr(lin if task == "linear" else ft, fn_name)
     kill_at = random.Random(task).choice(MID_EPOCH_KILLS)
@@ -126,39 +102,22 @@ def test_evaluation_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, kille
     got = fn(encoder=encoder, config=config, data="builtin:fashion-mnist", out=part, overrides=sets, resume=True)
 
     assert got["metrics"] == ref["metrics"], f"kill at {kill_at}"
-    _assert_same_state(load_checkpoint(full / "checkpoint-latest.pt")["model"],
+    assert_same_state(load_checkpoint(full / "checkpoint-latest.pt")["model"],
                        load_checkpoint(part / "checkpoint-latest.pt")["model"])
-    assert _log(full / "log.jsonl") == _log(part / "log.jsonl")
+    assert log_losses(full / "log.jsonl") == log_losses(part / "log.jsonl")
     assert len(list(part.glob(f"{task}-*.json"))) == 1
 
 
 @pytest.mark.slow
 def test_segmentation_killed_mid_run_resumes_bit_exact(tmp_path, killed_run):
     """UperNet through mmengine: checkpoints every 2 iterations carry the RNG state (mimbench.seg.resume)."""
-    import numpy as np
-    from PIL import Image
-
     import mimbench.seg  # noqa: F401  (weights-only checkpoint loading)
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    from mimbench.encoders import save_encoder
     from mimbench.evals.segment import run_segment
 
-    import timm
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32, patch_size=8,
-                       embed_dim=32, depth=4, num_heads=2, technique="mae")
-    rng = np.random.default_rng(0)
-    root = tmp_path / "seg"
-    for split in ("training", "validation"):
-        for sub in ("images", "annotations"):
-            (root / sub / split).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 11, (48, 48), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    root = write_seg_tree(tmp_path / "seg", n=6)
     config = str(REPO / "eval_configs/segmentation/demo_fmnist_seg.py")
     sets = ["default_hooks.checkpoint.interval=2", "default_hooks.checkpoint.max_keep_ckpts=-1",
             "train_dataloader.batch_size=2", "train_cfg.max_iters=6"]
@@ -176,7 +135,7 @@ def test_segmentation_killed_mid_run_resumes_bit_exact(tmp_path, killed_run):
     assert got["metrics"] == ref["metrics"], f"kill at {kill_at}"
     a = _load_checkpoint(str(full / "mmseg" / "iter_6.pth"), map_location="cpu")
     b = _load_checkpoint(str(part / "mmseg" / "iter_6.pth"), map_location="cpu")
-    _assert_same_state(a["state_dict"], b["state_dict"])
+    assert_same_state(a["state_dict"], b["state_dict"])
     assert len(list(part.glob("segment-*.json"))) == 1
 
 
@@ -234,7 +193,7 @@ def test_mid_epoch_resume_skips_batches_without_loading_them(tmp_path):
     torch.manual_seed(77)
     net3, opt3, ds3, loader3 = setup()
     fit(net3, opt3, loader3, step, cfg, tmp_path / "part", resume=True)
-    _assert_same_state(net.state_dict(), net3.state_dict())
-    assert _log(tmp_path / "full" / "log.jsonl") == _log(tmp_path / "part" / "log.jsonl")
+    assert_same_state(net.state_dict(), net3.state_dict())
+    assert log_losses(tmp_path / "full" / "log.jsonl") == log_losses(tmp_path / "part" / "log.jsonl")
     # 2 steps x 2 micro-batches x 4 images were skipped: only the other 6 micro-batches were read
     assert len(ds3.loads) == (10 - 4) * 4

@@ -1,5 +1,7 @@
 """Non-finite loss or gradient: training stops naming the step, the loss terms and the gradient norm, and the
 last checkpoint on disk is the last good state; under an fp16 grad scaler the overflowing step is skipped."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mimbench.engine import LoopConfig, fit, load_checkpoint
 from mimbench.errors import MimbenchError
+from mimbench.testing import write_seg_encoder, write_seg_tree
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _setup():
@@ -94,31 +99,13 @@ def test_fp16_grad_scaler_skips_the_overflowing_step(tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_stops_at_a_non_finite_loss_before_checkpointing_it(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    import numpy as np
-    import timm
-    from PIL import Image
-
     import mimbench.seg  # noqa: F401
     from mmseg.models.decode_heads import UPerHead
 
-    from mimbench.encoders import save_encoder
     from mimbench.evals.segment import run_segment
 
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32, patch_size=8,
-                       embed_dim=32, depth=4, num_heads=2, technique="mae")
-    rng = np.random.default_rng(0)
-    root = tmp_path / "seg"
-    for split in ("training", "validation"):
-        for sub in ("images", "annotations"):
-            (root / sub / split).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 11, (48, 48), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    root = write_seg_tree(tmp_path / "seg", n=4)
 
     real, calls = UPerHead.loss_by_feat, {"n": 0}
 
@@ -130,7 +117,7 @@ def test_segmentation_stops_at_a_non_finite_loss_before_checkpointing_it(tmp_pat
         return losses
 
     monkeypatch.setattr(UPerHead, "loss_by_feat", diverging, raising=False)
-    config = Path(__file__).resolve().parents[2] / "eval_configs/segmentation/demo_fmnist_seg.py"
+    config = REPO / "eval_configs/segmentation/demo_fmnist_seg.py"
     out = tmp_path / "run"
     with pytest.raises(MimbenchError, match=r"non-finite at iteration 3; loss terms: .*decode.loss_ce=nan"):
         run_segment(encoder=enc, config=config, data=str(root), out=out,

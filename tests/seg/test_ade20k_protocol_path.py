@@ -8,30 +8,12 @@ slide inference with the padded test windows -- runs as shipped.
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import timm
-import torch
-from PIL import Image
 
 import mimbench.seg  # noqa: F401
+from mimbench.testing import write_seg_encoder, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tree(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("training", 4), ("validation", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            h, w = (96, 128) if i % 2 else (112, 80)
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-                root / "images" / split / f"ADE_{split}_{i:08d}.jpg", quality=90)
-            # raw ADE20K labels: 0 = "other" (ignored through reduce_zero_label), 1..150 the classes
-            Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
-                root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
-    return root
 
 
 def _size_overrides(crop: int) -> list[str]:
@@ -50,15 +32,12 @@ def _size_overrides(crop: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["upernet_vit-b_ade20k_512x512_160k", "upernet_vit-l_ade20k_512x512_160k"])
 def test_ade20k_protocol_on_small_tree(tmp_path, config):
-    from mimbench.encoders import save_encoder
     from mimbench.evals.segment import run_segment
 
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    enc = save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32, patch_size=8,
-                       embed_dim=32, depth=4, num_heads=2, technique="mae")
-    data = _tree(tmp_path / "ADEChallengeData2016")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    # raw ADE20K labels: 0 = "other" (ignored through reduce_zero_label), 1..150 the classes
+    data = write_seg_tree(tmp_path / "ADEChallengeData2016", n=4, n_val=2, sizes=[(112, 80), (96, 128)],
+                          num_classes=151, name="ADE_{split}_{i:08d}", quality=90)
     out = tmp_path / "run"
     record = run_segment(encoder=enc, config=REPO / "eval_configs" / "segmentation" / f"{config}.py", data=str(data),
                          out=out, overrides=_size_overrides(64), aug_test=False)

@@ -9,30 +9,10 @@ from PIL import Image
 
 import mimbench.seg  # noqa: F401
 from mimbench.errors import MimbenchError
+from mimbench.testing import tiny_vit, write_seg_encoder, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "eval_configs" / "segmentation" / "demo_fmnist_seg.py"
-
-
-def _encoder(tmp_path):
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    return save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32,
-                        patch_size=8, embed_dim=32, depth=4, num_heads=2, technique="mae"), vit
-
-
-def _data(root, n_train=4, n_val=2, size=(64, 64)):
-    rng = np.random.default_rng(0)
-    for split, n in (("training", n_train), ("validation", n_val)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 11, size, dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
-    return root
 
 
 def test_backbone_checkpoint_loads_through_mmseg_pretrained_init(tmp_path):
@@ -40,7 +20,7 @@ def test_backbone_checkpoint_loads_through_mmseg_pretrained_init(tmp_path):
 
     from mimbench.seg.backbone import write_backbone_checkpoint
 
-    enc, vit = _encoder(tmp_path)
+    enc, vit = write_seg_encoder(tmp_path / "enc.safetensors"), tiny_vit(depth=4)
     ckpt, fields = write_backbone_checkpoint(enc, tmp_path / "bb.pth", img_size=64)
     assert fields == dict(patch_size=8, embed_dims=32, num_layers=4, num_heads=2, mlp_ratio=4, img_size=(64, 64),
                           type="MAE", norm_cfg=dict(type="LN", eps=1e-6))
@@ -65,8 +45,8 @@ def test_out_indices_scale_to_encoder_depth():
 def test_run_segment_trains_tests_and_writes_record(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])
     out = tmp_path / "run"
     record = run_segment(encoder=enc, config=DEMO, data=str(data), out=out,
                          overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"], aug_test=False)
@@ -95,7 +75,7 @@ def test_run_segment_on_an_official_beit_checkpoint(tmp_path):
     torch.save({"model": dict(beit.state_dict(), mask_token=torch.zeros(1, 1, 64),
                               **{"lm_head.weight": torch.zeros(16, 64), "lm_head.bias": torch.zeros(16)})}, src)
     out = tmp_path / "run"
-    record = run_segment(encoder=src, config=DEMO, data=str(_data(tmp_path / "fmseg")), out=out,
+    record = run_segment(encoder=src, config=DEMO, data=str(write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])), out=out,
                          overrides=["train_cfg.max_iters=2", "train_dataloader.batch_size=2"], aug_test=False)
     assert 0.0 <= record["metrics"]["mIoU"] <= 100.0
     assert record["encoder"]["layout"] == "beit" and record["encoder"]["family"] == "beit"
@@ -108,7 +88,7 @@ def test_run_segment_on_an_official_beit_checkpoint(tmp_path):
 def test_run_segment_refuses_bad_layout(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MimbenchError, match="ADE20K-layout"):
         run_segment(encoder=enc, config=DEMO, data=str(tmp_path / "empty"), out=tmp_path / "run")
@@ -117,7 +97,7 @@ def test_run_segment_refuses_bad_layout(tmp_path):
 def test_builtin_data_needs_the_fashion_mnist_seg_config(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
     ade = REPO / "eval_configs" / "segmentation" / "upernet_vit-b_ade20k_512x512_160k.py"
     with pytest.raises(MimbenchError, match="FashionMNISTSegDataset"):
         run_segment(encoder=enc, config=ade, data="builtin:fashion-mnist-seg", out=tmp_path / "run")
@@ -141,8 +121,8 @@ def test_multi_scale_flip_and_sliding_window_test(tmp_path):
         calls.append(tuple(inputs.shape[-2:]))
         return original(self, inputs, batch_img_metas)
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg", n_val=2, size=(40, 48))
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(40, 48)])
     ratios = [0.5, 1.0, 1.5]
     config = tmp_path / "three_scales.py"  # the demo config with 3 of its 6 test scales, to keep the test short
     config.write_text(
@@ -174,8 +154,8 @@ def test_multi_scale_flip_and_sliding_window_test(tmp_path):
 def test_labels_outside_the_classes_are_refused_before_training(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])
     bad = np.zeros((64, 64), dtype=np.uint8)
     bad[0, :3] = [11, 40, 255]  # 11 classes: 11 and 40 are out of range; 255 is the ignore label
     Image.fromarray(bad).save(data / "annotations" / "validation" / "1.png")
@@ -209,8 +189,8 @@ def test_label_check_follows_reduce_zero_label(tmp_path):
 def test_sync_bn_config_runs_in_one_process_and_says_so(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])
     sync = [f"model.{part}.norm_cfg.type=SyncBN" for part in ("neck", "decode_head", "auxiliary_head")]
     record = run_segment(encoder=enc, config=DEMO, data=str(data), out=tmp_path / "run",
                          overrides=["train_cfg.max_iters=1", "train_dataloader.batch_size=2", *sync])
@@ -221,8 +201,8 @@ def test_sync_bn_config_runs_in_one_process_and_says_so(tmp_path):
 def test_aug_test_needs_a_tta_pipeline(tmp_path):
     from mimbench.evals.segment import run_segment
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])
     no_tta = tmp_path / "no_tta.py"
     no_tta.write_text(f"_base_ = [{str(DEMO)!r}]\ntta_model = None\ntta_pipeline = None\n")
     with pytest.raises(MimbenchError, match="no tta_model"):
@@ -234,8 +214,8 @@ def test_cli_segment_no_aug_test(tmp_path):
 
     from mimbench.cli import app
 
-    enc, _ = _encoder(tmp_path)
-    data = _data(tmp_path / "fmseg")
+    enc = write_seg_encoder(tmp_path / "enc.safetensors")
+    data = write_seg_tree(tmp_path / "fmseg", n_val=2, sizes=[(64, 64)])
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["eval", "segment", "--encoder", str(enc), "--config", str(DEMO), "--data",
                                       str(data), "--out", str(out), "--set", "train_cfg.max_iters=1",

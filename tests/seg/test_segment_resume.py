@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mimbench.seg  # noqa: F401  (installs the weights-only checkpoint loader)
+from mimbench.testing import write_seg_encoder, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "eval_configs" / "segmentation" / "demo_fmnist_seg.py"
@@ -20,31 +21,6 @@ def _load(path):
     from mmengine.runner.checkpoint import _load_checkpoint
 
     return _load_checkpoint(str(path), map_location="cpu")
-
-
-def _encoder(tmp_path):
-    import timm
-
-    from mimbench.encoders import save_encoder
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                            depth=4, num_heads=2, num_classes=0)
-    return save_encoder(vit.state_dict(), tmp_path / "enc.safetensors", arch="vit-d32x4/8", img_size=32,
-                        patch_size=8, embed_dim=32, depth=4, num_heads=2, technique="mae")
-
-
-def _data(root, n=4):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 11, (64, 64), dtype=np.uint8)).save(root / "annotations" / split / f"{i}.png")
-    return root
 
 
 def _digest(path):
@@ -58,7 +34,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
 
     from mimbench.evals.segment import run_segment
 
-    enc, data, out = _encoder(tmp_path), str(_data(tmp_path / "seg")), tmp_path / "run"
+    enc, out = write_seg_encoder(tmp_path / "enc.safetensors"), tmp_path / "run"
+    data = str(write_seg_tree(tmp_path / "seg", sizes=[(64, 64)]))
     common = ["default_hooks.checkpoint.interval=1", "default_hooks.checkpoint.max_keep_ckpts=-1",
               "train_dataloader.batch_size=2"]
     run_segment(encoder=enc, config=DEMO, data=data, out=out, overrides=common + ["train_cfg.max_iters=2"])

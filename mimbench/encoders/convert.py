@@ -52,12 +52,15 @@ from safetensors.torch import load_file
 
 from mimbench.encoders.arch import arch_name, default_num_heads, mlp_hidden, parse_arch
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
+from mimbench.encoders.eva import eva_metadata
+from mimbench.encoders.eva_layouts import DINOV3_EPS, EVA02_EPS, eva_arch, eva_layout_of, eva_layout_state
 from mimbench.encoders.file import FORMAT_TAG, check_tensors, encoder_metadata, encoder_sha256, save_encoder
 from mimbench.errors import MimbenchError
 
 VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl")
 BEIT_LAYOUTS = ("beit", "beitv2", "data2vec-vision")
-LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS
+EVA_LAYOUTS = ("dinov3", "eva02")
+LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS + EVA_LAYOUTS
 
 _MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 _MAE_DECODER_EXACT = ("decoder_pos_embed", "mask_token")
@@ -65,7 +68,7 @@ _HEAD = ("head.",)
 _DISTILLED = ("dist_token", "head_dist.")
 _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown", "dino": "dino",
               "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
-              "data2vec-vision": "data2vec"}
+              "data2vec-vision": "data2vec", "dinov3": "dinov3", "eva02": "eva02"}
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
 _BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
@@ -193,6 +196,10 @@ def detect_layouts(obj: object) -> list[str]:
         return ["mocov3"]
     if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
         return ["mmpretrain"]
+    eva = eva_layout_of({k[len("module."):] if k.startswith("module.") else k: v for k, v in inner.items()
+                         if isinstance(k, str)})
+    if eva:
+        return [eva]
     if any(k.startswith("rel_pos_bias.") or k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in keys):
         if any(k.startswith("cls_pt_") for k in keys):
             return ["beitv2"]
@@ -417,8 +424,13 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
     layout = _resolve_layout(obj, layout, src)
     sd, dropped, wrapper = _extract(obj, layout, src)
     extra: dict[str, str] = {}
-    family = "beit" if layout in BEIT_LAYOUTS else "vit"
-    if family == "beit":
+    family = "beit" if layout in BEIT_LAYOUTS else "eva" if layout in EVA_LAYOUTS else "vit"
+    if family == "eva":
+        sd, eva_dropped = eva_layout_state(sd, layout, src)
+        dropped += eva_dropped
+        arch, flags = eva_arch(sd, layout, src, num_heads)
+        extra.update(eva_metadata(flags) | {"norm_eps": DINOV3_EPS if layout == "dinov3" else EVA02_EPS})
+    elif family == "beit":
         dropped += _drop_beit(sd, src)
         arch, flags = _beit_arch(sd, src, num_heads)
         extra.update(beit_metadata(flags))

@@ -33,10 +33,14 @@ from typing import Callable, Mapping
 
 import torch
 from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 
 from mimbench.encoders.beit import BEIT_FIELDS, beit_shapes, build_beit, parse_beit_flags, resample_beit_state
+from mimbench.encoders.eva import (
+    EVA_FIELDS, build_eva, eva_global_pool, eva_shapes, parse_eva_flags, resample_eva_state,
+)
 from mimbench.encoders.vit import build_vit, parse_vit_fields, resample_vit_state, vit_shapes
 from mimbench.errors import MimbenchError
 
@@ -63,6 +67,12 @@ class Family:
     layer_decay_groups: Callable[..., list]
     mmseg_backbone: str | None
     global_pool: str = "token"
+    #: ``fn(flags) -> global_pool`` when the default pooling depends on the file (it then replaces ``global_pool``)
+    pool_of: Callable[[Mapping], str] | None = None
+
+    def default_pool(self, flags: Mapping) -> str:
+        """The timm ``global_pool`` a loaded encoder of this family gets unless told otherwise."""
+        return self.pool_of(flags) if self.pool_of else self.global_pool
 
 
 FAMILY_TABLE: dict[str, Family] = {
@@ -72,6 +82,9 @@ FAMILY_TABLE: dict[str, Family] = {
     "beit": Family(name="beit", timm_class=Beit, fields=BEIT_FIELDS, parse=parse_beit_flags, shapes=beit_shapes,
                    build=build_beit, resample=resample_beit_state, layer_decay_groups=timm_layer_decay_groups,
                    mmseg_backbone="beit_encoder_to_mmseg"),
+    "eva": Family(name="eva", timm_class=Eva, fields=EVA_FIELDS, parse=parse_eva_flags, shapes=eva_shapes,
+                  build=build_eva, resample=resample_eva_state, layer_decay_groups=timm_layer_decay_groups,
+                  mmseg_backbone=None, pool_of=eva_global_pool),
 }
 
 #: Encoder family names, as the ``family`` metadata field writes them.

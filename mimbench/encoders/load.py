@@ -26,7 +26,9 @@ from mimbench.errors import MimbenchError
 ARCH_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "class_token",
                "qkv_bias", "norm_layer", "no_embed_class", "reg_tokens", "init_values", "pre_norm", "pos_embed",
                "final_norm", "block_fn", "mlp_layer", "attn_layer", "qk_norm", "use_abs_pos_emb",
-               "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp", "scale_mlp")
+               "use_rel_pos_bias", "use_shared_rel_pos_bias", "swiglu_mlp", "scale_mlp", "qkv_fused",
+               "swiglu_align_to", "scale_attn_inner", "num_reg_tokens", "use_rot_pos_emb", "rope_type",
+               "rope_temperature", "rope_rotate_half", "rope_grid_offset", "ref_feat_shape")
 #: Parameters a model may have beyond the encoder's: a pooled-feature norm and a classifier head start fresh.
 FRESH_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
 
@@ -64,7 +66,7 @@ def read_metadata(path, layout: str = "auto") -> dict[str, str]:
     return open_encoder(path, layout)[1]
 
 
-def _model_kwargs(family: Family, arch: dict, img_size, timm_kwargs: dict) -> dict:
+def _model_kwargs(family: Family, flags: dict, arch: dict, img_size, timm_kwargs: dict) -> dict:
     """The timm options of the model: the family's pooling default, no head, then ``timm_kwargs`` (checked)."""
     bad = sorted(set(timm_kwargs) & set(ARCH_KWARGS))
     if bad:
@@ -74,7 +76,7 @@ def _model_kwargs(family: Family, arch: dict, img_size, timm_kwargs: dict) -> di
     if any(int(s) % arch["patch_size"] for s in sizes):
         raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size "
                             f"{arch['patch_size']}.", "Choose an input resolution made of whole patches.")
-    return dict(num_classes=0, global_pool=family.global_pool) | dict(timm_kwargs)
+    return dict(num_classes=0, global_pool=family.default_pool(flags)) | dict(timm_kwargs)
 
 
 def _build(family: Family, flags: dict, arch: dict, *, img_size, in_chans: int, eps: float, kwargs: dict,
@@ -130,7 +132,7 @@ def load_encoder(path, img_size=None, *, layout: str = "auto", **timm_kwargs):
     state, meta = open_encoder(path, layout)
     arch = parse_arch(meta, where=str(path))
     family, flags = family_flags(meta, str(path))
-    kwargs = _model_kwargs(family, arch, img_size, timm_kwargs)
+    kwargs = _model_kwargs(family, flags, arch, img_size, timm_kwargs)
     size = arch["img_size"] if img_size is None else img_size
     model = _build(family, flags, arch, img_size=size, in_chans=int(state["patch_embed.proj.weight"].shape[1]),
                    eps=norm_eps(meta, str(path)), kwargs=kwargs, timm_kwargs=timm_kwargs)

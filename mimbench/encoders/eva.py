@@ -191,14 +191,3 @@ def build_eva(arch: Mapping[str, float], flags: Mapping, *, img_size, in_chans: 
                use_rot_pos_emb=True, norm_layer=partial(LayerNorm, eps=norm_eps), use_fc_norm=use_fc_norm,
                **rope, **kwargs)
 
-
-def pooled_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
-    """The evaluation feature of an Eva encoder's last-layer tokens ``(B, N, D)``: ``token`` the class token,
-    ``avg`` the mean of the patch tokens (registers excluded), ``token+avg`` both concatenated (2D, DINOv3's
-    linear probe)."""
-    cls, mean = tokens[:, 0], tokens[:, num_prefix_tokens:].mean(dim=1)
-    if pool == "token":
-        return cls
-    if pool == "avg":
-        return mean
-    return torch.cat([cls, mean], dim=-1)

@@ -126,3 +126,31 @@ def tensor_shapes(meta: Mapping[str, str], arch: Mapping[str, float], in_chans: 
     """Tensor name -> shape an encoder with this metadata holds (``arch``: its parsed architecture)."""
     family, flags = family_flags(meta, where)
     return family.shapes(arch, flags, in_chans)
+
+
+#: Evaluation features by name (``knn_pool`` / ``linear_pool`` of a family's metadata; "token" where absent).
+POOLS = {"token": "class token after final norm", "avg": "mean of the patch tokens (registers excluded)",
+         "token+avg": "class token after final norm + mean of the normed patch tokens (registers excluded)"}
+
+
+def eval_pool(meta: Mapping[str, str], task: str, where: str = "encoder file") -> str:
+    """The feature the encoder's authors evaluate ``task`` ("knn" or "linear") on, a :data:`POOLS` name: the
+    family's ``<task>_pool`` field (Eva: DINOv3 k-NN "token", linear "token+avg"; EVA-02 "avg"), else "token"."""
+    _, flags = family_flags(meta, where)
+    return str(flags.get(f"{task}_pool", "token"))
+
+
+def pool_width(embed_dim: int, pool: str) -> int:
+    """Width of the :func:`pooled_features` of a D-wide encoder: 2D for "token+avg", else D."""
+    return 2 * embed_dim if pool == "token+avg" else embed_dim
+
+
+def pooled_features(model: torch.nn.Module, tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """The :data:`POOLS` feature of an encoder's ``forward_features`` output ``(B, N, D)``: the class token, the
+    mean of the patch tokens (class and register tokens excluded; then the model's ``fc_norm`` where its final
+    norm acts on pooled features, EVA-02 as timm ships it), or both concatenated."""
+    if pool == "token":
+        return tokens[:, 0]
+    mean = tokens[:, int(getattr(model, "num_prefix_tokens", 1)):].mean(dim=1)
+    mean = getattr(model, "fc_norm", torch.nn.Identity())(mean)
+    return mean if pool == "avg" else torch.cat([tokens[:, 0], mean], dim=-1)

@@ -34,6 +34,7 @@ from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
 from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.encoders.families import pool_width, pooled_features
 from mimbench.errors import MimbenchError
 from mimbench.fastpath import autocast_factory, resolve_amp
 from mimbench.schema import AMP
@@ -75,9 +76,10 @@ def data_identity(data: str) -> str:
 
 
 def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
-              limit: int | None, precision: str = "none") -> str:
+              limit: int | None, precision: str = "none", pool: str = "token") -> str:
     spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
-            "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
+            "img_size": int(img_size), "limit": limit,
+            "feature": "cls-after-final-norm" if pool == "token" else f"{pool}-after-final-norm"}
     if precision != "none":  # fp32 keys stay those of caches written before precision was a choice
         spec["precision"] = precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -92,9 +94,11 @@ def limited(dataset, limit: int | None):
     return torch.utils.data.Subset(dataset, range(int(limit)))
 
 
-def compute_features(model: torch.nn.Module, loader, precision: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``, under
-    ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 | none)."""
+def compute_features(model: torch.nn.Module, loader, precision: str = "none",
+                     pool: str = "token") -> tuple[np.ndarray, np.ndarray]:
+    """Class-token features (N×D float32; another ``pool`` of :data:`mimbench.encoders.families.POOLS` when
+    given) and labels (N int64) of every batch of ``loader``, under ``torch.inference_mode`` and autocast to
+    ``precision`` (a resolved one: bf16 | fp16 | none)."""
     model.eval()
     device = next(model.parameters()).device
     autocast = autocast_factory(precision, device)
@@ -102,7 +106,7 @@ def compute_features(model: torch.nn.Module, loader, precision: str = "none") ->
     for images, targets in loader:
         with torch.inference_mode(), autocast():
             tokens = model.forward_features(images.to(device, non_blocking=True))
-        feats.append(tokens[:, 0].float().cpu())
+        feats.append(pooled_features(model, tokens, pool).float().cpu())
         labels.append(torch.as_tensor(targets, dtype=torch.int64))
     if not feats:
         raise MimbenchError("The dataset split is empty; no features to compute.", "Check the data path and split.")
@@ -188,10 +192,11 @@ class _Entry:
     paths: tuple[Path, Path, Path]  # features, labels, manifest
     built_from: dict
     info: dict
+    pool: str = "token"
 
 
 def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
-           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str) -> _Entry:
+           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, pool: str) -> _Entry:
     """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
     size = int(img_size or encoders.read_metadata(encoder, layout=layout)["img_size"])
     transform, desc = eval_transform(data, size)
@@ -199,15 +204,15 @@ def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: i
     precision = resolve_amp(amp, device)
     enc_sha = encoders.encoder_sha256(encoder)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
-                    precision=precision)
+                    precision=precision, pool=pool)
     cache_dir = Path(cache_dir)
     paths = (cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy", cache_dir / f"{key}.manifest.json")
     built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
                   "img_size": size, "limit": limit, "precision": precision,
-                  "samples_sha256": dataset_fingerprint(dataset)}
+                  "samples_sha256": dataset_fingerprint(dataset)} | ({"pool": pool} if pool != "token" else {})
     info = {"key": key, "transform": desc, "img_size": size, "classes": list(dataset.classes),
-            "precision": precision, "skipped": skipped_files(dataset)}
-    return _Entry(dataset, size, device, precision, paths, built_from, info)
+            "precision": precision, "skipped": skipped_files(dataset), "pool": pool}
+    return _Entry(dataset, size, device, precision, paths, built_from, info, pool)
 
 
 def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, batch_size: int, num_workers: int,
@@ -222,9 +227,10 @@ def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, ba
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, pin_memory=entry.device.type == "cuda")
-        feats, labels = compute_features(model, loader, entry.precision)
+        feats, labels = compute_features(model, loader, entry.precision, entry.pool)
     else:  # more ranks than items
-        feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
+        feats = np.zeros((0, pool_width(int(model.num_features), entry.pool)), np.float32)
+        labels = np.zeros((0,), np.int64)
     if ctx.distributed:  # only rank 0 keeps a host copy (to write it); the others read the cache back
         feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device))
         labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device))
@@ -250,8 +256,8 @@ def _publish(entry: _Entry, ctx, feats, labels):
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = AMP.default,
-                     max_bad_fraction: float | None = None,
-                     layout: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
+                     max_bad_fraction: float | None = None, layout: str = "auto",
+                     pool: str = "token") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
@@ -261,14 +267,15 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
     take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
-    ``layout``: the checkpoint layout of ``encoder`` (``--from``).
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``); ``pool``: the feature, a
+    :data:`mimbench.encoders.families.POOLS` name (default the class token; info's ``pool`` says which).
     """
     ctx = dist.setup()
     encoder = Path(encoder)
     encoders.check_encoder_file(encoder)
     entry = _entry(encoder, data, split, cache_dir=cache_dir, img_size=img_size, limit=limit, amp=amp,
                    device=torch.device(device) if device is not None else ctx.device,
-                   max_bad_fraction=max_bad_fraction, layout=layout)
+                   max_bad_fraction=max_bad_fraction, layout=layout, pool=pool)
     cached = _read_cache(*entry.paths, entry.built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest

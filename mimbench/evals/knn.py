@@ -39,8 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mimbench import dist
+from mimbench import dist, encoders
 from mimbench.batching import shard_range
+from mimbench.encoders.families import POOLS, eval_pool
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import extract_features
@@ -198,7 +199,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     k, temperature = int(cfg.knn.k), float(cfg.knn.temperature)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=cfg.img_size,
                   batch_size=int(cfg.batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout)
+                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout,
+                  pool=eval_pool(encoders.read_metadata(run.encoder, layout=layout), "knn"))
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=cfg.data.limit_train, **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=cfg.data.limit_val, **common)
     bank, bank_labels = build_bank(train_x, train_y, device=run.device)
@@ -211,7 +213,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
                  "rows": int(bank.shape[0]), "dim": int(bank.shape[1])}
     return runner.finish(
         run,
-        protocol={"k": k, "temperature": temperature, "feature": "class token after final norm, L2-normalised",
+        protocol={"k": k, "temperature": temperature, "feature": f"{POOLS[common['pool']]}, L2-normalised",
+                  "pool": common["pool"],
                   "transform": val_info["transform"], "bank": bank_info,
                   "vote": {"query_chunk": chunk, "queries_per_rank": per_rank}},
         metrics={"top1": acc[1], "top5": acc[5]},

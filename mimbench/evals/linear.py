@@ -45,6 +45,7 @@ from torchvision import transforms as T
 
 from mimbench import dist, encoders
 from mimbench.data import dataset_stats
+from mimbench.encoders.families import POOLS, eval_pool, pool_width, pooled_features
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
@@ -151,6 +152,7 @@ class Probe:
     eval_batch: int
     transforms: dict  # {"train_transform": ..., "val_transform": ...}
     skipped: dict
+    pool: str = "token"  # the feature (mimbench.encoders.families.POOLS) the head reads
 
 
 def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
@@ -161,7 +163,8 @@ def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
         run.deviations.insert(0, CACHED_DEVIATION)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
                   batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout)
+                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout,
+                  pool=eval_pool(encoders.read_metadata(run.encoder, layout=run.layout), "linear"))
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
     train_x, train_y = torch.from_numpy(np.array(tx)).to(device), torch.from_numpy(np.array(ty)).to(device)
@@ -171,7 +174,7 @@ def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
                  val_set=val_set, eval_batch=CACHED_EVAL_BATCH,
                  transforms={"train_transform": tinfo["transform"] + " (no augmentation)",
                              "val_transform": vinfo["transform"]},
-                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]})
+                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]}, pool=common["pool"])
 
 
 def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
@@ -187,7 +190,9 @@ def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
     skipped = runner.skipped(train_set, val_set)
     classes = list(train_set.classes)
     train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
-    return Probe(head=build_head(encoder_model.embed_dim, len(classes)).to(run.device), encoder=encoder_model,
+    pool = eval_pool(encoder_model.mimbench_metadata, "linear")
+    head = build_head(pool_width(encoder_model.embed_dim, pool), len(classes))
+    return Probe(head=head.to(run.device), encoder=encoder_model, pool=pool,
                  loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
                  train_size=len(train_set), val_set=val_set, eval_batch=batch,
                  transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped)
@@ -207,12 +212,12 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
 
     def step(head, batch_):
         x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
-        return probe_loss(head, probe.encoder, x, y), {}
+        return probe_loss(head, probe.encoder, x, y, probe.pool), {}
 
     history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
     probe.head.eval()
-    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x), run.precision, device)  # as recorded
+    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x, probe.pool), run.precision, device)  # as recorded
     logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
@@ -222,20 +227,23 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         run,
         protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  **probe.transforms, "img_size": size},
+                  **probe.transforms, "img_size": size, "feature": POOLS[probe.pool], "pool": probe.pool},
         metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
                                   "skipped": probe.skipped})
 
 
-def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """Scores (N×C) of the probe ``head`` on the frozen encoder's class tokens of images ``x`` (N×3×S×S), or on
-    ``x`` itself when ``encoder_model`` is None (cached features, N×D)."""
+def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor,
+                 pool: str = "token") -> torch.Tensor:
+    """Scores (N×C) of the probe ``head`` on the frozen encoder's class tokens (another ``pool`` of
+    :data:`mimbench.encoders.families.POOLS` when given) of images ``x`` (N×3×S×S), or on ``x`` itself when
+    ``encoder_model`` is None (cached features, N×D)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            x = encoder_model.forward_features(x)[:, 0]
+            x = pooled_features(encoder_model, encoder_model.forward_features(x), pool)
     return head(x.float())
 
 
-def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+               pool: str = "token") -> torch.Tensor:
     """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss."""
-    return F.cross_entropy(probe_logits(head, encoder_model, x), y)
+    return F.cross_entropy(probe_logits(head, encoder_model, x, pool), y)

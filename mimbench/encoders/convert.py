@@ -31,6 +31,13 @@ BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
   ``cls_pt_norm``, ``cls_pt_lm_head``) dropped. The three share one key layout; auto-detection tells
   BEiT v2 by ``cls_pt_*`` and BEiT by ``lm_head`` and asks for ``--from`` otherwise.
 
+Eva family (timm ``Eva``, see :mod:`mimbench.encoders.eva`; key renames in
+:mod:`mimbench.encoders.eva_layouts`):
+
+* ``dinov3`` - the official DINOv3 backbone (``storage_tokens``, ``ls1.gamma``, ``attn.qkv.bias`` with
+  its NaN-initialised ``bias_mask``) or timm's ``vit_*_dinov3``; ``mask_token`` and rope buffers dropped.
+* ``eva02`` - the official EVA-02 (asuka) or timm ``eva02_*`` names; rope buffers, ``lm_head`` dropped.
+
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
 dropped ones are named per module in ``source_dropped``. PyTorch files are read with

@@ -6,7 +6,8 @@ entry: the file format checks tensors with ``shapes``, :func:`mimbench.encoders.
 and resamples with ``build`` / ``resample``, fine-tuning groups parameters with ``layer_decay_groups``,
 segmentation converts weights with the function ``mmseg_backbone`` names.
 
-Adding a family (e.g. timm ``Eva`` for EVA-02 / DINOv3) is one module plus one entry here. The module
+The families: ``vit`` (timm ``VisionTransformer``), ``beit`` (timm ``Beit``) and ``eva`` (timm ``Eva``:
+DINOv3, EVA-02). Adding a family is one module plus one entry here. The module
 (like :mod:`mimbench.encoders.beit`) documents the state-dict layout of its encoder files and provides,
 each with the signature given:
 

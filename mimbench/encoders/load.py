@@ -117,7 +117,8 @@ def load_encoder(path, img_size=None, *, layout: str = "auto", **timm_kwargs):
             tables as BEiT and mmsegmentation do.
         **timm_kwargs: passed to the timm model (e.g. ``global_pool="avg"``, ``fc_norm=True``,
             ``drop_path_rate=0.1``, ``num_classes=1000``). Defaults: ``num_classes=0`` (head = Identity),
-            the family's ``global_pool`` (``"token"``). Architecture arguments come from the file and
+            the family's default pooling (``"token"``; Eva files with a pooled final norm, EVA-02 as timm
+            ships it: ``"avg"``). Architecture arguments come from the file and
             cannot be given. For BEiT encoders ``fc_norm`` means Beit's ``use_fc_norm`` and
             ``use_mean_pooling=True`` means ``global_pool="avg"``.
 

@@ -1,7 +1,8 @@
 """Frozen-encoder features for a dataset split, cached on disk.
 
-A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
-computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
+A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``), or
+another ``pool`` of :data:`mimbench.encoders.families.POOLS` (the mean of the patch tokens, or both, as the
+Eva family's DINOv3 and EVA-02 authors evaluate; part of the cache key), computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
 (``amp``: "auto" = bf16 autocast on CUDA and bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`);
 stored as ``(N, D)`` float32.
 

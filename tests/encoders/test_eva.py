@@ -250,3 +250,23 @@ def test_eval_linear_reads_class_token_and_mean_patch_token(dinov3_encoder, tmp_
     feats, _, info = extract_features(dinov3_encoder, "builtin:fashion-mnist", "val", cache_dir=tmp_path / "c",
                                       img_size=32, limit=4, pool="token+avg")
     assert feats.shape == (4, 128) and info["pool"] == "token+avg"
+
+
+def test_eval_finetune_runs_with_layer_decay_over_the_eva_blocks(dinov3_encoder, tmp_path):
+    from mimbench.evals import run_eval
+
+    record = run_eval("finetune", encoder=dinov3_encoder, config="eval_configs/demo/finetune_fmnist.py",
+                      data="builtin:fashion-mnist", out=tmp_path,
+                      overrides=["img_size=32", "data.limit_train=32", "data.limit_val=16", "optim.batch_size=16",
+                                 "schedule.epochs=1", "schedule.warmup_epochs=0"])
+    assert record["task"] == "finetune" and record["encoder"]["family"] == "eva"
+    assert 0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100
+    ck = torch.load(tmp_path / "checkpoint-latest.pt", weights_only=True)
+    assert "reg_token" in ck["model"] and "blocks.1.gamma_2" in ck["model"] and "head.weight" in ck["model"]
+
+
+def test_info_lists_the_eva_fields(dinov3_encoder, tmp_path):
+    from mimbench.encoders import describe_encoder
+
+    text = describe_encoder(dinov3_encoder)
+    assert "family" in text and "rope_type" in text and "linear_pool" in text and "token+avg" in text

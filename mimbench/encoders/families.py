@@ -85,7 +85,7 @@ FAMILY_TABLE: dict[str, Family] = {
                    mmseg_backbone="beit_encoder_to_mmseg"),
     "eva": Family(name="eva", timm_class=Eva, fields=EVA_FIELDS, parse=parse_eva_flags, shapes=eva_shapes,
                   build=build_eva, resample=resample_eva_state, layer_decay_groups=timm_layer_decay_groups,
-                  mmseg_backbone=None, pool_of=eva_global_pool),
+                  mmseg_backbone="eva_to_mmseg", pool_of=eva_global_pool),
 }
 
 #: Encoder family names, as the ``family`` metadata field writes them.

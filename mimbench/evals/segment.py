@@ -4,8 +4,8 @@ The protocol is the mmseg config (``eval_configs/segmentation/``); this module o
 plugs the encoder in and runs mmengine's ``Runner``:
 
 1. the encoder is converted to mmseg ``MAE`` backbone keys (``BEiT`` for BEiT encoders without
-   absolute position embeddings; ``mimbench.seg.backbone``) and loaded through the backbone's
-   ``init_cfg=Pretrained``;
+   absolute position embeddings, ``MAEStyleEva`` -- timm's own blocks -- for Eva encoders;
+   ``mimbench.seg.backbone``) and loaded through the backbone's ``init_cfg=Pretrained``;
 2. the backbone architecture fields come from the encoder; where they differ from the
    config (a non-ViT-B encoder), the dependent widths (neck, heads), the layer-decay depth
    and the tapped blocks (``out_indices`` scaled to the same relative depths) follow, and
@@ -98,6 +98,8 @@ def adapt_config(cfg, fields: dict, *, cuda: bool) -> list[str]:
                           f"out_indices {list(backbone.out_indices)} -> {new_idx} (same relative depths)")
         backbone.num_layers, backbone.out_indices = depth, new_idx
     backbone.img_size = fields["img_size"]
+    if "eva" in fields:  # an Eva-family encoder: its timm settings travel to the backbone
+        backbone.eva = fields["eva"]
     dim = fields["embed_dims"]
     if cfg.model.get("neck") and cfg.model.neck.get("embed_dim") not in (None, dim):
         cfg.model.neck.embed_dim = dim

@@ -1,5 +1,5 @@
 """Encoders -> mmsegmentation backbone weights (``MAE`` for ViTs, ``BEiT`` for BEiT encoders without
-absolute position embeddings).
+absolute position embeddings, ``MAEStyleEva`` for Eva encoders: DINOv3, EVA-02).
 
 mmseg's ``MAE`` backbone is a BEiT-style ViT: the same patch embedding, blocks
 and absolute position embedding as timm's ``VisionTransformer`` plus a
@@ -27,6 +27,10 @@ BEiT-family encoders (timm ``Beit``) keep their relative position bias and layer
   the BEiT repository does when it fine-tunes such a checkpoint; a model without layer scale gets
   gammas of ones.
 
+Eva-family encoders (timm ``Eva``) keep timm's blocks (:mod:`mimbench.seg.eva_backbone`): the keys stay
+timm's with ``blocks.i`` -> ``layers.i`` and the final norm dropped; rotary embeddings are computed at the
+input's grid by the backbone, so only an absolute ``pos_embed`` (EVA-02) is resampled here.
+
 Position information is moved to the crop's patch grid here, with the one resampler of
 :mod:`mimbench.encoders.resample`: absolute position embeddings bicubically (class position apart,
 as mmseg's and MAE's own code), relative-position tables with BEiT's / mmseg's geometric-progression
@@ -46,6 +50,7 @@ import torch
 from mimbench.atomic import atomic_write
 from mimbench.encoders import open_encoder
 from mimbench.encoders.arch import norm_eps, parse_arch
+from mimbench.encoders.eva import EVA_FIELDS, resample_eva_state
 from mimbench.encoders.families import family_flags
 from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
 from mimbench.errors import MimbenchError
@@ -160,6 +165,28 @@ def beit_encoder_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, s
     return beit_to_mmseg(state_dict, flags, int(meta["num_heads"]), grid)
 
 
+#: mmseg backbone of the Eva family (:mod:`mimbench.seg.eva_backbone`).
+EVA_BACKBONE = "MAEStyleEva"
+_EVA_DROPPED = re.compile(r"^(fc_)?norm\.(weight|bias)$")
+
+
+def eva_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
+                 grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(``"MAEStyleEva"``, weights) for an Eva-family encoder: timm ``Eva`` keys with ``blocks.i`` -> ``layers.i``,
+    the final norm dropped, an absolute ``pos_embed`` resampled to ``grid`` (rotary embeddings need nothing)."""
+    side = int(meta["img_size"]) // int(meta["patch_size"])
+    state = resample_eva_state(state_dict, side, tuple(grid)) if tuple(grid) != (side, side) else state_dict
+    return EVA_BACKBONE, {re.sub(r"^blocks\.", "layers.", k): v for k, v in state.items()
+                          if not _EVA_DROPPED.match(k)}
+
+
+def eva_backbone_keys(meta: dict[str, str]) -> set[str]:
+    """The parameter names of :class:`mimbench.seg.eva_backbone.MAEStyleEva` for an Eva encoder's metadata."""
+    family, flags = family_flags(meta, "encoder")
+    shapes = family.shapes(parse_arch(meta, "encoder"), flags)
+    return {re.sub(r"^blocks\.", "layers.", k) for k in shapes if not _EVA_DROPPED.match(k)}
+
+
 def mmseg_builder(meta: dict[str, str]):
     """The function of this module the encoder's family entry names (``mmseg_backbone``):
     ``fn(state, meta, grid) -> (mmseg backbone type, weights)``."""
@@ -173,6 +200,8 @@ def mmseg_builder(meta: dict[str, str]):
 def mmseg_backbone_type(meta: dict[str, str]) -> str:
     """mmseg's ``MAE`` backbone for encoders with absolute position embeddings, its ``BEiT`` backbone otherwise."""
     family, flags = family_flags(meta, "encoder")
+    if family.name == "eva":
+        return EVA_BACKBONE
     return "MAE" if "pos_embed" in family.shapes(parse_arch(meta, "encoder"), flags) else "BEiT"
 
 
@@ -208,6 +237,11 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             f"Encoder metadata lacks a valid architecture field ({err}).",
             "Use an encoder file written by mimbench (pretrain or `mimbench convert`).",
         ) from err
+    fields["type"] = mmseg_backbone_type(meta)
+    fields["norm_cfg"] = dict(type="LN", eps=norm_eps(meta))
+    if fields["type"] == EVA_BACKBONE:  # timm's blocks: the MLP width as the encoder has it
+        fields["eva"] = {k: meta[k] for k in EVA_FIELDS}
+        return fields
     # mmseg sizes the MLP as mlp_ratio * embed_dims without rounding, so the ratio must be integral.
     if not fields["mlp_ratio"].is_integer():
         raise MimbenchError(
@@ -215,8 +249,6 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
         )
     fields["mlp_ratio"] = int(fields["mlp_ratio"])
-    fields["type"] = mmseg_backbone_type(meta)
-    fields["norm_cfg"] = dict(type="LN", eps=norm_eps(meta))
     return fields
 
 
@@ -232,7 +264,7 @@ def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], im
     depth = fields["num_layers"]
     backbone, converted = mmseg_builder(meta)(state, meta, grid)
     assert backbone == fields["type"]
-    want = backbone_keys(backbone, depth)
+    want = eva_backbone_keys(meta) if backbone == EVA_BACKBONE else backbone_keys(backbone, depth)
     if set(converted) != want:
         raise MimbenchError(
             f"The converted weights do not fill mmseg's {backbone} backbone exactly (missing: "

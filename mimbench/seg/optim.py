@@ -25,7 +25,10 @@ from mmengine.logging import print_log
 from mmseg.engine.optimizers import LearningRateDecayOptimizerConstructor
 from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "reg_token")
+#: Token parameters mmseg's ViT numbering does not know: they belong to the embeddings (layer 0), as in timm's
+#: ``group_matcher`` (register tokens of the Eva family's backbone, :mod:`mimbench.seg.eva_backbone`).
+LAYER0_NAMES = ("backbone.reg_token",)
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -66,4 +69,21 @@ class MimLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
             for key in ("params", "param_names"):
                 by_name[target_name][key] += [group[key][i] for i in moved]
                 group[key] = [v for i, v in enumerate(group[key]) if i not in moved]
+        self._tokens_to_layer0(groups, by_name)
         params.extend(group for group in groups if group["params"])
+
+    def _tokens_to_layer0(self, groups: list[dict], by_name: dict) -> None:
+        """Move :data:`LAYER0_NAMES` (no weight decay) into layer 0, which mmseg's numbering gives the top id."""
+        num_layers = self.paramwise_cfg["num_layers"] + 2
+        scale = self.paramwise_cfg["decay_rate"] ** (num_layers - 1)
+        for group in list(groups):
+            moved = [i for i, name in enumerate(group["param_names"]) if name in LAYER0_NAMES]
+            if not moved or group["group_name"] == "layer_0_no_decay":
+                continue
+            if "layer_0_no_decay" not in by_name:
+                by_name["layer_0_no_decay"] = dict(group_name="layer_0_no_decay", weight_decay=0.0, params=[],
+                                                   param_names=[], lr_scale=scale, lr=scale * self.base_lr)
+                groups.append(by_name["layer_0_no_decay"])
+            for key in ("params", "param_names"):
+                by_name["layer_0_no_decay"][key] += [group[key][i] for i in moved]
+                group[key] = [v for i, v in enumerate(group[key]) if i not in moved]

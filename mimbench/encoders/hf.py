@@ -430,3 +430,66 @@ def map_hf_state(state: Mapping[str, torch.Tensor], config: Mapping, layout: str
     tensors, fields = mapper(base, {**config, "_where": where})
     fields["dropped"] = dropped + fields.get("dropped", [])
     return {k: v.detach().contiguous() for k, v in tensors.items()}, fields
+
+
+def _vit_config(arch: Mapping, in_chans: int, eps: float) -> dict:
+    d = int(arch["embed_dim"])
+    return {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": d,
+            "num_hidden_layers": int(arch["depth"]), "num_attention_heads": int(arch["num_heads"]),
+            "intermediate_size": mlp_hidden(d, float(arch["mlp_ratio"])), "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+            "layer_norm_eps": eps, "image_size": int(arch["img_size"]), "patch_size": int(arch["patch_size"]),
+            "num_channels": in_chans, "qkv_bias": True, "encoder_stride": int(arch["patch_size"])}
+
+
+def _hf_blocks(tensors: Mapping[str, torch.Tensor], depth: int, beit: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(depth):
+        b, L, A = f"blocks.{i}.", _LAYER.format(i=i), _ATT.format(i=i)
+        for n, w in zip(("query", "key", "value"), tensors[b + "attn.qkv.weight"].chunk(3)):
+            out[A + n + ".weight"] = w
+        if beit:
+            out[A + "query.bias"], out[A + "value.bias"] = tensors[b + "attn.q_bias"], tensors[b + "attn.v_bias"]
+            for src, dst in (("gamma_1", "lambda_1"), ("gamma_2", "lambda_2")):
+                if b + src in tensors:
+                    out[L + dst] = tensors[b + src]
+            if b + "attn.relative_position_bias_table" in tensors:
+                out[A + "relative_position_bias.relative_position_bias_table"] = \
+                    tensors[b + "attn.relative_position_bias_table"]
+        else:
+            for n, v in zip(("query", "key", "value"), tensors[b + "attn.qkv.bias"].chunk(3)):
+                out[A + n + ".bias"] = v
+        for src, dst in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
+                         ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
+            out[L + dst + ".weight"], out[L + dst + ".bias"] = tensors[b + src + ".weight"], tensors[b + src + ".bias"]
+    return out
+
+
+def hf_folder_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
+                    eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config.json dict, state in save_pretrained names)`` of an encoder: ViT family -> ``ViTModel``, BEiT
+    family -> ``BeitModel`` (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
+    family = meta.get("family", "vit")
+    in_chans = int(tensors["patch_embed.proj.weight"].shape[1])
+    config = _vit_config(arch, in_chans, eps)
+    state = {"embeddings.cls_token": tensors["cls_token"],
+             "embeddings.patch_embeddings.projection.weight": tensors["patch_embed.proj.weight"],
+             "embeddings.patch_embeddings.projection.bias": tensors["patch_embed.proj.bias"],
+             "layernorm.weight": tensors["norm.weight"], "layernorm.bias": tensors["norm.bias"]}
+    if "pos_embed" in tensors:
+        state["embeddings.position_embeddings"] = tensors["pos_embed"]
+    state.update(_hf_blocks(tensors, int(arch["depth"]), beit=family == "beit"))
+    if family == "beit":
+        if "rel_pos_bias.relative_position_bias_table" in tensors:
+            state["encoder.relative_position_bias.relative_position_bias_table"] = \
+                tensors["rel_pos_bias.relative_position_bias_table"]
+        del config["qkv_bias"], config["encoder_stride"]
+        config.update(architectures=["BeitModel"], model_type="beit", use_mask_token=False, use_mean_pooling=False,
+                      use_absolute_position_embeddings=bool(flags["use_abs_pos_emb"]),
+                      use_relative_position_bias=bool(flags["use_rel_pos_bias"]),
+                      use_shared_relative_position_bias=bool(flags["use_shared_rel_pos_bias"]),
+                      layer_scale_init_value=float(flags["layer_scale_init_value"]), drop_path_rate=0.0)
+    elif family != "vit":
+        raise MimbenchError(f"Export to Hugging Face is not available for the {family!r} family.",
+                            "Export it with --to timm.")
+    return config, {k: v.detach().contiguous().clone() for k, v in state.items()}  # no shared storage

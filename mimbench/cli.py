@@ -101,7 +101,8 @@ class LazyChoice:
 LAYOUTS = LazyChoice("mimbench.encoders.convert:LAYOUTS")
 BENCH_MODES = LazyChoice("mimbench.bench:modes")
 EXPORT_TARGETS = LazyChoice("mimbench.export:TARGETS")
-ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
+ENCODER_HELP = ("Encoder file (.safetensors), a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors) or a "
+                "Hugging Face model folder")
 FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
 
 

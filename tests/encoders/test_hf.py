@@ -288,3 +288,18 @@ def test_export_to_timm_writes_the_encoder_file_of_an_hf_folder(tmp_path):
     out = export(tmp_path / "m", "timm", tmp_path / "enc.safetensors")
     _assert_same(model, out)
     assert read_metadata(out)["source_layout"] == "hf-beit"
+
+
+def test_convert_a_folder_with_from_forcing_the_layout(tmp_path):
+    model = _hf_model("vitmae")
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "model_type": "vit"}))
+    result = runner.invoke(app, ["convert", str(tmp_path / "m"), str(tmp_path / "e.safetensors"), "--from", "hf-vitmae"])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(tmp_path / "e.safetensors")
+    assert (meta["source_layout"], meta["technique"]) == ("hf-vitmae", "mae")
+    _assert_same(model, tmp_path / "e.safetensors")
+    assert read_metadata(tmp_path / "m")["source_layout"] == "hf-vit"  # auto: what config.json says
+    wrong = runner.invoke(app, ["info", str(tmp_path / "m"), "--from", "mae"])
+    assert wrong.exit_code == 2 and "does not apply" in _plain(wrong.output)

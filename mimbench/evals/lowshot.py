@@ -36,7 +36,8 @@ samples), ``tol`` 1e-3 (relative duality gap) and at most ``max_iter`` 300 epoch
 extra ``lowshot`` (``pip install 'mimbench[lowshot]'``).
 
 Records: one per run in ``<out>/runs/`` (``protocol.subset``: the split file's name, path and sha256, or
-the shots and the seed; its images and images per class; metrics top1 / top5 / train_top1), and the
+the shots and the seed; the number of images, the images per class and ``images_sha256``, the sha256 of the
+images used written as a split file in pool order; metrics top1 / top5 / train_top1), and the
 summary in ``<out>/``: ``metrics.top1`` / ``top5`` are the means over the runs, ``top1_std`` /
 ``top5_std`` the sample standard deviations (ddof 1; None for a single run), ``runs`` their number, and
 ``protocol.runs`` lists each run's subset, accuracies and record file. The summary is the record returned.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +181,11 @@ def shot_indices(pool: Pool, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def images_sha256(pool: Pool, rows: np.ndarray) -> str:
+    """sha256 of the images of ``rows`` written as a split file: one pool name per line, in pool order."""
+    return hashlib.sha256("".join(f"{pool.names[i]}\n" for i in np.sort(rows)).encode()).hexdigest()
+
+
 def plan(pool: Pool, section, seed: int) -> list[Subset]:
     """The runs of the ``lowshot`` config section on ``pool``; every bad-input check happens here."""
     files, shots = list(section.split_files), section.shots
@@ -193,15 +200,16 @@ def plan(pool: Pool, section, seed: int) -> list[Subset]:
         if shots > smallest:
             raise MimbenchError(f"--shots {shots} is more than the smallest class holds ({smallest} images).",
                                 f"Use --shots {smallest} or fewer.")
-        return [Subset(shot_indices(pool, int(shots), seed + i), seed + i, {"shots": int(shots), "seed": seed + i})
-                for i in range(int(section.seeds))]
+        draws = [(seed + i, shot_indices(pool, int(shots), seed + i)) for i in range(int(section.seeds))]
+        return [Subset(rows, s, {"shots": int(shots), "seed": s, "images_sha256": images_sha256(pool, rows)})
+                for s, rows in draws]
     runs = []
     for file in files:
         lines, sha = read_split_file(file)
         rows = split_indices(pool, lines, file)
         check_classes(pool, rows, f"Split file {file}")
         runs.append(Subset(rows, seed, {"split_file": Path(file).name, "path": str(Path(file).resolve()),
-                                        "sha256": sha}))
+                                        "sha256": sha, "images_sha256": images_sha256(pool, rows)}))
     return runs
 
 
@@ -229,14 +237,18 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, *, lambd: float, tol: float, max_it
     fit_intercept=False, lambda_1=lambd / N)``."""
     try:
         from cyanure.estimators import Classifier  # optional extra "lowshot"
+        from sklearn.exceptions import ConvergenceWarning  # cyanure's dependency
     except ImportError:
         raise MimbenchError("The low-shot evaluation needs cyanure, which is not installed.", EXTRA_FIX) from None
     lambda_1 = float(lambd) / len(y)
     clf = Classifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False, lambda_1=lambda_1, tol=float(tol),
                      max_iter=int(max_iter), solver="auto", random_state=int(seed), verbose=False)
-    clf.fit(np.ascontiguousarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
+    with warnings.catch_warnings():  # reaching max_iter (MSN's 300 epochs) is recorded as converged=False instead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(np.ascontiguousarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
     weights = np.asarray(clf.coef_, dtype=np.float64).reshape(x.shape[1], -1)
-    return weights, {"lambda_1": lambda_1, "epochs": int(np.max(clf.n_iter_))}
+    epochs = int(np.max(clf.n_iter_))
+    return weights, {"lambda_1": lambda_1, "epochs": epochs, "converged": epochs < int(max_iter)}
 
 
 def subset_overrides(split_file=None, shots: int | None = None, seeds: int | None = None) -> list[str]:

@@ -21,6 +21,7 @@ BASE = {
     "linear": REPO / "eval_configs/demo/linear_fmnist.py",
     "finetune": REPO / "eval_configs/demo/finetune_fmnist.py",
     "knn": REPO / "eval_configs/demo/knn_fmnist.py",
+    "lowshot": REPO / "eval_configs/demo/lowshot_fmnist.py",
     "segment": REPO / "eval_configs/segmentation/demo_fmnist_seg.py",
 }
 # (kind, config-file line or --set override, words the error must contain)

@@ -105,7 +105,8 @@ def test_the_shipped_protocol_config_runs_msn_split_files_and_records_each(tiny_
     for k, (name, shots) in enumerate((("1imgs_class.txt", 1), ("2imgs_class.txt", 2), ("3imgs_class.txt", 5))):
         folder = tmp_path / f"imagenet_subsets{k + 1}"
         folder.mkdir()
-        files.append(_split_file(folder / name, [f"{c}_{(i + k) % N_TRAIN}.JPEG" for c in CLASSES for i in range(shots)]))
+        lines = [f"{c}_{(i + k) % N_TRAIN}.JPEG" for c in CLASSES for i in range(shots)]
+        files.append(_split_file(folder / name, lines))
     out = tmp_path / "run"
     record = run_eval("lowshot", encoder=tiny_encoder, config=PROTOCOL, data=str(jpeg_tree), out=out,
                       overrides=SIZES, split_file=files)
@@ -217,7 +218,7 @@ def test_cyanure_minimises_msn_logistic_objective(lambd):
 
     ref = minimiser(lambda_1)
     assert abs(lowshot.logreg_objective(weights, x, y, lambda_1) - ref.fun) < 1e-4
-    if lambd > 1:  # the minimiser of lambda_1 ||W||^2 (another convention) misses the minimum: the test tells them apart
+    if lambd > 1:  # the minimiser of lambda_1 ||W||^2 (another convention) misses it: the test tells them apart
         other = minimiser(2 * lambda_1).x.reshape(d, c)
         assert lowshot.logreg_objective(other, x, y, lambda_1) - ref.fun > 1e-4
 

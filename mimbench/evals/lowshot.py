@@ -62,7 +62,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import extract_features
 
-#: The classifier's objective and record: MSN's values are the schema defaults (mimbench.schema, "lowshot").
+#: What the records say about the features (MSN's classifier values are the schema's defaults, mimbench.schema).
 FEATURE = "class token after the final norm, centred then L2-normalised per sample"
 FEATURE_DEVIATION = "feature: class token after the final norm (MSN: before it)"
 EXTRA_FIX = "Install the optional extra: pip install 'mimbench[lowshot]' (cyanure>=1.2.2,<2)."
@@ -231,15 +231,22 @@ def logreg_objective(weights: np.ndarray, x: np.ndarray, y: np.ndarray, lambda_1
     return float(loss.mean() + 0.5 * lambda_1 * np.sum(weights * weights))
 
 
+def solver():
+    """(cyanure's ``Classifier``, scikit-learn's ``ConvergenceWarning``); MimbenchError naming the extra when
+    cyanure is not installed."""
+    try:
+        from cyanure.estimators import Classifier  # optional extra "lowshot"
+        from sklearn.exceptions import ConvergenceWarning  # a dependency of cyanure
+    except ImportError:
+        raise MimbenchError("The low-shot evaluation needs cyanure, which is not installed.", EXTRA_FIX) from None
+    return Classifier, ConvergenceWarning
+
+
 def fit_logreg(x: np.ndarray, y: np.ndarray, *, lambd: float, tol: float, max_iter: int, seed: int = 0):
     """(weights D×C, solver info) of MSN's logistic regression on preprocessed features ``x`` (N×D) and labels
     ``y`` (N, every class 0..C-1 present): cyanure ``Classifier(loss='multiclass-logistic', penalty='l2',
     fit_intercept=False, lambda_1=lambd / N)``."""
-    try:
-        from cyanure.estimators import Classifier  # optional extra "lowshot"
-        from sklearn.exceptions import ConvergenceWarning  # cyanure's dependency
-    except ImportError:
-        raise MimbenchError("The low-shot evaluation needs cyanure, which is not installed.", EXTRA_FIX) from None
+    Classifier, ConvergenceWarning = solver()
     lambda_1 = float(lambd) / len(y)
     clf = Classifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False, lambda_1=lambda_1, tol=float(tol),
                      max_iter=int(max_iter), solver="auto", random_state=int(seed), verbose=False)
@@ -329,6 +336,7 @@ def run_lowshot(*, encoder: Path, config: Path, data: str, out: Path, overrides:
     cfg = run.cfg
     listed = training_pool(run.data)
     plan(listed.limited(cfg.data.limit_train), cfg.lowshot, run.seed)  # bad input refused before any feature
+    solver()  # and a missing cyanure
     if FEATURE_DEVIATION not in run.deviations:
         run.deviations.insert(0, FEATURE_DEVIATION)
     (train_x, train_y, train_info), (val_x, val_y, val_info) = _features(run)

@@ -270,8 +270,9 @@ def test_other_bad_subsets_are_refused(tiny_encoder, jpeg_tree, tmp_path):
     _refused(tiny_encoder, str(jpeg_tree), tmp_path / "c", "either split files or shots")  # the protocol sets neither
 
 
-def test_without_cyanure_the_error_names_the_extra(monkeypatch):
+def test_without_cyanure_the_error_names_the_extra_before_any_feature(monkeypatch, tiny_encoder, tmp_path):
     monkeypatch.setitem(sys.modules, "cyanure.estimators", None)  # import fails as when the package is absent
     with pytest.raises(MimbenchError, match="needs cyanure") as err:
         lowshot.fit_logreg(np.eye(3), np.arange(3), lambd=0.00025, tol=1e-3, max_iter=10)
     assert "mimbench[lowshot]" in err.value.fix
+    _refused(tiny_encoder, "builtin:fashion-mnist", tmp_path / "run", "needs cyanure")

@@ -276,3 +276,15 @@ def test_without_cyanure_the_error_names_the_extra_before_any_feature(monkeypatc
         lowshot.fit_logreg(np.eye(3), np.arange(3), lambd=0.00025, tol=1e-3, max_iter=10)
     assert "mimbench[lowshot]" in err.value.fix
     _refused(tiny_encoder, "builtin:fashion-mnist", tmp_path / "run", "needs cyanure")
+
+
+def test_the_protocol_config_carries_msn_values():
+    """facebookresearch/msn logistic_eval.py: lambd 0.00025 (divided by N in the solver), tol 1e-3, 300 epochs, 224."""
+    from mimbench.config import load_config
+
+    cfg = load_config(PROTOCOL, kind="lowshot")
+    assert dict(cfg.classifier) == {"name": "msn-logreg", "lambd": 0.00025, "tol": 1e-3, "max_iter": 300}
+    assert cfg.img_size == 224 and cfg.deviations == [] and cfg.lowshot.seeds == 3
+    assert cfg.lowshot.split_files == [] and cfg.lowshot.shots is None  # the subset comes from the command line
+    demo = load_config(DEMO, kind="lowshot")
+    assert (demo.lowshot.shots, demo.lowshot.seeds) == (10, 3) and demo.classifier == cfg.classifier

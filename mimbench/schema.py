@@ -3,7 +3,7 @@
 A config file or a ``--set`` override with an unknown key, a value of the wrong type or a value out of
 range is refused by :func:`validate` before any work starts, with the key, the value, where it came from
 and what is allowed (and the closest known key for a typo). Kinds: ``pretrain``, ``linear``,
-``finetune``, ``knn`` and ``segment``.
+``finetune``, ``knn``, ``lowshot`` and ``segment``.
 
 Sections are *closed* (every key must be known) except where a schema says otherwise: a pre-training
 ``model`` section passes its keys to the model constructor, which refuses unknown ones itself, and a
@@ -38,7 +38,7 @@ from mimbench.errors import MimbenchError
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "TRACKERS",
-           "validate", "knows_key", "spec_of", "missing_defaults"]
+           "LOWSHOT_CLASSIFIERS", "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
 class _Required:
@@ -194,6 +194,7 @@ AUGMENT_MODES = ("timm", "tensor")                # mimbench.evals.finetune
 MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
 ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
 TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
+LOWSHOT_CLASSIFIERS = ("msn-logreg",)             # mimbench.evals.lowshot
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -275,6 +276,17 @@ SCHEMAS: dict[str, Section] = {
         "knn": Section({"k": INT_GE1(20), "temperature": Num(float, lo=0, lo_open=True)(0.07)}),
         "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
     }),
+    "lowshot": Section({
+        **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # no training loop
+        # The training subset: split files (one run each) or `shots` images per class drawn with `seeds` seeds.
+        "lowshot": Section({"split_files": Seq(Text())([]), "shots": Num(int, lo=1, none=True)(None),
+                            "seeds": INT_GE1(3)}),
+        # MSN's logistic regression (facebookresearch/msn logistic_eval.py): L2 penalty lambd / N, tol, epochs.
+        "classifier": Section({"name": Choice(LOWSHOT_CLASSIFIERS)("msn-logreg"),
+                               "lambd": Num(float, lo=0, lo_open=True)(0.00025),
+                               "tol": Num(float, lo=0, lo_open=True)(1e-3), "max_iter": INT_GE1(300)}),
+        "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
+    }),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).
     "segment": Section({
@@ -290,7 +302,7 @@ SCHEMAS: dict[str, Section] = {
 }
 KINDS = tuple(SCHEMAS)
 #: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
-FILLED_KINDS = ("pretrain", "linear", "finetune", "knn")
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot")
 
 
 def _section(kind: str) -> Section:

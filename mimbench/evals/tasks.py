@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any, Callable, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional
 
 from mimbench.errors import MimbenchError
 
@@ -69,6 +70,7 @@ class Task:
     demo_data: str | None = None
     demo_data_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     in_grid_demo: bool = False    # evaluated at every point of a demo-scale reproduce grid (cheap tasks only)
+    in_demo: bool = True          # evaluated on every encoder of `mimbench demo`
     full_data: str | None = None  # data variable of the full-scale job files; None: not in the job grid
     full_options: tuple[str, ...] = ()  # extra `mimbench eval` words of a full-scale job
     bench_mode: str | None = None  # `mimbench bench <mode>`; None: not benchmarked
@@ -169,6 +171,25 @@ register_task(Task(
     demo_data="mimbench.data.seg:build_fashion_mnist_seg", demo_data_kwargs={"quick": {"n_train": 200, "n_val": 50}},
     full_data=ADE20K, full_options=("--launcher", "pytorch"),
     bench_mode="segment", bench_step="mimbench.bench:segment_step", bench_batch="train_dataloader.batch_size",
+))
+register_task(Task(
+    name="lowshot", runner="mimbench.evals.lowshot:run_lowshot", kind="lowshot",
+    demo_config="demo/lowshot_fmnist.py", protocol_config="lowshot/msn_logreg_in1k.py",
+    summary="Low-shot classification: MSN's logistic regression (cyanure, the extra 'lowshot') on frozen class "
+            "tokens of the images a split file lists, or of K images per class drawn with each of N seeds; the "
+            "record holds the mean and std over the runs, and each run has its own record in OUT/runs.",
+    example="mimbench eval lowshot --encoder enc.safetensors --config eval_configs/lowshot/msn_logreg_in1k.py "
+            "--data /data/imagenet --split-file imagenet_subsets1/1imgs_class.txt --out runs/lowshot",
+    options=(
+        Option("split_file", ("--split-file",), None, "A split file (SimCLR / MSN format: one training image "
+               "name per line, class = its folder; built-in data: image indices); repeat for several splits, one "
+               "run each", annotation=Optional[List[Path]]),
+        Option("shots", ("--shots",), None, "Images per class drawn for each seed (instead of a split file)",
+               annotation=Optional[int]),
+        Option("seeds", ("--seeds",), None, "Number of seeds with --shots (default: the config's, 3)",
+               annotation=Optional[int]),
+    ),
+    feature_cache=True, in_demo=False,  # the demo report has no low-shot column yet
 ))
 
 __all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option", "TASKS", "Task",

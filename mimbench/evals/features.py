@@ -15,9 +15,9 @@ Cache: ``<cache_dir>/<key>.features.npy`` (N×F float32) and ``<key>.labels.npy`
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
 the precision, and the readout when it is not the default, so a changed encoder, dataset, split,
-pre-processing, precision or readout never reuses stale features. ``<key>.manifest.json`` is written last and holds what the entry was built from (that spec plus a sha256 of the dataset's sample
-list - relative paths, labels and file sizes for folders) and the shape, dtype and byte size of both
-arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
+pre-processing, precision or readout never reuses stale features. ``<key>.manifest.json`` is written last
+and holds what the entry was built from (that spec plus a sha256 of the dataset's sample list - relative
+paths, labels and file sizes for folders) and the shape, dtype and byte size of both arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
 mid-write), truncated, stale (images added, removed or replaced) or malformed entry is rebuilt. Every file
 goes through :mod:`mimbench.atomic`; ``np.load`` runs with ``allow_pickle=False``, so a cache file can
 never run code.

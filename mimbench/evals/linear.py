@@ -60,7 +60,9 @@ from mimbench.data import dataset_stats
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
-from mimbench.evals.features import Readout, check_readout, eval_transform, extract_features, limited, read_features, readout
+from mimbench.evals.features import (
+    Readout, check_readout, eval_transform, extract_features, limited, read_features, readout,
+)
 from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
@@ -288,8 +290,9 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
 def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor,
                  spec: Readout | None = None) -> torch.Tensor:
     """Scores (N×C; N×blocks×C for :class:`BlockHeads`) of the probe ``head`` on the frozen encoder's class
-    tokens of images ``x`` (N×3×S×S) - or the features ``spec`` reads (:func:`~mimbench.evals.features.read_features`)
-    - or on ``x`` itself when ``encoder_model`` is None (cached features, N×F)."""
+    tokens of images ``x`` (N×3×S×S) - or the features ``spec`` reads
+    (:func:`~mimbench.evals.features.read_features`) - or on ``x`` itself when ``encoder_model`` is None
+    (cached features, N×F)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
             x = encoder_model.forward_features(x)[:, 0] if spec is None else read_features(encoder_model, x, spec)
@@ -301,7 +304,7 @@ def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor
     """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss. With one
     head per block, the sum of the heads' own cross-entropies (no parameter is shared: each head's gradient is
     that of its own loss)."""
-    logits = probe_logits(head, encoder_model, x, spec)
+    logits = probe_logits(head, encoder_model, x, **({} if spec is None else {"spec": spec}))
     if logits.ndim == 2:
         return F.cross_entropy(logits, y)
     per_item = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none")
@@ -311,7 +314,8 @@ def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor
 def block_metrics(logits: torch.Tensor, labels: torch.Tensor, spec: Readout) -> dict:
     """Metrics of one head per block (scores N×blocks×C): ``top1`` / ``top5`` of the last block (the number
     chosen without looking at validation), ``per_block`` {block: {top1, top5}}, and ``best_block`` with its
-    ``best_top1`` - chosen on the validation split (the record's ``protocol.block_selection`` says so)."""
+    ``best_top1`` - chosen on the validation split, the deeper block on a tie (the record's
+    ``protocol.block_selection`` says so)."""
     per_block = {str(b): runner.topk_metrics(logits[:, i], labels) for i, b in enumerate(spec.blocks)}
     best = max(spec.blocks, key=lambda b: (per_block[str(b)]["top1"], b))
     last = per_block[str(spec.blocks[-1])]

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 
 import mimbench.encoders
@@ -16,9 +17,9 @@ from mimbench.schema import LAYERS_SYNTAX
 DATA = "builtin:fashion-mnist"
 
 
-def _tiny_vit(**kw) -> VisionTransformer:
+def _tiny_vit(cls=VisionTransformer, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, **kw)
+    model = cls(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, **kw)
     for p in model.parameters():  # random non-trivial norms and embeddings (timm initialises LayerNorms to 1/0)
         p.data.add_(0.05 * torch.randn_like(p))
     return model.eval()
@@ -51,9 +52,12 @@ def test_last_block_class_token_is_todays_feature(tiny_encoder, tmp_path):
         assert torch.equal(read_features(model, x, readout(tiny_encoder, "last", "cls")), today_x)
 
 
-@pytest.mark.parametrize("reg_tokens", [0, 4])
-def test_a_block_equals_timm_forward_intermediates_through_the_final_norm(reg_tokens):
-    model = _tiny_vit(reg_tokens=reg_tokens)
+@pytest.mark.parametrize("family, reg_tokens", [("vit", 0), ("vit", 4), ("beit", 0)])
+def test_a_block_equals_timm_forward_intermediates_through_the_final_norm(family, reg_tokens):
+    if family == "beit":  # relative position bias in every block: the hooks still see each block's output
+        model = _tiny_vit(Beit, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)
+    else:
+        model = _tiny_vit(reg_tokens=reg_tokens)
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         for block in (0, 2, 3):
@@ -129,6 +133,21 @@ def test_all_blocks_one_forward_per_batch_per_block_metrics_and_plot(dist_encode
     assert "layers=\"all\"" in record["protocol"]["overrides"]
     png = (tmp_path / "run" / "layers.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_protocol_mode_reads_the_chosen_blocks_from_augmented_images(dist_encoder, tmp_path, monkeypatch):
+    import mimbench.evals.linear as lin
+
+    seen, real = [], lin.read_features
+    monkeypatch.setattr(lin, "read_features", lambda model, x, spec: seen.append(spec) or real(model, x, spec))
+    record = run_eval("linear", encoder=dist_encoder, config="eval_configs/linear/mae_vit-b_in1k.py", data=DATA,
+                      out=tmp_path, layers="concat:2", pool="avg",
+                      overrides=["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",
+                                 "data.limit_train=16", "data.limit_val=8", "data.num_workers=0", "runtime.progress=False",
+                                 "runtime.ckpt_every=0"])
+    assert len(seen) == 16 // 8 + 1 and {(s.blocks, s.pool) for s in seen} == {((2, 3), "avg")}
+    assert record["protocol"]["readout"]["blocks"] == [2, 3] and record["protocol"]["deviations"] == []
+    assert 0 <= record["metrics"]["top1"] <= 100
 
 
 @pytest.mark.parametrize("value, why", [("bogus", "not a layer selection"), ("concat:0", "not a layer selection"),

@@ -142,9 +142,9 @@ def test_protocol_mode_reads_the_chosen_blocks_from_augmented_images(dist_encode
     monkeypatch.setattr(lin, "read_features", lambda model, x, spec: seen.append(spec) or real(model, x, spec))
     record = run_eval("linear", encoder=dist_encoder, config="eval_configs/linear/mae_vit-b_in1k.py", data=DATA,
                       out=tmp_path, layers="concat:2", pool="avg",
-                      overrides=["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",
-                                 "data.limit_train=16", "data.limit_val=8", "data.num_workers=0", "runtime.progress=False",
-                                 "runtime.ckpt_every=0"])
+                      overrides=["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=8", "schedule.epochs=1",
+                                 "schedule.warmup_epochs=0", "data.limit_train=16", "data.limit_val=8",
+                                 "data.num_workers=0", "runtime.progress=False", "runtime.ckpt_every=0"])
     assert len(seen) == 16 // 8 + 1 and {(s.blocks, s.pool) for s in seen} == {((2, 3), "avg")}
     assert record["protocol"]["readout"]["blocks"] == [2, 3] and record["protocol"]["deviations"] == []
     assert 0 <= record["metrics"]["top1"] <= 100

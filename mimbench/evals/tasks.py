@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 from mimbench.errors import MimbenchError
+from mimbench.schema import LAYERS_SYNTAX, POOLS
 
 #: Data variables of the full-scale job files (:mod:`mimbench.jobs`): shell variables set by the user.
 IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
@@ -133,6 +134,13 @@ register_task(Task(
     example="mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py "
             "--data /data/imagenet --out runs/lin",
     feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, full_data=IMAGENET,
+    options=(
+        Option("layers", ("--layers",), None, f"Blocks the head reads: {LAYERS_SYNTAX}. Default: the config's "
+               "layers ('last')", annotation=Optional[str]),
+        Option("pool", ("--pool",), None, "Tokens pooled: cls (class token), avg (mean of the patch tokens, "
+               "registers left out) or cls+avg (both). Default: the config's pool (unset: the encoder family's)",
+               choices=POOLS),
+    ),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
 register_task(Task(

@@ -21,7 +21,7 @@ from mimbench.errors import MimbenchError
 from mimbench.export import export
 from mimbench.testing import write_tiny_encoder
 
-transformers = pytest.importorskip("transformers")  # optional: the reference implementation of these layouts
+import transformers  # noqa: E402  (the dev extra: the reference implementation of these layouts)
 
 D, HEADS, DEPTH, IMG, PATCH = 128, 2, 2, 32, 8  # 64-dim heads: a weights file alone implies the head count
 SIZES = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=3 * D,

@@ -3,7 +3,7 @@
 A config file or a ``--set`` override with an unknown key, a value of the wrong type or a value out of
 range is refused by :func:`validate` before any work starts, with the key, the value, where it came from
 and what is allowed (and the closest known key for a typo). Kinds: ``pretrain``, ``linear``,
-``finetune``, ``knn`` and ``segment``.
+``finetune``, ``knn``, ``segment`` and ``attentive``.
 
 Sections are *closed* (every key must be known) except where a schema says otherwise: a pre-training
 ``model`` section passes its keys to the model constructor, which refuses unknown ones itself, and a
@@ -38,6 +38,7 @@ from mimbench.errors import MimbenchError
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "TRACKERS",
+           "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_KEYS", "ATTENTIVE_AUGMENTS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -194,6 +195,10 @@ AUGMENT_MODES = ("timm", "tensor")                # mimbench.evals.finetune
 MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
 ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
 TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
+ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: the attention-pooling heads
+ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
+ATTENTIVE_KEYS = ("all", "patch")                 # tokens the head attends to: all, or without class/registers
+ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or timm create_transform
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -275,6 +280,27 @@ SCHEMAS: dict[str, Section] = {
         "knn": Section({"k": INT_GE1(20), "temperature": Num(float, lo=0, lo_open=True)(0.07)}),
         "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
     }),
+    "attentive": Section({
+        **EVAL_COMMON, "mode": Choice(LINEAR_MODES)("protocol"), "runtime": Section(RUNTIME_KEYS),
+        "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
+        "head": Section({"preset": Choice(ATTENTIVE_PRESETS), "num_queries": INT_GE1(1),
+                         "num_heads": SIZE_OR_NONE(None),  # None: the encoder's own head count
+                         "mlp_ratio": Num(float, lo=0)(4.0), "keys": Choice(ATTENTIVE_KEYS)("patch"),
+                         "final_norm": Flag()(True)},
+                        required=("preset",)),
+        "optim": Section({"name": Choice(ATTENTIVE_OPTIMIZERS), "blr": LR(None), "lr": LR(None),
+                          "momentum": FRACTION(0.9), "trust_coeff": Num(float, lo=0)(0.001),
+                          "weight_decay": Num(float, lo=0)(0.0),
+                          "final_weight_decay": Num(float, lo=0, none=True)(None),  # None: constant
+                          "betas": BETAS((0.9, 0.999)), **BATCH},
+                         required=("name", "batch_size"), checks=HAS_LR),
+        "schedule": schedule(min_lr=0.0),
+        "augment": Section({"mode": Choice(ATTENTIVE_AUGMENTS)("rrc_flip"),
+                            "scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0)),
+                            "auto_augment": Text(none=True)(None), "re_prob": FRACTION(0.0),
+                            "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+        "feature_batch_size": INT_GE1(256),
+    }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).
     "segment": Section({
@@ -290,7 +316,7 @@ SCHEMAS: dict[str, Section] = {
 }
 KINDS = tuple(SCHEMAS)
 #: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
-FILLED_KINDS = ("pretrain", "linear", "finetune", "knn")
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "attentive")
 
 
 def _section(kind: str) -> Section:

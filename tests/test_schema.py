@@ -20,6 +20,8 @@ MINIMAL = {
     "finetune": "model = dict(drop_path=0.1)\noptim = dict(lr=1e-3, batch_size=8, weight_decay=0.05, layer_decay=0.75)\n"
                 "schedule = dict(epochs=2, warmup_epochs=1)\nmixup = dict(mixup=0.8, cutmix=1.0, smoothing=0.1)\n",
     "knn": "# every k-NN key has a default\n",
+    "attentive": "head = dict(preset='ep')\noptim = dict(name='adamw', lr=1e-3, batch_size=8)\n"
+                 "schedule = dict(epochs=2, warmup_epochs=1)\n",
 }
 
 

@@ -140,7 +140,7 @@ register_task(Task(
             "V-JEPA head preset).",
     example="mimbench eval attentive --encoder enc.safetensors --config eval_configs/attentive/ep_vit-b_in1k.py "
             "--data /data/imagenet --out runs/att",
-    demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")}, full_data=IMAGENET,
+    demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
 ))
 register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",

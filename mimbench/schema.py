@@ -38,7 +38,7 @@ from mimbench.errors import MimbenchError
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "TRACKERS",
-           "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_KEYS", "ATTENTIVE_AUGMENTS",
+           "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -197,7 +197,7 @@ ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
 TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
 ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: the attention-pooling heads
 ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
-ATTENTIVE_KEYS = ("all", "patch")                 # tokens the head attends to: all, or without class/registers
+ATTENTIVE_TOKENS = ("all", "patch")               # tokens the head attends to: all, or without class/registers
 ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or timm create_transform
 
 # ---------------------------------------------------------------------------- leaves and shared sections
@@ -285,7 +285,7 @@ SCHEMAS: dict[str, Section] = {
         "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
         "head": Section({"preset": Choice(ATTENTIVE_PRESETS), "num_queries": INT_GE1(1),
                          "num_heads": SIZE_OR_NONE(None),  # None: the encoder's own head count
-                         "mlp_ratio": Num(float, lo=0)(4.0), "keys": Choice(ATTENTIVE_KEYS)("patch"),
+                         "mlp_ratio": Num(float, lo=0)(4.0), "tokens": Choice(ATTENTIVE_TOKENS)("patch"),
                          "final_norm": Flag()(True)},
                         required=("preset",)),
         "optim": Section({"name": Choice(ATTENTIVE_OPTIMIZERS), "blr": LR(None), "lr": LR(None),

@@ -7,7 +7,7 @@
 _base_ = ["../_base_/runtime.py", "../_base_/data.py"]
 mode = "protocol"
 img_size = 224
-head = dict(preset="cae", num_queries=1, num_heads=None, keys="all", final_norm=True)
+head = dict(preset="cae", num_queries=1, num_heads=None, tokens="all", final_norm=True)
 optim = dict(name="sgd", lr=0.4, blr=None, momentum=0.9, weight_decay=0.0, batch_size=256, eff_batch_size=8192)
 schedule = dict(epochs=90, warmup_epochs=10, min_lr=0.0)
 augment = dict(mode="rrc_flip", scale=(0.08, 1.0))

@@ -9,7 +9,7 @@
 _base_ = ["../_base_/runtime.py", "../_base_/data.py"]
 mode = "protocol"
 img_size = 224
-head = dict(preset="ep", num_queries=32, num_heads=1, keys="patch", final_norm=False)
+head = dict(preset="ep", num_queries=32, num_heads=1, tokens="patch", final_norm=False)
 optim = dict(name="lars", blr=0.1, lr=None, momentum=0.9, trust_coeff=0.001, weight_decay=0.0,
              batch_size=512, eff_batch_size=4096)
 schedule = dict(epochs=90, warmup_epochs=10, min_lr=0.0)

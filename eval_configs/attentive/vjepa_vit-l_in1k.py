@@ -8,7 +8,7 @@
 _base_ = ["../_base_/runtime.py", "../_base_/data.py"]
 mode = "protocol"
 img_size = 224
-head = dict(preset="vjepa", num_queries=1, num_heads=None, mlp_ratio=4.0, keys="patch", final_norm=True)
+head = dict(preset="vjepa", num_queries=1, num_heads=None, mlp_ratio=4.0, tokens="patch", final_norm=True)
 optim = dict(name="adamw", lr=1e-3, blr=None, betas=(0.9, 0.999), weight_decay=0.001, final_weight_decay=1e-6,
              batch_size=128, eff_batch_size=1024)
 schedule = dict(epochs=20, warmup_epochs=0, min_lr=0.0)

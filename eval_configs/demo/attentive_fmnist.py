@@ -4,7 +4,7 @@
 _base_ = ["../_base_/demo_runtime.py", "../_base_/demo_data.py"]
 mode = "cached"
 img_size = None          # the encoder's own resolution
-head = dict(preset="ep", num_queries=4, num_heads=1, keys="patch", final_norm=False)
+head = dict(preset="ep", num_queries=4, num_heads=1, tokens="patch", final_norm=False)
 optim = dict(name="adamw", lr=1e-3, blr=None, betas=(0.9, 0.999), weight_decay=0.0, batch_size=256,
              eff_batch_size=None, accum_iter=1)
 schedule = dict(epochs=10, warmup_epochs=1, min_lr=0.0)

@@ -5,7 +5,7 @@ Three head presets (``head.preset``), each as its source builds it:
 - ``cae`` (Atten4Vis/CAE, ``tools/run_attentive.py``): one zero-initialised query; LayerNorms on the query, the
   keys and the values; one multi-head cross-attention (q/k/v ``Linear`` without bias plus learned q and v biases, as
   CAE's ``CrossAttention``; the key bias is zero) with its output projection; no residual, no MLP; then
-  ``BatchNorm1d(affine=False, eps=1e-6)`` and ``Linear``. Keys: every token after the final norm (``keys="all"``).
+  ``BatchNorm1d(affine=False, eps=1e-6)`` and ``Linear``. Keys: every token after the final norm (``tokens="all"``).
   A zero query gives ``LN(0) = 0``, so every key gets the same weight at initialisation.
 - ``ep`` (Efficient Probing, billpsomas/efficient-probing ``poolings/ep.py``, arXiv 2506.10178): Q learned queries
   (``randn * 0.02``) attend with one head to the raw tokens (no key projection, scale ``D ** -0.5``); one value
@@ -199,26 +199,26 @@ def encoder_heads(model: nn.Module) -> int:
     return int(model.blocks[0].attn.num_heads)
 
 
-def encoder_tokens(model: nn.Module, x: torch.Tensor, *, keys: str, final_norm: bool) -> torch.Tensor:
+def encoder_tokens(model: nn.Module, x: torch.Tensor, *, tokens: str, final_norm: bool) -> torch.Tensor:
     """Tokens (B×N×D) of images ``x`` from the frozen ``model``: after (``final_norm``) or before its final norm;
-    ``keys="all"`` every token, ``"patch"`` without the class token and registers (timm ``num_prefix_tokens``)."""
+    ``tokens="all"`` every token, ``"patch"`` without the class token and registers (timm ``num_prefix_tokens``)."""
     kept = []
     hook = None if final_norm else model.norm.register_forward_hook(lambda m, args, out: kept.append(args[0]))
     try:
-        tokens = model.forward_features(x)
+        out = model.forward_features(x)
     finally:
         if hook is not None:
             hook.remove()
-    tokens = tokens if final_norm else kept[0]
-    return tokens if keys == "all" else tokens[:, int(getattr(model, "num_prefix_tokens", 1)):]
+    out = out if final_norm else kept[0]
+    return out if tokens == "all" else out[:, int(getattr(model, "num_prefix_tokens", 1)):]
 
 
-def describe_tokens(model: nn.Module, size: int, *, keys: str, final_norm: bool) -> str:
+def describe_tokens(model: nn.Module, *, tokens: str, final_norm: bool) -> str:
     """The record's ``tokens``: which tokens the head attends to, and how many."""
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     patches = int(model.patch_embed.num_patches) if hasattr(model.patch_embed, "num_patches") else None
     where = "after the final norm" if final_norm else "of the last block before the final norm"
-    if keys == "all":
+    if tokens == "all":
         return f"all {(patches or 0) + prefix} tokens (class/register tokens: {prefix}) {where}"
     return f"{patches} patch tokens {where}; class token and registers ({prefix}) excluded"
 
@@ -284,20 +284,20 @@ def _frozen_encoder(run, size: int) -> nn.Module:
     return model
 
 
-def compute_tokens(model: nn.Module, dataset, *, batch_size: int, precision: str, keys: str,
+def compute_tokens(model: nn.Module, dataset, *, batch_size: int, precision: str, tokens: str,
                    final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected tokens (N×T×D float32, on the model's device) and labels (N) of every item of ``dataset``, under
     ``torch.no_grad`` and the autocast of ``precision``."""
     device = next(model.parameters()).device
     autocast = autocast_factory(precision, device)
-    tokens, labels = [], []
+    kept, labels = [], []
     for x, y, *_ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with torch.no_grad(), autocast():
-            tokens.append(encoder_tokens(model, x.to(device), keys=keys, final_norm=final_norm).float())
+            kept.append(encoder_tokens(model, x.to(device), tokens=tokens, final_norm=final_norm).float())
         labels.append(torch.as_tensor(y, dtype=torch.int64).to(device))
-    if not tokens:
+    if not kept:
         raise MimbenchError("The dataset split is empty; no tokens to compute.", "Check the data path and split.")
-    return torch.cat(tokens), torch.cat(labels)
+    return torch.cat(kept), torch.cat(labels)
 
 
 def _cached_probe(run, model: nn.Module, size: int, batch: int, accum: int) -> Probe:
@@ -309,7 +309,7 @@ def _cached_probe(run, model: nn.Module, size: int, batch: int, accum: int) -> P
     train_set = runner.build_split(run, "train", transform=val_tf, img_size=size)
     val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
     skipped, classes = runner.skipped(train_set, val_set), list(train_set.classes)
-    common = dict(batch_size=int(cfg.feature_batch_size), precision=run.precision, keys=cfg.head.keys,
+    common = dict(batch_size=int(cfg.feature_batch_size), precision=run.precision, tokens=cfg.head.tokens,
                   final_norm=bool(cfg.head.final_norm))
     tx, ty = compute_tokens(model, limited(train_set, cfg.data.limit_train), **common)
     vx, vy = compute_tokens(model, limited(val_set, cfg.data.limit_val), **common)
@@ -350,7 +350,7 @@ def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tens
     ``encoder_model`` is None (cached tokens)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            x = encoder_tokens(encoder_model, x, keys=cfg.head.keys, final_norm=bool(cfg.head.final_norm))
+            x = encoder_tokens(encoder_model, x, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm))
     return head(x)
 
 
@@ -368,7 +368,7 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
     head = build_head(cfg.head.preset, int(model.embed_dim), len(probe.classes),
                       heads=int(cfg.head.num_heads or (1 if cfg.head.preset == "ep" else encoder_heads(model))),
                       num_queries=int(cfg.head.num_queries), mlp_ratio=float(cfg.head.mlp_ratio)).to(device)
-    tokens = describe_tokens(model, size, keys=cfg.head.keys, final_norm=bool(cfg.head.final_norm))
+    tokens = describe_tokens(model, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm))
     optimizer = build_optimizer(head, cfg.optim, lr)
     loop = runner.loop_config(run, accum, clip_grad=cfg.clip_grad)
 

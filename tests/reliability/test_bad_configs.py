@@ -46,7 +46,7 @@ BAD = [
     ("segment", "default_hooks = dict(checkpoint=dict(interval='250'))", ["default_hooks.checkpoint.interval", "is a str"]),
     ("attentive", "head = dict(preset='cea')", ["head.preset", "'cea'", "one of 'cae', 'ep', 'vjepa'"]),
     ("attentive", "optim = dict(name='sdg')", ["optim.name", "'sdg'", "one of 'sgd', 'lars', 'adamw'"]),
-    ("attentive", "head = dict(keys='patches')", ["head.keys", "one of 'all', 'patch'"]),
+    ("attentive", "head = dict(tokens='patches')", ["head.tokens", "one of 'all', 'patch'"]),
 ]
 
 

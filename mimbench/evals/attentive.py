@@ -228,7 +228,8 @@ def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
     Weight decay on matrices only (1-D parameters: none), the first param group."""
     name = str(optim["name"]).lower()
     if name not in ATTENTIVE_OPTIMIZERS:
-        raise MimbenchError(f"Unknown attentive-probe optimizer {name!r}.", f"Use optim.name in {ATTENTIVE_OPTIMIZERS}.")
+        raise MimbenchError(f"Unknown attentive-probe optimizer {name!r}.",
+                            f"Use optim.name in {ATTENTIVE_OPTIMIZERS}.")
     if name == "lars":
         return linear_optimizer(head, optim, lr)
     wd = float(optim["weight_decay"])

@@ -156,6 +156,18 @@ def test_tokens_before_the_final_norm_are_what_the_norm_receives(tiny_encoder):
     assert not model.norm._forward_hooks  # the hook is removed again
 
 
+def test_patch_tokens_leave_out_the_class_token_and_registers():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, reg_tokens=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        every = encoder_tokens(model, x, tokens="all", final_norm=True)
+        patches = encoder_tokens(model, x, tokens="patch", final_norm=True)
+    assert every.shape[1] == 1 + 4 + 4 and patches.shape[1] == 4
+    assert torch.equal(patches, every[:, 5:])
+
+
 def test_weight_decay_follows_vjepas_cosine_to_its_final_value():
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 1e-3}])
     cosine_weight_decay(opt, 1e-3, 1e-6, 4, 10)  # after step 5 of 10: half way

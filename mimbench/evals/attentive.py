@@ -341,6 +341,9 @@ def check_config(cfg) -> None:
     if head.preset in SINGLE_QUERY and int(head.num_queries) != 1:
         raise MimbenchError(f"The {head.preset} head has one query, not head.num_queries={head.num_queries}.",
                             "Leave head.num_queries at 1 for cae and vjepa (Q queries are the ep preset's).")
+    if head.preset == "ep" and head.num_heads not in (None, 1):
+        raise MimbenchError(f"The ep head attends with one head, not head.num_heads={head.num_heads}.",
+                            "Leave head.num_heads at 1 (or None) for ep.")
     if cfg.mode == "cached" and cfg.augment.mode != "rrc_flip":
         raise MimbenchError("mode='cached' trains on tokens of un-augmented images; augment.mode='timm' cannot apply.",
                             "Use mode='protocol' for augmented training, or leave augment.mode at 'rrc_flip'.")

@@ -198,6 +198,9 @@ def test_a_head_section_its_preset_cannot_build_is_refused_before_any_work(tiny_
         run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
                  data="builtin:fashion-mnist", out=tmp_path / "run", overrides=["head.preset='cae'"])
     assert not list((tmp_path / "run").glob("checkpoint-*.pt")) and not list((tmp_path / "run").glob("*.json"))
+    with pytest.raises(MimbenchError, match="one head"):
+        run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                 data="builtin:fashion-mnist", out=tmp_path / "run1", overrides=["head.num_heads=2"])
     with pytest.raises(MimbenchError, match="cached"):
         run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
                  data="builtin:fashion-mnist", out=tmp_path / "run2", overrides=["augment.mode='timm'"])

@@ -38,7 +38,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing") == 2 + 1 + 3 * 5
     assert len(list((out / "evals").rglob("*-*.json"))) == n_records
-    assert "15 of 15 steps" in (out / "report.md").read_text()  # the report says what was reused
+    assert "18 of 18 steps" in (out / "report.md").read_text()  # the report says what was reused
 
     # a step made with other settings (here: a linear-probe record whose resolved config differs, as one
     # left by --quick in a full demo's folder, or by an older config) is redone, and its record replaced

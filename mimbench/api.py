@@ -84,7 +84,7 @@ def evaluate(task: str, encoder: str | Path, data: str | None = None, config: st
     """Evaluate ``encoder`` on ``task``; returns the run record (the dict the CLI writes as ``<task>-<id>.json``).
 
     Args:
-        task: a task of the table, :mod:`mimbench.evals.tasks` (``knn``, ``linear``, ``finetune``, ``segment``).
+        task: a task of the table, :mod:`mimbench.evals.tasks` (``knn``, ``linear``, ``attentive``, ``finetune``, ``segment``).
         encoder: an encoder file, or a checkpoint in a supported layout (see ``layout``).
         data: ``builtin:fashion-mnist``, an ImageNet-style folder, an ADE20K root ... (None: the task's default
             data, as ``mimbench eval <task>`` without ``--data``).

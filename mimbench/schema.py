@@ -3,7 +3,7 @@
 A config file or a ``--set`` override with an unknown key, a value of the wrong type or a value out of
 range is refused by :func:`validate` before any work starts, with the key, the value, where it came from
 and what is allowed (and the closest known key for a typo). Kinds: ``pretrain``, ``linear``,
-``finetune``, ``knn``, ``lowshot`` and ``segment``.
+``finetune``, ``knn``, ``segment``, ``lowshot`` and ``attentive``.
 
 Sections are *closed* (every key must be known) except where a schema says otherwise: a pre-training
 ``model`` section passes its keys to the model constructor, which refuses unknown ones itself, and a
@@ -38,8 +38,9 @@ from mimbench.errors import MimbenchError
 
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
-           "TRACKERS", "POOLS", "LAYERS_SYNTAX", "Layers", "layer_spec",
-           "LOWSHOT_CLASSIFIERS", "validate", "knows_key", "spec_of", "missing_defaults"]
+           "TRACKERS", "POOLS", "LAYERS_SYNTAX", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
+           "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
+           "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
 class _Required:
@@ -234,6 +235,10 @@ POOLS = ("cls", "avg", "cls+avg")                 # mimbench.evals.features.pool
 LAYERS_SYNTAX = ("'last' (the last block), a block index (7; -2 counts from the end), 'concat:N' (the last N "
                  "blocks' features concatenated, as DINOv2's last-4), 'mean:I,J,...' (the mean of blocks I, J, ..., "
                  "as AIM), or 'all' (every block, one head each)")
+ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: the attention-pooling heads
+ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
+ATTENTIVE_TOKENS = ("all", "patch")               # tokens the head attends to: all, or without class/registers
+ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or timm create_transform
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -328,6 +333,27 @@ SCHEMAS: dict[str, Section] = {
                                "tol": Num(float, lo=0, lo_open=True)(1e-3), "max_iter": INT_GE1(300)}),
         "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
     }),
+    "attentive": Section({
+        **EVAL_COMMON, "mode": Choice(LINEAR_MODES)("protocol"), "runtime": Section(RUNTIME_KEYS),
+        "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
+        "head": Section({"preset": Choice(ATTENTIVE_PRESETS), "num_queries": INT_GE1(1),
+                         "num_heads": SIZE_OR_NONE(None),  # None: the encoder's own head count
+                         "mlp_ratio": Num(float, lo=0)(4.0), "tokens": Choice(ATTENTIVE_TOKENS)("patch"),
+                         "final_norm": Flag()(True)},
+                        required=("preset",)),
+        "optim": Section({"name": Choice(ATTENTIVE_OPTIMIZERS), "blr": LR(None), "lr": LR(None),
+                          "momentum": FRACTION(0.9), "trust_coeff": Num(float, lo=0)(0.001),
+                          "weight_decay": Num(float, lo=0)(0.0),
+                          "final_weight_decay": Num(float, lo=0, none=True)(None),  # None: constant
+                          "betas": BETAS((0.9, 0.999)), **BATCH},
+                         required=("name", "batch_size"), checks=HAS_LR),
+        "schedule": schedule(min_lr=0.0),
+        "augment": Section({"mode": Choice(ATTENTIVE_AUGMENTS)("rrc_flip"),
+                            "scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0)),
+                            "auto_augment": Text(none=True)(None), "re_prob": FRACTION(0.0),
+                            "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+        "feature_batch_size": INT_GE1(256),
+    }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).
     "segment": Section({
@@ -343,7 +369,7 @@ SCHEMAS: dict[str, Section] = {
 }
 KINDS = tuple(SCHEMAS)
 #: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
-FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot")
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot", "attentive")
 
 
 def _section(kind: str) -> Section:

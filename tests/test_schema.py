@@ -21,6 +21,8 @@ MINIMAL = {
                 "schedule = dict(epochs=2, warmup_epochs=1)\nmixup = dict(mixup=0.8, cutmix=1.0, smoothing=0.1)\n",
     "knn": "# every k-NN key has a default\n",
     "lowshot": "# every low-shot key has a default\n",
+    "attentive": "head = dict(preset='ep')\noptim = dict(name='adamw', lr=1e-3, batch_size=8)\n"
+                 "schedule = dict(epochs=2, warmup_epochs=1)\n",
 }
 
 

@@ -144,6 +144,15 @@ register_task(Task(
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
 register_task(Task(
+    name="attentive", runner="mimbench.evals.attentive:run_attentive", kind="attentive",
+    demo_config="demo/attentive_fmnist.py", protocol_config="attentive/ep_vit-b_in1k.py",
+    summary="Attentive probe of the frozen encoder: a learned attention-pooling head on its tokens (CAE, EP or "
+            "V-JEPA head preset).",
+    example="mimbench eval attentive --encoder enc.safetensors --config eval_configs/attentive/ep_vit-b_in1k.py "
+            "--data /data/imagenet --out runs/att",
+    demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
+))
+register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",
     demo_config="demo/finetune_fmnist.py", protocol_config="finetune/mae_vit-b_in1k.py",
     summary="End-to-end fine-tuning (MAE protocol).",

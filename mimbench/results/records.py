@@ -40,7 +40,7 @@ from mimbench.env import environment_info  # noqa: F401  (re-exported: records c
 from mimbench.errors import MimbenchError
 
 SCHEMA_VERSION = 1
-TASKS = ("linear", "finetune", "knn", "segment", "lowshot", "bench")
+TASKS = ("linear", "finetune", "knn", "segment", "lowshot", "attentive", "bench")
 STATUSES = ("ok", "failed", "interrupted")
 RECORD_NAME = re.compile(r"^(%s)-[0-9a-f]{32}\.json$" % "|".join(TASKS))
 

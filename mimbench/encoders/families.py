@@ -120,6 +120,12 @@ def default_pool(meta: Mapping[str, str], where: str = "encoder file") -> str:
     return flags.get("global_pool") or family.global_pool
 
 
+def has_class_token(meta: Mapping[str, str], where: str = "encoder file") -> bool:
+    """Whether the encoder has a class token (every family does, except ViT-family files that say
+    ``class_token=false``)."""
+    return bool(family_flags(meta, where)[1].get("class_token", True))
+
+
 def tensor_shapes(meta: Mapping[str, str], arch: Mapping[str, float], in_chans: int = 3,
                   where: str = "encoder file") -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape an encoder with this metadata holds (``arch``: its parsed architecture)."""

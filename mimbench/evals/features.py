@@ -1,7 +1,11 @@
 """Frozen-encoder features for a dataset split, cached on disk.
 
-A feature is the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
-computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
+A feature is read from the tokens after the encoder's final LayerNorm (timm ``forward_features(x)``), by
+the pooling ``pool`` (:data:`~mimbench.evals.tasks.FEATURE_POOLS`, ``--pool``): ``cls`` the class token
+(``[:, 0]``), ``avg`` the mean of the patch tokens (register tokens and the class token excluded), ``cls+avg``
+both concatenated (width 2D); ``auto`` is the pooling the encoder's authors evaluate, from its metadata
+(:func:`mimbench.encoders.families.default_pool`: the class token, or the patch mean for encoders without
+class token such as I-JEPA). It is computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
 (``amp``: "auto" = bf16 autocast on CUDA and bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`);
 stored as ``(N, D)`` float32.
 
@@ -34,8 +38,10 @@ from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
 from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.encoders.families import default_pool, has_class_token
 from mimbench.errors import MimbenchError
 from mimbench.fastpath import autocast_factory, resolve_amp
+from mimbench.evals.tasks import FEATURE_POOLS
 from mimbench.schema import AMP
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
@@ -69,15 +75,48 @@ def eval_transform(data: str, img_size: int):
     return transform, f"resize{resize}-bicubic/centercrop{img_size}/normalize(mean={mean},std={std})"
 
 
+#: What each pooling reads, as the run records say it.
+FEATURE_READ = {"cls": "class token after final norm",
+                "avg": "mean of the patch tokens after final norm (class and register tokens excluded)",
+                "cls+avg": "class token after final norm ⊕ mean of the patch tokens after final norm "
+                           "(register tokens excluded)"}
+#: Cache-key names of the poolings ("cls" keeps the key of caches written before pooling was a choice).
+_FEATURE_KEY = {"cls": "cls-after-final-norm", "avg": "patch-mean-after-final-norm",
+                "cls+avg": "cls+patch-mean-after-final-norm"}
+
+
+def resolve_pool(pool: str, meta: dict, where: str = "encoder") -> str:
+    """``pool`` (one of :data:`~mimbench.evals.tasks.FEATURE_POOLS`) for an encoder with metadata ``meta``: "auto"
+    becomes what its authors evaluate ("cls", or "avg" without class token); a class-token pooling of an
+    encoder without one is an error."""
+    if pool not in FEATURE_POOLS:
+        raise MimbenchError(f"Unknown feature pooling {pool!r}.", f"Use one of {', '.join(FEATURE_POOLS)}.")
+    if pool == "auto":
+        pool = "avg" if default_pool(meta, where) == "avg" else "cls"
+    if pool != "avg" and not has_class_token(meta, where):
+        raise MimbenchError(f"{where} has no class token, so pooling {pool!r} cannot read one.",
+                            "Use --pool avg (the mean of the patch tokens) or auto.")
+    return pool
+
+
+def pool_tokens(model: torch.nn.Module, tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """Features (N×D, N×2D for "cls+avg") of ``tokens`` (``model.forward_features`` output) by a resolved
+    ``pool``; the patch tokens are those after the model's ``num_prefix_tokens`` (class token, registers)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    mean = tokens[:, int(getattr(model, "num_prefix_tokens", 1)):].mean(dim=1)
+    return mean if pool == "avg" else torch.cat([tokens[:, 0], mean], dim=-1)
+
+
 def data_identity(data: str) -> str:
     """The data spec as it enters the cache key: builtin names as is, folders by absolute path."""
     return data if is_builtin(data) else str(Path(data).resolve())
 
 
 def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
-              limit: int | None, precision: str = "none") -> str:
+              limit: int | None, precision: str = "none", pool: str = "cls") -> str:
     spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
-            "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
+            "img_size": int(img_size), "limit": limit, "feature": _FEATURE_KEY[pool]}
     if precision != "none":  # fp32 keys stay those of caches written before precision was a choice
         spec["precision"] = precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -92,9 +131,11 @@ def limited(dataset, limit: int | None):
     return torch.utils.data.Subset(dataset, range(int(limit)))
 
 
-def compute_features(model: torch.nn.Module, loader, precision: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Class-token features (N×D float32) and labels (N int64) of every batch of ``loader``, under
-    ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 | none)."""
+def compute_features(model: torch.nn.Module, loader, precision: str = "none",
+                     pool: str = "cls") -> tuple[np.ndarray, np.ndarray]:
+    """Features (N×D float32, :func:`pool_tokens` by the resolved ``pool``) and labels (N int64) of every batch
+    of ``loader``, under ``torch.inference_mode`` and autocast to ``precision`` (a resolved one: bf16 | fp16 |
+    none)."""
     model.eval()
     device = next(model.parameters()).device
     autocast = autocast_factory(precision, device)
@@ -102,7 +143,7 @@ def compute_features(model: torch.nn.Module, loader, precision: str = "none") ->
     for images, targets in loader:
         with torch.inference_mode(), autocast():
             tokens = model.forward_features(images.to(device, non_blocking=True))
-        feats.append(tokens[:, 0].float().cpu())
+        feats.append(pool_tokens(model, tokens, pool).float().cpu())
         labels.append(torch.as_tensor(targets, dtype=torch.int64))
     if not feats:
         raise MimbenchError("The dataset split is empty; no features to compute.", "Check the data path and split.")
@@ -188,26 +229,31 @@ class _Entry:
     paths: tuple[Path, Path, Path]  # features, labels, manifest
     built_from: dict
     info: dict
+    pool: str = "cls"
 
 
 def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
-           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str) -> _Entry:
+           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, pool: str) -> _Entry:
     """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
-    size = int(img_size or encoders.read_metadata(encoder, layout=layout)["img_size"])
+    meta = encoders.read_metadata(encoder, layout=layout)
+    pool = resolve_pool(pool, meta, str(encoder))
+    size = int(img_size or meta["img_size"])
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     precision = resolve_amp(amp, device)
     enc_sha = encoders.encoder_sha256(encoder)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
-                    precision=precision)
+                    precision=precision, pool=pool)
     cache_dir = Path(cache_dir)
     paths = (cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy", cache_dir / f"{key}.manifest.json")
     built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
                   "img_size": size, "limit": limit, "precision": precision,
                   "samples_sha256": dataset_fingerprint(dataset)}
+    if pool != "cls":
+        built_from["feature"] = _FEATURE_KEY[pool]
     info = {"key": key, "transform": desc, "img_size": size, "classes": list(dataset.classes),
-            "precision": precision, "skipped": skipped_files(dataset)}
-    return _Entry(dataset, size, device, precision, paths, built_from, info)
+            "precision": precision, "skipped": skipped_files(dataset), "pool": pool, "feature": FEATURE_READ[pool]}
+    return _Entry(dataset, size, device, precision, paths, built_from, info, pool)
 
 
 def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, batch_size: int, num_workers: int,
@@ -222,9 +268,10 @@ def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, ba
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, pin_memory=entry.device.type == "cuda")
-        feats, labels = compute_features(model, loader, entry.precision)
+        feats, labels = compute_features(model, loader, entry.precision, entry.pool)
     else:  # more ranks than items
-        feats, labels = np.zeros((0, int(model.num_features)), np.float32), np.zeros((0,), np.int64)
+        width = int(model.num_features) * (2 if entry.pool == "cls+avg" else 1)
+        feats, labels = np.zeros((0, width), np.float32), np.zeros((0,), np.int64)
     if ctx.distributed:  # only rank 0 keeps a host copy (to write it); the others read the cache back
         feats = dist.gather_rows(torch.from_numpy(feats).to(ctx.device))
         labels = dist.gather_rows(torch.from_numpy(labels).to(ctx.device))
@@ -250,8 +297,8 @@ def _publish(entry: _Entry, ctx, feats, labels):
 def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None = None,
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = AMP.default,
-                     max_bad_fraction: float | None = None,
-                     layout: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
+                     max_bad_fraction: float | None = None, layout: str = "auto",
+                     pool: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×D float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
@@ -261,14 +308,15 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
     take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
-    ``layout``: the checkpoint layout of ``encoder`` (``--from``).
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``); ``pool``: which tokens are read (see the
+    module docstring; info's ``pool`` and ``feature`` say what was read).
     """
     ctx = dist.setup()
     encoder = Path(encoder)
     encoders.check_encoder_file(encoder)
     entry = _entry(encoder, data, split, cache_dir=cache_dir, img_size=img_size, limit=limit, amp=amp,
                    device=torch.device(device) if device is not None else ctx.device,
-                   max_bad_fraction=max_bad_fraction, layout=layout)
+                   max_bad_fraction=max_bad_fraction, layout=layout, pool=pool)
     cached = _read_cache(*entry.paths, entry.built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest
@@ -280,10 +328,11 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     return feats, labels, {**entry.info, "cached": False}
 
 
-def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode) -> torch.Tensor:
-    """Class-token features (N×D float32, after the encoder's final norm) of ``images`` (N×3×S×S), as
-    :func:`compute_features` computes them: under ``grad_off()`` and ``autocast()`` (a context factory,
-    :func:`mimbench.fastpath.autocast_factory`)."""
+def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode,
+                 pool: str = "cls") -> torch.Tensor:
+    """Features (N×D float32, after the encoder's final norm; by default the class token, else :func:`pool_tokens`
+    by a resolved ``pool``) of ``images`` (N×3×S×S), as :func:`compute_features` computes them: under
+    ``grad_off()`` and ``autocast()`` (a context factory, :func:`mimbench.fastpath.autocast_factory`)."""
     with grad_off(), autocast():
         tokens = model.forward_features(images)
-    return tokens[:, 0].float()
+    return pool_tokens(model, tokens, pool).float()

@@ -1,7 +1,9 @@
 """Linear probe of a frozen encoder (the MAE protocol, plus a fast variant on cached features).
 
 Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight trunc-normal std 0.01,
-bias 0) on the class token after the encoder's final norm. Only the linear layer has parameters; the
+bias 0) on the class token after the encoder's final norm (``pool``/``--pool``: or the mean of the patch
+tokens -- the default of encoders without class token, e.g. I-JEPA --, or both, width 2D; see
+:func:`mimbench.evals.features.resolve_pool`; the record's ``protocol.feature`` says which). Only the linear layer has parameters; the
 batch norm (no affine, running statistics) whitens features whose scale differs between encoders.
 
 ``mode="protocol"`` (facebookresearch/mae ``main_linprobe.py`` and the "Linear Probing" section of ``FINETUNE.md``): the encoder is
@@ -48,7 +50,7 @@ from mimbench.data import dataset_stats
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
-from mimbench.evals.features import eval_transform, extract_features, limited
+from mimbench.evals.features import FEATURE_READ, eval_transform, extract_features, limited, pool_tokens, resolve_pool
 from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
@@ -151,9 +153,10 @@ class Probe:
     eval_batch: int
     transforms: dict  # {"train_transform": ..., "val_transform": ...}
     skipped: dict
+    pool: str = "cls"  # resolved pooling (mimbench.evals.features.pool_tokens)
 
 
-def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
+def _cached_probe(run, size: int, batch: int, accum: int, pool: str) -> Probe:
     """Head on features of the un-augmented images, extracted once and cached (``features``); the batches are
     index arrays into the features on the device."""
     cfg, device = run.cfg, run.device
@@ -161,7 +164,7 @@ def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
         run.deviations.insert(0, CACHED_DEVIATION)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
                   batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout)
+                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout, pool=pool)
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
     train_x, train_y = torch.from_numpy(np.array(tx)).to(device), torch.from_numpy(np.array(ty)).to(device)
@@ -171,15 +174,16 @@ def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
                  val_set=val_set, eval_batch=CACHED_EVAL_BATCH,
                  transforms={"train_transform": tinfo["transform"] + " (no augmentation)",
                              "val_transform": vinfo["transform"]},
-                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]})
+                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]}, pool=tinfo["pool"])
 
 
-def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
+def _protocol_probe(run, size: int, batch: int, accum: int, pool: str) -> Probe:
     """Head on the frozen encoder (eval mode, no gradients) of augmented images: RandomResizedCrop + flip."""
     cfg = run.cfg
     encoder_model = encoders.load_encoder(run.encoder, img_size=size, layout=run.layout).to(run.device).eval()
     for p in encoder_model.parameters():
         p.requires_grad_(False)
+    pool = resolve_pool(pool, encoder_model.mimbench_metadata, str(run.encoder))
     train_tf, train_desc = _train_transform(run.data, size, cfg.augment.scale)
     val_tf, val_desc = eval_transform(run.data, size)
     train_set = runner.build_split(run, "train", transform=train_tf, img_size=size)
@@ -187,32 +191,34 @@ def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
     skipped = runner.skipped(train_set, val_set)
     classes = list(train_set.classes)
     train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
-    return Probe(head=build_head(encoder_model.embed_dim, len(classes)).to(run.device), encoder=encoder_model,
+    width = encoder_model.embed_dim * (2 if pool == "cls+avg" else 1)
+    return Probe(head=build_head(width, len(classes)).to(run.device), encoder=encoder_model,
                  loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
                  train_size=len(train_set), val_set=val_set, eval_batch=batch,
-                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped)
+                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped, pool=pool)
 
 
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-               resume: bool = False, layout: str = "auto") -> dict:
-    """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
+               resume: bool = False, layout: str = "auto", pool: str = "auto") -> dict:
+    """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
+    ``pool`` (``--pool``): which tokens the head reads (see the module docstring)."""
     run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
     batch, accum, eff, lr = runner.batch_rule(run, cfg.optim)
     size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
     build = _cached_probe if cfg.mode == "cached" else _protocol_probe
-    probe = build(run, size, batch, accum)
+    probe = build(run, size, batch, accum, pool)
     optimizer = build_optimizer(probe.head, cfg.optim, lr)
     loop = runner.loop_config(run, accum)
 
     def step(head, batch_):
         x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
-        return probe_loss(head, probe.encoder, x, y), {}
+        return probe_loss(head, probe.encoder, x, y, probe.pool), {}
 
     history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
     probe.head.eval()
-    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x), run.precision, device)  # as recorded
+    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x, probe.pool), run.precision, device)  # as recorded
     logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
     metrics = runner.topk_metrics(logits, labels)
@@ -222,20 +228,21 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         run,
         protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  **probe.transforms, "img_size": size},
+                  **probe.transforms, "img_size": size, "feature": FEATURE_READ[probe.pool], "pool": probe.pool},
         metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
                                   "skipped": probe.skipped})
 
 
-def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """Scores (N×C) of the probe ``head`` on the frozen encoder's class tokens of images ``x`` (N×3×S×S), or on
-    ``x`` itself when ``encoder_model`` is None (cached features, N×D)."""
+def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """Scores (N×C) of the probe ``head`` on the frozen encoder's features of images ``x`` (N×3×S×S; the class
+    token, or the resolved ``pool``), or on ``x`` itself when ``encoder_model`` is None (cached features, N×D)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            x = encoder_model.forward_features(x)[:, 0]
+            x = pool_tokens(encoder_model, encoder_model.forward_features(x), pool)
     return head(x.float())
 
 
-def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+               pool: str = "cls") -> torch.Tensor:
     """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss."""
-    return F.cross_entropy(probe_logits(head, encoder_model, x), y)
+    return F.cross_entropy(probe_logits(head, encoder_model, x, pool), y)

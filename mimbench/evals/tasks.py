@@ -25,6 +25,9 @@ IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
 LAUNCHERS = ("auto", "none", "pytorch", "slurm")
 BUILTIN_DATA = "builtin:fashion-mnist"
 BUILTIN_SEG_DATA = "builtin:fashion-mnist-seg"
+#: Feature poolings of the frozen-feature tasks (``--pool``): auto = what the encoder's authors evaluate (its
+#: metadata), cls = class token, avg = mean of the patch tokens (registers excluded), cls+avg = both.
+FEATURE_POOLS = ("auto", "cls", "avg", "cls+avg")
 #: `mimbench demo --quick` budget of the tasks that only read features: a part of each split.
 QUICK_FEATURE_LIMITS = ("data.limit_train=2048", "data.limit_val=500")
 
@@ -79,6 +82,12 @@ class Task:
     metrics_line: str = "pairs"
 
 
+#: ``--pool`` of the tasks that read frozen features (knn, linear).
+POOL_OPTION = Option("pool", ("--pool",), "auto", "Which tokens make the feature: auto (what the encoder's "
+                     "authors evaluate: the class token, or the mean of the patch tokens for encoders without one), "
+                     "cls, avg (mean of the patch tokens, registers excluded) or cls+avg", choices=FEATURE_POOLS)
+
+
 def resolve(ref: str, task: str) -> Callable:
     """The function named ``module:function`` (imported now); MimbenchError when the module is absent."""
     module_name, func_name = ref.split(":")
@@ -121,7 +130,7 @@ register_task(Task(
     demo_config="demo/knn_fmnist.py", protocol_config="knn/dino_k20.py",
     summary="Weighted k-NN on frozen class-token features (DINO protocol).",
     example="mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn",
-    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True,
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, options=(POOL_OPTION,),
     bench_mode="features", bench_step="mimbench.bench:features_step", bench_batch="batch_size",
 ))
 register_task(Task(
@@ -131,6 +140,7 @@ register_task(Task(
     example="mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py "
             "--data /data/imagenet --out runs/lin",
     feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, full_data=IMAGENET,
+    options=(POOL_OPTION,),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
 register_task(Task(
@@ -171,5 +181,6 @@ register_task(Task(
     bench_mode="segment", bench_step="mimbench.bench:segment_step", bench_batch="train_dataloader.batch_size",
 ))
 
-__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option", "TASKS", "Task",
+__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "FEATURE_POOLS", "IMAGENET", "LAUNCHERS", "Option",
+           "POOL_OPTION", "TASKS", "Task",
            "all_tasks", "get_task", "register_task", "resolve"]

@@ -114,6 +114,7 @@ def test_eval_finetune_on_registers_and_no_class_token(which, request, tmp_path)
                       overrides=["data.limit_train=32", "data.limit_val=16", "optim.batch_size=16",
                                  "schedule.epochs=1", "schedule.warmup_epochs=0"])
     assert 0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100
+    assert "register tokens excluded" in record["protocol"]["feature"]
     ck = torch.load(tmp_path / "checkpoint-latest.pt", weights_only=True)["model"]
     assert ck["head.weight"].shape == (10, 32)
     assert ("reg_token" in ck) == (which == "reg_encoder") and ("cls_token" in ck) == (which == "reg_encoder")
@@ -127,3 +128,15 @@ def test_linear_protocol_mode_reads_cls_and_patch_mean(reg_encoder, tmp_path):
     assert record["protocol"]["pool"] == "cls+avg" and "⊕" in record["protocol"]["feature"]
     ck = torch.load(tmp_path / "checkpoint-latest.pt", weights_only=True)["model"]
     assert ck["1.weight"].shape == (10, 64)  # the head reads 2D features
+
+
+def test_finetune_layer_decay_treats_registers_and_layer_scale_as_timm_does(reg_encoder):
+    from mimbench.evals.finetune import build_model, build_optimizer
+
+    model = build_model(reg_encoder, 10, img_size=None, drop_path=0.0)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, fast=False)
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    reg, cls, gamma = where[id(model.reg_token)], where[id(model.cls_token)], where[id(model.blocks[0].ls1.gamma)]
+    assert reg is cls and reg["weight_decay"] == 0.0  # the stem: layer 0, no weight decay
+    assert reg["lr_scale"] == pytest.approx(0.5 ** 3)  # depth 2: stem 0, blocks 1-2, head 3
+    assert gamma["weight_decay"] == 0.0 and gamma["lr_scale"] == pytest.approx(0.5 ** 2)  # block 0 -> layer 1

@@ -249,3 +249,15 @@ def test_files_without_the_new_fields_load_as_before(tiny_encoder):
     assert (model.global_pool, model.num_prefix_tokens, model.reg_token, model.no_embed_class) == \
         ("token", 1, None, False)
     assert resolve_pool("auto", meta) == "cls"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"reg_tokens": "-1"}, "reg_tokens"), ({"class_token": "maybe"}, "class_token"),
+    ({"pos_resample": "nearest"}, "pos_resample"), ({"class_token": "false"}, "global_pool='avg'"),
+])
+def test_bad_vit_fields_are_refused_before_writing(tmp_path, extra, message):
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **TINY)
+    with pytest.raises(MimbenchError, match=message):
+        save_encoder(model.state_dict(), tmp_path / "e.safetensors", arch="x", img_size=28, patch_size=14,
+                     embed_dim=32, depth=2, num_heads=2, technique="t", extra={"init_values": "1e-05", **extra})
+    assert not (tmp_path / "e.safetensors").exists()

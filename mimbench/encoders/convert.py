@@ -31,6 +31,8 @@ ViT family (timm ``VisionTransformer``):
 * ``ijepa`` - the official I-JEPA training checkpoint (:mod:`mimbench.encoders.ijepa`):
   ``{"encoder", "predictor", "target_encoder", ...}`` with ``module.`` keys; the target encoder is
   read (``source_part``), the encoder has no class token and is pooled by the mean of its patch tokens.
+  ``ijepa-context`` (never detected, ``--from`` only) reads the context encoder ``encoder`` instead (what
+  the HF and timm conversions ship).
 
 A timm state dict of a ViT with register tokens (``reg_token``), layer scale (``ls1/ls2.gamma``) or
 without a class token (then pooled by the mean of the patch tokens) is read by ``timm`` with those
@@ -73,7 +75,8 @@ from mimbench.encoders.ijepa import IJEPA_FLAGS, ijepa_part, is_official_ijepa
 from mimbench.encoders.vit import num_prefix_tokens, vit_metadata
 from mimbench.errors import MimbenchError
 
-VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "dinov2", "ijepa")
+VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "dinov2", "ijepa",
+               "ijepa-context")
 BEIT_LAYOUTS = ("beit", "beitv2", "data2vec-vision")
 LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS
 
@@ -83,7 +86,9 @@ _HEAD = ("head.",)
 _DISTILLED = ("dist_token", "head_dist.")
 _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown", "dino": "dino",
               "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
-              "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa"}
+              "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa",
+              "ijepa-context": "ijepa"}
+_IJEPA = ("ijepa", "ijepa-context")
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
 _BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
@@ -237,8 +242,8 @@ def detect_layouts(obj: object) -> list[str]:
 def _extract(obj: object, layout: str, src: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     """(encoder-candidate tensors under their source names, names dropped while unwrapping, wrapper dict)."""
     dropped: list[str] = []
-    if layout == "ijepa" and is_official_ijepa(obj):
-        part, net, dropped = ijepa_part(obj, src)
+    if layout in _IJEPA and is_official_ijepa(obj):
+        part, net, dropped = ijepa_part(obj, src, "encoder" if layout == "ijepa-context" else None)
         return _strip(_tensors(net, src, f"the {part}"), "module."), dropped, obj
     if layout == "vissl":
         try:
@@ -485,9 +490,9 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
             sd, flags, more = dinov2_to_timm(sd, str(src))
             dropped += more
         else:
-            flags = dict(IJEPA_FLAGS) if layout == "ijepa" else _vit_flags(sd)
-        if layout == "ijepa" and is_official_ijepa(obj):
-            extra["source_part"] = ijepa_part(obj, src)[0]
+            flags = dict(IJEPA_FLAGS) if layout in _IJEPA else _vit_flags(sd)
+        if layout in _IJEPA and is_official_ijepa(obj):
+            extra["source_part"] = ijepa_part(obj, src, "encoder" if layout == "ijepa-context" else None)[0]
         dropped += _drop_vit(sd, layout, src)
         arch = _vit_arch(sd, src, num_heads, flags)
         extra.update(vit_metadata(flags))

@@ -238,6 +238,10 @@ def test_official_ijepa_reads_the_target_encoder_with_patch_mean(tmp_path):
     assert isinstance(enc.norm, torch.nn.LayerNorm)  # the per-token final norm is kept, not a fresh fc_norm
     with pytest.raises(MimbenchError, match="no class token"):
         resolve_pool("cls", meta)
+    context_file = convert_checkpoint(src, tmp_path / "context.safetensors", "ijepa-context", num_heads=2)
+    assert read_metadata(context_file)["source_part"] == "encoder"
+    with torch.no_grad():
+        assert torch.allclose(load_encoder(context_file)(x), context.forward_features(x).mean(dim=1), atol=TOL, rtol=0)
     big = load_encoder(dst, img_size=42)  # the N-token grid resampled directly
     assert big.pos_embed.shape == (1, 9, 32)
 

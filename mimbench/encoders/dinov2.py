@@ -177,8 +177,12 @@ def hf_encoder(tensors: dict[str, torch.Tensor], arch: dict, flags: dict, *, tec
     """``(tensors, metadata)`` of an HF model mapped to the timm layout, checked against its config."""
     arch = dict(arch)
     eps = arch.pop("norm_eps")
+    counts: dict[str, int] = {}
+    for k in dropped:  # per module, as convert's source_dropped: "embeddings.mask_token(1)"
+        top = k if k.startswith("embeddings.") else k.split(".")[0]
+        counts[top] = counts.get(top, 0) + 1
     extra = vit_metadata(flags) | {"source_layout": layout, "source_config": "config.json",
-                                   "source_dropped": ",".join(sorted({k.split(".")[0] for k in dropped}))}
+                                   "source_dropped": ",".join(f"{k}({n})" for k, n in sorted(counts.items()))}
     if eps != 1e-6:
         extra["norm_eps"] = repr(eps)
     meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),

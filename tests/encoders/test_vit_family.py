@@ -186,6 +186,7 @@ def test_hf_models_give_their_pooled_features(tmp_path, kind):
         got = _features(enc, x)
         assert got.shape == want.shape and torch.allclose(got, want, atol=TOL, rtol=0), (got - want).abs().max()
     assert meta["source_layout"] == f"hf-{kind}"
+    assert meta["source_dropped"] == ("" if kind == "ijepa" else "embeddings.mask_token(1)")
     if kind == "ijepa":
         assert (meta["class_token"], meta["global_pool"], meta["norm_eps"]) == ("false", "avg", "1e-12")
     if kind == "dinov2-registers":

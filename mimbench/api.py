@@ -66,7 +66,7 @@ def _task_options(task: Task, options: Mapping[str, Any]) -> dict:
             raise MimbenchError(f"The {task.name} evaluation has no option {name!r}.",
                                 f"Its options: {have} (besides data, config, out, overrides, layout, resume).")
         choices = known[name].choices
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:  # None: not given (the task's default)
             raise MimbenchError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.",
                                 f"Pass {name} as one of those.")
     return dict(options)

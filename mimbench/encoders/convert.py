@@ -48,6 +48,10 @@ BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
   ``cls_pt_norm``, ``cls_pt_lm_head``) dropped. The three share one key layout; auto-detection tells
   BEiT v2 by ``cls_pt_*`` and BEiT by ``lm_head`` and asks for ``--from`` otherwise.
 
+Hugging Face (a ``save_pretrained`` folder, detected by its ``config.json``, or its weights file alone; see
+:mod:`mimbench.encoders.hf`): ``hf-vit`` and ``hf-vitmae`` to the ViT family, ``hf-beit`` and
+``hf-data2vec-vision`` to the BEiT family.
+
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
 dropped ones are named per module in ``source_dropped``. PyTorch files are read with
@@ -71,6 +75,10 @@ from mimbench.encoders.arch import arch_name, default_num_heads, mlp_hidden, par
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
 from mimbench.encoders.dinov2 import DINOV2_INIT_VALUES, dinov2_to_timm, is_official_dinov2, is_timm_dinov2
 from mimbench.encoders.file import FORMAT_TAG, check_tensors, encoder_metadata, encoder_sha256, save_encoder
+from mimbench.encoders.hf import (
+    detect_hf_layouts, hf_layouts, is_hf_folder, layout_of_config, map_hf_state, read_config, read_weights,
+    weights_file,
+)
 from mimbench.encoders.ijepa import IJEPA_FLAGS, ijepa_part, is_official_ijepa
 from mimbench.encoders.vit import num_prefix_tokens, vit_metadata
 from mimbench.errors import MimbenchError
@@ -78,7 +86,8 @@ from mimbench.errors import MimbenchError
 VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "dinov2", "ijepa",
                "ijepa-context")
 BEIT_LAYOUTS = ("beit", "beitv2", "data2vec-vision")
-LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS
+HF_LAYOUTS = hf_layouts()
+LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS + HF_LAYOUTS
 
 _MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 _MAE_DECODER_EXACT = ("decoder_pos_embed", "mask_token")
@@ -87,7 +96,8 @@ _DISTILLED = ("dist_token", "head_dist.")
 _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown", "dino": "dino",
               "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
               "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa",
-              "ijepa-context": "ijepa"}
+              "ijepa-context": "ijepa", "hf-vit": "unknown", "hf-vitmae": "mae", "hf-beit": "beit",
+              "hf-data2vec-vision": "data2vec"}
 _IJEPA = ("ijepa", "ijepa-context")
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
@@ -214,6 +224,9 @@ def detect_layouts(obj: object) -> list[str]:
             inner = obj[key]
             break
     keys = [k[len("module."):] if k.startswith("module.") else k for k in inner if isinstance(k, str)]
+    hf = detect_hf_layouts(keys)
+    if hf:
+        return hf
     if any(k.startswith("base_encoder.") for k in keys):
         return ["mocov3"]
     if is_official_dinov2(keys):
@@ -470,10 +483,21 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
     ``source_dropped`` (tensors left out on purpose, per module).
     """
     src = Path(src)
+    provenance = dict(technique=technique, epochs=epochs, data=data)
+    if is_hf_folder(src):
+        config = read_config(src)
+        found = layout_of_config(config, str(src))  # an unsupported architecture stops here, before any weights
+        layout = found if check_layout(layout) == "auto" else layout
+        if layout not in HF_LAYOUTS:
+            raise MimbenchError(f"{src} is a Hugging Face model folder; layout {layout!r} does not apply to it.",
+                                f"Leave out --from, or use one of {', '.join(HF_LAYOUTS)}.")
+        return _convert_hf(read_weights(weights_file(src)), config, layout, src, provenance)
     if not src.is_file():
         raise MimbenchError(f"Checkpoint {src} does not exist or is not a file.", "Check the path.")
     obj = _load_file(src)
     layout = _resolve_layout(obj, layout, src)
+    if layout in HF_LAYOUTS:
+        return _convert_hf(_tensors(obj, src, "the weights"), {}, layout, src, provenance)
     sd, dropped, wrapper = _extract(obj, layout, src)
     extra: dict[str, str] = {}
     family = "beit" if layout in BEIT_LAYOUTS else "vit"
@@ -522,6 +546,22 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
     return tensors, meta
 
 
+def _convert_hf(state: dict[str, torch.Tensor], config: dict, layout: str, src: Path,
+                provenance: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An HF state (and its config.json, ``{}`` without one) -> checked encoder tensors and metadata."""
+    tensors, fields = map_hf_state(state, config, layout, str(src))
+    arch = fields["arch"]
+    extra = {**fields["extra"], "source_sha256": encoder_sha256(src), "source_layout": layout,
+             "source_dropped": _summarize(fields["dropped"])}
+    meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
+                            technique=provenance["technique"] or _TECHNIQUE[layout],
+                            epochs=provenance["epochs"] or 0.0, data=provenance["data"], source=src.name,
+                            family=fields["family"], extra=extra, where=str(src), **arch)
+    check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, meta, parse_arch(meta, str(src)),
+                  f"{src} (read as {layout})")
+    return tensors, meta
+
+
 def _summarize(names: list[str]) -> str:
     """``decoder_blocks(96),head(2)``: dropped tensors grouped by top-level module."""
     counts: dict[str, int] = {}
@@ -538,7 +578,7 @@ def convert_in_memory(src, layout: str = "auto") -> tuple[dict[str, torch.Tensor
     """:func:`convert_state` with default provenance, remembered for the last file (an evaluation
     reads its encoder several times: metadata, train and validation features, the record)."""
     src = Path(src)
-    st = src.stat()
+    st = (weights_file(src) if is_hf_folder(src) else src).stat()
     key = (str(src.resolve()), st.st_size, st.st_mtime_ns, layout)
     if key not in _CACHE:
         _CACHE.clear()

@@ -21,6 +21,7 @@ BASE = {
     "linear": REPO / "eval_configs/demo/linear_fmnist.py",
     "finetune": REPO / "eval_configs/demo/finetune_fmnist.py",
     "knn": REPO / "eval_configs/demo/knn_fmnist.py",
+    "lowshot": REPO / "eval_configs/demo/lowshot_fmnist.py",
     "segment": REPO / "eval_configs/segmentation/demo_fmnist_seg.py",
 }
 # (kind, config-file line or --set override, words the error must contain)
@@ -89,14 +90,15 @@ def test_bad_override_is_refused_the_same_way(kind, line, words):
 
 def test_every_shipped_config_passes_its_schema():
     kinds = {"pretrain/configs": "pretrain", "eval_configs/reproduce": "pretrain", "eval_configs/linear": "linear",
-             "eval_configs/finetune": "finetune", "eval_configs/knn": "knn", "eval_configs/segmentation": "segment"}
+             "eval_configs/finetune": "finetune", "eval_configs/knn": "knn", "eval_configs/segmentation": "segment",
+             "eval_configs/lowshot": "lowshot"}
     n = 0
     for folder, kind in kinds.items():
         for path in sorted((REPO / folder).glob("*.py")):
             load_config(path, kind=kind)
             n += 1
     for path in sorted((REPO / "eval_configs/demo").glob("*.py")):
-        load_config(path, kind=next(k for k in ("linear", "finetune", "knn") if k in path.name))
+        load_config(path, kind=next(k for k in ("linear", "finetune", "knn", "lowshot") if k in path.name))
         n += 1
     assert n >= 25
 

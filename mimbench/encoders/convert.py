@@ -97,7 +97,8 @@ _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpre
               "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
               "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa",
               "ijepa-context": "ijepa", "hf-vit": "unknown", "hf-vitmae": "mae", "hf-beit": "beit",
-              "hf-data2vec-vision": "data2vec"}
+              "hf-data2vec-vision": "data2vec", "hf-dinov2": "dinov2", "hf-dinov2-registers": "dinov2",
+              "hf-ijepa": "ijepa"}
 _IJEPA = ("ijepa", "ijepa-context")
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")

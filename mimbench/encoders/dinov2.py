@@ -115,14 +115,24 @@ def _hf_block_key(i: str, rest: str) -> str | None:
     return None if target is None else f"blocks.{i}.{target}.{param}"
 
 
-def hf_to_timm(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``(timm-named tensors, dropped names)`` of an HF ViT-style state dict; q/k/v fused into ``attn.qkv``.
-
-    Official-style ``register_tokens`` are kept under that name (:func:`dinov2_to_timm` folds them)."""
+def _hf_unprefixed(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = dict(state)
     for prefix in _HF_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def hf_dropped(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names :func:`hf_to_timm` leaves out of ``state`` on purpose (``mask_token``, ``pooler``)."""
+    return [k for k in _hf_unprefixed(state) if k.startswith(_HF_DROP)]
+
+
+def hf_to_timm(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(timm-named tensors, dropped names)`` of an HF ViT-style state dict; q/k/v fused into ``attn.qkv``.
+
+    Official-style ``register_tokens`` are kept under that name (:func:`dinov2_to_timm` folds them)."""
+    state = _hf_unprefixed(state)
     _refuse_swiglu(state, where)
     out, dropped, unknown = {}, [], []
     for k, v in state.items():

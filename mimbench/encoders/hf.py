@@ -51,7 +51,7 @@ from mimbench.encoders.beit import beit_metadata, rel_table_rows
 from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped
 from mimbench.encoders.file import HF_CONFIG, HF_WEIGHTS
 from mimbench.encoders.ijepa import hf_ijepa_state
-from mimbench.encoders.vit import vit_metadata
+from mimbench.encoders.vit import non_plain_fields
 from mimbench.errors import MimbenchError
 
 #: Defaults of transformers' ViTConfig / ViTMAEConfig / BeitConfig / Data2VecVisionConfig, used for a weights
@@ -506,8 +506,8 @@ def hf_folder_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     """``(config.json dict, state in save_pretrained names)`` of an encoder: ViT family -> ``ViTModel``, BEiT
     family -> ``BeitModel`` (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
     family = meta.get("family", "vit")
-    kept = sorted(k for k in ("class_token", "reg_tokens", "no_embed_class", "init_values") if k in vit_metadata(flags))
-    if family == "vit" and kept:  # a ViTModel has a class token, no registers, no layer scale
+    kept = non_plain_fields(flags) if family == "vit" else []
+    if kept:  # a ViTModel has a class token, no registers, no layer scale
         raise MimbenchError(f"A ViTModel cannot hold this encoder ({', '.join(f'{k}={meta.get(k)}' for k in kept)}: "
                             "no class token, register tokens or layer scale).", "Export it with --to timm.")
     in_chans = int(tensors["patch_embed.proj.weight"].shape[1])

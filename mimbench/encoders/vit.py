@@ -116,6 +116,12 @@ def vit_metadata(flags: Mapping) -> dict[str, str]:
     return out
 
 
+def non_plain_fields(flags: Mapping) -> list[str]:
+    """The metadata fields of ``flags`` that a plain ViT (HF ``ViTModel``, MAE's ``models_vit``) has no place for:
+    no class token, register tokens, layer scale (``no_embed_class`` comes with the registers)."""
+    return sorted(k for k in ("class_token", "reg_tokens", "no_embed_class", "init_values") if k in vit_metadata(flags))
+
+
 def num_prefix_tokens(flags: Mapping) -> int:
     """Tokens before the patch tokens in the encoder's output: the class token (if any) and the registers."""
     return int(flags.get("class_token", True)) + int(flags.get("reg_tokens") or 0)

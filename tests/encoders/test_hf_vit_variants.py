@@ -102,3 +102,10 @@ def test_task_model_folder_reads_its_base_model(tmp_path):
         want = model.dinov2(pixel_values=x).last_hidden_state[:, 0]
     assert torch.allclose(_pooled(load_encoder(tmp_path / "hf"), x), want, atol=TOL, rtol=0)
     assert "classifier(2)" in read_metadata(tmp_path / "hf")["source_dropped"]
+
+
+def test_export_to_mae_refuses_registers_and_layer_scale(tmp_path):
+    _hf_model("dinov2").save_pretrained(tmp_path / "hf")  # eps 1e-6 as MAE's, but layer scale
+    with pytest.raises(MimbenchError, match="init_values") as err:
+        export(tmp_path / "hf", "mae", tmp_path / "enc.pth")
+    assert "--to timm" in err.value.fix and not (tmp_path / "enc.pth").exists()

@@ -32,6 +32,7 @@ from mimbench.encoders import check_encoder_file, convert_checkpoint, encoder_sh
 from mimbench.encoders.arch import norm_eps, parse_arch
 from mimbench.encoders.families import family_flags
 from mimbench.encoders.hf import hf_folder_files
+from mimbench.encoders.vit import non_plain_fields
 from mimbench.errors import MimbenchError
 from mimbench.results.records import RECORD_NAME, record_problems
 
@@ -106,6 +107,11 @@ def export_mae(encoder: Path, out: Path, *, layout: str = "auto") -> Path:
     if meta.get("family", "vit") != "vit":
         raise MimbenchError(f"{encoder} is a {meta['family']}-family encoder; MAE's code builds ViTs only.",
                             "Export it with --to hf or --to timm.")
+    kept = non_plain_fields(family_flags(meta, str(encoder))[1])
+    if kept:  # MAE's load_state_dict(strict=False) would skip these tensors and compute other features
+        raise MimbenchError(f"{encoder} has {', '.join(f'{k}={meta.get(k)}' for k in kept)} (no class token, register "
+                            "tokens or layer scale), which MAE's models_vit.py does not build.",
+                            "Export it with --to timm.")
     eps = norm_eps(meta, str(encoder))
     if eps != MAE_NORM_EPS:
         raise MimbenchError(f"{encoder} uses LayerNorm eps {eps:g}; MAE's models_vit.py builds eps {MAE_NORM_EPS:g}, "

@@ -230,7 +230,11 @@ MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
 ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
 TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
 LOWSHOT_CLASSIFIERS = ("msn-logreg",)             # mimbench.evals.lowshot
-POOLS = ("cls", "avg", "cls+avg")                 # mimbench.evals.features.pool_tokens
+#: Feature poolings (mimbench.evals.features.pool_tokens): cls = class token, avg = mean of the patch tokens
+#: (class and register tokens left out), cls+avg = both; auto (or a linear probe's unset pool) = the encoder
+#: family's pooling (mimbench.evals.features.resolve_pool: the class token, or avg for an encoder without one or
+#: whose metadata says global_pool=avg).
+POOLS = ("auto", "cls", "avg", "cls+avg")
 #: The ``layers`` values of a probe (mimbench.evals.features.resolve_layers): the syntax, as errors show it.
 LAYERS_SYNTAX = ("'last' (the last block), a block index (7; -2 counts from the end), 'concat:N' (the last N "
                  "blocks' features concatenated, as DINOv2's last-4), 'mean:I,J,...' (the mean of blocks I, J, ..., "

@@ -10,20 +10,25 @@ Adding a family (e.g. timm ``Eva`` for EVA-02 / DINOv3) is one module plus one e
 (like :mod:`mimbench.encoders.beit`) documents the state-dict layout of its encoder files and provides,
 each with the signature given:
 
-* ``parse(meta, where) -> flags``: the family's own metadata fields (listed in ``fields``), checked
-  and turned into Python values; raise :class:`~mimbench.errors.MimbenchError` on a bad value;
+* ``parse(meta, where) -> flags``: the family's own metadata fields (those every file of it carries
+  listed in ``fields``; optional ones, such as the ViT family's :data:`~mimbench.encoders.vit.VIT_FIELDS`,
+  documented by the module), checked and turned into Python values; raise
+  :class:`~mimbench.errors.MimbenchError` on a bad value;
 * ``shapes(arch, flags, in_chans) -> {tensor name: shape}``: the exact tensors of an encoder file,
   ``arch`` being :func:`mimbench.encoders.arch.parse_arch`'s dict;
 * ``build(arch, flags, *, img_size, in_chans, norm_eps, **timm_kwargs) -> model``: the timm model
   (an instance of ``timm_class``) with the file's architecture at ``img_size``;
-* ``resample(state, old_grid, new_grid) -> state``: position information moved from the stored
-  square grid to the model's grid, with :mod:`mimbench.encoders.resample`.
+* ``resample(state, old_grid, new_grid, flags=None) -> state``: position information moved from the
+  stored square grid to the model's grid, with :mod:`mimbench.encoders.resample` (``flags``: the
+  parsed family fields, e.g. the ViT family's ``pos_resample`` variant).
 
 The entry then names ``timm_class``, ``fields``, the ``layer_decay_groups`` function (usually
 :func:`timm_layer_decay_groups`, valid for every timm model whose ``group_matcher`` numbers its
 blocks), ``mmseg_backbone`` (the name of a function ``fn(state, meta, grid) -> (mmseg backbone type,
 weights)`` in :mod:`mimbench.seg.backbone`, or None when segmentation does not support the family)
-and ``global_pool`` (the pooling :func:`~mimbench.encoders.load_encoder` uses unless told otherwise).
+and ``global_pool`` (the pooling :func:`~mimbench.encoders.load_encoder` uses unless told otherwise; a
+``global_pool`` in the parsed flags -- the ViT family's metadata field -- takes precedence, see
+:func:`default_pool`).
 Converters of checkpoints of that family are layouts in :mod:`mimbench.encoders.convert`.
 """
 from __future__ import annotations
@@ -106,6 +111,19 @@ def family_flags(meta: Mapping[str, str], where: str = "encoder file") -> tuple[
     """``(entry, parsed family fields)`` of an encoder's metadata, both checked."""
     family = family_of(meta, where)
     return family, family.parse(meta, where)
+
+
+def default_pool(meta: Mapping[str, str], where: str = "encoder file") -> str:
+    """The timm ``global_pool`` the encoder's authors evaluate it with: the metadata's ``global_pool`` field
+    when the family has one and it is set, else the family's default ("token": the class token)."""
+    family, flags = family_flags(meta, where)
+    return flags.get("global_pool") or family.global_pool
+
+
+def has_class_token(meta: Mapping[str, str], where: str = "encoder file") -> bool:
+    """Whether the encoder has a class token (every family does, except ViT-family files that say
+    ``class_token=false``)."""
+    return bool(family_flags(meta, where)[1].get("class_token", True))
 
 
 def tensor_shapes(meta: Mapping[str, str], arch: Mapping[str, float], in_chans: int = 3,

@@ -26,6 +26,10 @@ and decoders are dropped and named in ``source_dropped``.
   ``lambda_1/2`` -> ``gamma_1/2``, relative position tables per block or shared. A model built with
   ``use_mean_pooling=True`` has no per-token final norm (its only norm acts on the mean of the patch
   tokens) and is refused, as :mod:`mimbench.encoders.convert` refuses such fine-tuned checkpoints.
+* ``hf-dinov2`` (``Dinov2Model``), ``hf-dinov2-registers`` (``Dinov2WithRegistersModel``) and ``hf-ijepa``
+  (``IJepaModel``) -> the ViT family with layer scale, registers or no class token, by the readers of
+  :mod:`mimbench.encoders.dinov2` and :mod:`mimbench.encoders.ijepa` (:func:`_vit_family_reader` adapts their
+  ``(tensors, metadata)`` to this table's fields). They need config.json (a weights file alone is refused).
 
 :func:`hf_folder_files` writes the reverse: ViT family -> a ``ViTModel`` folder, BEiT family -> a
 ``BeitModel`` folder, both loadable by ``transformers.AutoModel.from_pretrained``.
@@ -44,7 +48,10 @@ from safetensors.torch import load_file
 
 from mimbench.encoders.arch import default_num_heads, mlp_hidden
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
+from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped
 from mimbench.encoders.file import HF_CONFIG, HF_WEIGHTS
+from mimbench.encoders.ijepa import hf_ijepa_state
+from mimbench.encoders.vit import non_plain_fields
 from mimbench.errors import MimbenchError
 
 #: Defaults of transformers' ViTConfig / ViTMAEConfig / BeitConfig / Data2VecVisionConfig, used for a weights
@@ -53,7 +60,7 @@ HF_DEFAULTS = {"layer_norm_eps": 1e-12, "hidden_act": "gelu", "qkv_bias": True}
 #: Activations that are timm's nn.GELU (the erf form): transformers' ACT2FN["gelu"].
 _GELU = ("gelu",)
 #: Base-model prefixes of the task models (``ViTForImageClassification.vit`` ...).
-_PREFIXES = ("vit.", "beit.", "data2vec_vision.")
+_PREFIXES = ("vit.", "beit.", "data2vec_vision.", "dinov2.", "dinov2_with_registers.", "ijepa.")
 # transformers 5 in-memory module names -> the names save_pretrained writes
 _V5_RENAMES = (
     (re.compile(r"^layers\.(\d+)\.attention\.q_proj\."), r"encoder.layer.\1.attention.attention.query."),
@@ -304,15 +311,40 @@ def map_hf_beit(state: dict[str, torch.Tensor], config: Mapping) -> tuple[dict[s
     return out, fields
 
 
+#: Metadata fields that are the encoder file's own (arch, provenance), not a reader's extra fields.
+_STANDARD = ("format", "arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "technique",
+             "config_sha256", "epochs", "data", "code_version", "source", "family", "source_layout", "source_dropped")
+
+
+def _vit_family_reader(reader: Callable) -> Callable:
+    """A mapping function of this table from a reader ``(state, config, where) -> (tensors, metadata)`` of
+    :mod:`mimbench.encoders.dinov2` / :mod:`mimbench.encoders.ijepa`: the metadata split into the fields
+    ``arch``, ``family``, ``extra``, and the names it dropped."""
+
+    def mapper(state: dict[str, torch.Tensor], config: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
+        config = dict(config)
+        tensors, meta = reader(state, config, config.pop("_where", reader.__name__))
+        arch = {k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+        arch["mlp_ratio"] = float(meta["mlp_ratio"])
+        extra = {k: v for k, v in meta.items() if k not in _STANDARD}
+        return tensors, dict(arch=arch, family=meta.get("family", "vit"), extra=extra, dropped=hf_dropped(state))
+
+    return mapper
+
+
 #: config.json ``model_type`` -> (layout name, mapping function). One entry per supported architecture.
 HF_ARCHITECTURES: dict[str, tuple[str, Callable]] = {
     "vit": ("hf-vit", map_hf_vit),
     "vit_mae": ("hf-vitmae", map_hf_vit),
     "beit": ("hf-beit", map_hf_beit),
     "data2vec-vision": ("hf-data2vec-vision", map_hf_beit),
+    "dinov2": ("hf-dinov2", _vit_family_reader(hf_dinov2_state)),
+    "dinov2_with_registers": ("hf-dinov2-registers", _vit_family_reader(hf_dinov2_registers_state)),
+    "ijepa": ("hf-ijepa", _vit_family_reader(hf_ijepa_state)),
 }
 #: The model classes each model type's layout is named after (for messages and docs).
-HF_CLASSES = {"vit": "ViTModel", "vit_mae": "ViTMAEModel", "beit": "BeitModel", "data2vec-vision": "Data2VecVisionModel"}
+HF_CLASSES = {"vit": "ViTModel", "vit_mae": "ViTMAEModel", "beit": "BeitModel", "data2vec-vision": "Data2VecVisionModel",
+              "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "ijepa": "IJepaModel"}
 
 
 def hf_layouts() -> tuple[str, ...]:
@@ -408,6 +440,10 @@ def detect_hf_layouts(keys) -> list[str]:
     base, dropped = base_state(state)
     if "embeddings.patch_embeddings.projection.weight" not in base:
         return []
+    if any(k.endswith("layer_scale1.lambda1") for k in base):  # DINOv2's layer scale (BEiT's is lambda_1)
+        return ["hf-dinov2-registers"] if "embeddings.register_tokens" in base else ["hf-dinov2"]
+    if "embeddings.cls_token" not in base:  # the only HF ViT here without a class token
+        return ["hf-ijepa"]
     beit = any(k.endswith(("lambda_1", "relative_position_bias_table")) for k in base) or any(
         k.endswith("attention.attention.query.bias") for k in base) and not any(
         k.endswith("attention.attention.key.bias") for k in base)
@@ -470,6 +506,10 @@ def hf_folder_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     """``(config.json dict, state in save_pretrained names)`` of an encoder: ViT family -> ``ViTModel``, BEiT
     family -> ``BeitModel`` (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
     family = meta.get("family", "vit")
+    kept = non_plain_fields(flags) if family == "vit" else []
+    if kept:  # a ViTModel has a class token, no registers, no layer scale
+        raise MimbenchError(f"A ViTModel cannot hold this encoder ({', '.join(f'{k}={meta.get(k)}' for k in kept)}: "
+                            "no class token, register tokens or layer scale).", "Export it with --to timm.")
     in_chans = int(tensors["patch_embed.proj.weight"].shape[1])
     config = _vit_config(arch, in_chans, eps)
     state = {"embeddings.cls_token": tensors["cls_token"],

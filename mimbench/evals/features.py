@@ -1,20 +1,24 @@
 """Frozen-encoder features for a dataset split, cached on disk.
 
-A feature is by default the class token after the encoder's final LayerNorm (timm ``forward_features(x)[:, 0]``),
-computed with the encoder in eval mode under ``torch.inference_mode`` and the evaluation's precision
-(``amp``: "auto" = bf16 autocast on CUDA and bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`);
-stored as ``(N, D)`` float32.
+A feature is read from the tokens after the encoder's final LayerNorm (timm ``forward_features(x)``), by
+the pooling ``pool`` (:data:`mimbench.schema.POOLS`, ``--pool``): ``cls`` the class token (``[:, 0]``), ``avg``
+the mean of the patch tokens (the class token and register tokens excluded), ``cls+avg`` both concatenated
+(width 2D); ``auto`` (or unset) is the encoder family's pooling, from its metadata (:func:`resolve_pool`: the
+class token, or the patch mean for encoders without class token such as I-JEPA). By default it is the class token
+(timm ``forward_features(x)[:, 0]``). It is computed with the encoder in eval mode under
+``torch.inference_mode`` and the evaluation's precision (``amp``: "auto" = bf16 autocast on CUDA and
+bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`); stored as ``(N, D)`` float32.
 
-Other blocks and tokens (:class:`Readout`, the probes' ``layers`` / ``pool``): any block, the last N blocks
-concatenated (DINOv2's linear probe), the mean of several blocks (AIM), or every block at once (a depth sweep);
-the class token, the mean of the patch tokens (register tokens left out) or both. Every block is read through
-the encoder's final norm, as DINOv2 reads its last four (:data:`BLOCK_NORM`), and all blocks come from one
-forward pass per batch (hooks on the blocks).
+Other blocks (:class:`Readout`, the probes' ``layers``): any block, the last N blocks concatenated (DINOv2's
+linear probe), the mean of several blocks (AIM), or every block at once (a depth sweep), each pooled as above.
+Every block is read through the encoder's final norm, as DINOv2 reads its last four (:data:`BLOCK_NORM`), and
+all blocks come from one forward pass per batch (hooks on the blocks).
 
 Cache: ``<cache_dir>/<key>.features.npy`` (N×F float32) and ``<key>.labels.npy`` (N int64), read back as
 read-only ``numpy`` memory maps. ``key`` is the sha256 of the encoder file's sha256, the data spec
 (absolute path for folders), the split, the transform description, the image size and the sample limit,
-the precision, and the readout when it is not the default, so a changed encoder, dataset, split,
+the precision, and the pooling and blocks when they are not the default (:func:`feature_key`: the class token
+of the last block keeps the key caches were written under before either was a choice), so a changed encoder, dataset, split,
 pre-processing, precision or readout never reuses stale features. ``<key>.manifest.json`` is written last
 and holds what the entry was built from (that spec plus a sha256 of the dataset's sample list - relative
 paths, labels and file sizes for folders) and the shape, dtype and byte size of both arrays. An entry is read only when its manifest matches all of that; an incomplete (no manifest, killed
@@ -40,6 +44,7 @@ from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
 from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.encoders.families import default_pool, has_class_token
 from mimbench.errors import MimbenchError
 from mimbench.fastpath import autocast_factory, resolve_amp
 from mimbench.schema import AMP, LAYERS_SYNTAX, POOLS, layer_spec
@@ -75,19 +80,59 @@ def eval_transform(data: str, img_size: int):
     return transform, f"resize{resize}-bicubic/centercrop{img_size}/normalize(mean={mean},std={std})"
 
 
+#: What each pooling reads, as the run records say it.
+FEATURE_READ = {"cls": "class token after final norm",
+                "avg": "mean of the patch tokens after final norm (class and register tokens excluded)",
+                "cls+avg": "class token after final norm ⊕ mean of the patch tokens after final norm "
+                           "(register tokens excluded)"}
+#: Cache-key names of the poolings of the last block ("cls" keeps the key of caches written before pooling was
+#: a choice).
+_FEATURE_KEY = {"cls": "cls-after-final-norm", "avg": "patch-mean-after-final-norm",
+                "cls+avg": "cls+patch-mean-after-final-norm"}
+
+
+def _no_class_token(where: str, pool: str) -> MimbenchError:
+    return MimbenchError(f"{where} has no class token, so pool {pool!r} cannot read one.",
+                         "Use --pool avg (the mean of the patch tokens) or auto.")
+
+
+def resolve_pool(pool: str | None, meta: dict, where: str = "encoder") -> str:
+    """``pool`` (one of :data:`mimbench.schema.POOLS`, or None) for an encoder with metadata ``meta``: "auto" and
+    None become the encoder family's pooling (:func:`mimbench.encoders.families.default_pool`: "avg" when its
+    metadata says ``global_pool=avg``, as for encoders without class token, else "cls"); a class-token pooling of
+    an encoder without one is an error."""
+    if pool is not None and pool not in POOLS:
+        raise MimbenchError(f"pool = {pool!r} is not a pooling.", f"Use one of: {', '.join(POOLS)}.")
+    if pool in (None, "auto"):
+        pool = "avg" if default_pool(meta, where) == "avg" else "cls"
+    if pool != "avg" and not has_class_token(meta, where):
+        raise _no_class_token(where, pool)
+    return pool
+
+
+def pool_tokens(model: torch.nn.Module, tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """Features (N×D, N×2D for "cls+avg") of ``tokens`` N×T×D (``model.forward_features`` output, or a block's
+    tokens through the final norm) by a resolved ``pool``: the class token (index 0), the mean of the patch
+    tokens - those after the model's ``num_prefix_tokens`` (class token, registers) -, or both concatenated."""
+    if pool == "cls":
+        return tokens[:, 0]
+    mean = tokens[:, int(getattr(model, "num_prefix_tokens", 1)):].mean(dim=1)
+    return mean if pool == "avg" else torch.cat([tokens[:, 0], mean], dim=-1)
+
+
 def data_identity(data: str) -> str:
     """The data spec as it enters the cache key: builtin names as is, folders by absolute path."""
     return data if is_builtin(data) else str(Path(data).resolve())
 
 
 def cache_key(*, encoder_sha: str, data: str, split: str, transform_desc: str, img_size: int,
-              limit: int | None, precision: str = "none", readout: dict | None = None) -> str:
-    """The cache entry's name; ``readout`` (:meth:`Readout.describe`) only for a feature other than the default
+              limit: int | None, precision: str = "none", feature: str | dict | None = None) -> str:
+    """The cache entry's name; ``feature`` (:func:`feature_key`) only for a feature other than the default
     class token after the final norm, so that the default's key stays the one caches were written under."""
     spec = {"encoder": encoder_sha, "data": data_identity(data), "split": split, "transform": transform_desc,
-            "img_size": int(img_size), "limit": limit, "feature": "cls-after-final-norm"}
-    if readout is not None:
-        spec["feature"] = readout
+            "img_size": int(img_size), "limit": limit, "feature": _FEATURE_KEY["cls"]}
+    if feature is not None:
+        spec["feature"] = feature
     if precision != "none":  # fp32 keys stay those of caches written before precision was a choice
         spec["precision"] = precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -126,9 +171,14 @@ class Readout:
     depth: int
 
     @property
+    def last_block(self) -> bool:
+        """Only the last block is read (``forward_features``' output), pooled by ``pool``."""
+        return self.combine == "single" and self.blocks == (self.depth - 1,)
+
+    @property
     def is_default(self) -> bool:
         """The class token after the final norm: today's feature, computed as :func:`compute_features` always has."""
-        return self.combine == "single" and self.blocks == (self.depth - 1,) and self.pool == "cls"
+        return self.last_block and self.pool == "cls"
 
     @property
     def groups(self) -> int:
@@ -175,19 +225,28 @@ def resolve_layers(value, depth: int) -> tuple[str, tuple[int, ...]]:
     return "mean", tuple(_block(i, depth, value) for i in numbers)
 
 
-def default_pool(meta) -> str:
-    """The pooling of an encoder whose probe leaves ``pool`` unset: its family's (``global_pool`` "avg": the
-    mean of the patch tokens; otherwise the class token)."""
-    return "avg" if encoders.family_of(meta).global_pool == "avg" else "cls"
-
-
 def readout(encoder: Path, layers="last", pool: str | None = None, layout: str = "auto") -> Readout:
-    """The :class:`Readout` of ``layers`` and ``pool`` for ``encoder`` (checked before any feature is computed)."""
+    """The :class:`Readout` of ``layers`` and ``pool`` (:func:`resolve_pool`; None / "auto": the encoder family's)
+    for ``encoder``, checked before any feature is computed."""
     meta = encoders.read_metadata(encoder, layout=layout)
-    if pool is not None and pool not in POOLS:
-        raise MimbenchError(f"pool = {pool!r} is not a pooling.", f"Use one of: {', '.join(POOLS)}.")
+    pool = resolve_pool(pool, meta, str(encoder))
     combine, blocks = resolve_layers(layers, int(meta["depth"]))
-    return Readout(str(layers), combine, blocks, pool or default_pool(meta), int(meta["depth"]))
+    return Readout(str(layers), combine, blocks, pool, int(meta["depth"]))
+
+
+def feature_key(spec: Readout) -> str | dict | None:
+    """What the cache key says about the feature: None for the default (class token of the last block), the
+    pooling's name (:data:`_FEATURE_KEY`) for another pooling of the last block, the readout otherwise."""
+    if spec.is_default:
+        return None
+    return _FEATURE_KEY[spec.pool] if spec.last_block else spec.describe()
+
+
+def feature_read(spec: Readout) -> str:
+    """What the record says the feature is (:data:`FEATURE_READ`, and the blocks when not only the last)."""
+    if spec.last_block:
+        return FEATURE_READ[spec.pool]
+    return f"{FEATURE_READ[spec.pool]}, of blocks {list(spec.blocks)} ({spec.combine})"
 
 
 def block_tokens(model: torch.nn.Module, images: torch.Tensor, blocks) -> list[torch.Tensor]:
@@ -208,30 +267,22 @@ def block_tokens(model: torch.nn.Module, images: torch.Tensor, blocks) -> list[t
     return [final if i == last else model.norm(caught[i]) for i in blocks]
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix: int) -> torch.Tensor:
-    """``pool`` of tokens N×T×D: the class token (index 0), the mean of the patch tokens (after the
-    ``num_prefix`` class and register tokens), or both concatenated."""
-    parts = {"cls": (tokens[:, 0],), "avg": (tokens[:, num_prefix:].mean(dim=1),)}
-    parts["cls+avg"] = parts["cls"] + parts["avg"]
-    return torch.cat(parts[pool], dim=-1)
-
-
 def check_readout(model: torch.nn.Module, spec: Readout) -> None:
     """MimbenchError when ``model`` lacks the tokens ``spec`` pools."""
     if "cls" in spec.pool and getattr(model, "cls_token", None) is None:
-        raise MimbenchError(f"pool = {spec.pool!r} reads the class token, but this encoder has none.",
-                            "Use --pool avg (the mean of the patch tokens).")
+        raise _no_class_token("This encoder", spec.pool)
 
 
 def read_features(model: torch.nn.Module, images: torch.Tensor, spec: Readout) -> torch.Tensor:
     """Features (N×F) of ``images`` as ``spec`` reads them, from one forward pass (no grad / autocast here)."""
     if spec.is_default:
         return model.forward_features(images)[:, 0]
+    if spec.last_block:
+        return pool_tokens(model, model.forward_features(images), spec.pool)
     tokens = block_tokens(model, images, spec.blocks)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
     if spec.combine == "mean":
-        return pool_tokens(torch.stack(tokens).mean(dim=0), spec.pool, prefix)
-    return torch.cat([pool_tokens(t, spec.pool, prefix) for t in tokens], dim=-1)
+        return pool_tokens(model, torch.stack(tokens).mean(dim=0), spec.pool)
+    return torch.cat([pool_tokens(model, t, spec.pool) for t in tokens], dim=-1)
 
 
 def compute_features(model: torch.nn.Module, loader, precision: str = "none",
@@ -344,16 +395,19 @@ def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: i
     dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
     precision = resolve_amp(amp, device)
     enc_sha = encoders.encoder_sha256(encoder)
-    read = None if spec.is_default else spec.describe()
+    feature = feature_key(spec)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
-                    precision=precision, readout=read)
+                    precision=precision, feature=feature)
     cache_dir = Path(cache_dir)
     paths = (cache_dir / f"{key}.features.npy", cache_dir / f"{key}.labels.npy", cache_dir / f"{key}.manifest.json")
     built_from = {"encoder_sha256": enc_sha, "data": data_identity(data), "split": split, "transform": desc,
                   "img_size": size, "limit": limit, "precision": precision,
-                  "samples_sha256": dataset_fingerprint(dataset), **({"readout": read} if read else {})}
+                  "samples_sha256": dataset_fingerprint(dataset)}
+    if feature is not None:  # a pooling of the last block by its name, other blocks by the readout
+        built_from["feature" if isinstance(feature, str) else "readout"] = feature
     info = {"key": key, "transform": desc, "img_size": size, "classes": list(dataset.classes),
-            "precision": precision, "skipped": skipped_files(dataset), "readout": spec.describe()}
+            "precision": precision, "skipped": skipped_files(dataset), "readout": spec.describe(),
+            "pool": spec.pool, "feature": feature_read(spec)}
     return _Entry(dataset, size, device, precision, spec, paths, built_from, info)
 
 
@@ -399,15 +453,17 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = AMP.default,
                      max_bad_fraction: float | None = None, layout: str = "auto", layers="last",
-                     pool: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     pool: str | None = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×F float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
     loaded from disk), ``transform``, ``img_size``, ``classes``, ``precision`` (resolved from ``amp`` on
-    ``device``), ``skipped`` (broken files left out) and ``readout`` (:meth:`Readout.describe`).
-    ``layers`` and ``pool`` choose the blocks and tokens (:func:`readout`; default: the class token of the last
-    block, F = D); ``layers="all"`` gives every block's feature in one row (F = depth × width, block 0 first),
-    all from one forward pass per batch.
+    ``device``), ``skipped`` (broken files left out), ``readout`` (:meth:`Readout.describe`), ``pool`` (the
+    resolved pooling) and ``feature`` (what was read, :func:`feature_read`).
+    ``layers`` and ``pool`` choose the blocks and tokens (:func:`readout`; default: the last block pooled as the
+    encoder family pools it - the class token, F = D, or the patch mean for encoders without one);
+    ``layers="all"`` gives every block's feature in one row (F = depth × width, block 0 first), all from one
+    forward pass per batch.
     Under several processes each rank computes a contiguous shard, the shards are gathered (every rank
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
@@ -432,10 +488,11 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     return feats, labels, {**entry.info, "cached": False}
 
 
-def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode) -> torch.Tensor:
-    """Class-token features (N×D float32, after the encoder's final norm) of ``images`` (N×3×S×S), as
-    :func:`compute_features` computes them: under ``grad_off()`` and ``autocast()`` (a context factory,
-    :func:`mimbench.fastpath.autocast_factory`)."""
+def class_tokens(model: torch.nn.Module, images: torch.Tensor, autocast, grad_off=torch.inference_mode,
+                 pool: str = "cls") -> torch.Tensor:
+    """Features (N×D float32, after the encoder's final norm; by default the class token, else :func:`pool_tokens`
+    by a resolved ``pool``) of ``images`` (N×3×S×S), as :func:`compute_features` computes them: under
+    ``grad_off()`` and ``autocast()`` (a context factory, :func:`mimbench.fastpath.autocast_factory`)."""
     with grad_off(), autocast():
         tokens = model.forward_features(images)
-    return tokens[:, 0].float()
+    return pool_tokens(model, tokens, pool).float()

@@ -1,7 +1,10 @@
 """Linear probe of a frozen encoder (the MAE protocol, plus a fast variant on cached features).
 
 Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight trunc-normal std 0.01,
-bias 0) on the class token after the encoder's final norm. Only the linear layer has parameters; the
+bias 0) on the class token after the encoder's final norm (``pool``/``--pool``: or the mean of the patch
+tokens -- the default of encoders without class token, e.g. I-JEPA --, or both, width 2D; see
+:func:`mimbench.evals.features.resolve_pool`; the record's ``protocol.feature`` and ``protocol.pool`` say which).
+Only the linear layer has parameters; the
 batch norm (no affine, running statistics) whitens features whose scale differs between encoders.
 
 ``mode="protocol"`` (facebookresearch/mae ``main_linprobe.py`` and the "Linear Probing" section of ``FINETUNE.md``): the encoder is
@@ -25,8 +28,8 @@ tokens), the mean of several blocks (``mean:6,7,8``, as AIM averages blocks), or
 from one forward pass per batch, one head per block trained side by side on the same batches (:class:`BlockHeads`),
 per-block metrics in the record and accuracy against depth in ``layers.png`` (MIM encoders often peak before the
 last block). Every block is read through the encoder's final norm, as DINOv2 reads its last four. ``pool``: the
-class token, the mean of the patch tokens (register tokens left out) or both concatenated; unset, the encoder
-family's pooling.
+class token, the mean of the patch tokens (register tokens left out) or both concatenated; unset or ``auto``,
+the encoder family's pooling.
 
 Several processes (torchrun, Slurm): the global batch of every optimizer step, and its split into
 micro-batches of ``optim.batch_size``, are the same on any number of processes
@@ -61,7 +64,7 @@ from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import (
-    Readout, check_readout, eval_transform, extract_features, limited, read_features, readout,
+    Readout, check_readout, eval_transform, extract_features, feature_read, limited, read_features, readout,
 )
 from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
@@ -281,7 +284,8 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         run,
         protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  **probe.transforms, "img_size": size, "readout": spec.describe(),
+                  **probe.transforms, "img_size": size, "feature": feature_read(spec), "pool": spec.pool,
+                  "readout": spec.describe(),
                   **({"block_selection": BLOCK_SELECTION} if spec.combine == "all" else {})},
         metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
                                   "skipped": probe.skipped})

@@ -82,6 +82,15 @@ class Task:
     metrics_line: str = "pairs"
 
 
+#: ``--pool`` of the tasks that read frozen features (knn, linear): one of :data:`mimbench.schema.POOLS`; unset,
+#: the config's ``pool`` where the task has one (linear), else auto.
+POOL_OPTION = Option("pool", ("--pool",), None, "Which tokens make the feature: auto (the encoder family's pooling: "
+                     "the class token, or the mean of the patch tokens for encoders without one or whose metadata "
+                     "says global_pool=avg), cls (class token), avg (mean of the patch tokens, registers excluded) "
+                     "or cls+avg (both). Default: the config's pool where the task has one (unset: auto)",
+                     choices=POOLS)
+
+
 def resolve(ref: str, task: str) -> Callable:
     """The function named ``module:function`` (imported now); MimbenchError when the module is absent."""
     module_name, func_name = ref.split(":")
@@ -124,7 +133,7 @@ register_task(Task(
     demo_config="demo/knn_fmnist.py", protocol_config="knn/dino_k20.py",
     summary="Weighted k-NN on frozen class-token features (DINO protocol).",
     example="mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn",
-    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True,
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, options=(POOL_OPTION,),
     bench_mode="features", bench_step="mimbench.bench:features_step", bench_batch="batch_size",
 ))
 register_task(Task(
@@ -137,9 +146,7 @@ register_task(Task(
     options=(
         Option("layers", ("--layers",), None, f"Blocks the head reads: {LAYERS_SYNTAX}. Default: the config's "
                "layers ('last')", annotation=Optional[str]),
-        Option("pool", ("--pool",), None, "Tokens pooled: cls (class token), avg (mean of the patch tokens, "
-               "registers left out) or cls+avg (both). Default: the config's pool (unset: the encoder family's)",
-               choices=POOLS),
+        POOL_OPTION,
     ),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
@@ -209,5 +216,6 @@ register_task(Task(
     feature_cache=True, in_demo=False,  # the demo report has no low-shot column yet
 ))
 
-__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option", "TASKS", "Task",
+__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option",
+           "POOL_OPTION", "TASKS", "Task",
            "all_tasks", "get_task", "register_task", "resolve"]

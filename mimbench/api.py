@@ -66,7 +66,7 @@ def _task_options(task: Task, options: Mapping[str, Any]) -> dict:
             raise MimbenchError(f"The {task.name} evaluation has no option {name!r}.",
                                 f"Its options: {have} (besides data, config, out, overrides, layout, resume).")
         choices = known[name].choices
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:  # None: the option left unset
             raise MimbenchError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.",
                                 f"Pass {name} as one of those.")
     return dict(options)
@@ -84,7 +84,7 @@ def evaluate(task: str, encoder: str | Path, data: str | None = None, config: st
     """Evaluate ``encoder`` on ``task``; returns the run record (the dict the CLI writes as ``<task>-<id>.json``).
 
     Args:
-        task: a task of the table, :mod:`mimbench.evals.tasks` (``knn``, ``linear``, ``finetune``, ``segment``).
+        task: a task of the table, :mod:`mimbench.evals.tasks` (``knn``, ``linear``, ``attentive``, ``finetune``, ``segment``).
         encoder: an encoder file, or a checkpoint in a supported layout (see ``layout``).
         data: ``builtin:fashion-mnist``, an ImageNet-style folder, an ADE20K root ... (None: the task's default
             data, as ``mimbench eval <task>`` without ``--data``).

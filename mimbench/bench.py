@@ -65,7 +65,7 @@ from mimbench.data import build_dataset
 from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
 from mimbench.errors import MimbenchError
 from mimbench.evals import finetune, linear
-from mimbench.evals.features import class_tokens
+from mimbench.evals.features import class_tokens, resolve_pool
 from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
@@ -221,9 +221,11 @@ def features_step(cfg, batch, device, fast, autocast, encoder, arch):
     set_fused_attention(model, fast)
     imgs, _ = _inputs(batch, size, device)
     grad_off = torch.inference_mode if fast else torch.no_grad
+    meta = getattr(model, "mimbench_metadata", None)  # an encoder file: pooled as its evaluations pool it
+    pool = resolve_pool("auto", meta) if meta is not None else "cls"
 
     def step():
-        return class_tokens(model, imgs, autocast, grad_off)
+        return class_tokens(model, imgs, autocast, grad_off, pool=pool)
 
     return model, step, {"img_size": size}
 

@@ -100,7 +100,9 @@ class LazyChoice:
 
 LAYOUTS = LazyChoice("mimbench.encoders.convert:LAYOUTS")
 BENCH_MODES = LazyChoice("mimbench.bench:modes")
-ENCODER_HELP = "Encoder file (.safetensors) or a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors)"
+EXPORT_TARGETS = LazyChoice("mimbench.export:TARGETS")
+ENCODER_HELP = ("Encoder file (.safetensors), a checkpoint in a supported layout (.pth/.pt/.bin/.safetensors) or a "
+                "Hugging Face model folder")
 FROM_HELP = "Checkpoint layout of --encoder (auto: detected from the keys; docs/checkpoints.md)"
 
 
@@ -343,6 +345,27 @@ def convert(
 
     path = convert_checkpoint(src, dst, layout=layout, num_heads=num_heads, technique=technique, epochs=epochs, data=data)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def export(
+    encoder: Path = typer.Argument(..., help="Encoder file, checkpoint or Hugging Face folder to export"),
+    to: str = typer.Option(..., "--to", help="hf: a transformers folder (ViTModel / BeitModel); mae: MAE's "
+                           "{'model': sd}; timm: an encoder file", callback=EXPORT_TARGETS.check,
+                           autocompletion=EXPORT_TARGETS.complete),
+    out: Path = typer.Option(..., help="Folder (--to hf) or file (--to mae/timm) to write"),
+    from_: str = _from_option(),
+    results: Optional[List[Path]] = typer.Option(None, help="Where to look for run records of this encoder for the "
+                                                 "model card (repeatable; default: the encoder's folder)"),
+):
+    """Export an encoder for Hugging Face transformers, the official MAE fine-tuning code, or timm.
+
+    Example: mimbench export runs/demo/mae/encoder.safetensors --to hf --out mae_hf
+    """
+    from mimbench.export import export as export_encoder  # torch
+
+    typer.echo(f"wrote {export_encoder(encoder, to, out, layout=from_, results_dirs=results or ())}")
 
 
 @app.command()

@@ -81,7 +81,7 @@ def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str]) -
     return [Evaluate(name, task.name, eval_config(task.demo_config),
                      (*task.demo_overrides.get(scale.name, ()), *((cache,) if task.feature_cache else ())),
                      data=data[task.name])
-            for task in all_tasks()]
+            for task in all_tasks() if task.in_demo]
 
 
 def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:

@@ -3,7 +3,7 @@
 A config file or a ``--set`` override with an unknown key, a value of the wrong type or a value out of
 range is refused by :func:`validate` before any work starts, with the key, the value, where it came from
 and what is allowed (and the closest known key for a typo). Kinds: ``pretrain``, ``linear``,
-``finetune``, ``knn`` and ``segment``.
+``finetune``, ``knn``, ``segment``, ``lowshot`` and ``attentive``.
 
 Sections are *closed* (every key must be known) except where a schema says otherwise: a pre-training
 ``model`` section passes its keys to the model constructor, which refuses unknown ones itself, and a
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -37,7 +38,8 @@ from mimbench.errors import MimbenchError
 
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
-           "TRACKERS",
+           "TRACKERS", "POOLS", "LAYERS_SYNTAX", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
+           "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -141,6 +143,39 @@ class Text(_Leaf):
         return "a string" + (" or None" if self.none else "")
 
 
+def layer_spec(value) -> tuple[str, tuple[int, ...]] | None:
+    """``value`` of a ``layers`` key (:data:`LAYERS_SYNTAX`) as ``(form, numbers)``: ``("last", ())``,
+    ``("block", (i,))``, ``("concat", (n,))``, ``("mean", (i, j, ...))``, ``("all", ())``; None when malformed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "block", (value,)
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if text in ("last", "all"):
+        return text, ()
+    if re.fullmatch(r"-?\d+", text):
+        return "block", (int(text),)
+    match = re.fullmatch(r"(concat):(\d+)|(mean):(-?\d+(?:,-?\d+)*)", text.replace(" ", ""))
+    if match is None:
+        return None
+    if match.group(1):
+        return ("concat", (int(match.group(2)),)) if int(match.group(2)) >= 1 else None
+    return "mean", tuple(int(i) for i in match.group(4).split(","))
+
+
+@dataclass(frozen=True)
+class Layers(_Leaf):
+    """Which blocks a probe reads (:func:`layer_spec`)."""
+
+    default: Any = REQUIRED
+
+    def problem(self, v) -> str | None:
+        return None if layer_spec(v) is not None else "is not a layer selection"
+
+    def allowed(self) -> str:
+        return LAYERS_SYNTAX
+
+
 @dataclass(frozen=True)
 class Seq(_Leaf):
     """A list or tuple of ``item``s (exactly ``length`` of them when given)."""
@@ -194,6 +229,20 @@ AUGMENT_MODES = ("timm", "tensor")                # mimbench.evals.finetune
 MIXUP_MODES = ("batch", "pair", "elem")           # timm Mixup
 ERASE_MODES = ("const", "rand", "pixel")          # timm RandomErasing
 TRACKERS = ("tensorboard", "wandb", "mlflow")     # mimbench.trackers: mmengine's vis backends
+LOWSHOT_CLASSIFIERS = ("msn-logreg",)             # mimbench.evals.lowshot
+#: Feature poolings (mimbench.evals.features.pool_tokens): cls = class token, avg = mean of the patch tokens
+#: (class and register tokens left out), cls+avg = both; auto (or a linear probe's unset pool) = the encoder
+#: family's pooling (mimbench.evals.features.resolve_pool: the class token, or avg for an encoder without one or
+#: whose metadata says global_pool=avg; the Eva family per task: DINOv3 k-NN cls, linear cls+avg, EVA-02 avg).
+POOLS = ("auto", "cls", "avg", "cls+avg")
+#: The ``layers`` values of a probe (mimbench.evals.features.resolve_layers): the syntax, as errors show it.
+LAYERS_SYNTAX = ("'last' (the last block), a block index (7; -2 counts from the end), 'concat:N' (the last N "
+                 "blocks' features concatenated, as DINOv2's last-4), 'mean:I,J,...' (the mean of blocks I, J, ..., "
+                 "as AIM), or 'all' (every block, one head each)")
+ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: the attention-pooling heads
+ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
+ATTENTIVE_TOKENS = ("all", "patch")               # tokens the head attends to: all, or without class/registers
+ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or timm create_transform
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -252,6 +301,8 @@ SCHEMAS: dict[str, Section] = {
         "schedule": schedule(min_lr=0.0),
         "augment": Section({"scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0))}),
         "cache_dir": Text(none=True)(None), "feature_batch_size": INT_GE1(256),
+        # The blocks and tokens the head reads (mimbench.evals.features): pool None = the encoder family's pooling.
+        "layers": Layers()("last"), "pool": Choice(POOLS, none=True)(None),
     }, required=("optim", "schedule")),
     "finetune": Section({
         **EVAL_COMMON, "runtime": Section(RUNTIME_KEYS), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
@@ -275,6 +326,38 @@ SCHEMAS: dict[str, Section] = {
         "knn": Section({"k": INT_GE1(20), "temperature": Num(float, lo=0, lo_open=True)(0.07)}),
         "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
     }),
+    "lowshot": Section({
+        **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # no training loop
+        # The training subset: split files (one run each) or `shots` images per class drawn with `seeds` seeds.
+        "lowshot": Section({"split_files": Seq(Text())([]), "shots": Num(int, lo=1, none=True)(None),
+                            "seeds": INT_GE1(3)}),
+        # MSN's logistic regression (facebookresearch/msn logistic_eval.py): L2 penalty lambd / N, tol, epochs.
+        "classifier": Section({"name": Choice(LOWSHOT_CLASSIFIERS)("msn-logreg"),
+                               "lambd": Num(float, lo=0, lo_open=True)(0.00025),
+                               "tol": Num(float, lo=0, lo_open=True)(1e-3), "max_iter": INT_GE1(300)}),
+        "batch_size": INT_GE1(256), "cache_dir": Text(none=True)(None),
+    }),
+    "attentive": Section({
+        **EVAL_COMMON, "mode": Choice(LINEAR_MODES)("protocol"), "runtime": Section(RUNTIME_KEYS),
+        "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
+        "head": Section({"preset": Choice(ATTENTIVE_PRESETS), "num_queries": INT_GE1(1),
+                         "num_heads": SIZE_OR_NONE(None),  # None: the encoder's own head count
+                         "mlp_ratio": Num(float, lo=0)(4.0), "tokens": Choice(ATTENTIVE_TOKENS)("patch"),
+                         "final_norm": Flag()(True)},
+                        required=("preset",)),
+        "optim": Section({"name": Choice(ATTENTIVE_OPTIMIZERS), "blr": LR(None), "lr": LR(None),
+                          "momentum": FRACTION(0.9), "trust_coeff": Num(float, lo=0)(0.001),
+                          "weight_decay": Num(float, lo=0)(0.0),
+                          "final_weight_decay": Num(float, lo=0, none=True)(None),  # None: constant
+                          "betas": BETAS((0.9, 0.999)), **BATCH},
+                         required=("name", "batch_size"), checks=HAS_LR),
+        "schedule": schedule(min_lr=0.0),
+        "augment": Section({"mode": Choice(ATTENTIVE_AUGMENTS)("rrc_flip"),
+                            "scale": Seq(Num(float, 0.0, 1.0, lo_open=True), length=2)((0.08, 1.0)),
+                            "auto_augment": Text(none=True)(None), "re_prob": FRACTION(0.0),
+                            "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+        "feature_batch_size": INT_GE1(256),
+    }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).
     "segment": Section({
@@ -290,7 +373,7 @@ SCHEMAS: dict[str, Section] = {
 }
 KINDS = tuple(SCHEMAS)
 #: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
-FILLED_KINDS = ("pretrain", "linear", "finetune", "knn")
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot", "attentive")
 
 
 def _section(kind: str) -> Section:

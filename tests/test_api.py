@@ -45,6 +45,19 @@ def test_evaluate_gives_the_record_the_cli_writes(tiny_encoder, tmp_path):
     assert record["dataset"]["sizes"] == {"train": 200, "val": 50}
 
 
+def test_options_left_unset_on_the_command_line_are_not_checked_against_their_choices(tiny_encoder, tmp_path):
+    """``eval linear`` without ``--pool`` / ``--layers`` passes them as None: the config's values apply."""
+    result = CliRunner().invoke(app, ["eval", "linear", "--encoder", str(tiny_encoder), "--out", str(tmp_path),
+                                      "--set", "data.limit_train=128", "--set", "data.limit_val=32",
+                                      "--set", "optim.batch_size=32"])
+    assert result.exit_code == 0, result.output
+    (written,) = tmp_path.glob("linear-*.json")
+    assert json.loads(written.read_text())["protocol"]["overrides"] == ["data.limit_train=128", "data.limit_val=32",
+                                                                     "optim.batch_size=32"]
+    with pytest.raises(MimbenchError, match="pool='max' is not one of"):
+        mimbench.evaluate("linear", tiny_encoder, out=tmp_path / "bad", pool="max")
+
+
 def test_evaluate_defaults_are_the_cli_defaults(tiny_encoder, tmp_path, monkeypatch):
     """No data/config/out: the task's default data and demo config (as the CLI), out under ./runs/eval."""
     monkeypatch.chdir(tmp_path)

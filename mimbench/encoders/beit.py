@@ -114,7 +114,8 @@ def beit_shapes(arch: Mapping[str, float], flags: Mapping, in_chans: int = 3) ->
                                 flags=flags, in_chans=in_chans)
 
 
-def resample_beit_state(state: dict[str, torch.Tensor], old_grid: int, new_grid) -> dict[str, torch.Tensor]:
+def resample_beit_state(state: dict[str, torch.Tensor], old_grid: int, new_grid,
+                        flags: Mapping | None = None) -> dict[str, torch.Tensor]:
     """Move position information to ``new_grid``: pos_embed bicubic, relative tables as BEiT/mmseg do."""
     out = dict(state)
     for k, v in state.items():

@@ -21,6 +21,23 @@ ViT family (timm ``VisionTransformer``):
   kept in the ``norm_eps`` metadata; a trunk trained without qkv bias gets zero biases
   (``source_filled``), which computes the same.
 
+* ``dinov2`` - DINOv2 with or without registers (:mod:`mimbench.encoders.dinov2`): the official
+  torch.hub state dicts (``cls_token``, ``register_tokens``, ``pos_embed`` with a class slot,
+  ``mask_token`` -- dropped --, ``blocks.i.ls1.gamma``, ...) and timm's ``vit_*_dinov2`` /
+  ``vit_*_reg4_dinov2`` state dicts; layer scale, registers (``no_embed_class``, class position folded
+  into ``cls_token`` as timm does) and DINOv2's position resampling recorded in the metadata.
+  Auto-detected by ``register_tokens`` or ``mask_token`` + ``ls1.gamma`` (official), or layer scale
+  + patch 14 + registers or a class slot (timm).
+* ``ijepa`` - the official I-JEPA training checkpoint (:mod:`mimbench.encoders.ijepa`):
+  ``{"encoder", "predictor", "target_encoder", ...}`` with ``module.`` keys; the target encoder is
+  read (``source_part``), the encoder has no class token and is pooled by the mean of its patch tokens.
+  ``ijepa-context`` (never detected, ``--from`` only) reads the context encoder ``encoder`` instead (what
+  the HF and timm conversions ship).
+
+A timm state dict of a ViT with register tokens (``reg_token``), layer scale (``ls1/ls2.gamma``) or
+without a class token (then pooled by the mean of the patch tokens) is read by ``timm`` with those
+fields recorded.
+
 BEiT family (timm ``Beit``, see :mod:`mimbench.encoders.beit`):
 
 * ``beit`` / ``beitv2`` / ``data2vec-vision`` - the unilm BEiT code's checkpoints
@@ -37,6 +54,10 @@ Eva family (timm ``Eva``, see :mod:`mimbench.encoders.eva`; key renames in
 * ``dinov3`` - the official DINOv3 backbone (``storage_tokens``, ``ls1.gamma``, ``attn.qkv.bias`` with
   its NaN-initialised ``bias_mask``) or timm's ``vit_*_dinov3``; ``mask_token`` and rope buffers dropped.
 * ``eva02`` - the official EVA-02 (asuka) or timm ``eva02_*`` names; rope buffers, ``lm_head`` dropped.
+
+Hugging Face (a ``save_pretrained`` folder, detected by its ``config.json``, or its weights file alone; see
+:mod:`mimbench.encoders.hf`): ``hf-vit`` and ``hf-vitmae`` to the ViT family, ``hf-beit`` and
+``hf-data2vec-vision`` to the BEiT family.
 
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
@@ -59,15 +80,24 @@ from safetensors.torch import load_file
 
 from mimbench.encoders.arch import arch_name, default_num_heads, mlp_hidden, parse_arch
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
+from mimbench.encoders.dinov2 import DINOV2_INIT_VALUES, dinov2_to_timm, is_official_dinov2, is_timm_dinov2
 from mimbench.encoders.eva import eva_metadata
 from mimbench.encoders.eva_layouts import DINOV3_EPS, EVA02_EPS, eva_arch, eva_layout_of, eva_layout_state
 from mimbench.encoders.file import FORMAT_TAG, check_tensors, encoder_metadata, encoder_sha256, save_encoder
+from mimbench.encoders.hf import (
+    detect_hf_layouts, hf_layouts, is_hf_folder, layout_of_config, map_hf_state, read_config, read_weights,
+    weights_file,
+)
+from mimbench.encoders.ijepa import IJEPA_FLAGS, ijepa_part, is_official_ijepa
+from mimbench.encoders.vit import num_prefix_tokens, vit_metadata
 from mimbench.errors import MimbenchError
 
-VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl")
+VIT_LAYOUTS = ("mae", "timm", "deit", "mmpretrain", "dino", "ibot", "mocov3", "vissl", "dinov2", "ijepa",
+               "ijepa-context")
 BEIT_LAYOUTS = ("beit", "beitv2", "data2vec-vision")
 EVA_LAYOUTS = ("dinov3", "eva02")
-LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS + EVA_LAYOUTS
+HF_LAYOUTS = hf_layouts()
+LAYOUTS = ("auto",) + VIT_LAYOUTS + BEIT_LAYOUTS + EVA_LAYOUTS + HF_LAYOUTS
 
 _MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 _MAE_DECODER_EXACT = ("decoder_pos_embed", "mask_token")
@@ -75,7 +105,11 @@ _HEAD = ("head.",)
 _DISTILLED = ("dist_token", "head_dist.")
 _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpretrain": "unknown", "dino": "dino",
               "ibot": "ibot", "mocov3": "mocov3", "vissl": "unknown", "beit": "beit", "beitv2": "beitv2",
-              "data2vec-vision": "data2vec", "dinov3": "dinov3", "eva02": "eva02"}
+              "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa",
+              "ijepa-context": "ijepa", "dinov3": "dinov3", "eva02": "eva02", "hf-vit": "unknown",
+              "hf-vitmae": "mae", "hf-beit": "beit", "hf-data2vec-vision": "data2vec", "hf-dinov2": "dinov2",
+              "hf-dinov2-registers": "dinov2", "hf-ijepa": "ijepa"}
+_IJEPA = ("ijepa", "ijepa-context")
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")
 _BEIT_MARKERS = ("q_bias", "v_bias", "relative_position_bias_table", "gamma_1", "gamma_2")
@@ -190,6 +224,8 @@ def detect_layouts(obj: object) -> list[str]:
         return []
     if isinstance(obj.get("classy_state_dict"), dict):
         return ["vissl"]
+    if is_official_ijepa(obj):
+        return ["ijepa"]
     if _teacher_student(obj):
         keys = list(obj["teacher"]) + list(obj["student"])
         return ["ibot"] if "ibot_loss" in obj or any(k.endswith("masked_embed") for k in keys) else ["dino"]
@@ -199,12 +235,18 @@ def detect_layouts(obj: object) -> list[str]:
             inner = obj[key]
             break
     keys = [k[len("module."):] if k.startswith("module.") else k for k in inner if isinstance(k, str)]
+    hf = detect_hf_layouts(keys)
+    if hf:
+        return hf
     if any(k.startswith("base_encoder.") for k in keys):
         return ["mocov3"]
-    if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
-        return ["mmpretrain"]
+    # DINOv3 shares DINOv2's mask token and ls1.gamma: its own keys (storage tokens, rope) decide first
     eva = eva_layout_of({k[len("module."):] if k.startswith("module.") else k: v for k, v in inner.items()
                          if isinstance(k, str)})
+    if is_official_dinov2(keys) and eva is None:
+        return ["dinov2"]
+    if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
+        return ["mmpretrain"]
     if eva:
         return [eva]
     if any(k.startswith("rel_pos_bias.") or k.rsplit(".", 1)[-1] in _BEIT_MARKERS for k in keys):
@@ -221,12 +263,17 @@ def detect_layouts(obj: object) -> list[str]:
         return ["deit"]
     if "masked_embed" in keys:
         return ["ibot"]
-    return ["timm"]
+    stripped = {k[len("module."):] if k.startswith("module.") else k: v for k, v in inner.items()
+                if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return ["dinov2"] if is_timm_dinov2(stripped) else ["timm"]
 
 
 def _extract(obj: object, layout: str, src: Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     """(encoder-candidate tensors under their source names, names dropped while unwrapping, wrapper dict)."""
     dropped: list[str] = []
+    if layout in _IJEPA and is_official_ijepa(obj):
+        part, net, dropped = ijepa_part(obj, src, "encoder" if layout == "ijepa-context" else None)
+        return _strip(_tensors(net, src, f"the {part}"), "module."), dropped, obj
     if layout == "vissl":
         try:
             model = obj["classy_state_dict"]["base_model"]["model"]
@@ -311,13 +358,14 @@ def _count_blocks(sd) -> int:
     return len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
 
 
-def _common_arch(sd: dict[str, torch.Tensor], src: Path, num_heads: int | None, hint: str) -> dict:
+def _common_arch(sd: dict[str, torch.Tensor], src: Path, num_heads: int | None, hint: str,
+                 class_token: bool = True) -> dict:
     w = sd.get("patch_embed.proj.weight")
-    if w is None or w.ndim != 4 or "cls_token" not in sd:
-        absent = [k for k in ("patch_embed.proj.weight", "cls_token") if k not in sd]
+    if w is None or w.ndim != 4 or (class_token and "cls_token" not in sd):
+        absent = [k for k in ("patch_embed.proj.weight",) + ("cls_token",) * class_token if k not in sd]
         raise MimbenchError(
-            f"{src} does not look like a ViT with a class token (absent: {', '.join(absent) or 'none'}; "
-            f"first keys: {', '.join(list(sd)[:6])}).", hint)
+            f"{src} does not look like a ViT{' with a class token' * class_token} (absent: "
+            f"{', '.join(absent) or 'none'}; first keys: {', '.join(list(sd)[:6])}).", hint)
     if w.shape[2] != w.shape[3]:
         raise MimbenchError(f"{src}: non-square patches {tuple(w.shape[2:])} are not supported.",
                             "Only square patches are supported.")
@@ -349,12 +397,38 @@ def _grid_from_pos_embed(pos: torch.Tensor, src: Path) -> int:
     return grid
 
 
-def _vit_arch(sd, src, num_heads) -> dict:
+def _vit_flags(sd: dict[str, torch.Tensor]) -> dict:
+    """ViT-family fields read off a timm-named state dict: class token, registers, layer scale, and whether the
+    position embedding leaves out the prefix tokens (only with registers or without class token)."""
+    flags: dict = {"class_token": "cls_token" in sd, "reg_tokens": 0}
+    if isinstance(sd.get("reg_token"), torch.Tensor) and sd["reg_token"].ndim == 3:
+        flags["reg_tokens"] = int(sd["reg_token"].shape[1])
+    if any(k.endswith("ls1.gamma") for k in sd):
+        flags["init_values"] = DINOV2_INIT_VALUES  # the initial value is not stored; the gammas are what count
+    if not flags["class_token"]:
+        flags["global_pool"] = "avg"
+    prefix, pos = num_prefix_tokens(flags), sd.get("pos_embed")
+    if prefix and (flags["reg_tokens"] or not flags["class_token"]) and isinstance(pos, torch.Tensor) and pos.ndim == 3:
+        n = int(pos.shape[1])
+        flags["no_embed_class"] = math.isqrt(n) ** 2 == n and math.isqrt(n - prefix) ** 2 != n - prefix
+    return flags
+
+
+def _vit_arch(sd, src, num_heads, flags: dict) -> dict:
     hint = ("Supported layouts: " + ", ".join(LAYOUTS[1:]) + " (docs/checkpoints.md); force one with --from.")
-    arch = _common_arch(sd, src, num_heads, hint)
+    arch = _common_arch(sd, src, num_heads, hint, class_token=bool(flags.get("class_token", True)))
     if "pos_embed" not in sd:
         raise MimbenchError(f"{src}: no pos_embed: not a ViT with absolute position embeddings.", hint)
-    arch["img_size"] = _grid_from_pos_embed(sd["pos_embed"], src) * arch["patch_size"]
+    prefix = 0 if flags.get("no_embed_class") else num_prefix_tokens(flags)
+    if prefix == 1:
+        grid = _grid_from_pos_embed(sd["pos_embed"], src)
+    else:
+        n_pos = int(sd["pos_embed"].shape[1])
+        grid = math.isqrt(max(n_pos - prefix, 0))
+        if grid * grid != n_pos - prefix:
+            raise MimbenchError(f"{src}: pos_embed has {n_pos} positions, not {prefix} prefix positions + a square "
+                                "patch grid.", "Only square grids are supported.")
+    arch["img_size"] = grid * arch["patch_size"]
     return arch
 
 
@@ -408,6 +482,14 @@ def _resolve_layout(obj: object, layout: str, src: Path) -> str:
     return found[0]
 
 
+def _stored_epochs(wrapper, layout: str) -> float:
+    """Epochs trained, from the checkpoint's ``epoch`` field (+1 for the layouts that count from 0); 0 = unknown."""
+    epoch = wrapper.get("epoch") if isinstance(wrapper, dict) else None
+    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+        return float(epoch) + (1 if layout in _EPOCH_FROM_ZERO else 0)
+    return 0.0
+
+
 def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, technique: str | None = None,
                   epochs: float | None = None, data: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of the encoder in checkpoint ``src``, checked, nothing written.
@@ -425,10 +507,21 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
     ``source_dropped`` (tensors left out on purpose, per module).
     """
     src = Path(src)
+    provenance = dict(technique=technique, epochs=epochs, data=data)
+    if is_hf_folder(src):
+        config = read_config(src)
+        found = layout_of_config(config, str(src))  # an unsupported architecture stops here, before any weights
+        layout = found if check_layout(layout) == "auto" else layout
+        if layout not in HF_LAYOUTS:
+            raise MimbenchError(f"{src} is a Hugging Face model folder; layout {layout!r} does not apply to it.",
+                                f"Leave out --from, or use one of {', '.join(HF_LAYOUTS)}.")
+        return _convert_hf(read_weights(weights_file(src)), config, layout, src, provenance)
     if not src.is_file():
         raise MimbenchError(f"Checkpoint {src} does not exist or is not a file.", "Check the path.")
     obj = _load_file(src)
     layout = _resolve_layout(obj, layout, src)
+    if layout in HF_LAYOUTS:
+        return _convert_hf(_tensors(obj, src, "the weights"), {}, layout, src, provenance)
     sd, dropped, wrapper = _extract(obj, layout, src)
     extra: dict[str, str] = {}
     family = "beit" if layout in BEIT_LAYOUTS else "eva" if layout in EVA_LAYOUTS else "vit"
@@ -446,8 +539,16 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
             raise MimbenchError(f"{src} has BEiT-style tensors (q_bias, relative position bias or layer scale), "
                                 f"which a {layout} ViT does not have.",
                                 f"Use --from with one of {', '.join(BEIT_LAYOUTS)} (or auto).")
+        if layout == "dinov2":
+            sd, flags, more = dinov2_to_timm(sd, str(src))
+            dropped += more
+        else:
+            flags = dict(IJEPA_FLAGS) if layout in _IJEPA else _vit_flags(sd)
+        if layout in _IJEPA and is_official_ijepa(obj):
+            extra["source_part"] = ijepa_part(obj, src, "encoder" if layout == "ijepa-context" else None)[0]
         dropped += _drop_vit(sd, layout, src)
-        arch = _vit_arch(sd, src, num_heads)
+        arch = _vit_arch(sd, src, num_heads, flags)
+        extra.update(vit_metadata(flags))
         filled = []
         for i in range(arch["depth"]):
             w, b = sd.get(f"blocks.{i}.attn.qkv.weight"), f"blocks.{i}.attn.qkv.bias"
@@ -459,16 +560,28 @@ def convert_state(src, layout: str = "auto", *, num_heads: int | None = None, te
         if layout == "vissl":
             extra["norm_eps"] = "1e-05"
     if epochs is None:
-        epoch = wrapper.get("epoch") if isinstance(wrapper, dict) else None
-        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
-            epochs = float(epoch) + (1 if layout in _EPOCH_FROM_ZERO else 0)
-        else:
-            epochs = 0.0
+        epochs = _stored_epochs(wrapper, layout)
     extra.update({"source_sha256": encoder_sha256(src), "source_layout": layout, "source_dropped": _summarize(dropped)})
     meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
                             technique=technique or _TECHNIQUE[layout], epochs=epochs, data=data, source=src.name,
                             family=family, extra=extra, where=str(src), **arch)
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
+    check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, meta, parse_arch(meta, str(src)),
+                  f"{src} (read as {layout})")
+    return tensors, meta
+
+
+def _convert_hf(state: dict[str, torch.Tensor], config: dict, layout: str, src: Path,
+                provenance: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An HF state (and its config.json, ``{}`` without one) -> checked encoder tensors and metadata."""
+    tensors, fields = map_hf_state(state, config, layout, str(src))
+    arch = fields["arch"]
+    extra = {**fields["extra"], "source_sha256": encoder_sha256(src), "source_layout": layout,
+             "source_dropped": _summarize(fields["dropped"])}
+    meta = encoder_metadata(arch=arch_name(arch["embed_dim"], arch["depth"], arch["patch_size"]),
+                            technique=provenance["technique"] or _TECHNIQUE[layout],
+                            epochs=provenance["epochs"] or 0.0, data=provenance["data"], source=src.name,
+                            family=fields["family"], extra=extra, where=str(src), **arch)
     check_tensors({k: tuple(v.shape) for k, v in tensors.items()}, meta, parse_arch(meta, str(src)),
                   f"{src} (read as {layout})")
     return tensors, meta
@@ -490,7 +603,7 @@ def convert_in_memory(src, layout: str = "auto") -> tuple[dict[str, torch.Tensor
     """:func:`convert_state` with default provenance, remembered for the last file (an evaluation
     reads its encoder several times: metadata, train and validation features, the record)."""
     src = Path(src)
-    st = src.stat()
+    st = (weights_file(src) if is_hf_folder(src) else src).stat()
     key = (str(src.resolve()), st.st_size, st.st_mtime_ns, layout)
     if key not in _CACHE:
         _CACHE.clear()

@@ -27,7 +27,7 @@ booleans ("true"/"false") ``qkv_bias``, ``qkv_fused``, ``scale_attn_inner``, ``s
 ``rope_ref_grid`` (EVA-02's pre-training grid the rotary positions are scaled to, 0 = none); floats
 ``layer_scale_init_value`` (0 = no layer scale), ``rope_temperature``, ``rope_grid_offset``; ``rope_type``
 (timm's "dinov3" or "cat"), ``final_norm`` ("tokens" or "pooled") and the pooling its authors evaluate:
-``linear_pool`` / ``knn_pool`` ("token", "avg" or "token+avg"). ``norm_eps`` (common field) holds the
+``linear_pool`` / ``knn_pool`` (:data:`mimbench.schema.POOLS` names: "cls", "avg" or "cls+avg"). ``norm_eps`` (common field) holds the
 LayerNorm eps (DINOv3 1e-5, EVA-02 1e-6).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ _BOOL_FIELDS = ("qkv_bias", "qkv_fused", "scale_attn_inner", "swiglu_mlp", "scal
 _INT_FIELDS = ("swiglu_align_to", "num_reg_tokens", "rope_ref_grid")
 _FLOAT_FIELDS = ("layer_scale_init_value", "rope_temperature", "rope_grid_offset")
 _CHOICES = {"rope_type": ("dinov3", "cat"), "final_norm": ("tokens", "pooled"),
-            "linear_pool": ("token", "avg", "token+avg"), "knn_pool": ("token", "avg", "token+avg")}
+            "linear_pool": ("cls", "avg", "cls+avg"), "knn_pool": ("cls", "avg", "cls+avg")}
 #: Metadata fields of the Eva family besides the common ones.
 EVA_FIELDS = _BOOL_FIELDS + _INT_FIELDS + _FLOAT_FIELDS + tuple(_CHOICES)
 _BOOL = {"true": True, "false": False}
@@ -79,9 +79,9 @@ def _parse_one(meta: Mapping[str, str], k: str, where: str):
 def parse_eva_flags(meta: Mapping[str, str], where: str) -> dict:
     """The Eva fields of an encoder's metadata as Python values (bools, ints, floats, choices)."""
     flags = {k: _parse_one(meta, k, where) for k in EVA_FIELDS}
-    if flags["final_norm"] == "pooled" and "token" in flags["linear_pool"] + flags["knn_pool"]:
+    if flags["final_norm"] == "pooled" and "cls" in flags["linear_pool"] + flags["knn_pool"]:
         raise MimbenchError(f"{where}: a final norm of the pooled patch tokens (final_norm=pooled) leaves no normed "
-                            "class token to evaluate (linear_pool/knn_pool say 'token').", _FIX)
+                            "class token to evaluate (linear_pool/knn_pool say 'cls').", _FIX)
     return flags
 
 
@@ -147,9 +147,11 @@ def eva_shapes(arch: Mapping[str, float], flags: Mapping, in_chans: int = 3) -> 
     return shapes
 
 
-def resample_eva_state(state: dict[str, torch.Tensor], old_grid: int, new_grid) -> dict[str, torch.Tensor]:
+def resample_eva_state(state: dict[str, torch.Tensor], old_grid: int, new_grid,
+                       flags: Mapping | None = None) -> dict[str, torch.Tensor]:
     """Move an absolute ``pos_embed`` (class and register positions kept) to ``new_grid``; rotary embeddings are
-    recomputed by timm for any grid, so without ``pos_embed`` nothing changes."""
+    recomputed by timm for any grid, so without ``pos_embed`` nothing changes. ``flags`` (the parsed Eva fields)
+    choose nothing here: the family has one resampling."""
     if "pos_embed" not in state:
         return dict(state)
     prefix = 1 + (int(state["reg_token"].shape[1]) if "reg_token" in state else 0)
@@ -162,6 +164,12 @@ def eva_global_pool(flags: Mapping) -> str:
     """timm ``global_pool`` of a loaded Eva encoder unless told otherwise: the class token when the file has a
     per-token final norm, the mean of the patch tokens (then ``fc_norm``) when its final norm is a pooled one."""
     return "token" if flags["final_norm"] == "tokens" else "avg"
+
+
+def eva_task_pool(flags: Mapping, task: str) -> str | None:
+    """The pooling the file's authors evaluate ``task`` with: ``knn_pool`` / ``linear_pool`` (DINOv3: k-NN "cls",
+    linear "cls+avg"; EVA-02: "avg"), None for other tasks (the family default then holds)."""
+    return flags.get(f"{task}_pool")
 
 
 def build_eva(arch: Mapping[str, float], flags: Mapping, *, img_size, in_chans: int, norm_eps: float = 1e-6,

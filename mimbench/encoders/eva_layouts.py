@@ -31,7 +31,7 @@ from mimbench.errors import MimbenchError
 
 #: Rotary and evaluation settings per layout (sources in the module docstring and docs/checkpoints.md).
 DINOV3_FLAGS = dict(rope_type="dinov3", rope_temperature=100.0, rope_rotate_half=True, rope_grid_offset=0.0,
-                    rope_ref_grid=0, linear_pool="token+avg", knn_pool="token", scale_attn_inner=False,
+                    rope_ref_grid=0, linear_pool="cls+avg", knn_pool="cls", scale_attn_inner=False,
                     scale_mlp=False, use_abs_pos_emb=False, qkv_fused=True)
 EVA02_FLAGS = dict(rope_type="cat", rope_temperature=10000.0, rope_rotate_half=False, rope_grid_offset=0.0,
                    rope_ref_grid=16, linear_pool="avg", knn_pool="avg", num_reg_tokens=0)

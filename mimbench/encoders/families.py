@@ -11,20 +11,25 @@ DINOv3, EVA-02). Adding a family is one module plus one entry here. The module
 (like :mod:`mimbench.encoders.beit`) documents the state-dict layout of its encoder files and provides,
 each with the signature given:
 
-* ``parse(meta, where) -> flags``: the family's own metadata fields (listed in ``fields``), checked
-  and turned into Python values; raise :class:`~mimbench.errors.MimbenchError` on a bad value;
+* ``parse(meta, where) -> flags``: the family's own metadata fields (those every file of it carries
+  listed in ``fields``; optional ones, such as the ViT family's :data:`~mimbench.encoders.vit.VIT_FIELDS`,
+  documented by the module), checked and turned into Python values; raise
+  :class:`~mimbench.errors.MimbenchError` on a bad value;
 * ``shapes(arch, flags, in_chans) -> {tensor name: shape}``: the exact tensors of an encoder file,
   ``arch`` being :func:`mimbench.encoders.arch.parse_arch`'s dict;
 * ``build(arch, flags, *, img_size, in_chans, norm_eps, **timm_kwargs) -> model``: the timm model
   (an instance of ``timm_class``) with the file's architecture at ``img_size``;
-* ``resample(state, old_grid, new_grid) -> state``: position information moved from the stored
-  square grid to the model's grid, with :mod:`mimbench.encoders.resample`.
+* ``resample(state, old_grid, new_grid, flags=None) -> state``: position information moved from the
+  stored square grid to the model's grid, with :mod:`mimbench.encoders.resample` (``flags``: the
+  parsed family fields, e.g. the ViT family's ``pos_resample`` variant).
 
 The entry then names ``timm_class``, ``fields``, the ``layer_decay_groups`` function (usually
 :func:`timm_layer_decay_groups`, valid for every timm model whose ``group_matcher`` numbers its
 blocks), ``mmseg_backbone`` (the name of a function ``fn(state, meta, grid) -> (mmseg backbone type,
 weights)`` in :mod:`mimbench.seg.backbone`, or None when segmentation does not support the family)
-and ``global_pool`` (the pooling :func:`~mimbench.encoders.load_encoder` uses unless told otherwise).
+and ``global_pool`` (the pooling :func:`~mimbench.encoders.load_encoder` uses unless told otherwise; a
+``global_pool`` in the parsed flags -- the ViT family's metadata field -- takes precedence, see
+:func:`default_pool`).
 Converters of checkpoints of that family are layouts in :mod:`mimbench.encoders.convert`.
 """
 from __future__ import annotations
@@ -40,7 +45,7 @@ from timm.optim import param_groups_layer_decay
 
 from mimbench.encoders.beit import BEIT_FIELDS, beit_shapes, build_beit, parse_beit_flags, resample_beit_state
 from mimbench.encoders.eva import (
-    EVA_FIELDS, build_eva, eva_global_pool, eva_shapes, parse_eva_flags, resample_eva_state,
+    EVA_FIELDS, build_eva, eva_global_pool, eva_shapes, eva_task_pool, parse_eva_flags, resample_eva_state,
 )
 from mimbench.encoders.vit import build_vit, parse_vit_fields, resample_vit_state, vit_shapes
 from mimbench.errors import MimbenchError
@@ -70,10 +75,14 @@ class Family:
     global_pool: str = "token"
     #: ``fn(flags) -> global_pool`` when the default pooling depends on the file (it then replaces ``global_pool``)
     pool_of: Callable[[Mapping], str] | None = None
+    #: ``fn(flags, task) -> pooling or None``: the evaluation pooling (:data:`mimbench.schema.POOLS` names: "cls",
+    #: "avg", "cls+avg") the family's authors use for ``task`` ("knn", "linear"), None where the default holds
+    task_pool: Callable[[Mapping, str], str | None] | None = None
 
     def default_pool(self, flags: Mapping) -> str:
-        """The timm ``global_pool`` a loaded encoder of this family gets unless told otherwise."""
-        return self.pool_of(flags) if self.pool_of else self.global_pool
+        """The timm ``global_pool`` a loaded encoder of this family gets unless told otherwise: the file's
+        ``global_pool`` field (ViT family), else ``pool_of(flags)``, else the family's ``global_pool``."""
+        return flags.get("global_pool") or (self.pool_of(flags) if self.pool_of else self.global_pool)
 
 
 FAMILY_TABLE: dict[str, Family] = {
@@ -85,7 +94,8 @@ FAMILY_TABLE: dict[str, Family] = {
                    mmseg_backbone="beit_encoder_to_mmseg"),
     "eva": Family(name="eva", timm_class=Eva, fields=EVA_FIELDS, parse=parse_eva_flags, shapes=eva_shapes,
                   build=build_eva, resample=resample_eva_state, layer_decay_groups=timm_layer_decay_groups,
-                  mmseg_backbone="eva_to_mmseg", pool_of=eva_global_pool),
+                  mmseg_backbone="eva_to_mmseg", pool_of=eva_global_pool,
+                  task_pool=eva_task_pool),
 }
 
 #: Encoder family names, as the ``family`` metadata field writes them.
@@ -122,36 +132,37 @@ def family_flags(meta: Mapping[str, str], where: str = "encoder file") -> tuple[
     return family, family.parse(meta, where)
 
 
+def default_pool(meta: Mapping[str, str], where: str = "encoder file") -> str:
+    """The timm ``global_pool`` the encoder's authors evaluate it with (:meth:`Family.default_pool`): the
+    metadata's ``global_pool`` field when the family has one and it is set, else the family's default ("token":
+    the class token; Eva files with a pooled final norm: "avg")."""
+    family, flags = family_flags(meta, where)
+    return family.default_pool(flags)
+
+
+def family_pool(meta: Mapping[str, str], task: str | None = None, where: str = "encoder file") -> str:
+    """The evaluation pooling (:data:`mimbench.schema.POOLS` name) the encoder's authors read ``task`` with: the
+    family's ``task_pool`` for it (Eva: DINOv3 k-NN "cls", linear "cls+avg"; EVA-02 "avg"), else "avg" when
+    :func:`default_pool` is "avg" (no class token, ``global_pool=avg``), else "cls"."""
+    family, flags = family_flags(meta, where)
+    chosen = family.task_pool(flags, task) if family.task_pool and task else None
+    return chosen or ("avg" if family.default_pool(flags) == "avg" else "cls")
+
+
+def has_class_token(meta: Mapping[str, str], where: str = "encoder file") -> bool:
+    """Whether the encoder has a class token (every family does, except ViT-family files that say
+    ``class_token=false``)."""
+    return bool(family_flags(meta, where)[1].get("class_token", True))
+
+
+def pooled_final_norm(meta: Mapping[str, str], where: str = "encoder file") -> bool:
+    """Whether the encoder's final norm acts on pooled features (Eva files with ``final_norm=pooled``, EVA-02 as
+    timm ships it) instead of on every token."""
+    return family_flags(meta, where)[1].get("final_norm") == "pooled"
+
+
 def tensor_shapes(meta: Mapping[str, str], arch: Mapping[str, float], in_chans: int = 3,
                   where: str = "encoder file") -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape an encoder with this metadata holds (``arch``: its parsed architecture)."""
     family, flags = family_flags(meta, where)
     return family.shapes(arch, flags, in_chans)
-
-
-#: Evaluation features by name (``knn_pool`` / ``linear_pool`` of a family's metadata; "token" where absent).
-POOLS = {"token": "class token after final norm", "avg": "mean of the patch tokens (registers excluded)",
-         "token+avg": "class token after final norm + mean of the normed patch tokens (registers excluded)"}
-
-
-def eval_pool(meta: Mapping[str, str], task: str, where: str = "encoder file") -> str:
-    """The feature the encoder's authors evaluate ``task`` ("knn" or "linear") on, a :data:`POOLS` name: the
-    family's ``<task>_pool`` field (Eva: DINOv3 k-NN "token", linear "token+avg"; EVA-02 "avg"), else "token"."""
-    _, flags = family_flags(meta, where)
-    return str(flags.get(f"{task}_pool", "token"))
-
-
-def pool_width(embed_dim: int, pool: str) -> int:
-    """Width of the :func:`pooled_features` of a D-wide encoder: 2D for "token+avg", else D."""
-    return 2 * embed_dim if pool == "token+avg" else embed_dim
-
-
-def pooled_features(model: torch.nn.Module, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """The :data:`POOLS` feature of an encoder's ``forward_features`` output ``(B, N, D)``: the class token, the
-    mean of the patch tokens (class and register tokens excluded; then the model's ``fc_norm`` where its final
-    norm acts on pooled features, EVA-02 as timm ships it), or both concatenated."""
-    if pool == "token":
-        return tokens[:, 0]
-    mean = tokens[:, int(getattr(model, "num_prefix_tokens", 1)):].mean(dim=1)
-    mean = getattr(model, "fc_norm", torch.nn.Identity())(mean)
-    return mean if pool == "avg" else torch.cat([tokens[:, 0], mean], dim=-1)

@@ -29,6 +29,9 @@ from mimbench.env import git_commit
 from mimbench.errors import MimbenchError
 
 FORMAT_TAG = "mimbench-encoder/1"
+#: A Hugging Face model folder (``save_pretrained``): its config and, in order of preference, its weights file.
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 #: Metadata every encoder file carries (all values are strings, as safetensors requires).
 REQUIRED_METADATA = (
@@ -147,14 +150,18 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path, *, arch: str, img
 
 
 def check_encoder_file(path) -> Path:
-    """``path`` as a Path if it names an existing file, else MimbenchError saying what to pass."""
+    """``path`` as a Path if it names an existing file or a Hugging Face model folder (a directory with
+    ``config.json``), else MimbenchError saying what to pass."""
     path = Path(path)
+    if path.is_dir() and (path / HF_CONFIG).is_file():
+        return path
     if not path.exists():
         raise MimbenchError(f"Encoder file {path} does not exist.",
                             "Check the path; encoders are written by `mimbench pretrain` or `mimbench convert`, "
                             "checkpoints of the supported layouts (docs/checkpoints.md) are read as they are.")
     if not path.is_file():
-        raise MimbenchError(f"Encoder path {path} is not a file.", "Give the encoder or checkpoint file itself.")
+        raise MimbenchError(f"Encoder path {path} is not a file.", "Give the encoder or checkpoint file itself, or a "
+                            f"Hugging Face model folder ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)}).")
     return path
 
 
@@ -217,10 +224,13 @@ def count_parameters(path: Path) -> int:
 
 
 def encoder_sha256(path) -> str:
-    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks): the encoder file, or the checkpoint as given."""
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks): the encoder file, or the checkpoint as given; for a
+    Hugging Face folder, of its config.json's bytes followed by its weights file's (other files do not count)."""
     path = check_encoder_file(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = [path] if path.is_file() else [path / HF_CONFIG] + [path / n for n in HF_WEIGHTS if (path / n).is_file()][:1]
+    for name in files:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()

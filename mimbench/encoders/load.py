@@ -67,7 +67,12 @@ def read_metadata(path, layout: str = "auto") -> dict[str, str]:
 
 
 def _model_kwargs(family: Family, flags: dict, arch: dict, img_size, timm_kwargs: dict) -> dict:
-    """The timm options of the model: the family's pooling default, no head, then ``timm_kwargs`` (checked)."""
+    """The timm options of the model: the encoder's pooling default (:meth:`Family.default_pool`), no head, then
+    ``timm_kwargs`` (checked).
+
+    A default "avg" pooling (an encoder without class token) keeps the per-token final norm (``fc_norm=False``):
+    its features are the mean of the normed patch tokens, as its authors evaluate it. An Eva file whose final
+    norm acts on pooled features (``final_norm=pooled``, EVA-02 as timm ships it) keeps that ``fc_norm``."""
     bad = sorted(set(timm_kwargs) & set(ARCH_KWARGS))
     if bad:
         raise MimbenchError(f"load_encoder: {', '.join(bad)} is fixed by the encoder file and cannot be overridden.",
@@ -76,7 +81,11 @@ def _model_kwargs(family: Family, flags: dict, arch: dict, img_size, timm_kwargs
     if any(int(s) % arch["patch_size"] for s in sizes):
         raise MimbenchError(f"load_encoder: img_size {img_size} is not a multiple of the patch size "
                             f"{arch['patch_size']}.", "Choose an input resolution made of whole patches.")
-    return dict(num_classes=0, global_pool=family.default_pool(flags)) | dict(timm_kwargs)
+    pool = family.default_pool(flags)
+    defaults = dict(num_classes=0, global_pool=pool)
+    if pool == "avg" and "global_pool" not in timm_kwargs:
+        defaults["fc_norm"] = False
+    return defaults | dict(timm_kwargs)
 
 
 def _build(family: Family, flags: dict, arch: dict, *, img_size, in_chans: int, eps: float, kwargs: dict,
@@ -117,8 +126,8 @@ def load_encoder(path, img_size=None, *, layout: str = "auto", **timm_kwargs):
             tables as BEiT and mmsegmentation do.
         **timm_kwargs: passed to the timm model (e.g. ``global_pool="avg"``, ``fc_norm=True``,
             ``drop_path_rate=0.1``, ``num_classes=1000``). Defaults: ``num_classes=0`` (head = Identity),
-            the family's default pooling (``"token"``; Eva files with a pooled final norm, EVA-02 as timm
-            ships it: ``"avg"``). Architecture arguments come from the file and
+            the encoder's ``global_pool`` (the metadata field, else the family's: ``"token"``; Eva files with
+            a pooled final norm, EVA-02 as timm ships it: ``"avg"``). Architecture arguments come from the file and
             cannot be given. For BEiT encoders ``fc_norm`` means Beit's ``use_fc_norm`` and
             ``use_mean_pooling=True`` means ``global_pool="avg"``.
 
@@ -140,7 +149,7 @@ def load_encoder(path, img_size=None, *, layout: str = "auto", **timm_kwargs):
     grid = tuple(model.patch_embed.grid_size)
     stored = int(arch["img_size"] // arch["patch_size"])
     if grid != (stored, stored):
-        state = family.resample(state, stored, grid)
+        state = family.resample(state, stored, grid, flags=flags)
     _load_weights(model, state, path, timm_kwargs)
     model.mimbench_metadata = meta
     return model.eval()

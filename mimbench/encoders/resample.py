@@ -15,6 +15,12 @@
   entries at the end are kept. Both references call ``scipy.interpolate.interp2d(kind="cubic")``,
   which SciPy 1.14 removed; on gridded data it is the interpolating bicubic spline that
   ``RectBivariateSpline(kx=3, ky=3, s=0)`` computes (SciPy's interp2d transition guide), used here.
+* :func:`resample_pos_embed_offset` -- DINOv2's rule (facebookresearch/dinov2
+  ``models/vision_transformer.py: interpolate_pos_encoding``): bicubic in float32 with
+  ``align_corners=False``; with an offset (0.1 for the models without registers) the interpolation
+  is given the scale factor ``(g + offset) / M`` instead of the output size (the source coordinates
+  then differ slightly from a size-based resize), with no anti-aliasing; with offset 0 (the register
+  models) it is given the size, with anti-aliasing.
 """
 from __future__ import annotations
 
@@ -59,6 +65,36 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_pre
     dim = grid.shape[-1]
     grid = grid.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def resample_pos_embed_offset(pos_embed: torch.Tensor, new_grid, old_grid, num_prefix_tokens: int = 1, *,
+                              offset: float = 0.1, antialias: bool = False) -> torch.Tensor:
+    """Position embeddings ``(1, P + h*w, D)`` for ``new_grid`` by DINOv2's rule (see the module docstring).
+
+    ``offset`` > 0: ``F.interpolate(scale_factor=((H + offset) / h, (W + offset) / w))``; 0: ``size=(H, W)``.
+    Unchanged (the same tensor) when the grid already matches, as DINOv2 returns it.
+    """
+    old_h, old_w = _pair(old_grid)
+    new_h, new_w = _pair(new_grid)
+    n_patch = pos_embed.shape[1] - num_prefix_tokens
+    if pos_embed.ndim != 3 or old_h * old_w != n_patch:
+        raise MimbenchError(f"Position embedding of shape {tuple(pos_embed.shape)} does not hold a {old_h}x{old_w} "
+                            f"grid after {num_prefix_tokens} prefix positions.", "Check old_grid.")
+    if (old_h, old_w) == (new_h, new_w):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    grid = grid.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = {"scale_factor": ((new_h + offset) / old_h, (new_w + offset) / old_w)}
+    else:
+        kwargs = {"size": (new_h, new_w)}
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **kwargs)
+    if tuple(grid.shape[-2:]) != (new_h, new_w):
+        raise MimbenchError(f"Resampling position embeddings to {new_h}x{new_w} gave {tuple(grid.shape[-2:])}.",
+                            "Use a smaller interpolation offset.")
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 

@@ -47,6 +47,8 @@ from mimbench.schema import spec_of
 
 #: The schema's defaults of the head's init std and AdamW's betas (keyword defaults of the builders below).
 HEAD_INIT_STD, BETAS = spec_of("finetune", "model.head_init_std").default, spec_of("finetune", "optim.betas").default
+#: What the head reads (timm ``global_pool="avg"``: the patch tokens after the class token and any registers).
+FINETUNE_FEATURE = "mean of the patch tokens (class and register tokens excluded) -> fresh fc_norm"
 #: The deviation recorded by ``augment.mode="tensor"``.
 TENSOR_DEVIATION = ("augmentation: horizontal flip + random erasing on tensors only (no RandomResizedCrop, "
                     "no RandAugment)")
@@ -168,6 +170,6 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         protocol={"lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
                   "warmup_epochs": loop.warmup_epochs, "layer_decay": float(optim.layer_decay),
                   "drop_path": float(cfg.model.drop_path), "train_transform": train_desc,
-                  "val_transform": val_desc, "img_size": size},
+                  "val_transform": val_desc, "img_size": size, "feature": FINETUNE_FEATURE},
         metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)},
                                   "skipped": runner.skipped(train_set, val_set)})

@@ -1,6 +1,6 @@
 """Weighted k-NN classification on frozen features (the DINO ``eval_knn`` protocol).
 
-Features (class token after the final norm, see ``features``) are L2-normalised, so the dot product
+Features (the class token after the final norm, or what ``--pool`` names; see ``features``) are L2-normalised, so the dot product
 is the cosine similarity. For each query the ``k`` most similar training samples vote for their
 class with weight ``exp(sim / T)``; the votes are summed per class and the classes ranked by total.
 Top-1 / top-5 accuracies are in percent (top-5 becomes top-C when there are fewer than 5 classes).
@@ -39,9 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mimbench import dist, encoders
+from mimbench import dist
 from mimbench.batching import shard_range
-from mimbench.encoders.families import POOLS, eval_pool
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import extract_features
@@ -187,8 +186,12 @@ def ranked_accuracy(ranked: torch.Tensor, labels, ks=(1, 5)) -> dict[int, float]
 
 
 def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-            resume: bool = False, layout: str = "auto") -> dict:
+            resume: bool = False, layout: str = "auto", pool: str = "auto") -> dict:
     """k-NN evaluation: features of train and val (cached), weighted vote, record written to ``out``.
+
+    ``pool`` (``--pool``): which tokens make the feature (:func:`mimbench.evals.features.resolve_pool`; "auto":
+    the class token, or the patch mean for encoders without one; EVA-02 the patch mean); the record's
+    ``protocol.feature`` and ``protocol.pool`` say it.
 
     ``resume`` has no effect beyond the feature cache, which is always reused when it matches.
     Several processes: features are extracted sharded and gathered (``features.extract_features``), every
@@ -199,8 +202,7 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     k, temperature = int(cfg.knn.k), float(cfg.knn.temperature)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=cfg.img_size,
                   batch_size=int(cfg.batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout,
-                  pool=eval_pool(encoders.read_metadata(run.encoder, layout=layout), "knn"))
+                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout, pool=pool, task="knn")
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=cfg.data.limit_train, **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=cfg.data.limit_val, **common)
     bank, bank_labels = build_bank(train_x, train_y, device=run.device)
@@ -213,8 +215,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
                  "rows": int(bank.shape[0]), "dim": int(bank.shape[1])}
     return runner.finish(
         run,
-        protocol={"k": k, "temperature": temperature, "feature": f"{POOLS[common['pool']]}, L2-normalised",
-                  "pool": common["pool"],
+        protocol={"k": k, "temperature": temperature, "feature": f"{train_info['feature']}, L2-normalised",
+                  "pool": train_info["pool"],
                   "transform": val_info["transform"], "bank": bank_info,
                   "vote": {"query_chunk": chunk, "queries_per_rank": per_rank}},
         metrics={"top1": acc[1], "top5": acc[5]},

@@ -1,7 +1,10 @@
 """Linear probe of a frozen encoder (the MAE protocol, plus a fast variant on cached features).
 
 Head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)`` (weight trunc-normal std 0.01,
-bias 0) on the class token after the encoder's final norm. Only the linear layer has parameters; the
+bias 0) on the class token after the encoder's final norm (``pool``/``--pool``: or the mean of the patch
+tokens -- the default of encoders without class token, e.g. I-JEPA --, or both, width 2D; see
+:func:`mimbench.evals.features.resolve_pool`; the record's ``protocol.feature`` and ``protocol.pool`` say which).
+Only the linear layer has parameters; the
 batch norm (no affine, running statistics) whitens features whose scale differs between encoders.
 
 ``mode="protocol"`` (facebookresearch/mae ``main_linprobe.py`` and the "Linear Probing" section of ``FINETUNE.md``): the encoder is
@@ -17,6 +20,17 @@ and the same head is trained on them (LARS or Adam). This is much faster and is 
 deviation "fast linear probe on cached features".
 
 Metrics: top-1 / top-5 accuracy in percent on the ``val`` split.
+
+Blocks and tokens (``layers`` / ``pool``, ``--layers`` / ``--pool``; :class:`mimbench.evals.features.Readout`):
+by default the class token of the last block after the final norm, as above. ``layers`` may name one block
+(``7``, ``-2``), the last N blocks concatenated (``concat:4``, DINOv2's linear probe on its last four class
+tokens), the mean of several blocks (``mean:6,7,8``, as AIM averages blocks), or ``all``: every block's feature
+from one forward pass per batch, one head per block trained side by side on the same batches (:class:`BlockHeads`),
+per-block metrics in the record and accuracy against depth in ``layers.png`` (MIM encoders often peak before the
+last block). Every block is read through the encoder's final norm, as DINOv2 reads its last four. ``pool``: the
+class token, the mean of the patch tokens (register tokens left out) or both concatenated; unset or ``auto``,
+the encoder family's pooling for the linear probe (DINOv3: class token ⊕ patch mean, as its authors probe it;
+EVA-02: the patch mean through its pooled-feature norm).
 
 Several processes (torchrun, Slurm): the global batch of every optimizer step, and its split into
 micro-batches of ``optim.batch_size``, are the same on any number of processes
@@ -44,16 +58,21 @@ from torch import nn
 from torchvision import transforms as T
 
 from mimbench import dist, encoders
+from mimbench.atomic import atomic_write
+from mimbench.config import format_override
 from mimbench.data import dataset_stats
-from mimbench.encoders.families import POOLS, eval_pool, pool_width, pooled_features
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
-from mimbench.evals.features import eval_transform, extract_features, limited
+from mimbench.evals.features import (
+    Readout, check_readout, eval_transform, extract_features, feature_read, limited, read_features, readout,
+)
 from mimbench.fastpath import under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
 CACHED_DEVIATION = "fast linear probe on cached features"
+#: What ``layers="all"`` reports: top1/top5 of the last block, and the best block picked by validation accuracy.
+BLOCK_SELECTION = "top1/top5: the last block; best_block / best_top1: selected on the val split"
 #: Validation batch of the cached mode (feature vectors: large batches are cheap).
 CACHED_EVAL_BATCH = 4096
 
@@ -94,13 +113,42 @@ class StepBatchNorm1d(nn.BatchNorm1d):
             self.num_batches_tracked += 1
 
 
-def build_head(embed_dim: int, num_classes: int) -> nn.Sequential:
-    """BatchNorm1d(D, affine=False, eps=1e-6) (as :class:`StepBatchNorm1d`) + Linear(D, C),
-    weight ~ trunc-normal(std 0.01), bias 0."""
+def _linear(embed_dim: int, num_classes: int) -> nn.Linear:
     linear = nn.Linear(embed_dim, num_classes)
     trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
-    return nn.Sequential(StepBatchNorm1d(embed_dim, eps=1e-6), linear)
+    return linear
+
+
+class BlockHeads(nn.Module):
+    """One linear head per block on rows holding every block's feature (``blocks`` × ``width``, block 0 first):
+    scores N × blocks × C. Each head is its own ``Linear`` (its own LARS trust ratio), so training them together
+    on the summed losses (:func:`probe_loss`) gives each the updates it would get alone on the same batches."""
+
+    def __init__(self, blocks: int, width: int, num_classes: int):
+        super().__init__()
+        self.width = width
+        self.heads = nn.ModuleList(_linear(width, num_classes) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.reshape(x.shape[0], len(self.heads), self.width)
+        return torch.stack([head(parts[:, i]) for i, head in enumerate(self.heads)], dim=1)
+
+
+def build_head(embed_dim: int, num_classes: int, blocks: int | None = None) -> nn.Sequential:
+    """BatchNorm1d(D, affine=False, eps=1e-6) (as :class:`StepBatchNorm1d`) + Linear(D, C),
+    weight ~ trunc-normal(std 0.01), bias 0. ``blocks``: one such head per block (:class:`BlockHeads`) on rows
+    of ``blocks`` × ``embed_dim`` features; the batch norm, per feature, is each block's own."""
+    if blocks is None:
+        return nn.Sequential(StepBatchNorm1d(embed_dim, eps=1e-6), _linear(embed_dim, num_classes))
+    return nn.Sequential(StepBatchNorm1d(blocks * embed_dim, eps=1e-6), BlockHeads(blocks, embed_dim, num_classes))
+
+
+def _probe_head(spec: Readout, width: int, num_classes: int) -> nn.Sequential:
+    """The head for features of ``width`` read as ``spec``: one per block for ``layers="all"``."""
+    if spec.combine == "all":
+        return build_head(width // spec.groups, num_classes, blocks=spec.groups)
+    return build_head(width, num_classes)
 
 
 def build_optimizer(head: nn.Module, optim, lr: float) -> torch.optim.Optimizer:
@@ -152,10 +200,10 @@ class Probe:
     eval_batch: int
     transforms: dict  # {"train_transform": ..., "val_transform": ...}
     skipped: dict
-    pool: str = "token"  # the feature (mimbench.encoders.families.POOLS) the head reads
+    spec: Readout | None = None  # how the encoder's features are read from images; None: the class token
 
 
-def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
+def _cached_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Probe:
     """Head on features of the un-augmented images, extracted once and cached (``features``); the batches are
     index arrays into the features on the device."""
     cfg, device = run.cfg, run.device
@@ -163,24 +211,25 @@ def _cached_probe(run, size: int, batch: int, accum: int) -> Probe:
         run.deviations.insert(0, CACHED_DEVIATION)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
                   batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout,
-                  pool=eval_pool(encoders.read_metadata(run.encoder, layout=run.layout), "linear"))
+                  max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout, layers=cfg.layers, pool=cfg.pool,
+                  task="linear")
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
     train_x, train_y = torch.from_numpy(np.array(tx)).to(device), torch.from_numpy(np.array(ty)).to(device)
     val_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(vx)), torch.from_numpy(np.array(vy)))
-    return Probe(head=build_head(int(tx.shape[1]), len(tinfo["classes"])).to(device), encoder=None,
+    return Probe(head=_probe_head(spec, int(tx.shape[1]), len(tinfo["classes"])).to(device), encoder=None,
                  loader=runner.TensorBatches(run, train_x, train_y, batch, accum), train_size=len(train_x),
                  val_set=val_set, eval_batch=CACHED_EVAL_BATCH,
                  transforms={"train_transform": tinfo["transform"] + " (no augmentation)",
                              "val_transform": vinfo["transform"]},
-                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]}, pool=common["pool"])
+                 skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]})
 
 
-def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
+def _protocol_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Probe:
     """Head on the frozen encoder (eval mode, no gradients) of augmented images: RandomResizedCrop + flip."""
     cfg = run.cfg
     encoder_model = encoders.load_encoder(run.encoder, img_size=size, layout=run.layout).to(run.device).eval()
+    check_readout(encoder_model, spec)
     for p in encoder_model.parameters():
         p.requires_grad_(False)
     train_tf, train_desc = _train_transform(run.data, size, cfg.augment.scale)
@@ -190,60 +239,114 @@ def _protocol_probe(run, size: int, batch: int, accum: int) -> Probe:
     skipped = runner.skipped(train_set, val_set)
     classes = list(train_set.classes)
     train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
-    pool = eval_pool(encoder_model.mimbench_metadata, "linear")
-    head = build_head(pool_width(encoder_model.embed_dim, pool), len(classes))
-    return Probe(head=head.to(run.device), encoder=encoder_model, pool=pool,
+    head = _probe_head(spec, spec.width(int(encoder_model.embed_dim)), len(classes)).to(run.device)
+    return Probe(head=head, encoder=encoder_model,
                  loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
                  train_size=len(train_set), val_set=val_set, eval_batch=batch,
-                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped)
+                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped,
+                 spec=None if spec.is_default else spec)
 
 
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-               resume: bool = False, layout: str = "auto") -> dict:
-    """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
+               resume: bool = False, layout: str = "auto", layers=None, pool: str | None = None) -> dict:
+    """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
+
+    ``layers`` / ``pool`` (``--layers`` / ``--pool``): the config's ``layers`` / ``pool`` for this run (None: the
+    config's), added to the overrides so that the record lists them.
+    """
+    overrides = [*overrides, *(format_override(k, v) for k, v in (("layers", layers), ("pool", pool)) if v is not None)]
     run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
+    spec = readout(run.encoder, cfg.layers, cfg.pool, layout=layout, task="linear")  # a block it lacks: refused here
     batch, accum, eff, lr = runner.batch_rule(run, cfg.optim)
     size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
     build = _cached_probe if cfg.mode == "cached" else _protocol_probe
-    probe = build(run, size, batch, accum)
+    probe = build(run, size, batch, accum, spec)
     optimizer = build_optimizer(probe.head, cfg.optim, lr)
     loop = runner.loop_config(run, accum)
+    read = {} if probe.spec is None else {"spec": probe.spec}
 
     def step(head, batch_):
         x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
-        return probe_loss(head, probe.encoder, x, y, probe.pool), {}
+        return probe_loss(head, probe.encoder, x, y, **read), {}
 
     history = fit(probe.head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"linear ({cfg.mode})", on_step_end=lambda it, total: probe.head[0].commit())
     probe.head.eval()
-    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x, probe.pool), run.precision, device)  # as recorded
+    val_fn = under_autocast(lambda x: probe_logits(probe.head, probe.encoder, x, **read), run.precision,
+                            device)  # as recorded
     logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
-    metrics = runner.topk_metrics(logits, labels)
+    metrics = runner.topk_metrics(logits, labels) if logits.ndim == 2 else block_metrics(logits, labels, spec)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
+    if logits.ndim == 3 and run.is_main:
+        plot_depth(metrics["per_block"], run.out / "layers.png", best=metrics["best_block"])
     return runner.finish(
         run,
         protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
-                  **probe.transforms, "img_size": size, "feature": POOLS[probe.pool], "pool": probe.pool},
+                  **probe.transforms, "img_size": size, "feature": feature_read(spec), "pool": spec.pool,
+                  "readout": spec.describe(),
+                  **({"block_selection": BLOCK_SELECTION} if spec.combine == "all" else {})},
         metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
                                   "skipped": probe.skipped})
 
 
 def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor,
-                 pool: str = "token") -> torch.Tensor:
-    """Scores (N×C) of the probe ``head`` on the frozen encoder's class tokens (another ``pool`` of
-    :data:`mimbench.encoders.families.POOLS` when given) of images ``x`` (N×3×S×S), or on ``x`` itself when
-    ``encoder_model`` is None (cached features, N×D)."""
+                 spec: Readout | None = None) -> torch.Tensor:
+    """Scores (N×C; N×blocks×C for :class:`BlockHeads`) of the probe ``head`` on the frozen encoder's class
+    tokens of images ``x`` (N×3×S×S) - or the features ``spec`` reads
+    (:func:`~mimbench.evals.features.read_features`) - or on ``x`` itself when ``encoder_model`` is None
+    (cached features, N×F)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            x = pooled_features(encoder_model, encoder_model.forward_features(x), pool)
+            x = encoder_model.forward_features(x)[:, 0] if spec is None else read_features(encoder_model, x, spec)
     return head(x.float())
 
 
 def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
-               pool: str = "token") -> torch.Tensor:
-    """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss."""
-    return F.cross_entropy(probe_logits(head, encoder_model, x, pool), y)
+               spec: Readout | None = None) -> torch.Tensor:
+    """Cross-entropy of :func:`probe_logits` against labels ``y`` (N): the linear probe's training loss. With one
+    head per block, the sum of the heads' own cross-entropies (no parameter is shared: each head's gradient is
+    that of its own loss)."""
+    logits = probe_logits(head, encoder_model, x, **({} if spec is None else {"spec": spec}))
+    if logits.ndim == 2:
+        return F.cross_entropy(logits, y)
+    per_item = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]), reduction="none")
+    return per_item.mean(dim=0).sum()
+
+
+def block_metrics(logits: torch.Tensor, labels: torch.Tensor, spec: Readout) -> dict:
+    """Metrics of one head per block (scores N×blocks×C): ``top1`` / ``top5`` of the last block (the number
+    chosen without looking at validation), ``per_block`` {block: {top1, top5}}, and ``best_block`` with its
+    ``best_top1`` - chosen on the validation split, the deeper block on a tie (the record's
+    ``protocol.block_selection`` says so)."""
+    per_block = {str(b): runner.topk_metrics(logits[:, i], labels) for i, b in enumerate(spec.blocks)}
+    best = max(spec.blocks, key=lambda b: (per_block[str(b)]["top1"], b))
+    last = per_block[str(spec.blocks[-1])]
+    return {"top1": last["top1"], "top5": last["top5"], "best_block": best,
+            "best_top1": per_block[str(best)]["top1"], "per_block": per_block}
+
+
+def plot_depth(per_block: dict, out: Path, *, best: int) -> Path:
+    """``out`` (PNG): top-1 accuracy of each block's head against the block index, the best block marked."""
+    # matplotlib is heavy and only needed for this figure: imported when it is drawn
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    blocks = [int(b) for b in per_block]
+    top1 = [per_block[str(b)]["top1"] for b in blocks]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(blocks, top1, marker="o")
+    ax.plot([best], [per_block[str(best)]["top1"]], marker="*", markersize=14, linestyle="none",
+            label=f"best: block {best}")
+    ax.set(xlabel="block (0 = first)", ylabel="top-1 accuracy (%)", title="Linear probe by depth")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what="the depth plot",
+                 fix="Give --out a folder you can write to.")
+    plt.close(fig)
+    return out

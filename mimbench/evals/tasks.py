@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any, Callable, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional
 
 from mimbench.errors import MimbenchError
+from mimbench.schema import LAYERS_SYNTAX, POOLS
 
 #: Data variables of the full-scale job files (:mod:`mimbench.jobs`): shell variables set by the user.
 IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
@@ -69,6 +71,7 @@ class Task:
     demo_data: str | None = None
     demo_data_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     in_grid_demo: bool = False    # evaluated at every point of a demo-scale reproduce grid (cheap tasks only)
+    in_demo: bool = True          # evaluated on every encoder of `mimbench demo`
     full_data: str | None = None  # data variable of the full-scale job files; None: not in the job grid
     full_options: tuple[str, ...] = ()  # extra `mimbench eval` words of a full-scale job
     bench_mode: str | None = None  # `mimbench bench <mode>`; None: not benchmarked
@@ -77,6 +80,15 @@ class Task:
     # How `mimbench eval <name>` prints the scalar metrics: "pairs" (``top1=71.5, top5=90.1``) or "dict"
     # (the Python dict, ``{'aAcc': ..., 'mIoU': ...}``: segmentation's line, which scripts already parse).
     metrics_line: str = "pairs"
+
+
+#: ``--pool`` of the tasks that read frozen features (knn, linear): one of :data:`mimbench.schema.POOLS`; unset,
+#: the config's ``pool`` where the task has one (linear), else auto.
+POOL_OPTION = Option("pool", ("--pool",), None, "Which tokens make the feature: auto (the encoder family's pooling: "
+                     "the class token, or the mean of the patch tokens for encoders without one or whose metadata "
+                     "says global_pool=avg), cls (class token), avg (mean of the patch tokens, registers excluded) "
+                     "or cls+avg (both). Default: the config's pool where the task has one (unset: auto)",
+                     choices=POOLS)
 
 
 def resolve(ref: str, task: str) -> Callable:
@@ -121,7 +133,7 @@ register_task(Task(
     demo_config="demo/knn_fmnist.py", protocol_config="knn/dino_k20.py",
     summary="Weighted k-NN on frozen class-token features (DINO protocol).",
     example="mimbench eval knn --encoder enc.safetensors --data builtin:fashion-mnist --out runs/knn",
-    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True,
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, options=(POOL_OPTION,),
     bench_mode="features", bench_step="mimbench.bench:features_step", bench_batch="batch_size",
 ))
 register_task(Task(
@@ -131,7 +143,21 @@ register_task(Task(
     example="mimbench eval linear --encoder enc.safetensors --config eval_configs/linear/mae_vit-b_in1k.py "
             "--data /data/imagenet --out runs/lin",
     feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, in_grid_demo=True, full_data=IMAGENET,
+    options=(
+        Option("layers", ("--layers",), None, f"Blocks the head reads: {LAYERS_SYNTAX}. Default: the config's "
+               "layers ('last')", annotation=Optional[str]),
+        POOL_OPTION,
+    ),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
+))
+register_task(Task(
+    name="attentive", runner="mimbench.evals.attentive:run_attentive", kind="attentive",
+    demo_config="demo/attentive_fmnist.py", protocol_config="attentive/ep_vit-b_in1k.py",
+    summary="Attentive probe of the frozen encoder: a learned attention-pooling head on its tokens (CAE, EP or "
+            "V-JEPA head preset).",
+    example="mimbench eval attentive --encoder enc.safetensors --config eval_configs/attentive/ep_vit-b_in1k.py "
+            "--data /data/imagenet --out runs/att",
+    demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
 ))
 register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",
@@ -170,6 +196,26 @@ register_task(Task(
     full_data=ADE20K, full_options=("--launcher", "pytorch"),
     bench_mode="segment", bench_step="mimbench.bench:segment_step", bench_batch="train_dataloader.batch_size",
 ))
+register_task(Task(
+    name="lowshot", runner="mimbench.evals.lowshot:run_lowshot", kind="lowshot",
+    demo_config="demo/lowshot_fmnist.py", protocol_config="lowshot/msn_logreg_in1k.py",
+    summary="Low-shot classification: MSN's logistic regression (cyanure, the extra 'lowshot') on frozen class "
+            "tokens of the images a split file lists, or of K images per class drawn with each of N seeds; the "
+            "record holds the mean and std over the runs, and each run has its own record in OUT/runs.",
+    example="mimbench eval lowshot --encoder enc.safetensors --config eval_configs/lowshot/msn_logreg_in1k.py "
+            "--data /data/imagenet --split-file imagenet_subsets1/1imgs_class.txt --out runs/lowshot",
+    options=(
+        Option("split_file", ("--split-file",), None, "A split file (SimCLR / MSN format: one training image "
+               "name per line, class = its folder; built-in data: image indices); repeat for several splits, one "
+               "run each", annotation=Optional[List[Path]]),
+        Option("shots", ("--shots",), None, "Images per class drawn for each seed (instead of a split file)",
+               annotation=Optional[int]),
+        Option("seeds", ("--seeds",), None, "Number of seeds with --shots (default: the config's, 3)",
+               annotation=Optional[int]),
+    ),
+    feature_cache=True, in_demo=False,  # the demo report has no low-shot column yet
+))
 
-__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option", "TASKS", "Task",
+__all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option",
+           "POOL_OPTION", "TASKS", "Task",
            "all_tasks", "get_task", "register_task", "resolve"]

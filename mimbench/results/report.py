@@ -30,6 +30,7 @@ from mimbench.results.records import load_records
 #: (``segment_column``): ADE20K mIoU and the demo's FashionMNIST-Seg mIoU are different numbers.
 METRIC_COLUMNS = {
     "linear": "linear top-1",
+    "attentive": "attentive top-1",
     "finetune": "fine-tune top-1",
     "knn": "k-NN top-1",
     "segment": "ADE20K mIoU",

@@ -53,6 +53,7 @@ from mimbench.encoders.arch import norm_eps, parse_arch
 from mimbench.encoders.eva import EVA_FIELDS, resample_eva_state
 from mimbench.encoders.families import family_flags
 from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
+from mimbench.encoders.vit import resample_vit_state
 from mimbench.errors import MimbenchError
 
 _BLOCK_RULES = (
@@ -147,7 +148,17 @@ def beit_to_mmseg(state_dict: dict[str, torch.Tensor], flags: dict, num_heads: i
 def vit_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
                  grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
     """(``"MAE"``, weights) for a ViT-family encoder: :func:`timm_to_mmseg_mae` plus zero relative position
-    bias and unit layer scale, so the backbone computes exactly what the ViT did."""
+    bias and unit layer scale (or the encoder's layer scale), so the backbone computes exactly what the ViT did.
+    The position grid moves by the encoder's ``pos_resample`` variant (DINOv2's for DINOv2 encoders). Encoders
+    with register tokens or without a class token have no counterpart in mmseg's MAE backbone: refused."""
+    _, flags = family_flags(meta, "encoder")
+    if flags["reg_tokens"] or not flags["class_token"] or flags["no_embed_class"]:
+        raise MimbenchError("Segmentation's ViT backbone (mmseg MAE) has one class token with a position and no "
+                            "register tokens; this encoder has "
+                            f"{flags['reg_tokens']} register tokens, class_token={flags['class_token']}.",
+                            "Evaluate it with knn, linear or finetune; segmentation takes class-token ViTs.")
+    stored = int(meta["img_size"]) // int(meta["patch_size"])
+    state_dict = resample_vit_state(state_dict, stored, tuple(grid), flags)
     converted = timm_to_mmseg_mae(state_dict, grid=grid)
     heads, dim = int(meta["num_heads"]), int(meta["embed_dim"])
     rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from mimbench.encoders import FAMILY_TABLE, convert_checkpoint, convert_state, load_encoder, read_metadata
 from mimbench.encoders.convert import detect_layouts
 from mimbench.encoders.eva_layouts import eva_layout_of, hf_dinov3_state
-from mimbench.encoders.families import eval_pool, pooled_features
+from mimbench.evals.features import pool_tokens, resolve_pool
 from mimbench.errors import MimbenchError
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, num_classes=0)
@@ -185,23 +185,45 @@ def test_pooling_follows_the_authors(tmp_path):
     torch.save(_timm("vit_small_patch16_dinov3").state_dict(), tmp_path / "d.pth")
     torch.save(_timm("eva02_tiny_patch14_224", patch_size=14, size=28).state_dict(), tmp_path / "e.pth")
     dino, eva = read_metadata(tmp_path / "d.pth"), read_metadata(tmp_path / "e.pth")
-    assert (eval_pool(dino, "knn"), eval_pool(dino, "linear")) == ("token", "token+avg")
-    assert (eval_pool(eva, "knn"), eval_pool(eva, "linear")) == ("avg", "avg")
-    assert eval_pool({k: v for k, v in dino.items() if k != "family"} | {"family": "beit", "use_abs_pos_emb": "true",
-                     "use_rel_pos_bias": "false", "use_shared_rel_pos_bias": "false",
-                     "layer_scale_init_value": "0.0"}, "linear") == "token"
+    assert (resolve_pool(None, dino, task="knn"), resolve_pool("auto", dino, task="linear")) == ("cls", "cls+avg")
+    assert (resolve_pool(None, eva, task="knn"), resolve_pool(None, eva, task="linear")) == ("avg", "avg")
+    assert resolve_pool("avg", dino, task="knn") == "avg"  # --pool wins over the family's default
+    assert resolve_pool(None, {k: v for k, v in dino.items() if k != "family"} | {
+        "family": "beit", "use_abs_pos_emb": "true", "use_rel_pos_bias": "false", "use_shared_rel_pos_bias": "false",
+        "layer_scale_init_value": "0.0"}, task="linear") == "cls"
     model = load_encoder(tmp_path / "d.pth", img_size=32)
     x = _images()
     with torch.no_grad():
         tokens = model.forward_features(x)
-        both = pooled_features(model, tokens, "token+avg")
+        both = pool_tokens(model, tokens, "cls+avg")
     assert both.shape == (2, 128)
     torch.testing.assert_close(both[:, :64], tokens[:, 0])
     torch.testing.assert_close(both[:, 64:], tokens[:, 5:].mean(1))  # registers (tokens 1-4) left out
     model = load_encoder(tmp_path / "e.pth")
     with torch.no_grad():
-        torch.testing.assert_close(pooled_features(model, model.forward_features(x[:, :, :28, :28]), "avg"),
-                                   model(x[:, :, :28, :28]))
+        torch.testing.assert_close(pool_tokens(model, model.forward_features(x[:, :, :28, :28]), "avg"),
+                                   model(x[:, :, :28, :28]), **TOL)  # timm: mean patch token, then fc_norm
+
+
+def test_pool_override_reads_eva02_through_its_pooled_norm(tmp_path):
+    from mimbench.evals.features import POOLED_NORM, feature_read, read_features, readout
+
+    ref = _timm("eva02_tiny_patch14_224", patch_size=14, size=28)  # timm: mean patch token, then fc_norm
+    torch.save(ref.state_dict(), tmp_path / "e.pth")
+    path = convert_checkpoint(tmp_path / "e.pth", tmp_path / "e.safetensors")
+    model = load_encoder(path)
+    x = _images(28)
+    default, override = readout(path, pool=None, task="linear"), readout(path, pool="cls+avg", task="linear")
+    assert (default.pool, override.pool) == ("avg", "cls+avg") and default.describe()["norm"] == POOLED_NORM
+    assert not override.is_default and "fc_norm" in feature_read(override)
+    with torch.no_grad():
+        torch.testing.assert_close(read_features(model, x, default), ref(x), **TOL)
+        both = read_features(model, x, override)
+        tokens = ref.forward_features(x)
+        token_ref = ref.fc_norm(tokens[:, 0])  # timm's forward_head with global_pool="token"
+    assert both.shape == (2, 2 * 64)
+    torch.testing.assert_close(both[:, :64], token_ref, **TOL)
+    torch.testing.assert_close(both[:, 64:], ref(x), **TOL)
 
 
 def test_layer_decay_groups_cover_every_parameter_once(tmp_path):
@@ -232,9 +254,14 @@ def test_eval_knn_reads_the_normed_class_token(dinov3_encoder, tmp_path):
     record = run_eval("knn", encoder=dinov3_encoder, config="eval_configs/demo/knn_fmnist.py",
                       data="builtin:fashion-mnist", out=tmp_path,
                       overrides=["img_size=32", "data.limit_train=40", "data.limit_val=16"], resume=False)
-    assert record["protocol"]["pool"] == "token" and record["protocol"]["bank"]["dim"] == 64
+    assert record["protocol"]["pool"] == "cls" and record["protocol"]["bank"]["dim"] == 64
     assert record["protocol"]["feature"].startswith("class token after final norm")
     assert record["encoder"]["family"] == "eva" and 0.0 <= record["metrics"]["top1"] <= 100.0
+    record = run_eval("knn", encoder=dinov3_encoder, config="eval_configs/demo/knn_fmnist.py",
+                      data="builtin:fashion-mnist", out=tmp_path / "avg", pool="avg",
+                      overrides=["img_size=32", "data.limit_train=40", "data.limit_val=16"], resume=False)
+    assert record["protocol"]["pool"] == "avg" and record["protocol"]["bank"]["dim"] == 64
+    assert record["protocol"]["feature"].startswith("mean of the patch tokens")
 
 
 def test_eval_linear_reads_class_token_and_mean_patch_token(dinov3_encoder, tmp_path):
@@ -245,11 +272,12 @@ def test_eval_linear_reads_class_token_and_mean_patch_token(dinov3_encoder, tmp_
                       data="builtin:fashion-mnist", out=tmp_path,
                       overrides=["img_size=32", "data.limit_train=32", "data.limit_val=16", "optim.batch_size=16",
                                  "schedule.epochs=1", "schedule.warmup_epochs=0"])
-    assert record["protocol"]["pool"] == "token+avg" and record["encoder"]["family"] == "eva"
+    assert record["protocol"]["pool"] == "cls+avg" and record["encoder"]["family"] == "eva"
+    assert record["protocol"]["readout"]["pool"] == "cls+avg" and "⊕" in record["protocol"]["feature"]
     assert 0.0 <= record["metrics"]["top1"] <= 100.0
     feats, _, info = extract_features(dinov3_encoder, "builtin:fashion-mnist", "val", cache_dir=tmp_path / "c",
-                                      img_size=32, limit=4, pool="token+avg")
-    assert feats.shape == (4, 128) and info["pool"] == "token+avg"
+                                      img_size=32, limit=4, pool="cls+avg")
+    assert feats.shape == (4, 128) and info["pool"] == "cls+avg"
 
 
 def test_eval_finetune_runs_with_layer_decay_over_the_eva_blocks(dinov3_encoder, tmp_path):
@@ -269,4 +297,4 @@ def test_info_lists_the_eva_fields(dinov3_encoder, tmp_path):
     from mimbench.encoders import describe_encoder
 
     text = describe_encoder(dinov3_encoder)
-    assert "family" in text and "rope_type" in text and "linear_pool" in text and "token+avg" in text
+    assert "family" in text and "rope_type" in text and "linear_pool" in text and "cls+avg" in text

@@ -85,6 +85,29 @@ def test_linear_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path, config)
     assert _one_record(tmp_path)["run_id"] == record["run_id"]
 
 
+@pytest.mark.parametrize("config,preset", [("cae_vit-b_in1k", "cae"), ("ep_vit-b_in1k", "ep"),
+                                           ("vjepa_vit-l_in1k", "vjepa")])
+def test_attentive_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path, config, preset):
+    path = REPO / "eval_configs" / "attentive" / f"{config}.py"
+    record = run_eval("attentive", encoder=tiny_encoder, config=path, data=str(jpeg_tree), out=tmp_path,
+                      overrides=SMALL + ["optim.batch_size=8", "optim.eff_batch_size=16"])
+    protocol = record["protocol"]
+    assert record["status"] == "ok" and record["dataset"]["sizes"] == {"train": 48, "val": 20}
+    assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
+    assert np.isfinite(record["metrics"]["train_loss"])
+    assert protocol["head_preset"] == preset and protocol["head_params"] > 0 and protocol["deviations"] == []
+    # the tiny encoder: 32x32 at patch 8 = 16 patch tokens and a class token
+    assert protocol["tokens"] == {"cae": "all 17 tokens (class/register tokens: 1) after the final norm",
+                                  "ep": "16 patch tokens of the last block before the final norm; class token and "
+                                        "registers (1) excluded",
+                                  "vjepa": "16 patch tokens after the final norm; class token and registers (1) "
+                                           "excluded"}[preset]
+    tf = protocol["train_transform"]
+    assert ("RandomErasing" in tf and "AutoAugment" in tf) if preset == "vjepa" else tf.startswith("randomresizedcrop32")
+    assert protocol["val_transform"].startswith("resize36-bicubic/centercrop32")
+    assert _one_record(tmp_path)["run_id"] == record["run_id"]
+
+
 def test_knn_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path):
     record = run_eval("knn", encoder=tiny_encoder, config=REPO / "eval_configs" / "knn" / "dino_k20.py",
                       data=str(jpeg_tree), out=tmp_path, overrides=["img_size=32", "data.num_workers=0"])

@@ -21,7 +21,9 @@ BASE = {
     "linear": REPO / "eval_configs/demo/linear_fmnist.py",
     "finetune": REPO / "eval_configs/demo/finetune_fmnist.py",
     "knn": REPO / "eval_configs/demo/knn_fmnist.py",
+    "lowshot": REPO / "eval_configs/demo/lowshot_fmnist.py",
     "segment": REPO / "eval_configs/segmentation/demo_fmnist_seg.py",
+    "attentive": REPO / "eval_configs/demo/attentive_fmnist.py",
 }
 # (kind, config-file line or --set override, words the error must contain)
 BAD = [
@@ -43,6 +45,9 @@ BAD = [
     ("segment", "crop_size = (32, 32, 3)", ["crop_size", "has 3 items"]),
     ("segment", "train_dataloader = dict(batch_size=0)", ["train_dataloader.batch_size", "an integer >= 1"]),
     ("segment", "default_hooks = dict(checkpoint=dict(interval='250'))", ["default_hooks.checkpoint.interval", "is a str"]),
+    ("attentive", "head = dict(preset='cea')", ["head.preset", "'cea'", "one of 'cae', 'ep', 'vjepa'"]),
+    ("attentive", "optim = dict(name='sdg')", ["optim.name", "'sdg'", "one of 'sgd', 'lars', 'adamw'"]),
+    ("attentive", "head = dict(tokens='patches')", ["head.tokens", "one of 'all', 'patch'"]),
 ]
 
 
@@ -89,14 +94,16 @@ def test_bad_override_is_refused_the_same_way(kind, line, words):
 
 def test_every_shipped_config_passes_its_schema():
     kinds = {"pretrain/configs": "pretrain", "eval_configs/reproduce": "pretrain", "eval_configs/linear": "linear",
-             "eval_configs/finetune": "finetune", "eval_configs/knn": "knn", "eval_configs/segmentation": "segment"}
+             "eval_configs/finetune": "finetune", "eval_configs/knn": "knn", "eval_configs/segmentation": "segment",
+             "eval_configs/lowshot": "lowshot",
+             "eval_configs/attentive": "attentive"}
     n = 0
     for folder, kind in kinds.items():
         for path in sorted((REPO / folder).glob("*.py")):
             load_config(path, kind=kind)
             n += 1
     for path in sorted((REPO / "eval_configs/demo").glob("*.py")):
-        load_config(path, kind=next(k for k in ("linear", "finetune", "knn") if k in path.name))
+        load_config(path, kind=next(k for k in ("linear", "finetune", "knn", "lowshot", "attentive") if k in path.name))
         n += 1
     assert n >= 25
 

@@ -1,0 +1,206 @@
+"""Attentive probing: the three head presets as their sources build them, the shipped configs' values, the demo
+config end to end, and the errors a wrong head section gets."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimbench.config import load_config
+from mimbench.errors import MimbenchError
+from mimbench.evals import run_eval
+from mimbench.evals.attentive import (AttentiveHead, attend, build_head, cosine_weight_decay, encoder_tokens,
+                                      parameter_count)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "eval_configs"
+
+# The published values each shipped config carries (shared protocol notes, "Attentive probing"), with their source.
+PUBLISHED = {
+    # Atten4Vis/CAE tools/run_attentive.py + scripts/cae_base_800e.sh
+    "cae_vit-b_in1k": {"head.preset": "cae", "head.num_queries": 1, "head.tokens": "all", "head.final_norm": True,
+                       "optim.name": "sgd", "optim.momentum": 0.9, "optim.lr": 0.4, "optim.eff_batch_size": 8192,
+                       "optim.weight_decay": 0.0, "schedule.epochs": 90, "schedule.warmup_epochs": 10,
+                       "augment.mode": "rrc_flip", "img_size": 224, "clip_grad": None},
+    # billpsomas/efficient-probing poolings/ep.py + the MAE linprobe recipe it runs in
+    "ep_vit-b_in1k": {"head.preset": "ep", "head.num_queries": 32, "head.num_heads": 1, "head.tokens": "patch",
+                      "optim.name": "lars", "optim.blr": 0.1, "optim.momentum": 0.9, "optim.trust_coeff": 0.001,
+                      "optim.weight_decay": 0.0, "optim.eff_batch_size": 4096, "schedule.epochs": 90,
+                      "schedule.warmup_epochs": 10, "augment.mode": "rrc_flip", "img_size": 224},
+    # facebookresearch/jepa src/models/attentive_pooler.py + configs/evals/vitl16_in1k.yaml
+    "vjepa_vit-l_in1k": {"head.preset": "vjepa", "head.num_queries": 1, "head.mlp_ratio": 4.0, "head.tokens": "patch",
+                         "head.final_norm": True, "optim.name": "adamw", "optim.lr": 1e-3,
+                         "optim.weight_decay": 0.001, "optim.final_weight_decay": 1e-6, "optim.eff_batch_size": 1024,
+                         "schedule.epochs": 20, "schedule.warmup_epochs": 0, "schedule.min_lr": 0.0,
+                         "clip_grad": 1.0, "augment.mode": "timm", "augment.auto_augment": "original",
+                         "augment.re_prob": 0.25, "augment.re_mode": "pixel", "augment.re_count": 1, "img_size": 224},
+}
+
+
+def _get(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_shipped_config_carries_its_sources_values(name):
+    cfg = load_config(CONFIGS / "attentive" / f"{name}.py", kind="attentive")
+    for key, value in PUBLISHED[name].items():
+        assert _get(cfg, key) == value, (name, key)
+    assert cfg.mode == "protocol" and list(cfg.deviations) == []
+    if cfg.optim.name == "sgd":  # CAE: an absolute rate, not a base rate
+        assert cfg.optim.blr is None
+
+
+D, C, HEADS = 32, 10, 4
+
+
+def _expected_params(preset, q=1):
+    """Parameter counts written out from each source's layers (the batch norm has no affine parameters)."""
+    linear = D * C + C
+    if preset == "cae":  # query, 3 LayerNorms, q/k/v weights without bias, q and v biases, output projection
+        return D + 3 * 2 * D + 3 * D * D + 2 * D + (D * D + D) + linear
+    if preset == "ep":  # Q queries, one value projection without bias
+        return q * D + D * D + linear
+    # vjepa: query, 2 LayerNorms, q (bias), joint kv (bias), MLP D -> 4D -> D
+    return D + 2 * 2 * D + (D * D + D) + (2 * D * D + 2 * D) + (D * 4 * D + 4 * D + 4 * D * D + D) + linear
+
+
+@pytest.mark.parametrize("preset,q", [("cae", 1), ("ep", 8), ("ep", 32), ("vjepa", 1)])
+def test_heads_map_tokens_to_scores_with_their_sources_parameter_count(preset, q):
+    torch.manual_seed(0)
+    head = build_head(preset, D, C, heads=HEADS, num_queries=q)
+    assert isinstance(head, AttentiveHead) and parameter_count(head) == _expected_params(preset, q)
+    assert (head.norm is None) == (preset == "vjepa")  # CAE and EP: BatchNorm1d(affine=False) before the linear
+    tokens = torch.randn(6, 17, D)
+    pooled, weights = head.pooling(tokens, return_attention=True)
+    assert pooled.shape == (6, D)
+    assert weights.shape == (6, 1 if preset == "ep" else HEADS, q, 17)
+    assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
+    assert head(tokens).shape == (6, C)
+    head.eval()  # any number of tokens: the head has no position embedding
+    assert head(torch.randn(2, 5, D)).shape == (2, C)
+
+
+def test_cae_zero_query_attends_uniformly_at_initialisation():
+    head = build_head("cae", D, C, heads=HEADS)
+    tokens = torch.randn(3, 9, D) * 5
+    _, weights = head.pooling(tokens, return_attention=True)
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 9), atol=1e-6)
+    with torch.no_grad():
+        head.pooling.query.normal_()
+    _, trained = head.pooling(tokens, return_attention=True)
+    assert not torch.allclose(trained, weights, atol=1e-3)  # the uniform weights come from the zero query
+
+
+def test_attention_equals_torch_sdpa():
+    q, k, v = torch.randn(2, 3, D), torch.randn(2, 7, D), torch.randn(2, 7, D)
+    ours, _ = attend(q, k, v, HEADS)
+    split = lambda t: t.reshape(2, t.shape[1], HEADS, D // HEADS).transpose(1, 2)  # noqa: E731
+    ref = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(2, 3, D)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_ep_query_reads_its_own_value_chunk_over_raw_tokens():
+    """EP by its definition: softmax(q_i . x_n / sqrt(D)) over the raw tokens, query i summing chunk i of V(x)."""
+    torch.manual_seed(1)
+    q = 4
+    pooling = build_head("ep", D, C, heads=1, num_queries=q).pooling
+    x = torch.randn(2, 6, D)
+    value, width = pooling.v(x), D // q
+    expected = torch.empty(2, D)
+    for i in range(q):
+        w = (x @ pooling.query[0, i] / math.sqrt(D)).softmax(-1)  # B×N
+        expected[:, i * width:(i + 1) * width] = torch.einsum("bn,bnc->bc", w, value[..., i * width:(i + 1) * width])
+    assert torch.allclose(pooling(x), expected, atol=1e-5)
+
+
+def test_vjepa_block_is_residual_around_attention_and_mlp():
+    torch.manual_seed(2)
+    pooling = build_head("vjepa", D, C, heads=HEADS).pooling
+    x = torch.randn(3, 5, D)
+    q = pooling.query.expand(3, -1, -1)
+    k, v = pooling.kv(pooling.norm1(x)).chunk(2, -1)
+    split = lambda t: t.reshape(3, t.shape[1], HEADS, D // HEADS).transpose(1, 2)  # noqa: E731
+    q = q + F.scaled_dot_product_attention(split(pooling.q(q)), split(k), split(v)).transpose(1, 2).reshape(3, 1, D)
+    expected = (q + pooling.mlp(pooling.norm2(q)))[:, 0]
+    assert torch.allclose(pooling(x), expected, atol=1e-5)
+
+
+def test_unknown_preset_and_mismatched_head_are_refused():
+    with pytest.raises(MimbenchError, match="Unknown attentive head preset 'cea'"):
+        build_head("cea", D, C, heads=HEADS)
+    with pytest.raises(MimbenchError, match="one query"):
+        build_head("cae", D, C, heads=HEADS, num_queries=4)
+    with pytest.raises(MimbenchError, match="does not divide"):
+        build_head("ep", D, C, heads=1, num_queries=5)
+    with pytest.raises(MimbenchError, match="do not divide the token width"):
+        build_head("vjepa", D, C, heads=5)
+
+
+def test_tokens_before_the_final_norm_are_what_the_norm_receives(tiny_encoder):
+    from mimbench.encoders import load_encoder
+
+    model = load_encoder(tiny_encoder).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        after = encoder_tokens(model, x, tokens="all", final_norm=True)
+        before = encoder_tokens(model, x, tokens="all", final_norm=False)
+        patches = encoder_tokens(model, x, tokens="patch", final_norm=True)
+    assert after.shape == (2, 1 + 16, 32) and patches.shape == (2, 16, 32)
+    assert torch.allclose(model.norm(before), after, atol=1e-5) and not torch.allclose(before, after)
+    assert torch.equal(patches, after[:, 1:])  # the class token is dropped
+    assert not model.norm._forward_hooks  # the hook is removed again
+
+
+def test_patch_tokens_leave_out_the_class_token_and_registers():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, reg_tokens=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        every = encoder_tokens(model, x, tokens="all", final_norm=True)
+        patches = encoder_tokens(model, x, tokens="patch", final_norm=True)
+    assert every.shape[1] == 1 + 4 + 4 and patches.shape[1] == 4
+    assert torch.equal(patches, every[:, 5:])
+
+
+def test_weight_decay_follows_vjepas_cosine_to_its_final_value():
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 1e-3}])
+    cosine_weight_decay(opt, 1e-3, 1e-6, 4, 10)  # after step 5 of 10: half way
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx((1e-3 + 1e-6) / 2)
+    cosine_weight_decay(opt, 1e-3, 1e-6, 9, 10)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(1e-6)
+    cosine_weight_decay(opt, 1e-3, None, 0, 10)  # no final value: constant, untouched
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(1e-6)
+
+
+def test_demo_config_runs_on_builtin_data_and_records_the_head(tiny_encoder, tmp_path):
+    record = run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                      data="builtin:fashion-mnist", out=tmp_path,
+                      overrides=["data.limit_train=256", "data.limit_val=64", "schedule.epochs=2"])
+    protocol = record["protocol"]
+    assert record["status"] == "ok" and record["dataset"]["sizes"] == {"train": 256, "val": 64}
+    assert protocol["head_preset"] == "ep" and protocol["num_queries"] == 4
+    assert protocol["head_params"] == 4 * 32 + 32 * 32 + 32 * 10 + 10
+    assert protocol["tokens"].startswith("16 patch tokens of the last block before the final norm")
+    assert protocol["deviations"][0].startswith("attentive probe on tokens of un-augmented images")
+    assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
+    saved = json.loads(next(tmp_path.glob("attentive-*.json")).read_text())
+    assert saved["protocol"]["head_params"] == protocol["head_params"]
+
+
+def test_a_head_section_its_preset_cannot_build_is_refused_before_any_work(tiny_encoder, tmp_path):
+    with pytest.raises(MimbenchError, match="one query"):
+        run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                 data="builtin:fashion-mnist", out=tmp_path / "run", overrides=["head.preset='cae'"])
+    assert not list((tmp_path / "run").glob("checkpoint-*.pt")) and not list((tmp_path / "run").glob("*.json"))
+    with pytest.raises(MimbenchError, match="one head"):
+        run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                 data="builtin:fashion-mnist", out=tmp_path / "run1", overrides=["head.num_heads=2"])
+    with pytest.raises(MimbenchError, match="cached"):
+        run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                 data="builtin:fashion-mnist", out=tmp_path / "run2", overrides=["augment.mode='timm'"])

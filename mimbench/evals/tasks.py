@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 from mimbench.errors import MimbenchError
-from mimbench.schema import LAYERS_SYNTAX, POOLS
+from mimbench.schema import LAYERS_SYNTAX, POOLS, SELECTION_ON
 
 #: Data variables of the full-scale job files (:mod:`mimbench.jobs`): shell variables set by the user.
 IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
@@ -147,6 +147,10 @@ register_task(Task(
         Option("layers", ("--layers",), None, f"Blocks the head reads: {LAYERS_SYNTAX}. Default: the config's "
                "layers ('last')", annotation=Optional[str]),
         POOL_OPTION,
+        Option("select_on", ("--select-on",), None, "Where --layers all selects its best block: train-holdout (a "
+               "held-out part of the training set, not trained on) or val (the validation split, as published "
+               "selections do). Default: the config's selection.on (train-holdout)", annotation=Optional[str],
+               choices=SELECTION_ON),
     ),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))

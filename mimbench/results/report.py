@@ -114,10 +114,25 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
             continue
         label, technique, epochs = _encoder_row(r)
         rows += [{"label": label, "technique": technique, "epochs": epochs, "task": r["task"], "column": column,
-                  "seed": seed, "value": value, "deviations": run_deviations(r), "file": r["file"]}
+                  "seed": seed, "value": value, "deviations": run_deviations(r), "selections": run_selections(r),
+                  "file": r["file"]}
                  for column, seed, value in values]
-    cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "file"]
+    cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "selections", "file"]
     return pd.DataFrame(rows, columns=cols), problems
+
+
+#: Where a run's recorded selection (``protocol.selection.on``) was made, as the report's notes say it.
+SELECTED_ON = {"train-holdout": "on a held-out part of the training set", "val": "on the val split (as published)"}
+
+
+def run_selections(row) -> list[str]:
+    """What a run selected and where (``protocol.selection``): ``["best_block selected on ..."]``; empty when the
+    run selected nothing."""
+    on = field_text(row.get("protocol.selection.on"))
+    if not on:
+        return []
+    what = field_text(row.get("protocol.selection.selects")) or "the reported setting"
+    return [f"{what} selected {SELECTED_ON.get(on, 'on ' + on)}"]
 
 
 def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
@@ -187,20 +202,21 @@ def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
     return out
 
 
-def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str, str]]:
+def grouped_deviations(runs, labels: list[str] | None = None, field: str = "deviations") -> list[tuple[str, str]]:
     """Each distinct deviation once, with where it applies: ``[(deviation, "linear top-1, k-NN top-1: all
     rows; fine-tune top-1: mae, ddae"), ...]``: deviations by the first table column they apply to (then in
     order of first appearance), columns in the table's order.
 
     Columns whose runs deviate alike for the same rows share one entry; "all rows" means every row of the
-    table (``labels``, default: every label in ``runs``).
+    table (``labels``, default: every label in ``runs``). ``field``: the column of ``runs`` holding the lists
+    grouped (``selections``: what the runs selected, and where).
     """
     if runs.empty:
         return []
     labels = list(labels) if labels is not None else list(dict.fromkeys(runs["label"]))
     where: dict[str, dict[str, set]] = {}
     for _, r in runs.iterrows():
-        for dev in dict.fromkeys(r["deviations"]):
+        for dev in dict.fromkeys(r[field]):
             where.setdefault(dev, {}).setdefault(r["column"], set()).add(r["label"])
     order = _columns(summarize(runs))
     out = []
@@ -219,6 +235,7 @@ def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str,
 
 def _notes(runs, problems: list[str], labels: list[str] | None = None) -> list[str]:
     notes = [f"† {dev} ({where})" for dev, where in grouped_deviations(runs, labels)]
+    notes += [f"selection: {what} ({where})" for what, where in grouped_deviations(runs, labels, "selections")]
     notes += [f"skipped: {p}" for p in problems]
     return notes
 

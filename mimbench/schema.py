@@ -364,6 +364,7 @@ SCHEMAS: dict[str, Section] = {
                             "auto_augment": Text(none=True)(None), "re_prob": FRACTION(0.0),
                             "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
         "feature_batch_size": INT_GE1(256),
+        "layers": Layers()("last"),  # the block whose tokens the head attends to: "last" or a block index
     }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).

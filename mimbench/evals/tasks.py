@@ -162,6 +162,9 @@ register_task(Task(
     example="mimbench eval attentive --encoder enc.safetensors --config eval_configs/attentive/ep_vit-b_in1k.py "
             "--data /data/imagenet --out runs/att",
     demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
+    options=(Option("layers", ("--layers",), None, "The block whose tokens the head attends to: 'last' or a block "
+                    "index (7; -2 counts from the end). Default: the config's layers ('last')",
+                    annotation=Optional[str]),),
 ))
 register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",

@@ -316,8 +316,8 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
     mine, problems = own_runs(paths)
     if mine.empty:
         raise MimbenchError("No rankable run records found: " + ("; ".join(problems) or "none given") + ".",
-                            "Give record files (<task>-<run_id>.json) of finished linear/finetune/knn/segment/attentive "
-                            "runs.")
+                            "Give record files (<task>-<run_id>.json) of finished linear/finetune/knn/segment/"
+                            "attentive runs.")
     board = load_leaderboard()
     results = []
     for _, run in mine.iterrows():

@@ -2,8 +2,9 @@
 
 Pre-trains small encoders under MAE, the robust-MAE recipe and DDAE, adds the random-initialisation
 control (the MAE config's model at its initialisation: what pre-training starts from), evaluates every
-encoder on every task of :data:`mimbench.evals.tasks.TASKS` (k-NN, the linear probe, fine-tuning and
-FashionMNIST-Seg segmentation), and ends with the report table, its figures and the time taken.
+encoder on every task of :data:`mimbench.evals.tasks.TASKS` (k-NN, the linear and attentive probes, 10-shot
+logistic regression over 3 seeds, fine-tuning and FashionMNIST-Seg segmentation), and ends with the report
+table, its figures and the time taken.
 
 The demo is a list of steps (:func:`demo_steps`) run by :class:`mimbench.steps.StepRunner`: a step whose
 result is already in ``out``, made from the same config, overrides and encoder, is reused, so a second

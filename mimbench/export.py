@@ -1,12 +1,15 @@
 """``mimbench export``: an encoder (file, checkpoint or Hugging Face folder) in another library's format.
 
 * ``hf`` -- a folder ``transformers.AutoModel.from_pretrained(DIR)`` loads with the encoder's features:
-  the ViT family as ``ViTModel``, the BEiT family as ``BeitModel`` (``config.json`` +
+  the ViT family as ``ViTModel`` (plain), ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (layer scale and/or
+  register tokens) or ``IJepaModel`` (no class token), the BEiT family as ``BeitModel`` (``config.json`` +
   ``model.safetensors``), plus a model card (``README.md``) with the encoder's provenance (its
   metadata) and the mimbench results found for it (run records whose encoder sha256 is this encoder's,
   searched under ``results`` or, by default, the encoder's folder). ``ViTModel``'s ``pooler``
   (dense + tanh) is not part of an encoder: transformers initialises it afresh; the features are
-  ``last_hidden_state`` (the class token ``[:, 0]``), or load with ``add_pooling_layer=False``.
+  ``last_hidden_state`` (the class token ``[:, 0]``), or load with ``add_pooling_layer=False``. The DINOv2 and
+  I-JEPA classes are written at the encoder's own image size, where transformers does not interpolate the
+  position embedding (it would by its own rule elsewhere; the model card says so).
 * ``mae`` -- the official MAE checkpoint dict ``{"model": state}`` in timm key names, as MAE's
   ``main_finetune.py`` reads it (``checkpoint["model"]``, ``load_state_dict(strict=False)`` expecting only
   the head and ``fc_norm`` missing), saved with ``torch.save`` of tensors only. ViT family only, with
@@ -63,15 +66,43 @@ def _metric_text(metrics: dict) -> str:
                      if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
+#: How transformers moves the stored position embedding to another image size (transformers 5.25,
+#: ``interpolate_pos_encoding`` of modeling_dinov2.py, modeling_dinov2_with_registers.py, modeling_ijepa.py).
+HF_INTERPOLATION = {"Dinov2Model": "bicubic to the new grid, no antialias",
+                    "Dinov2WithRegistersModel": "bicubic to the new grid, with antialias",
+                    "IJepaModel": "bicubic to the new grid, no antialias, only with interpolate_pos_encoding=True"}
+
+
+def _card_usage(meta: dict, config: dict) -> list[str]:
+    """The model card's lines on which outputs are the encoder's features and how to load the folder."""
+    cls = config["architectures"][0]
+    if cls not in HF_INTERPOLATION:  # ViTModel, BeitModel: a pooler that is no part of the encoder
+        return [f"A `{cls}` with the weights of a mimbench encoder. Its features are "
+                "`last_hidden_state` (the class token is `[:, 0]`, after the final LayerNorm), as mimbench computes them.",
+                "", "```python", "from transformers import AutoModel",
+                "model = AutoModel.from_pretrained(DIR, add_pooling_layer=False)  # the pooler is no part of the encoder",
+                "```"]
+    regs = int(config.get("num_register_tokens") or 0)
+    tokens = ("`last_hidden_state` holds the patch tokens only (no class token); the encoder's pooled feature is "
+              "their mean, `last_hidden_state.mean(1)`" if cls == "IJepaModel" else
+              "`last_hidden_state[:, 0]` is the class token (after the final LayerNorm), " +
+              (f"`[:, 1:{1 + regs}]` the {regs} register tokens (never pooled, no part of a patch map), " if regs else "")
+              + f"`[:, {1 + regs}:]` the patch tokens")
+    size, grid = int(config["image_size"]), int(config["image_size"]) // int(config["patch_size"])
+    return [f"A `{cls}` with the weights of a mimbench encoder. {tokens}, as mimbench computes them.", "",
+            f"Exported at the encoder's own image size, {size}x{size} ({grid}x{grid} patches): there transformers adds "
+            "the stored position embedding as it is, and the features equal mimbench's. At other sizes transformers "
+            f"interpolates it by its own rule ({HF_INTERPOLATION[cls]}), which need not be the encoder's "
+            f"(`pos_resample` = {meta.get('pos_resample', 'bicubic')} in mimbench), so features there may differ.",
+            "", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(DIR)", "```"]
+
+
 def model_card(meta: dict, config: dict, results: list[dict]) -> str:
     """README.md of an exported folder: what it is, how to load it, provenance, results."""
     lines = ["---", "library_name: transformers", "tags:", "- mimbench", f"- {meta.get('technique', 'unknown')}", "---",
-             "", f"# {meta['arch']} ({meta.get('technique', 'unknown')}), exported by mimbench", "",
-             f"A `{config['architectures'][0]}` with the weights of a mimbench encoder. Its features are "
-             "`last_hidden_state` (the class token is `[:, 0]`, after the final LayerNorm), as mimbench computes them.",
-             "", "```python", "from transformers import AutoModel",
-             "model = AutoModel.from_pretrained(DIR, add_pooling_layer=False)  # the pooler is no part of the encoder",
-             "```", "", "## Provenance (the encoder's metadata)", "", "| field | value |", "|---|---|"]
+             "", f"# {meta['arch']} ({meta.get('technique', 'unknown')}), exported by mimbench", ""]
+    lines += _card_usage(meta, config)
+    lines += ["", "## Provenance (the encoder's metadata)", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {str(v).replace('|', '/') or '-'} |" for k, v in sorted(meta.items())]
     lines += ["", "## mimbench results", ""]
     if results:

@@ -38,7 +38,7 @@ from mimbench.errors import MimbenchError
 
 __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEMAS", "KINDS", "FILLED_KINDS",
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
-           "TRACKERS", "POOLS", "LAYERS_SYNTAX", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
+           "TRACKERS", "POOLS", "LAYERS_SYNTAX", "SELECTION_ON", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
            "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
@@ -239,6 +239,9 @@ POOLS = ("auto", "cls", "avg", "cls+avg")
 LAYERS_SYNTAX = ("'last' (the last block), a block index (7; -2 counts from the end), 'concat:N' (the last N "
                  "blocks' features concatenated, as DINOv2's last-4), 'mean:I,J,...' (the mean of blocks I, J, ..., "
                  "as AIM), or 'all' (every block, one head each)")
+#: Where a protocol's selection (an epoch, a hyper-parameter, a block) is made: a held-out part of the training
+#: set (the default), or the validation split (the published way, optimistic).
+SELECTION_ON = ("train-holdout", "val")
 ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: the attention-pooling heads
 ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
 ATTENTIVE_TOKENS = ("all", "patch")               # tokens the head attends to: all, or without class/registers
@@ -303,6 +306,10 @@ SCHEMAS: dict[str, Section] = {
         "cache_dir": Text(none=True)(None), "feature_batch_size": INT_GE1(256),
         # The blocks and tokens the head reads (mimbench.evals.features): pool None = the encoder family's pooling.
         "layers": Layers()("last"), "pool": Choice(POOLS, none=True)(None),
+        # What the block sweep (layers="all") selects best_block on: a seeded hold-out of the training set (its
+        # `holdout` fraction, never trained on), or the val split as published selections do.
+        "selection": Section({"on": Choice(SELECTION_ON)("train-holdout"),
+                              "holdout": Num(float, 0.0, 1.0, lo_open=True, hi_open=True)(0.1)}),
     }, required=("optim", "schedule")),
     "finetune": Section({
         **EVAL_COMMON, "runtime": Section(RUNTIME_KEYS), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
@@ -357,6 +364,7 @@ SCHEMAS: dict[str, Section] = {
                             "auto_augment": Text(none=True)(None), "re_prob": FRACTION(0.0),
                             "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
         "feature_batch_size": INT_GE1(256),
+        "layers": Layers()("last"),  # the block whose tokens the head attends to: "last" or a block index
     }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).

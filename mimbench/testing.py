@@ -68,6 +68,16 @@ def write_seg_tree(root, *, n: int = 4, n_val: int | None = None, sizes=((48, 48
     return root
 
 
+def perturb(model: torch.nn.Module, *, seed: int = 1, scale: float = 0.1) -> torch.nn.Module:
+    """Add ``scale`` x N(0, 1) noise (global torch RNG seeded with ``seed``) to every parameter, in place, and set
+    eval mode: zero-initialised tokens and tables or unit norms would hide a mis-mapped or dropped tensor."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
 def assert_same_state(a: Mapping, b: Mapping) -> None:
     """Two state dicts (or optimizer states) hold the same keys and bit-identical tensors."""
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
@@ -80,4 +90,4 @@ def log_losses(path) -> list[tuple]:
     return [(r["it"], r["loss"], r["terms"]) for r in map(json.loads, Path(path).read_text().splitlines())]
 
 
-__all__ = ["assert_same_state", "log_losses", "tiny_vit", "write_seg_encoder", "write_seg_tree", "write_tiny_encoder"]
+__all__ = ["assert_same_state", "log_losses", "perturb", "tiny_vit", "write_seg_encoder", "write_seg_tree", "write_tiny_encoder"]

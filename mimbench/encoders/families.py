@@ -88,7 +88,7 @@ class Family:
 FAMILY_TABLE: dict[str, Family] = {
     "vit": Family(name="vit", timm_class=VisionTransformer, fields=(), parse=parse_vit_fields, shapes=vit_shapes,
                   build=build_vit, resample=resample_vit_state, layer_decay_groups=timm_layer_decay_groups,
-                  mmseg_backbone="vit_to_mmseg"),
+                  mmseg_backbone="vit_family_to_mmseg"),
     "beit": Family(name="beit", timm_class=Beit, fields=BEIT_FIELDS, parse=parse_beit_flags, shapes=beit_shapes,
                    build=build_beit, resample=resample_beit_state, layer_decay_groups=timm_layer_decay_groups,
                    mmseg_backbone="beit_encoder_to_mmseg"),

@@ -31,8 +31,11 @@ and decoders are dropped and named in ``source_dropped``.
   :mod:`mimbench.encoders.dinov2` and :mod:`mimbench.encoders.ijepa` (:func:`_vit_family_reader` adapts their
   ``(tensors, metadata)`` to this table's fields). They need config.json (a weights file alone is refused).
 
-:func:`hf_folder_files` writes the reverse: ViT family -> a ``ViTModel`` folder, BEiT family -> a
-``BeitModel`` folder, both loadable by ``transformers.AutoModel.from_pretrained``.
+:func:`hf_folder_files` writes the reverse, folders ``transformers.AutoModel.from_pretrained`` loads: the ViT
+family -> a ``ViTModel`` folder (plain ViTs), a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` folder (layer scale
+and/or register tokens) or an ``IJepaModel`` folder (no class token; with registers or layer scale as well:
+refused, no transformers class holds it); BEiT family -> a ``BeitModel`` folder. Each is written at the
+encoder's own image size, where transformers adds the stored position embedding without interpolating it.
 """
 from __future__ import annotations
 
@@ -501,15 +504,100 @@ def _hf_blocks(tensors: Mapping[str, torch.Tensor], depth: int, beit: bool) -> d
     return out
 
 
+#: ViT-layout block module names -> Dinov2's (the names Dinov2Model's save_pretrained writes, transformers 5.25).
+_TO_DINOV2 = re.compile(r"^(encoder\.layer\.\d+\.)(layernorm_before|layernorm_after|intermediate\.dense|output\.dense)\.")
+_DINOV2_NAMES = {"layernorm_before": "norm1", "layernorm_after": "norm2", "intermediate.dense": "mlp.fc1",
+                 "output.dense": "mlp.fc2"}
+
+
+def _embed_parts(tensors: Mapping[str, torch.Tensor], flags: Mapping) -> tuple:
+    """``(class position (1, 1, D) or None, register tokens with any position they had, patch positions)`` of a
+    ViT-family encoder: timm adds ``pos_embed`` after the prefix tokens are joined (prefix slots first) unless
+    ``no_embed_class``, where the prefix tokens get no position (a zero class position computes the same)."""
+    pos, d = tensors["pos_embed"], int(tensors["patch_embed.proj.weight"].shape[0])
+    regs = int(flags.get("reg_tokens") or 0)
+    cls = int(bool(flags.get("class_token", True)))
+    reg = tensors.get("reg_token")
+    if flags.get("no_embed_class"):
+        return (torch.zeros(1, 1, d, dtype=pos.dtype) if cls else None), reg, pos
+    if reg is not None:
+        reg = reg + pos[:, cls:cls + regs]
+    return (pos[:, :1] if cls else None), reg, pos[:, cls + regs:]
+
+
+def _hf_common(tensors: Mapping[str, torch.Tensor], arch: Mapping, eps: float) -> tuple[dict, dict]:
+    """The config fields and tensors every ViT-style HF export shares (sizes, eps, patch embedding, final norm)."""
+    config = {"hidden_size": int(arch["embed_dim"]), "num_hidden_layers": int(arch["depth"]),
+              "num_attention_heads": int(arch["num_heads"]), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": eps,
+              "image_size": int(arch["img_size"]), "patch_size": int(arch["patch_size"]),
+              "num_channels": int(tensors["patch_embed.proj.weight"].shape[1]), "qkv_bias": True}
+    state = {"embeddings.patch_embeddings.projection.weight": tensors["patch_embed.proj.weight"],
+             "embeddings.patch_embeddings.projection.bias": tensors["patch_embed.proj.bias"],
+             "layernorm.weight": tensors["norm.weight"], "layernorm.bias": tensors["norm.bias"]}
+    state.update(_hf_blocks(tensors, int(arch["depth"]), beit=False))
+    return config, state
+
+
+def _dinov2_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
+                   eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A class-token ViT with layer scale and/or registers -> ``Dinov2Model`` (no registers) or
+    ``Dinov2WithRegistersModel``: block names as Dinov2 saves them, layer scale ``ls{1,2}.gamma`` ->
+    ``layer_scale{1,2}.lambda1`` (ones without layer scale: identity), a class slot in ``position_embeddings``
+    (zero for ``no_embed_class``), registers without position (any they had folded in). At the config's
+    ``image_size`` transformers adds ``position_embeddings`` as stored (it interpolates only at other sizes)."""
+    ratio = float(arch["mlp_ratio"])
+    if not ratio.is_integer():  # Dinov2Config.mlp_ratio is an int (a strict dataclass field in transformers 5.25)
+        raise MimbenchError(f"A Dinov2Model cannot hold this encoder: its MLP ratio is {ratio:g}, and Dinov2Config "
+                            "takes an integer mlp_ratio.", "Export it with --to timm.")
+    config, state = _hf_common(tensors, arch, eps)
+    d, regs = int(arch["embed_dim"]), int(flags.get("reg_tokens") or 0)
+    state = {(_TO_DINOV2.sub(lambda m: m.group(1) + _DINOV2_NAMES[m.group(2)] + ".", k)): v for k, v in state.items()}
+    for i in range(int(arch["depth"])):
+        for n in ("1", "2"):
+            gamma = tensors.get(f"blocks.{i}.ls{n}.gamma")
+            state[f"encoder.layer.{i}.layer_scale{n}.lambda1"] = gamma if gamma is not None else torch.ones(d)
+    cls_pos, reg, patch_pos = _embed_parts(tensors, flags)
+    state["embeddings.cls_token"] = tensors["cls_token"]
+    state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], dim=1)
+    config.update(mlp_ratio=int(ratio), layerscale_value=float(flags.get("init_values") or 1.0),
+                  drop_path_rate=0.0, use_swiglu_ffn=False, apply_layernorm=True, reshape_hidden_states=True)
+    if regs:
+        state["embeddings.register_tokens"] = reg
+        state["embeddings.mask_token"] = torch.zeros(1, d)  # always built by the registers model; unused
+        config.update(architectures=["Dinov2WithRegistersModel"], model_type="dinov2_with_registers",
+                      num_register_tokens=regs)
+    else:
+        config.update(architectures=["Dinov2Model"], model_type="dinov2", use_mask_token=False)
+    return config, {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def _ijepa_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
+                  eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A ViT without class token (I-JEPA style) -> ``IJepaModel``, whose embeddings are the patch tokens plus
+    ``position_embeddings`` of exactly the ``N`` patch positions (no class slot, no registers, no layer scale)."""
+    extra = [k for k in ("reg_tokens", "init_values") if flags.get(k)]
+    if extra:
+        raise MimbenchError(f"An IJepaModel cannot hold this encoder ({', '.join(f'{k}={meta.get(k)}' for k in extra)}"
+                            ": it has no class token, and IJepaModel has no register tokens or layer scale either).",
+                            "Export it with --to timm.")
+    config, state = _hf_common(tensors, arch, eps)
+    d = int(arch["embed_dim"])
+    state["embeddings.position_embeddings"] = tensors["pos_embed"]
+    config.update(architectures=["IJepaModel"], model_type="ijepa", intermediate_size=mlp_hidden(d, float(arch["mlp_ratio"])),
+                  pooler_output_size=d, pooler_act="tanh")
+    return config, {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
 def hf_folder_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
                     eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config.json dict, state in save_pretrained names)`` of an encoder: ViT family -> ``ViTModel``, BEiT
-    family -> ``BeitModel`` (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
+    """``(config.json dict, state in save_pretrained names)`` of an encoder: ViT family -> ``ViTModel``, or
+    ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (layer scale and/or registers, :func:`_dinov2_folder`) or
+    ``IJepaModel`` (no class token, :func:`_ijepa_folder`); BEiT family -> ``BeitModel``
+    (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
     family = meta.get("family", "vit")
-    kept = non_plain_fields(flags) if family == "vit" else []
-    if kept:  # a ViTModel has a class token, no registers, no layer scale
-        raise MimbenchError(f"A ViTModel cannot hold this encoder ({', '.join(f'{k}={meta.get(k)}' for k in kept)}: "
-                            "no class token, register tokens or layer scale).", "Export it with --to timm.")
+    if family == "vit" and non_plain_fields(flags):  # a ViTModel has a class token, no registers, no layer scale
+        return (_ijepa_folder if not flags.get("class_token", True) else _dinov2_folder)(tensors, meta, arch, flags, eps)
     in_chans = int(tensors["patch_embed.proj.weight"].shape[1])
     config = _vit_config(arch, in_chans, eps)
     state = {"embeddings.cls_token": tensors["cls_token"],

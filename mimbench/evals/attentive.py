@@ -34,7 +34,13 @@ and random erasing (``"timm"``); validation through Resize(int(S·256/224), bicu
 memory (not on disk as the linear probe's class tokens are: the tokens of a split are ``N`` times larger), and the
 head trains on them; recorded as a deviation. Each process computes all tokens itself (demo scale).
 
-The record's protocol states the preset, the head's parameter count and which tokens were used.
+Blocks (``layers``, ``--layers``): by default the head attends to the last block's tokens as above; ``layers`` may
+name another block (``7``, ``-2`` counts from the end), whose tokens are read the same way - through the final norm
+(:func:`mimbench.evals.features.block_tokens`, as the linear probe reads a block and timm's
+``forward_intermediates(norm=True)``) or, with ``head.final_norm=False``, as the block outputs them. The head reads
+one block's tokens: the combined forms of the linear probe (``concat:N``, ``mean:...``, ``all``) are refused.
+
+The record's protocol states the preset, the head's parameter count, the block and which tokens were used.
 """
 from __future__ import annotations
 
@@ -50,12 +56,13 @@ from torch import nn
 from torchvision import transforms as T
 
 from mimbench import encoders
+from mimbench.config import format_override
 from mimbench.data import dataset_stats
 from mimbench.data.transforms import finetune_train_transform
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
-from mimbench.evals.features import eval_transform, limited
+from mimbench.evals.features import block_tokens, eval_transform, limited, resolve_layers
 from mimbench.evals.linear import StepBatchNorm1d
 from mimbench.evals.linear import build_optimizer as linear_optimizer
 from mimbench.fastpath import autocast_factory, under_autocast
@@ -199,25 +206,51 @@ def encoder_heads(model: nn.Module) -> int:
     return int(model.blocks[0].attn.num_heads)
 
 
-def encoder_tokens(model: nn.Module, x: torch.Tensor, *, tokens: str, final_norm: bool) -> torch.Tensor:
-    """Tokens (B×N×D) of images ``x`` from the frozen ``model``: after (``final_norm``) or before its final norm;
-    ``tokens="all"`` every token, ``"patch"`` without the class token and registers (timm ``num_prefix_tokens``)."""
+def _forward_catching(model: nn.Module, module: nn.Module, x: torch.Tensor, *, inputs: bool) -> torch.Tensor:
+    """The input (``inputs``) or output of ``module`` during ``model.forward_features(x)``."""
     kept = []
-    hook = None if final_norm else model.norm.register_forward_hook(lambda m, args, out: kept.append(args[0]))
+    hook = module.register_forward_hook(lambda m, args, out: kept.append(args[0] if inputs else out))
     try:
-        out = model.forward_features(x)
+        model.forward_features(x)
     finally:
-        if hook is not None:
-            hook.remove()
-    out = out if final_norm else kept[0]
+        hook.remove()
+    return kept[0]
+
+
+def encoder_tokens(model: nn.Module, x: torch.Tensor, *, tokens: str, final_norm: bool,
+                   block: int | None = None) -> torch.Tensor:
+    """Tokens (B×N×D) of images ``x`` from the frozen ``model``'s block ``block`` (0-based, negative from the end;
+    None: the last): after (``final_norm``) or before its final norm; ``tokens="all"`` every token, ``"patch"``
+    without the class token and registers (timm ``num_prefix_tokens``)."""
+    depth = len(model.blocks)
+    block = depth - 1 if block is None else block % depth
+    if block == depth - 1:  # forward_features' output, or what goes into the final norm
+        out = model.forward_features(x) if final_norm else _forward_catching(model, model.norm, x, inputs=True)
+    elif final_norm:  # through the final norm, as the linear probe reads a block
+        out = block_tokens(model, x, [block])[0]
+    else:
+        out = _forward_catching(model, model.blocks[block], x, inputs=False)
     return out if tokens == "all" else out[:, int(getattr(model, "num_prefix_tokens", 1)):]
 
 
-def describe_tokens(model: nn.Module, *, tokens: str, final_norm: bool) -> str:
+def attended_block(layers, depth: int) -> int:
+    """The block (0-based) whose tokens the head attends to, from a ``layers`` value (``last`` or a block index);
+    MimbenchError for a value naming several blocks or a block the encoder lacks."""
+    combine, blocks = resolve_layers(layers, depth)
+    if combine != "single":
+        raise MimbenchError(f"layers = {layers!r} names {len(blocks)} blocks; the attentive head attends to the "
+                            "tokens of one.", "Use --layers last or a block index (7; -2 counts from the end).")
+    return blocks[0]
+
+
+def describe_tokens(model: nn.Module, *, tokens: str, final_norm: bool, block: int | None = None) -> str:
     """The record's ``tokens``: which tokens the head attends to, and how many."""
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     patches = int(model.patch_embed.num_patches) if hasattr(model.patch_embed, "num_patches") else None
-    where = "after the final norm" if final_norm else "of the last block before the final norm"
+    last = block is None or block % len(model.blocks) == len(model.blocks) - 1
+    which = "the last block" if last else f"block {block % len(model.blocks)}"
+    where = f"of {which} before the final norm" if not final_norm else (
+        "after the final norm" if last else f"of {which} through the final norm")
     if tokens == "all":
         return f"all {(patches or 0) + prefix} tokens (class/register tokens: {prefix}) {where}"
     return f"{patches} patch tokens {where}; class token and registers ({prefix}) excluded"
@@ -286,7 +319,7 @@ def _frozen_encoder(run, size: int) -> nn.Module:
 
 
 def compute_tokens(model: nn.Module, dataset, *, batch_size: int, precision: str, tokens: str,
-                   final_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   final_norm: bool, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected tokens (N×T×D float32, on the model's device) and labels (N) of every item of ``dataset``, under
     ``torch.no_grad`` and the autocast of ``precision``."""
     device = next(model.parameters()).device
@@ -294,7 +327,8 @@ def compute_tokens(model: nn.Module, dataset, *, batch_size: int, precision: str
     kept, labels = [], []
     for x, y, *_ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with torch.no_grad(), autocast():
-            kept.append(encoder_tokens(model, x.to(device), tokens=tokens, final_norm=final_norm).float())
+            kept.append(encoder_tokens(model, x.to(device), tokens=tokens, final_norm=final_norm,
+                                       block=block).float())
         labels.append(torch.as_tensor(y, dtype=torch.int64).to(device))
     if not kept:
         raise MimbenchError("The dataset split is empty; no tokens to compute.", "Check the data path and split.")
@@ -311,7 +345,7 @@ def _cached_probe(run, model: nn.Module, size: int, batch: int, accum: int) -> P
     val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
     skipped, classes = runner.skipped(train_set, val_set), list(train_set.classes)
     common = dict(batch_size=int(cfg.feature_batch_size), precision=run.precision, tokens=cfg.head.tokens,
-                  final_norm=bool(cfg.head.final_norm))
+                  final_norm=bool(cfg.head.final_norm), block=attended_block(cfg.layers, len(model.blocks)))
     tx, ty = compute_tokens(model, limited(train_set, cfg.data.limit_train), **common)
     vx, vy = compute_tokens(model, limited(val_set, cfg.data.limit_val), **common)
     return Probe(encoder=None, loader=runner.TensorBatches(run, tx, ty, batch, accum), train_size=len(tx),
@@ -354,17 +388,21 @@ def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tens
     ``encoder_model`` is None (cached tokens)."""
     if encoder_model is not None:
         with torch.no_grad():  # frozen encoder: no graph, weights untouched
-            x = encoder_tokens(encoder_model, x, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm))
+            x = encoder_tokens(encoder_model, x, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm),
+                               block=attended_block(cfg.layers, len(encoder_model.blocks)))
     return head(x)
 
 
 def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                  resume: bool = False, layout: str = "auto") -> dict:
-    """Attentive probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``."""
+                  resume: bool = False, layout: str = "auto", layers=None) -> dict:
+    """Attentive probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
+    ``layers`` (``--layers``): the config's ``layers`` for this run (None: the config's), added to the overrides."""
+    overrides = [*overrides, *([format_override("layers", layers)] if layers is not None else [])]
     run = runner.start("attentive", encoder=encoder, config=config, data=data, out=out, overrides=overrides,
                        layout=layout)
     cfg, device = run.cfg, run.device
     check_config(cfg)
+    block = attended_block(cfg.layers, int(encoders.read_metadata(run.encoder, layout=layout)["depth"]))
     batch, accum, eff, lr = runner.batch_rule(run, cfg.optim)
     size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
     model = _frozen_encoder(run, size)
@@ -372,7 +410,7 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
     head = build_head(cfg.head.preset, int(model.embed_dim), len(probe.classes),
                       heads=int(cfg.head.num_heads or (1 if cfg.head.preset == "ep" else encoder_heads(model))),
                       num_queries=int(cfg.head.num_queries), mlp_ratio=float(cfg.head.mlp_ratio)).to(device)
-    tokens = describe_tokens(model, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm))
+    tokens = describe_tokens(model, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm), block=block)
     optimizer = build_optimizer(head, cfg.optim, lr)
     loop = runner.loop_config(run, accum, clip_grad=cfg.clip_grad)
 
@@ -396,7 +434,8 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
     return runner.finish(
         run,
         protocol={"mode": cfg.mode, "head_preset": cfg.head.preset, "head_params": parameter_count(head),
-                  "tokens": tokens, "num_queries": int(cfg.head.num_queries), "optimizer": str(cfg.optim.name),
+                  "tokens": tokens, "layers": str(cfg.layers), "block": block,
+                  "num_queries": int(cfg.head.num_queries), "optimizer": str(cfg.optim.name),
                   "lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
                   "warmup_epochs": loop.warmup_epochs, **probe.transforms, "img_size": size},
         metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},

@@ -27,10 +27,14 @@ by default the class token of the last block after the final norm, as above. ``l
 tokens), the mean of several blocks (``mean:6,7,8``, as AIM averages blocks), or ``all``: every block's feature
 from one forward pass per batch, one head per block trained side by side on the same batches (:class:`BlockHeads`),
 per-block metrics in the record and accuracy against depth in ``layers.png`` (MIM encoders often peak before the
-last block). Every block is read through the encoder's final norm, as DINOv2 reads its last four. ``pool``: the
-class token, the mean of the patch tokens (register tokens left out) or both concatenated; unset or ``auto``,
-the encoder family's pooling for the linear probe (DINOv3: class token ⊕ patch mean, as its authors probe it;
-EVA-02: the patch mean through its pooled-feature norm).
+last block). The sweep's ``best_block`` is selected (``selection``, ``--select-on``) by default on a held-out part of
+the training set (``selection.holdout``, 10 %, drawn with the run's seed, scored without augmentation and never
+trained on: :func:`holdout_split`), ``selection.on="val"`` selects it on the validation split as published
+selections do; either way ``best_top1`` is the chosen block's validation accuracy and the record's
+``protocol.selection`` says which. Every block is read through the encoder's final norm, as DINOv2 reads its
+last four. ``pool``: the class token, the mean of the patch tokens (register tokens left out) or both concatenated;
+unset or ``auto``, the encoder family's pooling for the linear probe (DINOv3: class token ⊕ patch mean, as its
+authors probe it; EVA-02: the patch mean through its pooled-feature norm).
 
 Several processes (torchrun, Slurm): the global batch of every optimizer step, and its split into
 micro-batches of ``optim.batch_size``, are the same on any number of processes
@@ -73,6 +77,9 @@ from mimbench.schema import LINEAR_OPTIMIZERS
 CACHED_DEVIATION = "fast linear probe on cached features"
 #: What ``layers="all"`` reports: top1/top5 of the last block, and the best block picked by validation accuracy.
 BLOCK_SELECTION = "top1/top5: the last block; best_block / best_top1: selected on the val split"
+#: The same with the default selection, on the held-out part of the training set.
+HOLDOUT_BLOCK_SELECTION = ("top1/top5: the last block; best_block: selected on a held-out part of the training set "
+                           "(not trained on); best_top1: its val accuracy")
 #: Validation batch of the cached mode (feature vectors: large batches are cheap).
 CACHED_EVAL_BATCH = 4096
 
@@ -201,6 +208,23 @@ class Probe:
     transforms: dict  # {"train_transform": ..., "val_transform": ...}
     skipped: dict
     spec: Readout | None = None  # how the encoder's features are read from images; None: the class token
+    holdout_set: Any = None  # training images held out for selection (never trained on); None: no hold-out
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows trained on, rows held out) of ``n`` training rows, both sorted: ``round(fraction * n)`` rows (at least
+    1, at most n - 1) drawn without replacement with ``numpy.random.default_rng(seed)``."""
+    held = min(max(int(round(fraction * n)), 1), n - 1)
+    if held < 1:
+        raise MimbenchError(f"{n} training image(s) cannot be split into a training part and a hold-out.",
+                            "Use more training images, or --select-on val.")
+    out = np.sort(np.random.default_rng(seed).choice(n, size=held, replace=False))
+    return np.setdiff1d(np.arange(n), out), out
+
+
+def _selects_on_holdout(run, spec: Readout) -> bool:
+    """Whether this run selects on a hold-out of the training set: a block sweep with ``selection.on`` so set."""
+    return spec.combine == "all" and run.cfg.selection.on == "train-holdout"
 
 
 def _cached_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Probe:
@@ -215,11 +239,17 @@ def _cached_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Prob
                   task="linear")
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
+    holdout_set = None
+    if _selects_on_holdout(run, spec):
+        keep, held = holdout_split(len(ty), float(cfg.selection.holdout), run.seed)
+        holdout_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(tx[held])),
+                                                     torch.from_numpy(np.array(ty[held])))
+        tx, ty = tx[keep], ty[keep]
     train_x, train_y = torch.from_numpy(np.array(tx)).to(device), torch.from_numpy(np.array(ty)).to(device)
     val_set = torch.utils.data.TensorDataset(torch.from_numpy(np.array(vx)), torch.from_numpy(np.array(vy)))
     return Probe(head=_probe_head(spec, int(tx.shape[1]), len(tinfo["classes"])).to(device), encoder=None,
                  loader=runner.TensorBatches(run, train_x, train_y, batch, accum), train_size=len(train_x),
-                 val_set=val_set, eval_batch=CACHED_EVAL_BATCH,
+                 val_set=val_set, eval_batch=CACHED_EVAL_BATCH, holdout_set=holdout_set,
                  transforms={"train_transform": tinfo["transform"] + " (no augmentation)",
                              "val_transform": vinfo["transform"]},
                  skipped={"train": tinfo["skipped"], "val": vinfo["skipped"]})
@@ -239,22 +269,31 @@ def _protocol_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Pr
     skipped = runner.skipped(train_set, val_set)
     classes = list(train_set.classes)
     train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
+    holdout_set = None
+    if _selects_on_holdout(run, spec):  # the held-out images as the val split is read: no augmentation
+        keep, held = holdout_split(len(train_set), float(cfg.selection.holdout), run.seed)
+        unaugmented = limited(runner.build_split(run, "train", transform=val_tf, img_size=size), cfg.data.limit_train)
+        train_set = torch.utils.data.Subset(train_set, keep.tolist())
+        holdout_set = torch.utils.data.Subset(unaugmented, held.tolist())
     head = _probe_head(spec, spec.width(int(encoder_model.embed_dim)), len(classes)).to(run.device)
     return Probe(head=head, encoder=encoder_model,
                  loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
                  train_size=len(train_set), val_set=val_set, eval_batch=batch,
                  transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped,
-                 spec=None if spec.is_default else spec)
+                 spec=None if spec.is_default else spec, holdout_set=holdout_set)
 
 
 def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-               resume: bool = False, layout: str = "auto", layers=None, pool: str | None = None) -> dict:
+               resume: bool = False, layout: str = "auto", layers=None, pool: str | None = None,
+               select_on: str | None = None) -> dict:
     """Linear probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
 
-    ``layers`` / ``pool`` (``--layers`` / ``--pool``): the config's ``layers`` / ``pool`` for this run (None: the
-    config's), added to the overrides so that the record lists them.
+    ``layers`` / ``pool`` / ``select_on`` (``--layers`` / ``--pool`` / ``--select-on``): the config's ``layers`` /
+    ``pool`` / ``selection.on`` for this run (None: the config's), added to the overrides so that the record lists
+    them.
     """
-    overrides = [*overrides, *(format_override(k, v) for k, v in (("layers", layers), ("pool", pool)) if v is not None)]
+    given = (("layers", layers), ("pool", pool), ("selection.on", select_on))
+    overrides = [*overrides, *(format_override(k, v) for k, v in given if v is not None)]
     run = runner.start("linear", encoder=encoder, config=config, data=data, out=out, overrides=overrides, layout=layout)
     cfg, device = run.cfg, run.device
     spec = readout(run.encoder, cfg.layers, cfg.pool, layout=layout, task="linear")  # a block it lacks: refused here
@@ -277,7 +316,12 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
                             device)  # as recorded
     logits, labels = runner.score(run, val_fn, probe.val_set,
                                   probe.eval_batch, num_workers=int(cfg.data.num_workers))
-    metrics = runner.topk_metrics(logits, labels) if logits.ndim == 2 else block_metrics(logits, labels, spec)
+    select = None
+    if probe.holdout_set is not None:
+        held_logits, held_labels = runner.score(run, val_fn, probe.holdout_set, probe.eval_batch,
+                                                num_workers=int(cfg.data.num_workers))
+        select = block_metrics(held_logits, held_labels, spec)["per_block"]
+    metrics = runner.topk_metrics(logits, labels) if logits.ndim == 2 else block_metrics(logits, labels, spec, select)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
     if logits.ndim == 3 and run.is_main:
@@ -287,10 +331,22 @@ def run_linear(*, encoder: Path, config: Path, data: str, out: Path, overrides: 
         protocol={"mode": cfg.mode, "optimizer": str(cfg.optim.name), "lr": lr, "eff_batch_size": eff,
                   "accum_iter": accum, "epochs": loop.epochs, "warmup_epochs": loop.warmup_epochs,
                   **probe.transforms, "img_size": size, "feature": feature_read(spec), "pool": spec.pool,
-                  "readout": spec.describe(),
-                  **({"block_selection": BLOCK_SELECTION} if spec.combine == "all" else {})},
-        metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
+                  "readout": spec.describe(), **_selection(cfg, spec, probe)},
+        metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set),
+                                            **({} if probe.holdout_set is None else
+                                               {"holdout": len(probe.holdout_set)})},
                                   "skipped": probe.skipped})
+
+
+def _selection(cfg, spec: Readout, probe: Probe) -> dict:
+    """What the record says about the sweep's selection of ``best_block`` (nothing when no block is selected)."""
+    if spec.combine != "all":
+        return {}
+    if probe.holdout_set is None:
+        return {"block_selection": BLOCK_SELECTION, "selection": {"on": "val", "selects": "best_block"}}
+    return {"block_selection": HOLDOUT_BLOCK_SELECTION,
+            "selection": {"on": "train-holdout", "selects": "best_block", "holdout": float(cfg.selection.holdout),
+                          "holdout_images": len(probe.holdout_set)}}
 
 
 def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor,
@@ -317,16 +373,19 @@ def probe_loss(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor
     return per_item.mean(dim=0).sum()
 
 
-def block_metrics(logits: torch.Tensor, labels: torch.Tensor, spec: Readout) -> dict:
+def block_metrics(logits: torch.Tensor, labels: torch.Tensor, spec: Readout, select: dict | None = None) -> dict:
     """Metrics of one head per block (scores N×blocks×C): ``top1`` / ``top5`` of the last block (the number
     chosen without looking at validation), ``per_block`` {block: {top1, top5}}, and ``best_block`` with its
-    ``best_top1`` - chosen on the validation split, the deeper block on a tie (the record's
-    ``protocol.block_selection`` says so)."""
+    ``best_top1`` (its accuracy on these scores) - chosen by the top-1 of ``select`` (per-block metrics of the
+    training hold-out) or, when None, of these scores (the validation split), the deeper block on a tie (the
+    record's ``protocol.block_selection`` says which); ``select_top1``: the chosen block's hold-out top-1."""
     per_block = {str(b): runner.topk_metrics(logits[:, i], labels) for i, b in enumerate(spec.blocks)}
-    best = max(spec.blocks, key=lambda b: (per_block[str(b)]["top1"], b))
+    chooser = per_block if select is None else select
+    best = max(spec.blocks, key=lambda b: (chooser[str(b)]["top1"], b))
     last = per_block[str(spec.blocks[-1])]
     return {"top1": last["top1"], "top5": last["top5"], "best_block": best,
-            "best_top1": per_block[str(best)]["top1"], "per_block": per_block}
+            "best_top1": per_block[str(best)]["top1"], "per_block": per_block,
+            **({} if select is None else {"select_top1": select[str(best)]["top1"]})}
 
 
 def plot_depth(per_block: dict, out: Path, *, best: int) -> Path:

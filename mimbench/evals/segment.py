@@ -87,7 +87,8 @@ def adapt_config(cfg, fields: dict, *, cuda: bool) -> list[str]:
     """Fit ``cfg`` (mmengine Config, changed in place) to the encoder; return the deviations made."""
     deviations = []
     backbone = cfg.model.backbone
-    for key in ("type", "patch_size", "embed_dims", "num_heads", "mlp_ratio", "norm_cfg"):
+    for key in ("type", "patch_size", "embed_dims", "num_heads", "mlp_ratio", "norm_cfg") + \
+            (("tokens",) if "tokens" in fields else ()):  # MAEStyleViT: the encoder's prefix tokens
         if backbone.get(key) != fields[key]:
             deviations.append(f"model.backbone.{key}: {backbone.get(key)} -> {fields[key]} (from the encoder)")
             backbone[key] = fields[key]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 from mimbench.errors import MimbenchError
-from mimbench.schema import LAYERS_SYNTAX, POOLS
+from mimbench.schema import LAYERS_SYNTAX, POOLS, SELECTION_ON
 
 #: Data variables of the full-scale job files (:mod:`mimbench.jobs`): shell variables set by the user.
 IMAGENET, ADE20K = "$IMAGENET", "$ADE20K"
@@ -147,6 +147,10 @@ register_task(Task(
         Option("layers", ("--layers",), None, f"Blocks the head reads: {LAYERS_SYNTAX}. Default: the config's "
                "layers ('last')", annotation=Optional[str]),
         POOL_OPTION,
+        Option("select_on", ("--select-on",), None, "Where --layers all selects its best block: train-holdout (a "
+               "held-out part of the training set, not trained on) or val (the validation split, as published "
+               "selections do). Default: the config's selection.on (train-holdout)", annotation=Optional[str],
+               choices=SELECTION_ON),
     ),
     bench_mode="linear", bench_step="mimbench.bench:linear_step", bench_batch="optim.batch_size",
 ))
@@ -158,6 +162,9 @@ register_task(Task(
     example="mimbench eval attentive --encoder enc.safetensors --config eval_configs/attentive/ep_vit-b_in1k.py "
             "--data /data/imagenet --out runs/att",
     demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
+    options=(Option("layers", ("--layers",), None, "The block whose tokens the head attends to: 'last' or a block "
+                    "index (7; -2 counts from the end). Default: the config's layers ('last')",
+                    annotation=Optional[str]),),
 ))
 register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",
@@ -213,7 +220,8 @@ register_task(Task(
         Option("seeds", ("--seeds",), None, "Number of seeds with --shots (default: the config's, 3)",
                annotation=Optional[int]),
     ),
-    feature_cache=True, in_demo=False,  # the demo report has no low-shot column yet
+    # In the demo: the report's "10-shot top-1" column; the quick budget reads the same cached features as k-NN.
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS},
 ))
 
 __all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option",

@@ -5,10 +5,11 @@ The table has one row per (method, arch, pretrain_epochs, task, metric, protocol
     method           e.g. "MAE", "MAE (mmpretrain)" (a re-run by another code base is its own method)
     arch             vit-b/16 | vit-l/16 | vit-h/14 | ... (the encoder files' ``arch`` spelling)
     pretrain_epochs  ImageNet-1k pre-training epochs; empty where the source does not state them
-    task             finetune | linear | knn | ade20k
+    task             finetune | linear | knn | ade20k | attentive
     metric           top1 (classification, %) | mIoU (ADE20K, %)
     value            0-100
-    protocol         one of :data:`STANDARD_PROTOCOLS` or a named variant (e.g. multi-scale testing)
+    protocol         one of :data:`STANDARD_PROTOCOLS` (attentive: of :data:`ATTENTIVE_PROTOCOLS`, one per head
+                     preset) or a named variant (e.g. multi-scale testing)
     notes            protocol details (linear head, hybrid backbone, ...)
     source           paper + table or repository file the number comes from
     verified         yes (the number was found in that source) | unverified (taken from a secondary
@@ -35,7 +36,7 @@ from mimbench.results.records import load_records
 
 COLUMNS = ["method", "arch", "pretrain_epochs", "task", "metric", "value", "protocol", "notes", "source", "verified"]
 KEY = ["method", "arch", "pretrain_epochs", "task", "metric", "protocol"]
-TASK_METRIC = {"finetune": "top1", "linear": "top1", "knn": "top1", "ade20k": "mIoU"}
+TASK_METRIC = {"finetune": "top1", "linear": "top1", "knn": "top1", "ade20k": "mIoU", "attentive": "top1"}
 #: The protocol each mimbench evaluation reproduces; only rows under it are used to rank a run.
 STANDARD_PROTOCOLS = {
     "finetune": "IN-1k fine-tune 224",
@@ -43,8 +44,21 @@ STANDARD_PROTOCOLS = {
     "knn": "IN-1k k-NN",
     "ade20k": "ADE20K UperNet 160k single-scale",
 }
+#: Attentive probing has one protocol per head preset (the record's ``protocol.head_preset``): the heads differ
+#: in size and recipe, so a run is ranked only among rows of its own preset.
+ATTENTIVE_PROTOCOLS = {
+    "cae": "IN-1k attentive probe 224 (CAE head)",
+    "ep": "IN-1k attentive probe 224 (EP head; 32 queries)",
+    "vjepa": "IN-1k attentive probe 224 (V-JEPA head)",
+}
 #: Run-record task -> leaderboard task.
-RECORD_TASK = {"linear": "linear", "finetune": "finetune", "knn": "knn", "segment": "ade20k"}
+RECORD_TASK = {"linear": "linear", "finetune": "finetune", "knn": "knn", "segment": "ade20k", "attentive": "attentive"}
+
+
+def standard_protocol(task: str, preset: str = "") -> str | None:
+    """The protocol a run of leaderboard ``task`` is ranked under (attentive: that of its head ``preset``); None
+    when there is none (an attentive run without a known preset)."""
+    return ATTENTIVE_PROTOCOLS.get(preset) if task == "attentive" else STANDARD_PROTOCOLS[task]
 VERIFIED = ("yes", "unverified")
 
 _TIMM_SIZES = {"tiny": "t", "small": "s", "base": "b", "large": "l", "huge": "h", "giant": "g"}
@@ -203,8 +217,9 @@ def own_runs(include_runs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F82
             "task": task, "metric": TASK_METRIC[task], "value": value,
             "protocol": str(r.get("protocol.name") or ""), "notes": "", "source": str(r["file"]),
             "verified": "own run", "own": True, "deviations": run_deviations(r), "file": str(r["file"]),
+            "preset": field_text(r.get("protocol.head_preset")),
         })
-    cols = COLUMNS + ["own", "deviations", "file"]
+    cols = COLUMNS + ["own", "deviations", "file", "preset"]
     return pd.DataFrame(rows, columns=cols), problems
 
 
@@ -278,16 +293,16 @@ def show_leaderboard(task: str | None = None, arch: str | None = None, include_r
 # compare
 
 
-def _comparable_rows(board, arch: str, task: str):
-    rows = board[(board["arch"] == arch) & (board["task"] == task)
-                 & (board["protocol"] == STANDARD_PROTOCOLS[task])]
+def _comparable_rows(board, arch: str, task: str, protocol: str | None):
+    rows = board[(board["arch"] == arch) & (board["task"] == task) & (board["protocol"] == protocol)]
     return rows.sort_values("value", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def compare_runs(paths: Iterable, console=None) -> list[dict]:
-    """Place each run among published results of the same architecture, task and protocol.
+    """Place each run among published results of the same architecture, task and protocol (attentive: the
+    protocol of the run's head preset, :data:`ATTENTIVE_PROTOCOLS`).
 
-    Returns one dict per run: ``file, method, arch, task, value, rank`` (1-based among the published
+    Returns one dict per run: ``file, method, arch, task, protocol, value, rank`` (1-based among the published
     rows plus this run), ``of`` (that count), ``above``/``below`` (nearest published rows, dicts with
     method, pretrain_epochs, value, source, delta = run − row, or None). Raises MimbenchError for a
     run that cannot be ranked: deviations from the protocol, demo data, an architecture or task with
@@ -301,7 +316,8 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
     mine, problems = own_runs(paths)
     if mine.empty:
         raise MimbenchError("No rankable run records found: " + ("; ".join(problems) or "none given") + ".",
-                            "Give record files (<task>-<run_id>.json) of finished linear/finetune/knn/segment runs.")
+                            "Give record files (<task>-<run_id>.json) of finished linear/finetune/knn/segment/"
+                            "attentive runs.")
     board = load_leaderboard()
     results = []
     for _, run in mine.iterrows():
@@ -312,14 +328,15 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
                 f"{run['task']} protocol ({'; '.join(run['deviations'])}).",
                 "Only runs of the full protocol on the real dataset are comparable; re-run without "
                 "overrides on ImageNet-1k / ADE20K, or read the number on its own.")
-        rows = _comparable_rows(board, run["arch"], run["task"])
+        protocol = standard_protocol(run["task"], run["preset"])
+        rows = _comparable_rows(board, run["arch"], run["task"], protocol)
         if rows.empty:
-            archs = sorted(set(board.loc[board["task"] == run["task"], "arch"]))
+            archs = sorted(set(board.loc[(board["task"] == run["task"]) & (board["protocol"] == protocol), "arch"]))
             raise MimbenchError(
                 f"{where} is a {run['arch']} {run['task']} result; the leaderboard has no {run['task']} rows "
-                f"for {run['arch']} under '{STANDARD_PROTOCOLS[run['task']]}', and results of a different "
-                "architecture are not comparable.",
-                f"Published {run['task']} architectures: {', '.join(archs)}.")
+                f"for {run['arch']} under '{protocol}', and results of a different "
+                "architecture or protocol are not comparable.",
+                f"Published {run['task']} architectures under '{protocol}': {', '.join(archs) or 'none'}.")
         value = float(run["value"])
         better = rows[rows["value"] > value]
         worse = rows[rows["value"] <= value]
@@ -333,14 +350,14 @@ def compare_runs(paths: Iterable, console=None) -> list[dict]:
                     "delta": round(value - float(r["value"]), 4)}
 
         result = {"file": run["file"], "method": run["method"], "arch": run["arch"], "task": run["task"],
-                  "value": value, "rank": len(better) + 1, "of": len(rows) + 1,
+                  "protocol": protocol, "value": value, "rank": len(better) + 1, "of": len(rows) + 1,
                   "above": _row(better.iloc[-1]) if len(better) else None,
                   "below": _row(worse.iloc[0]) if len(worse) else None}
         results.append(result)
     console = console or Console()
     for r in results:
         console.print(escape(f"{Path(r['file']).name}: {r['arch']} {r['task']} {r['value']:.2f} ranks {r['rank']} "
-                             f"of {r['of']} under '{STANDARD_PROTOCOLS[r['task']]}'"))
+                             f"of {r['of']} under '{r['protocol']}'"))
         for side in ("above", "below"):
             n = r[side]
             if n is not None:

@@ -3,7 +3,8 @@
 Rows are the encoder's technique and pre-training epochs (``mae @ 800 ep``), or the encoder
 file's stem when the record has no technique. Cells are the mean ± sample standard deviation
 (ddof=1) over the runs of that row and evaluation with the run count, ``72.00 ± 2.00 (n=3)``,
-when several runs (seeds) make the cell; a single run shows its value alone. Runs whose
+when several runs (seeds) make the cell; a single run shows its value alone. A low-shot summary
+record counts as its runs (seeds or split files), so its cell is their mean ± std. Runs whose
 protocol deviates from the published one (recorded deviations, built-in demo data) are marked
 with a dagger; under the table each distinct deviation is listed once, with the rows and columns
 it applies to, followed by the files ``load_records`` had to skip. A one-line "how to read this"
@@ -33,6 +34,7 @@ METRIC_COLUMNS = {
     "attentive": "attentive top-1",
     "finetune": "fine-tune top-1",
     "knn": "k-NN top-1",
+    "lowshot": "low-shot top-1",
     "segment": "ADE20K mIoU",
 }
 SEGMENT_DATASETS = {"ade20k": "ADE20K", "fashion-mnist-seg": "FashionMNIST-Seg"}
@@ -44,8 +46,31 @@ def segment_column(dataset: str) -> str:
     return f"{name} mIoU"
 
 
+def lowshot_column(runs) -> str:
+    """Report column of a low-shot summary whose ``protocol.runs`` are ``runs``: ``10-shot top-1`` for K
+    images per class drawn per seed, else (split files) ``low-shot top-1``."""
+    shots = {r.get("shots") for r in runs if isinstance(r, dict)}
+    return f"{shots.pop()}-shot top-1" if len(shots) == 1 and None not in shots else METRIC_COLUMNS["lowshot"]
+
+
 def _column(task: str, dataset) -> str:
     return segment_column(field_text(dataset)) if task == "segment" else METRIC_COLUMNS[task]
+
+
+def _values(r) -> list[tuple[str, object, float]] | None:
+    """(column, seed, value) of each run a flattened record stands for; None when it has no headline metric.
+
+    A low-shot summary stands for its runs (``protocol.runs``, one per seed or split file): the cell is their
+    mean ± std, the numbers the summary's top1 / top1_std hold. Its per-run records (``<out>/runs/``, with a
+    ``protocol.subset``) are already counted through it and give nothing here."""
+    if r["task"] == "lowshot":
+        runs = r.get("protocol.runs")
+        if not isinstance(runs, list):
+            return []
+        column = lowshot_column(runs)
+        return [(column, run.get("seed", r["seed"]), float(run["top1"])) for run in runs]
+    value = record_metric(r, r["task"])
+    return None if value is None else [(_column(r["task"], r.get("dataset.name")), r["seed"], value)]
 FORMATS = ("md", "csv", "latex", "html")
 PER_CLASS_PREFIX = "metrics.per_class_iou."
 
@@ -83,16 +108,31 @@ def run_table(dirs) -> tuple["pandas.DataFrame", list[str]]:  # noqa: F821
         if r["status"] != "ok":
             problems.append(f"{r['file']}: status {r['status']}; left out")
             continue
-        value = record_metric(r, r["task"])
-        if value is None:
+        values = _values(r)
+        if values is None:
             problems.append(f"{r['file']}: no {'mIoU' if r['task'] == 'segment' else 'top1'} metric; left out")
             continue
         label, technique, epochs = _encoder_row(r)
-        rows.append({"label": label, "technique": technique, "epochs": epochs,
-                     "task": r["task"], "column": _column(r["task"], r.get("dataset.name")), "seed": r["seed"],
-                     "value": value, "deviations": run_deviations(r), "file": r["file"]})
-    cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "file"]
+        rows += [{"label": label, "technique": technique, "epochs": epochs, "task": r["task"], "column": column,
+                  "seed": seed, "value": value, "deviations": run_deviations(r), "selections": run_selections(r),
+                  "file": r["file"]}
+                 for column, seed, value in values]
+    cols = ["label", "technique", "epochs", "task", "column", "seed", "value", "deviations", "selections", "file"]
     return pd.DataFrame(rows, columns=cols), problems
+
+
+#: Where a run's recorded selection (``protocol.selection.on``) was made, as the report's notes say it.
+SELECTED_ON = {"train-holdout": "on a held-out part of the training set", "val": "on the val split (as published)"}
+
+
+def run_selections(row) -> list[str]:
+    """What a run selected and where (``protocol.selection``): ``["best_block selected on ..."]``; empty when the
+    run selected nothing."""
+    on = field_text(row.get("protocol.selection.on"))
+    if not on:
+        return []
+    what = field_text(row.get("protocol.selection.selects")) or "the reported setting"
+    return [f"{what} selected {SELECTED_ON.get(on, 'on ' + on)}"]
 
 
 def summarize(runs) -> "pandas.DataFrame":  # noqa: F821
@@ -162,20 +202,21 @@ def numeric_pivot(summary) -> "pandas.DataFrame":  # noqa: F821
     return out
 
 
-def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str, str]]:
+def grouped_deviations(runs, labels: list[str] | None = None, field: str = "deviations") -> list[tuple[str, str]]:
     """Each distinct deviation once, with where it applies: ``[(deviation, "linear top-1, k-NN top-1: all
     rows; fine-tune top-1: mae, ddae"), ...]``: deviations by the first table column they apply to (then in
     order of first appearance), columns in the table's order.
 
     Columns whose runs deviate alike for the same rows share one entry; "all rows" means every row of the
-    table (``labels``, default: every label in ``runs``).
+    table (``labels``, default: every label in ``runs``). ``field``: the column of ``runs`` holding the lists
+    grouped (``selections``: what the runs selected, and where).
     """
     if runs.empty:
         return []
     labels = list(labels) if labels is not None else list(dict.fromkeys(runs["label"]))
     where: dict[str, dict[str, set]] = {}
     for _, r in runs.iterrows():
-        for dev in dict.fromkeys(r["deviations"]):
+        for dev in dict.fromkeys(r[field]):
             where.setdefault(dev, {}).setdefault(r["column"], set()).add(r["label"])
     order = _columns(summarize(runs))
     out = []
@@ -194,6 +235,7 @@ def grouped_deviations(runs, labels: list[str] | None = None) -> list[tuple[str,
 
 def _notes(runs, problems: list[str], labels: list[str] | None = None) -> list[str]:
     notes = [f"† {dev} ({where})" for dev, where in grouped_deviations(runs, labels)]
+    notes += [f"selection: {what} ({where})" for what, where in grouped_deviations(runs, labels, "selections")]
     notes += [f"skipped: {p}" for p in problems]
     return notes
 
@@ -341,5 +383,6 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     return text
 
 
-__all__ = ["FORMATS", "HOW_TO_READ", "METRIC_COLUMNS", "console_table", "grouped_deviations", "numeric_pivot", "pivot",
+__all__ = ["FORMATS", "HOW_TO_READ", "METRIC_COLUMNS", "console_table", "grouped_deviations", "lowshot_column",
+           "numeric_pivot", "pivot",
            "run_table", "segment_column", "summarize", "write_plots", "write_report"]

@@ -27,7 +27,8 @@ from mimbench.seg.metrics import FinalValidationHook, PerClassIoUMetric  # noqa:
 from mimbench.seg.optim import MimLayerDecayOptimizerConstructor  # noqa: E402
 from mimbench.seg.resume import RngStateHook  # noqa: E402
 from mimbench.seg.safety import NonFiniteLossHook  # noqa: E402
+from mimbench.seg.vit_backbone import MAEStyleViT  # noqa: E402
 
 __all__ = ["MMCV_OPS_FALLBACK", "FASHION_MNIST_SEG_CLASSES", "FashionMNISTSegDataset", "FinalValidationHook",
-           "MAEStyleEva", "MimLayerDecayOptimizerConstructor",
+           "MAEStyleEva", "MAEStyleViT", "MimLayerDecayOptimizerConstructor",
            "NonFiniteLossHook", "PerClassIoUMetric", "RngStateHook"]

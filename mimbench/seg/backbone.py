@@ -55,6 +55,7 @@ from mimbench.encoders.families import family_flags
 from mimbench.encoders.resample import resample_pos_embed, resize_rel_pos_table
 from mimbench.encoders.vit import resample_vit_state
 from mimbench.errors import MimbenchError
+from mimbench.seg.vit_backbone import MAE_STYLE_VIT, mae_style_keys, needs_token_backbone, token_fields, vit_to_mae_style
 
 _BLOCK_RULES = (
     (re.compile(r"^blocks\.(\d+)\.norm1\.(weight|bias)$"), r"layers.\1.ln1.\2"),
@@ -169,6 +170,15 @@ def vit_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
     return "MAE", converted
 
 
+def vit_family_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
+                        grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The ViT family's backbone: mmseg's ``MAE`` (:func:`vit_to_mmseg`) for class-token ViTs, ``MAEStyleViT``
+    (:mod:`mimbench.seg.vit_backbone`: the encoder's own timm blocks) for those with registers or no class token."""
+    if needs_token_backbone(family_flags(meta, "encoder")[1]):
+        return vit_to_mae_style(state_dict, meta, grid)
+    return vit_to_mmseg(state_dict, meta, grid)
+
+
 def beit_encoder_to_mmseg(state_dict: dict[str, torch.Tensor], meta: dict[str, str],
                           grid: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
     """:func:`beit_to_mmseg` with the flags and head count of a BEiT-family encoder's metadata."""
@@ -209,10 +219,13 @@ def mmseg_builder(meta: dict[str, str]):
 
 
 def mmseg_backbone_type(meta: dict[str, str]) -> str:
-    """mmseg's ``MAE`` backbone for encoders with absolute position embeddings, its ``BEiT`` backbone otherwise."""
+    """mmseg's ``MAE`` backbone for encoders with absolute position embeddings, its ``BEiT`` backbone otherwise;
+    ``MAEStyleViT`` for ViT-family encoders with registers or no class token."""
     family, flags = family_flags(meta, "encoder")
     if family.name == "eva":
         return EVA_BACKBONE
+    if family.name == "vit" and needs_token_backbone(flags):
+        return MAE_STYLE_VIT
     return "MAE" if "pos_embed" in family.shapes(parse_arch(meta, "encoder"), flags) else "BEiT"
 
 
@@ -260,6 +273,8 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
             "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
         )
     fields["mlp_ratio"] = int(fields["mlp_ratio"])
+    if fields["type"] == MAE_STYLE_VIT:  # which prefix tokens and layer scale the encoder's blocks come with
+        fields["tokens"] = token_fields(family_flags(meta, "encoder")[1])
     return fields
 
 
@@ -275,7 +290,10 @@ def encoder_to_backbone(state: dict[str, torch.Tensor], meta: dict[str, str], im
     depth = fields["num_layers"]
     backbone, converted = mmseg_builder(meta)(state, meta, grid)
     assert backbone == fields["type"]
-    want = eva_backbone_keys(meta) if backbone == EVA_BACKBONE else backbone_keys(backbone, depth)
+    if backbone == EVA_BACKBONE:
+        want = eva_backbone_keys(meta)
+    else:
+        want = mae_style_keys(meta) if backbone == MAE_STYLE_VIT else backbone_keys(backbone, depth)
     if set(converted) != want:
         raise MimbenchError(
             f"The converted weights do not fill mmseg's {backbone} backbone exactly (missing: "

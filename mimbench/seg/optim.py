@@ -10,7 +10,11 @@ to biases and other 1-D parameters, which mmseg already handles).
 
 :class:`MimLayerDecayOptimizerConstructor` keeps the library's layer ids and
 learning-rate scales and only moves those parameters into weight-decay-0 groups
-of the same layer. It also accepts the ``layer_decay_rate`` key of the BEiT-style
+of the same layer. One exception: the register tokens (``reg_token``, of the
+``MAEStyleViT`` backbone, :mod:`mimbench.seg.vit_backbone`), which the library's
+``get_layer_id_for_vit`` does not know and puts in the top layer, go to layer 0
+with weight decay 0, as timm's ``group_matcher`` and ``no_weight_decay()`` treat
+them. It also accepts the ``layer_decay_rate`` key of the BEiT-style
 configs without the library's deprecation warnings, and keeps the library's
 per-parameter messages (which it prints to stdout) at DEBUG level.
 """
@@ -26,9 +30,9 @@ from mmseg.engine.optimizers import LearningRateDecayOptimizerConstructor
 from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "reg_token")
-#: Token parameters mmseg's ViT numbering does not know: they belong to the embeddings (layer 0), as in timm's
-#: ``group_matcher`` (register tokens of the Eva family's backbone, :mod:`mimbench.seg.eva_backbone`).
-LAYER0_NAMES = ("backbone.reg_token",)
+#: Parameters mmseg's ``get_layer_id_for_vit`` does not know (it puts them in the top layer) that belong to the stem,
+#: layer 0, as timm's ``VisionTransformer.group_matcher`` places them: the register tokens of ``MAEStyleViT``.
+STEM_NAMES = ("reg_token",)
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -55,35 +59,33 @@ class MimLayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
 
         by_name = {group["group_name"]: group for group in groups}
         for group in list(groups):
+            last = [name.rsplit(".", 1)[-1] for name in group["param_names"]]
+            stem = [i for i, n in enumerate(last) if n in STEM_NAMES and not group["group_name"].startswith("layer_0_")]
+            if stem:
+                self._move(group, stem, self._group(by_name, groups, "layer_0_no_decay", group), "layer 0 (stem)")
             if group["weight_decay"] == 0:
                 continue
-            moved = [i for i, name in enumerate(group["param_names"]) if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES]
-            if not moved:
-                continue
-            target_name = group["group_name"].removesuffix("_decay") + "_no_decay"
-            if target_name not in by_name:  # same layer, so same lr and lr_scale
-                by_name[target_name] = dict(group, group_name=target_name, weight_decay=0.0, params=[], param_names=[])
-                groups.append(by_name[target_name])
-            names = [group["param_names"][i] for i in moved]
-            print_log(f"weight decay 0 (BEiT/MAE rule) for {names}", logger="current", level=logging.DEBUG)
-            for key in ("params", "param_names"):
-                by_name[target_name][key] += [group[key][i] for i in moved]
-                group[key] = [v for i, v in enumerate(group[key]) if i not in moved]
-        self._tokens_to_layer0(groups, by_name)
+            last = [name.rsplit(".", 1)[-1] for name in group["param_names"]]
+            moved = [i for i, n in enumerate(last) if n in NO_DECAY_NAMES]
+            if moved:  # same layer, so same lr and lr_scale
+                target = group["group_name"].removesuffix("_decay") + "_no_decay"
+                self._move(group, moved, self._group(by_name, groups, target, group), "weight decay 0 (BEiT/MAE rule)")
         params.extend(group for group in groups if group["params"])
 
-    def _tokens_to_layer0(self, groups: list[dict], by_name: dict) -> None:
-        """Move :data:`LAYER0_NAMES` (no weight decay) into layer 0, which mmseg's numbering gives the top id."""
-        num_layers = self.paramwise_cfg["num_layers"] + 2
-        scale = self.paramwise_cfg["decay_rate"] ** (num_layers - 1)
-        for group in list(groups):
-            moved = [i for i, name in enumerate(group["param_names"]) if name in LAYER0_NAMES]
-            if not moved or group["group_name"] == "layer_0_no_decay":
-                continue
-            if "layer_0_no_decay" not in by_name:
-                by_name["layer_0_no_decay"] = dict(group_name="layer_0_no_decay", weight_decay=0.0, params=[],
-                                                   param_names=[], lr_scale=scale, lr=scale * self.base_lr)
-                groups.append(by_name["layer_0_no_decay"])
-            for key in ("params", "param_names"):
-                by_name["layer_0_no_decay"][key] += [group[key][i] for i in moved]
-                group[key] = [v for i, v in enumerate(group[key]) if i not in moved]
+    def _group(self, by_name: dict, groups: list, name: str, like: dict) -> dict:
+        """The group ``name`` (``layer_{id}_no_decay``), created with weight decay 0 and its layer's lr scale
+        (mmseg's ``decay_rate ** (num_layers + 2 - id - 1)``) when the library made none."""
+        if name not in by_name:
+            layer = int(name.split("_")[1])
+            scale = self.paramwise_cfg["decay_rate"] ** (self.paramwise_cfg["num_layers"] + 1 - layer)
+            by_name[name] = dict(like, group_name=name, weight_decay=0.0, params=[], param_names=[],
+                                 lr_scale=scale, lr=scale * self.base_lr)
+            groups.append(by_name[name])
+        return by_name[name]
+
+    @staticmethod
+    def _move(group: dict, indices: list[int], target: dict, why: str) -> None:
+        print_log(f"{why} for {[group['param_names'][i] for i in indices]}", logger="current", level=logging.DEBUG)
+        for key in ("params", "param_names"):
+            target[key] += [group[key][i] for i in indices]
+            group[key] = [v for i, v in enumerate(group[key]) if i not in indices]

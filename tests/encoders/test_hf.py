@@ -19,7 +19,7 @@ from mimbench.encoders import convert_checkpoint, detect_layouts, load_encoder, 
 from mimbench.encoders.hf import HF_ARCHITECTURES
 from mimbench.errors import MimbenchError
 from mimbench.export import export
-from mimbench.testing import write_tiny_encoder
+from mimbench.testing import perturb, write_tiny_encoder
 
 import transformers  # noqa: E402  (the dev extra: the reference implementation of these layouts)
 
@@ -32,14 +32,6 @@ runner = CliRunner()
 def _plain(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text))
 
-
-def _perturb(model):
-    """Non-trivial values everywhere (unit norms, zero biases, ...), so a mis-mapped tensor shows."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 CASES = {
@@ -59,7 +51,7 @@ LAYOUT = {"vit": "hf-vit", "vit-no-qkv-bias": "hf-vit", "vitmae": "hf-vitmae", "
 
 def _hf_model(case):
     torch.manual_seed(0)
-    return _perturb(CASES[case]())
+    return perturb(CASES[case]())
 
 
 def _x():
@@ -124,7 +116,7 @@ def test_pytorch_model_bin_in_transformers_5_module_names(tmp_path):
 
 def test_config_json_is_the_source_of_truth_for_the_head_count(tmp_path):
     torch.manual_seed(0)
-    model = _perturb(transformers.ViTModel(transformers.ViTConfig(**{**SIZES, "num_attention_heads": 4})))
+    model = perturb(transformers.ViTModel(transformers.ViTConfig(**{**SIZES, "num_attention_heads": 4})))
     model.save_pretrained(tmp_path / "m")
     assert _assert_same(model, tmp_path / "m").mimbench_metadata["num_heads"] == "4"
     alone = load_encoder(tmp_path / "m" / "model.safetensors")  # 64-dim heads without config.json: another model
@@ -135,7 +127,7 @@ def test_config_json_is_the_source_of_truth_for_the_head_count(tmp_path):
 
 def test_task_model_folder_reads_its_base_model(tmp_path):
     torch.manual_seed(0)
-    model = _perturb(transformers.ViTForImageClassification(transformers.ViTConfig(**SIZES, num_labels=5)))
+    model = perturb(transformers.ViTForImageClassification(transformers.ViTConfig(**SIZES, num_labels=5)))
     model.save_pretrained(tmp_path / "m")
     enc = load_encoder(tmp_path / "m")
     x = _x()
@@ -232,7 +224,7 @@ def test_eval_knn_runs_on_an_hf_folder(tmp_path):
 
 def _beit_encoder(tmp_path):
     torch.manual_seed(0)
-    model = _perturb(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH,
+    model = perturb(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH,
                                        embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0, global_pool="token",
                                        use_shared_rel_pos_bias=True, use_rel_pos_bias=False))
     torch.save({"model": model.state_dict()}, tmp_path / "beit.pth")

@@ -1,6 +1,7 @@
 """Hugging Face DINOv2, DINOv2-with-registers and I-JEPA folders (save_pretrained) read through the HF table:
 load_encoder(DIR) gives transformers' own pooled features (fp32, CPU, within 1e-5), a weights file alone is
-recognised, and such encoders are not exported as a ViTModel that would drop what it cannot hold."""
+recognised, and such encoders are exported as the class they were read from, not as a ViTModel that would drop
+what it cannot hold."""
 from __future__ import annotations
 
 import pytest
@@ -82,12 +83,17 @@ def test_registers_are_not_pooled_from_an_hf_folder(tmp_path):
     assert torch.allclose(got, tokens[:, 5:].mean(dim=1), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["dinov2-registers", "ijepa"])
-def test_export_to_a_vitmodel_refuses_what_it_cannot_hold(tmp_path, kind):
-    _hf_model(kind).save_pretrained(tmp_path / "hf")
-    with pytest.raises(MimbenchError, match="ViTModel cannot hold") as err:
-        export(tmp_path / "hf", "hf", tmp_path / "out")
-    assert "--to timm" in err.value.fix and not (tmp_path / "out" / "model.safetensors").exists()
+@pytest.mark.parametrize("kind", list(CASES))
+def test_export_writes_the_class_it_was_read_from_not_a_vitmodel(tmp_path, kind):
+    model = _hf_model(kind)
+    model.save_pretrained(tmp_path / "hf")
+    export(tmp_path / "hf", "hf", tmp_path / "out")  # a ViTModel would drop registers / layer scale / no-cls
+    again = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(again) is type(model)
+    x = _x()
+    with torch.no_grad():
+        want, got = model(pixel_values=x).last_hidden_state, again(pixel_values=x).last_hidden_state
+    assert got.shape == want.shape and (got - want).abs().max().item() < TOL
 
 
 def test_task_model_folder_reads_its_base_model(tmp_path):

@@ -15,6 +15,8 @@ from functools import partial
 import pytest
 import timm
 import torch
+
+from mimbench.testing import perturb
 from timm.models.beit import gen_relative_position_index
 from timm.models.vision_transformer import VisionTransformer
 
@@ -27,21 +29,13 @@ D, HEADS, DEPTH, IMG, PATCH = 128, 2, 2, 32, 8  # 64-dim heads: the head count i
 GRID = IMG // PATCH
 
 
-def _perturb(model):
-    """Non-trivial values everywhere (zero-initialised tables, unit norms, ...), so a dropped tensor shows."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
 
 def vit(eps=1e-6, **kw):
     torch.manual_seed(0)
     args = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0,
                 norm_layer=partial(torch.nn.LayerNorm, eps=eps))
     args.update(kw)
-    return _perturb(VisionTransformer(**args))
+    return perturb(VisionTransformer(**args))
 
 
 def beit(variant="beit_base_patch16_224", **kw):
@@ -49,7 +43,7 @@ def beit(variant="beit_base_patch16_224", **kw):
     args = dict(pretrained=False, img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
                 num_classes=0, global_pool="token")
     args.update(kw)
-    return _perturb(timm.create_model(variant, **args))
+    return perturb(timm.create_model(variant, **args))
 
 
 def same_features(source, path, layout="auto", atol=1e-5):

@@ -204,3 +204,43 @@ def test_a_head_section_its_preset_cannot_build_is_refused_before_any_work(tiny_
     with pytest.raises(MimbenchError, match="cached"):
         run_eval("attentive", encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py",
                  data="builtin:fashion-mnist", out=tmp_path / "run2", overrides=["augment.mode='timm'"])
+
+
+@pytest.mark.parametrize("block", [0, 2, -1])
+@pytest.mark.parametrize("family", ["vit", "beit"])
+def test_a_blocks_tokens_equal_timm_forward_intermediates(family, block):
+    from timm.models.beit import Beit
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    model = VisionTransformer(reg_tokens=2, **kw) if family == "vit" else Beit(**kw)
+    for p in model.parameters():  # non-trivial norms (timm initialises LayerNorms to 1/0)
+        p.data.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for final_norm in (True, False):
+            ((patch, prefix),) = model.forward_intermediates(x, indices=[block % 3], norm=final_norm, output_fmt="NLC",
+                                                             return_prefix_tokens=True, intermediates_only=True)
+            every = encoder_tokens(model, x, tokens="all", final_norm=final_norm, block=block)
+            patches = encoder_tokens(model, x, tokens="patch", final_norm=final_norm, block=block)
+            torch.testing.assert_close(every, torch.cat([prefix, patch], dim=1), rtol=0, atol=1e-6)
+            torch.testing.assert_close(patches, patch, rtol=0, atol=1e-6)
+    assert not any(b._forward_hooks for b in model.blocks) and not model.norm._forward_hooks
+
+
+def test_layers_picks_the_attended_block_and_the_record_names_it(tiny_encoder, tmp_path):
+    common = dict(encoder=tiny_encoder, config=CONFIGS / "demo" / "attentive_fmnist.py", data="builtin:fashion-mnist",
+                  overrides=["data.limit_train=64", "data.limit_val=32", "optim.batch_size=32", "schedule.epochs=1",
+                             "schedule.warmup_epochs=0", "runtime.progress=False"])
+    record = run_eval("attentive", out=tmp_path / "b0", layers="0", **common)
+    assert record["protocol"]["block"] == 0 and record["protocol"]["layers"] == "0"
+    assert record["protocol"]["tokens"].startswith("16 patch tokens of block 0 before the final norm")
+    assert "layers=\"0\"" in record["protocol"]["overrides"]
+    last = run_eval("attentive", out=tmp_path / "last", **common)
+    assert last["protocol"]["block"] == 1 and last["protocol"]["layers"] == "last"
+    for bad, why in (("all", "names 2 blocks"), ("concat:2", "names 2 blocks"), ("5", "names block 5")):
+        with pytest.raises(MimbenchError, match=why):
+            run_eval("attentive", out=tmp_path / f"bad{bad}", layers=bad, **common)
+        assert not list((tmp_path / f"bad{bad}").glob("*.json"))

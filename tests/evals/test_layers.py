@@ -118,7 +118,7 @@ def test_all_blocks_one_forward_per_batch_per_block_metrics_and_plot(dist_encode
 
     monkeypatch.setattr(mimbench.encoders, "load_encoder", counting)
     record = run_eval("linear", encoder=dist_encoder, config="eval_configs/demo/linear_fmnist.py", data=DATA,
-                      out=tmp_path / "run", layers="all",
+                      out=tmp_path / "run", layers="all", select_on="val",  # today's selection, on val
                       overrides=["data.limit_train=64", "data.limit_val=32", "feature_batch_size=16",
                                  "optim.batch_size=32", "schedule.epochs=2", "schedule.warmup_epochs=1",
                                  "runtime.progress=False", f"cache_dir={str(tmp_path / 'cache')!r}"])
@@ -133,6 +133,49 @@ def test_all_blocks_one_forward_per_batch_per_block_metrics_and_plot(dist_encode
     assert "layers=\"all\"" in record["protocol"]["overrides"]
     png = (tmp_path / "run" / "layers.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SWEEP = ["data.limit_train=64", "data.limit_val=32", "feature_batch_size=16", "optim.batch_size=16",
+         "schedule.epochs=2", "schedule.warmup_epochs=1", "runtime.progress=False"]
+
+
+def test_the_sweep_selects_its_best_block_on_a_training_holdout_it_never_trains_on(dist_encoder, tmp_path, monkeypatch):
+    import mimbench.evals.linear as lin
+
+    trained, real = [], lin.runner.TensorBatches
+    monkeypatch.setattr(lin.runner, "TensorBatches",
+                        lambda run, x, y, *a: trained.append(x.cpu()) or real(run, x, y, *a))
+    cache = f"cache_dir={str(tmp_path / 'cache')!r}"
+    record = run_eval("linear", encoder=dist_encoder, config="eval_configs/demo/linear_fmnist.py", data=DATA,
+                      out=tmp_path / "run", layers="all", overrides=[*SWEEP, cache])
+    selection = record["protocol"]["selection"]
+    assert selection == {"on": "train-holdout", "selects": "best_block", "holdout": 0.1, "holdout_images": 6}
+    assert record["dataset"]["sizes"] == {"train": 58, "val": 32, "holdout": 6}
+    keep, held = lin.holdout_split(64, 0.1, record["seed"])
+    assert len(held) == 6 and not set(keep) & set(held)
+    every, _, _ = extract_features(dist_encoder, DATA, "train", cache_dir=tmp_path / "cache", limit=64, layers="all")
+    (rows,) = trained
+    assert rows.shape[0] == 58 and torch.equal(rows, torch.from_numpy(np.array(every[keep])))
+    metrics = record["metrics"]
+    assert metrics["best_top1"] == metrics["per_block"][str(metrics["best_block"])]["top1"]
+    assert 0 <= metrics["select_top1"] <= 100 and "held-out" in record["protocol"]["block_selection"]
+
+    val = run_eval("linear", encoder=dist_encoder, config="eval_configs/demo/linear_fmnist.py", data=DATA,
+                   out=tmp_path / "val", layers="all", select_on="val", overrides=[*SWEEP, cache])
+    assert val["protocol"]["selection"] == {"on": "val", "selects": "best_block"}
+    assert val["dataset"]["sizes"] == {"train": 64, "val": 32} and "select_top1" not in val["metrics"]
+    assert val["metrics"]["best_top1"] == max(m["top1"] for m in val["metrics"]["per_block"].values())
+    from mimbench.results.report import write_report
+
+    report = write_report([tmp_path / "run", tmp_path / "val"])
+    assert "selection: best_block selected on a held-out part of the training set" in report
+    assert "selection: best_block selected on the val split (as published)" in report
+
+
+def test_a_single_block_probe_holds_nothing_out(tiny_encoder, tmp_path):
+    record = run_eval("linear", encoder=tiny_encoder, config="eval_configs/demo/linear_fmnist.py", data=DATA,
+                      out=tmp_path, overrides=[*SWEEP, f"cache_dir={str(tmp_path / 'cache')!r}"])
+    assert "selection" not in record["protocol"] and record["dataset"]["sizes"] == {"train": 64, "val": 32}
 
 
 def test_protocol_mode_reads_the_chosen_blocks_from_augmented_images(dist_encoder, tmp_path, monkeypatch):
@@ -175,3 +218,14 @@ def test_bad_values_are_refused_before_any_work(tiny_encoder, tmp_path):
     with pytest.raises(MimbenchError) as err:
         check_readout(_tiny_vit(class_token=False, global_pool="avg"), _spec(_tiny_vit(), "single", [3], "cls"))
     assert "class token" in err.value.problem and "--pool avg" in err.value.fix
+
+
+def test_protocol_mode_sweep_scores_its_holdout_unaugmented_and_trains_on_the_rest(dist_encoder, tmp_path):
+    record = run_eval("linear", encoder=dist_encoder, config="eval_configs/linear/mae_vit-b_in1k.py", data=DATA,
+                      out=tmp_path, layers="all",
+                      overrides=["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=8", "schedule.epochs=1",
+                                 "schedule.warmup_epochs=0", "data.limit_train=20", "data.limit_val=8",
+                                 "runtime.progress=False", "runtime.ckpt_every=0"])
+    assert record["dataset"]["sizes"] == {"train": 18, "val": 8, "holdout": 2}
+    assert record["protocol"]["selection"]["on"] == "train-holdout"
+    assert 0 <= record["metrics"]["select_top1"] <= 100

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+
+from mimbench.testing import perturb
 from typer.testing import CliRunner
 
 from mimbench.cli import app
@@ -21,19 +23,12 @@ runner = CliRunner()
 SMALL = ["data.limit_train=64", "data.limit_val=32"]
 
 
-def _perturbed(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def reg_encoder(tmp_path_factory):
     """A tiny timm DINOv2-with-registers encoder file (patch 14, 28 px, 4 registers, layer scale)."""
     tmp = tmp_path_factory.mktemp("reg")
-    model = _perturbed(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28,
+    model = perturb(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28,
                                          embed_dim=32, depth=2, num_heads=2, num_classes=0))
     torch.save(model.state_dict(), tmp / "reg.pth")
     return convert_checkpoint(tmp / "reg.pth", tmp / "reg.safetensors", num_heads=2)
@@ -45,7 +40,7 @@ def ijepa_encoder(tmp_path_factory):
     from timm.models.vision_transformer import VisionTransformer
 
     tmp = tmp_path_factory.mktemp("ijepa")
-    vit = _perturbed(VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+    vit = perturb(VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0,
                                        class_token=False, global_pool="avg", fc_norm=False,
                                        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)))
     sd = {f"module.{k}": v for k, v in vit.state_dict().items()}

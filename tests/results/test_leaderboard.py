@@ -9,7 +9,8 @@ import pytest
 from rich.console import Console
 
 from mimbench.errors import MimbenchError
-from mimbench.results.leaderboard import (COLUMNS, KEY, STANDARD_PROTOCOLS, compare_runs, leaderboard_problems,
+from mimbench.results.leaderboard import (ATTENTIVE_PROTOCOLS, COLUMNS, KEY, STANDARD_PROTOCOLS, compare_runs,
+                                          leaderboard_problems,
                                           load_leaderboard, normalize_arch, packaged_csv, show_leaderboard,
                                           validate_leaderboard)
 from mimbench.results.records import new_record, write_record
@@ -50,7 +51,7 @@ def test_published_leaderboard_is_valid_and_has_the_reference_rows():
     assert list(df.columns) == COLUMNS
     assert leaderboard_problems(df) == []
     assert not df.duplicated(KEY).any()
-    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k"}
+    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k", "attentive"}
     assert set(df["verified"]) <= {"yes", "unverified"}
     mae = df[(df.method == "MAE") & (df.arch == "vit-b/16") & (df.task == "finetune")]
     assert mae["value"].tolist() == [83.6] and mae["verified"].tolist() == ["yes"]
@@ -188,3 +189,40 @@ def test_bookkeeping_overrides_keep_a_run_comparable(tmp_path):
     path = record(tmp_path, overrides=["num_workers=16", "default_hooks.checkpoint.interval=4000", "cache_dir='/x'"])
     (res,) = compare_runs([path], console=Console(record=True))
     assert res["above"]["value"] > 83.55 >= res["below"]["value"]
+
+
+def test_attentive_rows_carry_their_sources_under_their_head_presets_protocol():
+    df = load_leaderboard()
+    rows = df[df.task == "attentive"]
+    got = {(r.method, r.arch, r.protocol): r.value for r in rows.itertuples()}
+    cae, ep, vjepa = (ATTENTIVE_PROTOCOLS[p] for p in ("cae", "ep", "vjepa"))
+    assert got == {("MAE", "vit-b/16", cae): 74.2, ("MAE", "vit-l/16", cae): 78.8,
+                   ("MAE", "vit-b/16", ep): 75.46, ("MAE", "vit-l/16", ep): 79.52,
+                   ("V-JEPA", "vit-l/16", vjepa): 74.8, ("V-JEPA", "vit-h/16", vjepa): 75.9}
+    assert rows.loc[rows.protocol == cae, "source"].str.contains("Atten4Vis/CAE README.md").all()
+    assert rows.loc[rows.protocol == ep, "source"].str.contains("efficient-probing results.csv").all()
+    assert rows.loc[rows.protocol == vjepa, "source"].str.contains("facebookresearch/jepa").all()
+    assert (rows.loc[rows.method == "MAE", "verified"] == "yes").all()
+
+
+def _attentive(tmp_path, preset, value, arch="vit-b/16"):
+    t = time.time()
+    rec = new_record("attentive", protocol={"name": f"attentive/{preset}_vit-b_in1k", "sha256": "cd" * 32,
+                                            "deviations": [], "head_preset": preset},
+                     encoder={"path": str(tmp_path / "enc.safetensors"), "sha256": "ab" * 32, "arch": arch,
+                              "technique": "mae", "epochs": 1600.0},
+                     dataset={"name": "imagenet", "sizes": {"train": 10, "val": 10}}, metrics={"top1": value},
+                     seed=0, started=t, finished=t + 1.0)
+    return write_record(tmp_path / preset, rec)
+
+
+def test_an_attentive_run_is_ranked_only_among_rows_of_its_head_preset(tmp_path):
+    console = Console(record=True, width=200)
+    ep, cae = (compare_runs([_attentive(tmp_path, p, 75.0)], console=console)[0] for p in ("ep", "cae"))
+    # EP ViT-B has one published row (75.46): 75.0 is below it; CAE's head has 74.2: 75.0 is above it
+    assert (ep["rank"], ep["of"], ep["above"]["value"], ep["below"]) == (2, 2, 75.46, None)
+    assert (cae["rank"], cae["of"], cae["above"], cae["below"]["value"]) == (1, 2, None, 74.2)
+    assert ep["protocol"] == ATTENTIVE_PROTOCOLS["ep"] and ATTENTIVE_PROTOCOLS["cae"] in console.export_text()
+    with pytest.raises(MimbenchError, match="no attentive rows for vit-b/16 under 'IN-1k attentive probe 224 "
+                                            r"\(V-JEPA head\)'"):
+        compare_runs([_attentive(tmp_path, "vjepa", 75.0)], console=console)

@@ -286,3 +286,29 @@ def test_summary_figure_marks_the_control_and_epoch_figure_needs_two_epoch_value
     add(demo_like, "knn", 75.0, technique="mae", epochs=10.0, dataset="builtin:fashion-mnist")
     text = write_report([demo_like], fmt="md", out=out)
     assert "report_metric_vs_epochs.png" in text
+
+
+def test_lowshot_summary_is_one_cell_of_its_runs_mean_and_std(tmp_path):
+    d = tmp_path / "runs"
+    top1 = [30.0, 33.0, 39.0]  # mean 34, sample std 4.5826
+    t = time.time()
+    runs = [{"shots": 10, "seed": s, "top1": v, "top5": 90.0} for s, v in enumerate(top1)]
+    summary = new_record("lowshot", protocol={"name": "lowshot/msn_logreg_in1k", "sha256": "cd" * 32, "runs": runs},
+                         encoder={"path": "enc.safetensors", "sha256": "ab" * 32, "arch": "vit-b/16",
+                                  "technique": "mae", "epochs": 800.0},
+                         dataset={"name": "imagenet"}, metrics={"top1": 34.0, "top1_std": 4.5826, "runs": 3},
+                         seed=0, started=t, finished=t + 1.0)
+    write_record(d, summary)
+    for run in runs:  # the runs' own records, as lowshot writes them under <out>/runs/: not counted twice
+        rec = new_record("lowshot", protocol={"name": "lowshot/msn_logreg_in1k", "sha256": "cd" * 32, "subset": run},
+                         encoder=summary["encoder"], dataset={"name": "imagenet"}, metrics={"top1": run["top1"]},
+                         seed=run["seed"], started=t, finished=t + 1.0)
+        write_record(d / "runs", rec)
+    add(d, "knn", 50.0)
+    table, problems = run_table([d])
+    assert problems == []
+    lowshot = table[table["task"] == "lowshot"]
+    assert set(lowshot["column"]) == {"10-shot top-1"} and sorted(lowshot["value"]) == top1
+    cell = pivot(summarize(table)).loc["mae @ 800 ep", "10-shot top-1"]
+    assert cell == "34.00 ± 4.58 (n=3)"
+    assert list(pivot(summarize(table)).columns) == ["k-NN top-1", "10-shot top-1"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mimbench.atomic import atomic_write
-from mimbench.evals.tasks import all_tasks, resolve
+from mimbench.evals.tasks import all_tasks, installed, resolve
 from mimbench.paths import eval_config, pretrain_config
 from mimbench.results.report import console_table, write_report
 from mimbench.steps import Control, Evaluate, Pretrain, Step, StepRunner, reuse_note
@@ -82,7 +82,7 @@ def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str]) -
     return [Evaluate(name, task.name, eval_config(task.demo_config),
                      (*task.demo_overrides.get(scale.name, ()), *((cache,) if task.feature_cache else ())),
                      data=data[task.name])
-            for task in all_tasks() if task.in_demo]
+            for task in all_tasks() if task.in_demo and installed(task)]
 
 
 def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
@@ -106,6 +106,10 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
     data = demo_data(out, scale)
     runner = StepRunner(out, log=lambda text: console.print(text, markup=False, highlight=False),
                         header=lambda text: console.rule(f"[bold]{text}[/]", characters="─"))
+    for task in all_tasks():
+        if task.in_demo and not installed(task):
+            console.print(f"{task.name}: left out ({', '.join(task.requires)} not installed; "
+                          f"pip install 'mimbench[{task.extra}]' adds it)", markup=False, highlight=False)
     outcomes = runner.run(demo_steps(out, scale, data))
     elapsed = time.time() - t0
 

@@ -53,3 +53,18 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert third.exit_code == 0, third.output
     assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 6 - 1
     assert not linear.exists() and len(list((out / "evals").rglob("*-*.json"))) == n_records
+
+
+def test_demo_leaves_out_a_task_whose_extra_is_not_installed(tmp_path, monkeypatch):
+    """`pip install mimbench` without the lowshot extra: the demo runs without the low-shot step."""
+    import importlib.util
+
+    from mimbench.demo import QUICK, demo_steps
+
+    real = importlib.util.find_spec
+    data = {name: "builtin:fashion-mnist" for name in ("knn", "linear", "attentive", "finetune", "lowshot")}
+    data["segment"] = "builtin:fashion-mnist-seg"
+    names = lambda: [getattr(s, "task", None) for s in demo_steps(tmp_path, QUICK, data)]  # noqa: E731
+    assert "lowshot" in names()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cyanure" else real(name, *a))
+    assert "lowshot" not in names() and "knn" in names()

@@ -13,6 +13,7 @@ module. Config paths are relative to ``eval_configs/`` (:func:`mimbench.paths.ev
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -72,6 +73,10 @@ class Task:
     demo_data_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     in_grid_demo: bool = False    # evaluated at every point of a demo-scale reproduce grid (cheap tasks only)
     in_demo: bool = True          # evaluated on every encoder of `mimbench demo`
+    # The optional extra the task needs and the modules it provides: without them `mimbench demo` leaves the task
+    # out and says which extra adds it (`mimbench eval <task>` refuses with the same fix).
+    extra: str | None = None
+    requires: tuple[str, ...] = ()
     full_data: str | None = None  # data variable of the full-scale job files; None: not in the job grid
     full_options: tuple[str, ...] = ()  # extra `mimbench eval` words of a full-scale job
     bench_mode: str | None = None  # `mimbench bench <mode>`; None: not benchmarked
@@ -221,9 +226,15 @@ register_task(Task(
                annotation=Optional[int]),
     ),
     # In the demo: the report's "10-shot top-1" column; the quick budget reads the same cached features as k-NN.
-    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS},
+    feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, extra="lowshot", requires=("cyanure",),
 ))
+
+
+def installed(task: Task) -> bool:
+    """Whether the optional packages ``task.requires`` names can be imported here."""
+    return all(importlib.util.find_spec(module) is not None for module in task.requires)
+
 
 __all__ = ["ADE20K", "BUILTIN_DATA", "BUILTIN_SEG_DATA", "IMAGENET", "LAUNCHERS", "Option",
            "POOL_OPTION", "TASKS", "Task",
-           "all_tasks", "get_task", "register_task", "resolve"]
+           "all_tasks", "get_task", "installed", "register_task", "resolve"]

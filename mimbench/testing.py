@@ -26,11 +26,17 @@ from mimbench.encoders.file import save_encoder
 
 
 def tiny_vit(*, img_size: int = 32, patch_size: int = 8, embed_dim: int = 32, depth: int = 2, num_heads: int = 2,
-             seed: int = 0) -> VisionTransformer:
-    """A random-initialised timm ViT without a head (MAE's LayerNorm eps 1e-6), seeded by ``seed``."""
+             seed: int = 0, flags: Mapping | None = None) -> VisionTransformer:
+    """A random-initialised timm ViT without a head (MAE's LayerNorm eps 1e-6), seeded by ``seed``. ``flags``:
+    ViT-family metadata values (``class_token``, ``reg_tokens``, ``no_embed_class``, ``init_values``,
+    ``global_pool``; :func:`mimbench.encoders.vit.vit_metadata` writes them into a file) as timm arguments."""
+    flags = dict(flags or {})
     torch.manual_seed(seed)
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                              num_heads=num_heads, mlp_ratio=4.0, num_classes=0, qkv_bias=True,
+                             class_token=flags.get("class_token", True), reg_tokens=flags.get("reg_tokens", 0),
+                             no_embed_class=flags.get("no_embed_class", False), init_values=flags.get("init_values"),
+                             global_pool=flags.get("global_pool", "token"), fc_norm=False,
                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
 
 

@@ -5,18 +5,16 @@ the encoder's features back."""
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from mimbench.encoders import load_encoder, read_metadata, save_encoder
 from mimbench.encoders.vit import vit_metadata
 from mimbench.errors import MimbenchError
 from mimbench.evals.features import pool_tokens, resolve_pool
 from mimbench.export import export
-from mimbench.testing import perturb
+from mimbench.testing import perturb, tiny_vit
 
 transformers = pytest.importorskip("transformers")  # optional: the reference implementation of these classes
 
@@ -35,12 +33,7 @@ CASES = {
 
 def _encoder(tmp_path, flags: dict, name: str = "enc"):
     """A perturbed timm ViT with these ViT-family flags, saved as an encoder file; returns (path, flags)."""
-    torch.manual_seed(0)
-    vit = perturb(VisionTransformer(
-        img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0,
-        class_token=flags.get("class_token", True), reg_tokens=flags.get("reg_tokens", 0),
-        no_embed_class=flags.get("no_embed_class", False), init_values=flags.get("init_values"),
-        global_pool=flags.get("global_pool", "token"), fc_norm=False, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)))
+    vit = perturb(tiny_vit(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, flags=flags))
     return save_encoder(vit.state_dict(), tmp_path / f"{name}.safetensors", arch="vit-d32x2/14", img_size=IMG,
                         patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, technique="test",
                         extra=vit_metadata(flags))

@@ -4,19 +4,17 @@ block outputs (patch tokens, within 1e-5), the position grid moves by the encode
 of the layer decay with no weight decay, and run_segment runs end to end at test size."""
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 import mimbench.seg  # noqa: F401  (mmcv.ops fallback before mmseg; registers the backbone)
 from mimbench.encoders import open_encoder, save_encoder
 from mimbench.encoders.vit import vit_metadata
 from mimbench.seg.backbone import backbone_cfg_from_metadata, encoder_to_backbone, write_backbone_checkpoint
-from mimbench.testing import perturb, write_seg_tree
+from mimbench.testing import perturb, tiny_vit, write_seg_tree
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "eval_configs" / "segmentation" / "demo_fmnist_seg.py"
@@ -31,12 +29,7 @@ NUM_LAYERS, RATE, BASE_LR, WD = DEPTH, 0.65, 0.1, 0.05
 def _encoder(tmp_path, case: str):
     """A perturbed timm ViT with the case's flags (4 blocks, as the segmentation configs tap), saved; (vit, path)."""
     flags = FLAGS[case]
-    torch.manual_seed(0)
-    vit = perturb(VisionTransformer(
-        img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0,
-        class_token=flags.get("class_token", True), reg_tokens=flags.get("reg_tokens", 0),
-        no_embed_class=flags.get("no_embed_class", False), init_values=flags.get("init_values"),
-        global_pool=flags.get("global_pool", "token"), fc_norm=False, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)))
+    vit = perturb(tiny_vit(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, flags=flags))
     path = save_encoder(vit.state_dict(), tmp_path / f"{case}.safetensors", arch="vit-d32x4/8", img_size=IMG,
                         patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, technique="test",
                         extra=vit_metadata(flags))

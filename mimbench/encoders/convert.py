@@ -56,8 +56,8 @@ Eva family (timm ``Eva``, see :mod:`mimbench.encoders.eva`; key renames in
 * ``eva02`` - the official EVA-02 (asuka) or timm ``eva02_*`` names; rope buffers, ``lm_head`` dropped.
 
 Hugging Face (a ``save_pretrained`` folder, detected by its ``config.json``, or its weights file alone; see
-:mod:`mimbench.encoders.hf`): ``hf-vit`` and ``hf-vitmae`` to the ViT family, ``hf-beit`` and
-``hf-data2vec-vision`` to the BEiT family.
+:mod:`mimbench.encoders.hf`): ``hf-vit``, ``hf-vitmae``, ``hf-dinov2``, ``hf-dinov2-registers`` and ``hf-ijepa``
+to the ViT family, ``hf-beit`` and ``hf-data2vec-vision`` to the BEiT family, ``hf-dinov3`` to the Eva family.
 
 Everywhere: a fine-tuned checkpoint whose final norm acts on pooled features only (``fc_norm``,
 no ``norm``) is refused; a ``head`` is dropped; every other tensor must be used (strict), and the
@@ -108,7 +108,7 @@ _TECHNIQUE = {"mae": "mae", "deit": "supervised-deit", "timm": "unknown", "mmpre
               "data2vec-vision": "data2vec", "dinov2": "dinov2", "ijepa": "ijepa",
               "ijepa-context": "ijepa", "dinov3": "dinov3", "eva02": "eva02", "hf-vit": "unknown",
               "hf-vitmae": "mae", "hf-beit": "beit", "hf-data2vec-vision": "data2vec", "hf-dinov2": "dinov2",
-              "hf-dinov2-registers": "dinov2", "hf-ijepa": "ijepa"}
+              "hf-dinov2-registers": "dinov2", "hf-ijepa": "ijepa", "hf-dinov3": "dinov3"}
 _IJEPA = ("ijepa", "ijepa-context")
 #: Layouts whose checkpoints store the epoch just finished counting from 0 (the others store the next one).
 _EPOCH_FROM_ZERO = ("mae", "deit", "timm", "beit", "beitv2", "data2vec-vision")

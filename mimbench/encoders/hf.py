@@ -30,6 +30,12 @@ and decoders are dropped and named in ``source_dropped``.
   (``IJepaModel``) -> the ViT family with layer scale, registers or no class token, by the readers of
   :mod:`mimbench.encoders.dinov2` and :mod:`mimbench.encoders.ijepa` (:func:`_vit_family_reader` adapts their
   ``(tensors, metadata)`` to this table's fields). They need config.json (a weights file alone is refused).
+* ``hf-dinov3`` (``DINOv3ViTModel``) -> the Eva family by :func:`mimbench.encoders.eva_layouts.hf_dinov3_state`
+  (:func:`map_hf_dinov3`): sizes, registers, q/k/v biases and the MLP kind (plain or gated) read off the weights
+  and checked against config.json; eps, heads, image size, rotary base and activation from config.json, else
+  DINOv3ViTConfig's defaults (a gated MLP: SiLU). ``embeddings.mask_token`` dropped; the block names are
+  ``layer.i.*`` on disk and ``model.layer.i.*`` in memory, both read. A weights file alone is recognised by
+  its bare ``embeddings.patch_embeddings`` conv next to ``layer.i.*`` blocks.
 
 :func:`hf_folder_files` writes the reverse, folders ``transformers.AutoModel.from_pretrained`` loads: the ViT
 family -> a ``ViTModel`` folder (plain ViTs), a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` folder (layer scale
@@ -52,6 +58,7 @@ from safetensors.torch import load_file
 from mimbench.encoders.arch import default_num_heads, mlp_hidden
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
 from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped
+from mimbench.encoders.eva_layouts import hf_dinov3_state
 from mimbench.encoders.file import HF_CONFIG, HF_WEIGHTS
 from mimbench.encoders.ijepa import hf_ijepa_state
 from mimbench.encoders.vit import non_plain_fields
@@ -335,6 +342,68 @@ def _vit_family_reader(reader: Callable) -> Callable:
     return mapper
 
 
+#: DINOv3ViTConfig defaults (transformers 5.25, configuration_dinov3_vit.py) for a weights file without config.json.
+DINOV3_HF_DEFAULTS = {"layer_norm_eps": 1e-5, "rope_theta": 100.0, "image_size": 224, "layerscale_value": 1.0}
+#: Top-level tensors of a DINOv3ViTModel besides its blocks (``layer.i.*``).
+_DINOV3_TOP = ("embeddings.cls_token", "embeddings.mask_token", "embeddings.register_tokens",
+               "embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.bias", "norm.weight", "norm.bias")
+
+
+def _dinov3_read(state: Mapping[str, torch.Tensor], read: _Read) -> dict:
+    """The DINOv3ViTConfig fields the weights show (checked against config.json where it has them)."""
+    w = state.get("embeddings.patch_embeddings.weight")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"layer\.(\d+)\.", k))}
+    if w is None or w.ndim != 4 or w.shape[2] != w.shape[3] or not layers or "layer.0.mlp.down_proj.weight" not in state:
+        raise MimbenchError(f"{read.where}: no square patch embedding (embeddings.patch_embeddings.weight) or no "
+                            "layer.<i>.mlp in these DINOv3ViTModel weights.",
+                            "Give the complete save_pretrained folder or weights file of a DINOv3ViTModel.")
+    regs = state.get("embeddings.register_tokens")
+    a = "layer.0.attention."
+    shown = dict(hidden_size=int(w.shape[0]), patch_size=int(w.shape[2]), num_channels=int(w.shape[1]),
+                 num_hidden_layers=len(layers), use_gated_mlp="layer.0.mlp.gate_proj.weight" in state,
+                 intermediate_size=int(state["layer.0.mlp.down_proj.weight"].shape[1]),
+                 num_register_tokens=0 if regs is None else int(regs.shape[1]),
+                 query_bias=a + "q_proj.bias" in state, key_bias=a + "k_proj.bias" in state,
+                 value_bias=a + "v_proj.bias" in state)
+    return {key: read.weights(key, value, key) for key, value in shown.items()}
+
+
+def map_hf_dinov3(state: dict[str, torch.Tensor], config: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ``DINOv3ViTModel`` state -> Eva-family tensors and metadata fields, by
+    :func:`mimbench.encoders.eva_layouts.hf_dinov3_state`. Sizes, register count, biases and the MLP kind are read
+    off the weights and must agree with config.json; eps, heads, image size, rotary base and activation come from
+    config.json, else from DINOv3ViTConfig's defaults (a gated MLP: SiLU, as DINOv3's gated models are published)."""
+    where = config.get("_where", "HF DINOv3")
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    foreign = sorted(k for k in state if k not in _DINOV3_TOP and not re.match(r"layer\.\d+\.", k))
+    if foreign:
+        raise MimbenchError(f"{where}: tensors that belong to no DINOv3ViTModel module: {', '.join(foreign[:8])}.",
+                            "The weights do not match the architecture the config names; nothing was loaded.")
+    read = _Read(config, where)
+    full = {k: v for k, v in config.items() if k != "_where"} | _dinov3_read(state, read)
+    gated = full["use_gated_mlp"]
+    full["hidden_act"] = read.config_or("hidden_act", "hidden_act", "silu" if gated else "gelu")
+    if gated and read.origin["hidden_act"] != "config.json":
+        read.origin["hidden_act"] = "DINOv3 gated-MLP default"  # DINOv3ViTConfig's own default is gelu
+    for key, default in DINOV3_HF_DEFAULTS.items():
+        full[key] = read.config_or(key, key, default)
+    full["image_size"] = _int_pair(full["image_size"], "image_size", where)
+    d, depth = full["hidden_size"], full["num_hidden_layers"]
+    full["num_attention_heads"] = _heads(read, d, depth)
+    if not full["num_register_tokens"]:
+        state.pop("embeddings.register_tokens", None)  # DINOv3ViTModel stores (1, 0, D) without registers
+    try:
+        tensors, meta = hf_dinov3_state(state, full)
+    except KeyError as e:
+        raise MimbenchError(f"{where}: tensor {e.args[0]!r} is missing.",
+                            "Give the complete save_pretrained folder or weights file of a DINOv3ViTModel.") from None
+    arch = {k: int(meta[k]) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    arch["mlp_ratio"] = float(meta["mlp_ratio"])
+    extra = {k: v for k, v in meta.items() if k not in _STANDARD} | {"source_read": read.summary()}
+    dropped = [k for k in state if k == "embeddings.mask_token"]
+    return tensors, dict(arch=arch, family="eva", extra=extra, dropped=dropped)
+
+
 #: config.json ``model_type`` -> (layout name, mapping function). One entry per supported architecture.
 HF_ARCHITECTURES: dict[str, tuple[str, Callable]] = {
     "vit": ("hf-vit", map_hf_vit),
@@ -344,10 +413,12 @@ HF_ARCHITECTURES: dict[str, tuple[str, Callable]] = {
     "dinov2": ("hf-dinov2", _vit_family_reader(hf_dinov2_state)),
     "dinov2_with_registers": ("hf-dinov2-registers", _vit_family_reader(hf_dinov2_registers_state)),
     "ijepa": ("hf-ijepa", _vit_family_reader(hf_ijepa_state)),
+    "dinov3_vit": ("hf-dinov3", map_hf_dinov3),
 }
 #: The model classes each model type's layout is named after (for messages and docs).
 HF_CLASSES = {"vit": "ViTModel", "vit_mae": "ViTMAEModel", "beit": "BeitModel", "data2vec-vision": "Data2VecVisionModel",
-              "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "ijepa": "IJepaModel"}
+              "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "ijepa": "IJepaModel",
+              "dinov3_vit": "DINOv3ViTModel"}
 
 
 def hf_layouts() -> tuple[str, ...]:
@@ -440,6 +511,8 @@ def base_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 def detect_hf_layouts(keys) -> list[str]:
     """The HF layouts a weights file alone can be (several when the keys cannot tell them apart); [] if none."""
     state = dict.fromkeys(keys)
+    if "embeddings.patch_embeddings.weight" in state and any(k.startswith(("layer.", "model.layer.")) for k in state):
+        return ["hf-dinov3"]  # DINOv3ViTModel: a bare conv (no .projection), blocks under layer.<i>
     base, dropped = base_state(state)
     if "embeddings.patch_embeddings.projection.weight" not in base:
         return []

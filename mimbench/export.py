@@ -2,7 +2,8 @@
 
 * ``hf`` -- a folder ``transformers.AutoModel.from_pretrained(DIR)`` loads with the encoder's features:
   the ViT family as ``ViTModel`` (plain), ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (layer scale and/or
-  register tokens) or ``IJepaModel`` (no class token), the BEiT family as ``BeitModel`` (``config.json`` +
+  register tokens) or ``IJepaModel`` (no class token), the BEiT family as ``BeitModel``, a DINOv3-style Eva
+  encoder as ``DINOv3ViTModel`` (an EVA-02-style one has no transformers class: refused, naming why) (``config.json`` +
   ``model.safetensors``), plus a model card (``README.md``) with the encoder's provenance (its
   metadata) and the mimbench results found for it (run records whose encoder sha256 is this encoder's,
   searched under ``results`` or, by default, the encoder's folder). ``ViTModel``'s ``pooler``
@@ -73,9 +74,24 @@ HF_INTERPOLATION = {"Dinov2Model": "bicubic to the new grid, no antialias",
                     "IJepaModel": "bicubic to the new grid, no antialias, only with interpolate_pos_encoding=True"}
 
 
+def _card_dinov3(meta: dict, config: dict) -> list[str]:
+    """Model-card usage lines of a DINOv3ViTModel folder (rotary positions: no stored grid to interpolate)."""
+    regs = int(config.get("num_register_tokens") or 0)
+    return ["A `DINOv3ViTModel` with the weights of a mimbench encoder. `pooler_output` is the class token after the "
+            "final LayerNorm, `last_hidden_state[:, 0]`; " + (f"`[:, 1:{1 + regs}]` are the {regs} register tokens "
+                                                               "(never pooled), " if regs else "")
+            + f"`[:, {1 + regs}:]` the patch tokens, as mimbench computes them. Its rotary position embedding is "
+            "recomputed for the grid of any input size, as mimbench's, so the features agree at every size.",
+            "", f"Pooling mimbench evaluates this encoder with: k-NN {meta.get('knn_pool', 'cls')}, linear probe "
+            f"{meta.get('linear_pool', 'cls+avg')} (cls+avg: the class token next to the mean of the patch tokens).",
+            "", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(DIR)", "```"]
+
+
 def _card_usage(meta: dict, config: dict) -> list[str]:
     """The model card's lines on which outputs are the encoder's features and how to load the folder."""
     cls = config["architectures"][0]
+    if cls == "DINOv3ViTModel":
+        return _card_dinov3(meta, config)
     if cls not in HF_INTERPOLATION:  # ViTModel, BeitModel: a pooler that is no part of the encoder
         return [f"A `{cls}` with the weights of a mimbench encoder. Its features are "
                 "`last_hidden_state` (the class token is `[:, 0]`, after the final LayerNorm), as mimbench computes them.",

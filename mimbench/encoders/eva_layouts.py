@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 
 from mimbench.encoders.arch import arch_name, default_num_heads, parse_arch
-from mimbench.encoders.eva import eva_metadata
+from mimbench.encoders.eva import eva_metadata, swiglu_split
 from mimbench.encoders.file import check_tensors, encoder_metadata
 from mimbench.errors import MimbenchError
 
@@ -257,3 +257,88 @@ def eva_arch(sd: Mapping[str, torch.Tensor], layout: str, src, num_heads: int | 
     arch = dict(img_size=size, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
                 mlp_ratio=mlp_ratio_of(hidden, d))
     return arch, flags
+
+
+def _dinov3_misfits(flags: Mapping) -> list[str]:
+    """What keeps an Eva encoder from being a ``DINOv3ViTModel`` (which computes DINOv3's rotary embedding only,
+    without absolute positions, sub-LN or a pooled final norm); [] when it is one."""
+    misfits = []
+    if flags["rope_type"] != "dinov3" or not flags["rope_rotate_half"] or float(flags["rope_grid_offset"]):
+        misfits.append(f"rotary embedding of type {flags['rope_type']!r} (DINOv3ViTModel computes DINOv3's: half "
+                       "rotation, patch centres in [-1, 1])")
+    if flags["use_abs_pos_emb"]:
+        misfits.append("an absolute pos_embed next to the rotary embedding")
+    if flags["scale_attn_inner"] or flags["scale_mlp"]:
+        misfits.append("sub-LN (attn.norm / mlp.norm)")
+    if flags["final_norm"] != "tokens":
+        misfits.append("a final norm of the pooled patch tokens (fc_norm) instead of a per-token norm")
+    return misfits
+
+
+def _dinov3_mlp(b: str, i: int, tensors: Mapping[str, torch.Tensor], flags: Mapping) -> dict[str, torch.Tensor]:
+    """Block ``i``'s MLP in DINOv3ViTModel names: GELU ``up/down_proj``; SwiGLU ``gate/up/down_proj`` (timm's packed
+    ``fc1`` holds the gate in its first half: GluMlp with ``gate_last=False``)."""
+    L, out = f"layer.{i}.mlp.", {}
+    if swiglu_split(flags):
+        pairs = (("gate_proj", "fc1_g"), ("up_proj", "fc1_x"))
+        out |= {L + f"{hf}.{p}": tensors[b + f"mlp.{timm}.{p}"] for hf, timm in pairs for p in ("weight", "bias")}
+    elif flags["swiglu_mlp"]:
+        for p in ("weight", "bias"):
+            out[L + f"gate_proj.{p}"], out[L + f"up_proj.{p}"] = tensors[b + f"mlp.fc1.{p}"].chunk(2)
+    else:
+        out |= {L + f"up_proj.{p}": tensors[b + f"mlp.fc1.{p}"] for p in ("weight", "bias")}
+    return out | {L + f"down_proj.{p}": tensors[b + f"mlp.fc2.{p}"] for p in ("weight", "bias")}
+
+
+def _dinov3_block(i: int, tensors: Mapping[str, torch.Tensor], flags: Mapping, d: int) -> dict[str, torch.Tensor]:
+    b, L = f"blocks.{i}.", f"layer.{i}."
+    if flags["qkv_fused"]:
+        q, k, v = tensors[b + "attn.qkv.weight"].chunk(3)
+        biases = (tensors[b + "attn.q_bias"], tensors[b + "attn.v_bias"]) if flags["qkv_bias"] else None
+    else:
+        q, k, v = (tensors[b + f"attn.{n}_proj.weight"] for n in "qkv")
+        biases = (tensors[b + "attn.q_proj.bias"], tensors[b + "attn.v_proj.bias"]) if flags["qkv_bias"] else None
+    out = {L + "attention.q_proj.weight": q, L + "attention.k_proj.weight": k, L + "attention.v_proj.weight": v}
+    if biases is not None:
+        out[L + "attention.q_proj.bias"], out[L + "attention.v_proj.bias"] = biases
+    for p in ("weight", "bias"):
+        out[L + f"attention.o_proj.{p}"] = tensors[b + f"attn.proj.{p}"]
+        out[L + f"norm1.{p}"], out[L + f"norm2.{p}"] = tensors[b + f"norm1.{p}"], tensors[b + f"norm2.{p}"]
+    for n in ("1", "2"):  # DINOv3ViTModel always scales; ones compute what a block without layer scale does
+        gamma = tensors.get(b + f"gamma_{n}")
+        out[L + f"layer_scale{n}.lambda1"] = gamma if gamma is not None else torch.ones(d, dtype=q.dtype)
+    return out | _dinov3_mlp(b, i, tensors, flags)
+
+
+def hf_dinov3_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
+                    eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config.json dict, state in save_pretrained names)`` of a DINOv3-style Eva encoder as a ``DINOv3ViTModel``
+    (the inverse of :func:`hf_dinov3_state`); any other Eva encoder (EVA-02: "cat" rotary embedding scaled to its
+    pre-training grid, absolute ``pos_embed``, sub-LN) has no transformers class and is refused."""
+    misfits = _dinov3_misfits(flags)
+    if misfits:
+        raise MimbenchError("No transformers class holds this Eva-family encoder: DINOv3ViTModel, the only one with "
+                            "rotary embeddings, lacks " + "; ".join(misfits) + ".",
+                            "Export it with --to timm (timm's Eva loads the encoder file as it is).")
+    d, depth = int(arch["embed_dim"]), int(arch["depth"])
+    w = tensors["patch_embed.proj.weight"]
+    regs = int(flags["num_reg_tokens"])
+    state = {"embeddings.cls_token": tensors["cls_token"], "embeddings.mask_token": torch.zeros(1, 1, d, dtype=w.dtype),
+             "embeddings.register_tokens": tensors["reg_token"] if regs else torch.zeros(1, 0, d, dtype=w.dtype),
+             "embeddings.patch_embeddings.weight": w, "embeddings.patch_embeddings.bias": tensors["patch_embed.proj.bias"],
+             "norm.weight": tensors["norm.weight"], "norm.bias": tensors["norm.bias"]}
+    for i in range(depth):
+        state |= _dinov3_block(i, tensors, flags, d)
+    gated = bool(flags["swiglu_mlp"])
+    ls = float(flags["layer_scale_init_value"])
+    config = {"architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", "hidden_size": d,
+              "num_hidden_layers": depth, "num_attention_heads": int(arch["num_heads"]),
+              "intermediate_size": int(state["layer.0.mlp.down_proj.weight"].shape[1]),
+              "hidden_act": "silu" if gated else "gelu", "use_gated_mlp": gated, "layer_norm_eps": eps,
+              "rope_theta": float(flags["rope_temperature"]), "image_size": int(arch["img_size"]),
+              "patch_size": int(arch["patch_size"]), "num_channels": int(w.shape[1]),
+              "query_bias": bool(flags["qkv_bias"]), "key_bias": False, "value_bias": bool(flags["qkv_bias"]),
+              "proj_bias": True, "mlp_bias": True, "layerscale_value": ls if ls > 0 else 1.0,
+              "num_register_tokens": regs, "attention_dropout": 0.0, "drop_path_rate": 0.0,
+              "initializer_range": 0.02}
+    return config, {k: v.detach().contiguous().clone() for k, v in state.items()}

@@ -58,7 +58,7 @@ from safetensors.torch import load_file
 from mimbench.encoders.arch import default_num_heads, mlp_hidden
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
 from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped
-from mimbench.encoders.eva_layouts import hf_dinov3_state
+from mimbench.encoders.eva_layouts import hf_dinov3_files, hf_dinov3_state
 from mimbench.encoders.file import HF_CONFIG, HF_WEIGHTS
 from mimbench.encoders.ijepa import hf_ijepa_state
 from mimbench.encoders.vit import non_plain_fields
@@ -669,6 +669,8 @@ def hf_folder_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     ``IJepaModel`` (no class token, :func:`_ijepa_folder`); BEiT family -> ``BeitModel``
     (``use_mean_pooling=False``: the class token after the final norm, as the encoder)."""
     family = meta.get("family", "vit")
+    if family == "eva":  # DINOv3-style -> DINOv3ViTModel; others (EVA-02) refused, naming why
+        return hf_dinov3_files(tensors, meta, arch, flags, eps)
     if family == "vit" and non_plain_fields(flags):  # a ViTModel has a class token, no registers, no layer scale
         return (_ijepa_folder if not flags.get("class_token", True) else _dinov2_folder)(tensors, meta, arch, flags, eps)
     in_chans = int(tensors["patch_embed.proj.weight"].shape[1])

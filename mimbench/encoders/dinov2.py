@@ -14,7 +14,10 @@ Resampling: ``pos_resample="dinov2"`` (offset 0.1, no antialias) for the models 
 ``"dinov2-reg"`` (offset 0, antialias) for those with (the hub's ``interpolate_offset`` /
 ``interpolate_antialias``). Pooling: the class token after the final norm (DINOv2's linear and k-NN
 evaluations). Layer-scale init 1e-5 is recorded (timm's value; the stored gammas are what count). The
-SwiGLU giant model (``mlp.w12``/``mlp.w3``) is not a ``VisionTransformer`` with a GELU MLP and is refused.
+giant model's SwiGLU MLP (official ``SwiGLUFFNFused``: ``mlp.w12`` (2h, D) with the gate first, ``mlp.w3``
+(D, h), h = ceil8(int(4D * 2/3)); timm ``vit_giant_patch14_dinov2``: ``mlp.fc1/fc2`` of those shapes;
+HF ``use_swiglu_ffn``: ``mlp.weights_in/weights_out``) becomes ``mlp.fc1/fc2`` with ``swiglu_mlp=true``
+(:mod:`mimbench.encoders.vit`); a file where only some blocks have it is refused.
 
 Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (and, in :mod:`mimbench.encoders.ijepa`,
 ``IJepaModel``) keys are mapped here too, both the names ``save_pretrained`` writes
@@ -58,22 +61,40 @@ def is_timm_dinov2(sd: Mapping[str, torch.Tensor]) -> bool:
     return "reg_token" in sd or int((n - 1) ** 0.5) ** 2 == n - 1
 
 
-def _refuse_swiglu(keys, where: str) -> None:
-    if any(_SWIGLU.match(k) or ".weights_in." in k for k in keys):
-        raise MimbenchError(f"{where} is a DINOv2 model with a SwiGLU MLP (the giant model), which the ViT family "
-                            "(GELU MLP) does not hold.", "Use a DINOv2 ViT-S/B/L checkpoint.")
+def swiglu_width(embed_dim: int, mlp_ratio: float = 4.0) -> int:
+    """DINOv2's SwiGLU hidden width h (``SwiGLUFFNFused``; HF ``Dinov2SwiGLUFFN``): int(D * ratio * 2/3) rounded
+    up to a multiple of 8 (4096 for the giant model, D = 1536)."""
+    return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def _swiglu_flag(out: Mapping[str, torch.Tensor], where: str) -> bool:
+    """Whether the blocks' MLP is SwiGLU (packed ``fc1`` twice ``fc2``'s input width), the same in every block."""
+    kinds = {}
+    for k, w in out.items():
+        if (m := re.match(r"^blocks\.(\d+)\.mlp\.fc1\.weight$", k)):
+            fc2 = out.get(f"blocks.{m.group(1)}.mlp.fc2.weight")
+            kinds[m.group(1)] = fc2 is not None and int(w.shape[0]) == 2 * int(fc2.shape[1])
+    if len(set(kinds.values())) > 1 or any(_SWIGLU.match(k) for k in out):
+        raise MimbenchError(f"{where}: a SwiGLU MLP (DINOv2 giant's mlp.w12/w3) in some blocks only, or with one of its "
+                            "two weights missing.", "Give the complete state dict of one DINOv2 model.")
+    return any(kinds.values())
 
 
 def dinov2_to_timm(sd: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """``(timm tensors, ViT flags, dropped names)`` of an official or timm DINOv2 state dict."""
-    _refuse_swiglu(sd, where)
-    out, dropped = {}, []
-    for k, v in sd.items():
-        if k == "mask_token":
-            dropped.append(k)
-            continue
-        out[_CHUNKED.sub(r"blocks.\1.", k)] = v
-    flags = {"class_token": True, "init_values": DINOV2_INIT_VALUES, "pos_resample": "dinov2", "global_pool": "token"}
+    unchunked = {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in sd.items()}
+    dropped = [k for k in unchunked if k == "mask_token"]
+    packed = {m.group(1) for k in unchunked if (m := re.match(r"^blocks\.(\d+)\.mlp\.w12\.weight$", k))
+              and f"blocks.{m.group(1)}.mlp.w3.weight" in unchunked}
+    out = {}
+    for k, v in unchunked.items():
+        m = re.match(r"^blocks\.(\d+)\.mlp\.", k)
+        if m and m.group(1) in packed:  # official SwiGLUFFNFused -> timm's packed SwiGLU names
+            k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        if k != "mask_token":
+            out[k] = v
+    flags = {"class_token": True, "init_values": DINOV2_INIT_VALUES, "pos_resample": "dinov2", "global_pool": "token",
+             "swiglu_mlp": _swiglu_flag(out, where)}
     if "register_tokens" in out:  # official register model -> timm's no_embed_class layout
         pos = out.pop("pos_embed")
         out["reg_token"] = out.pop("register_tokens")
@@ -96,6 +117,9 @@ _HF_MODULES = {
     "attention.attention.value": "v", "attention.v_proj": "v",
     "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
     "mlp.fc1": "mlp.fc1", "intermediate.dense": "mlp.fc1", "mlp.fc2": "mlp.fc2", "output.dense": "mlp.fc2",
+    # use_swiglu_ffn: saved as weights_in (gate, then value) / weights_out; in memory gate_proj, up_proj, down_proj
+    "mlp.weights_in": "mlp.fc1", "mlp.weights_out": "mlp.fc2", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+    "mlp.down_proj": "mlp.fc2",
 }
 _HF_EMBED = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
              "embeddings.register_tokens": "register_tokens",
@@ -133,7 +157,6 @@ def hf_to_timm(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str,
 
     Official-style ``register_tokens`` are kept under that name (:func:`dinov2_to_timm` folds them)."""
     state = _hf_unprefixed(state)
-    _refuse_swiglu(state, where)
     out, dropped, unknown = {}, [], []
     for k, v in state.items():
         m = _HF_BLOCK.match(k)
@@ -154,6 +177,12 @@ def hf_to_timm(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str,
                 raise MimbenchError(f"{where}: block {i} lacks one of its query/key/value {param}s.",
                                     "The weights are incomplete; save the model again.")
             out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(parts, dim=0)
+    for key in [k for k in out if re.match(r"blocks\.\d+\.mlp\.gate\.", k)]:  # timm's packed fc1: gate first
+        up = out.pop(key.replace(".mlp.gate.", ".mlp.up."), None)
+        if up is None:
+            raise MimbenchError(f"{where}: {key} has no up_proj beside it.", "The weights are incomplete; save the "
+                                "model again.")
+        out[key.replace(".mlp.gate.", ".mlp.fc1.")] = torch.cat([out.pop(key), up], dim=0)
     return out, dropped
 
 
@@ -169,10 +198,10 @@ def hf_config_arch(config: Mapping, where: str, mlp_width: int | None = None) ->
     if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):
         raise MimbenchError(f"{where}: hidden_act={config.get('hidden_act')!r}, qkv_bias={config.get('qkv_bias')!r}: "
                             "the ViT family has an exact-GELU MLP and qkv bias.", "Use a model with both.")
-    if config.get("use_swiglu_ffn"):
-        _refuse_swiglu(["blocks.0.mlp.w12."], where)
     d = int(_config_value(config, "hidden_size", where))
     hidden = mlp_width if mlp_width is not None else mlp_hidden(d, float(_config_value(config, "mlp_ratio", where)))
+    if config.get("use_swiglu_ffn") and mlp_width is None:  # timm's packed fc1 width: gate and value, 2h
+        hidden = 2 * swiglu_width(d, float(_config_value(config, "mlp_ratio", where)))
     ratio = hidden / d if mlp_hidden(d, hidden / d) == hidden else (hidden + 0.5) / d
     patch = _config_value(config, "patch_size", where)
     size = _config_value(config, "image_size", where)
@@ -207,6 +236,10 @@ def hf_encoder(tensors: dict[str, torch.Tensor], arch: dict, flags: dict, *, tec
 def _hf_dinov2(state, config, layout: str, where: str):
     tensors, dropped = hf_to_timm(state, where)
     tensors, flags, more = dinov2_to_timm(tensors, where)
+    if flags["swiglu_mlp"] != bool(config.get("use_swiglu_ffn", False)):
+        raise MimbenchError(f"{where}: config.json says use_swiglu_ffn={config.get('use_swiglu_ffn', False)!r} but the "
+                            f"weights hold a {'SwiGLU' if flags['swiglu_mlp'] else 'GELU'} MLP.",
+                            "Give the config.json saved with these weights.")
     arch = hf_config_arch(config, where)
     return hf_encoder(tensors, arch, flags, technique="dinov2", layout=layout, dropped=dropped + more,
                       config=config, where=where)

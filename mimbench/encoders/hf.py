@@ -57,7 +57,7 @@ from safetensors.torch import load_file
 
 from mimbench.encoders.arch import default_num_heads, mlp_hidden
 from mimbench.encoders.beit import beit_metadata, rel_table_rows
-from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped
+from mimbench.encoders.dinov2 import hf_dinov2_registers_state, hf_dinov2_state, hf_dropped, swiglu_width
 from mimbench.encoders.eva_layouts import hf_dinov3_files, hf_dinov3_state
 from mimbench.encoders.file import HF_CONFIG, HF_WEIGHTS
 from mimbench.encoders.ijepa import hf_ijepa_state
@@ -612,6 +612,24 @@ def _hf_common(tensors: Mapping[str, torch.Tensor], arch: Mapping, eps: float) -
     return config, state
 
 
+def _dinov2_ratio(arch: Mapping, flags: Mapping) -> int:
+    """Dinov2Config's ``mlp_ratio`` (an int: a strict dataclass field in transformers 5.25) that builds the encoder's
+    MLP width: D * ratio for GELU; for SwiGLU one whose rule ceil8(int(D * ratio * 2/3)) gives the stored width."""
+    d, ratio = int(arch["embed_dim"]), float(arch["mlp_ratio"])
+    if flags.get("swiglu_mlp"):
+        hidden = mlp_hidden(d, ratio) // 2
+        found = next((r for r in range(1, 17) if swiglu_width(d, r) == hidden), None)
+        if found is None:
+            raise MimbenchError(f"A Dinov2Model cannot hold this encoder: no integer mlp_ratio gives its SwiGLU width "
+                                f"{hidden} by DINOv2's rule (ceil8(int(D * ratio * 2/3)), D = {d}).",
+                                "Export it with --to timm.")
+        return found
+    if not ratio.is_integer():
+        raise MimbenchError(f"A Dinov2Model cannot hold this encoder: its MLP ratio is {ratio:g}, and Dinov2Config "
+                            "takes an integer mlp_ratio.", "Export it with --to timm.")
+    return int(ratio)
+
+
 def _dinov2_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: Mapping, flags: Mapping,
                    eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
     """A class-token ViT with layer scale and/or registers -> ``Dinov2Model`` (no registers) or
@@ -619,13 +637,13 @@ def _dinov2_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
     ``layer_scale{1,2}.lambda1`` (ones without layer scale: identity), a class slot in ``position_embeddings``
     (zero for ``no_embed_class``), registers without position (any they had folded in). At the config's
     ``image_size`` transformers adds ``position_embeddings`` as stored (it interpolates only at other sizes)."""
-    ratio = float(arch["mlp_ratio"])
-    if not ratio.is_integer():  # Dinov2Config.mlp_ratio is an int (a strict dataclass field in transformers 5.25)
-        raise MimbenchError(f"A Dinov2Model cannot hold this encoder: its MLP ratio is {ratio:g}, and Dinov2Config "
-                            "takes an integer mlp_ratio.", "Export it with --to timm.")
+    ratio, swiglu = _dinov2_ratio(arch, flags), bool(flags.get("swiglu_mlp"))
     config, state = _hf_common(tensors, arch, eps)
     d, regs = int(arch["embed_dim"]), int(flags.get("reg_tokens") or 0)
     state = {(_TO_DINOV2.sub(lambda m: m.group(1) + _DINOV2_NAMES[m.group(2)] + ".", k)): v for k, v in state.items()}
+    if swiglu:  # Dinov2SwiGLUFFN's saved names: weights_in (gate, then value), weights_out
+        state = {k.replace(".mlp.fc1.", ".mlp.weights_in.").replace(".mlp.fc2.", ".mlp.weights_out."): v
+                 for k, v in state.items()}
     for i in range(int(arch["depth"])):
         for n in ("1", "2"):
             gamma = tensors.get(f"blocks.{i}.ls{n}.gamma")
@@ -633,8 +651,8 @@ def _dinov2_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
     cls_pos, reg, patch_pos = _embed_parts(tensors, flags)
     state["embeddings.cls_token"] = tensors["cls_token"]
     state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], dim=1)
-    config.update(mlp_ratio=int(ratio), layerscale_value=float(flags.get("init_values") or 1.0),
-                  drop_path_rate=0.0, use_swiglu_ffn=False, apply_layernorm=True, reshape_hidden_states=True)
+    config.update(mlp_ratio=ratio, layerscale_value=float(flags.get("init_values") or 1.0),
+                  drop_path_rate=0.0, use_swiglu_ffn=swiglu, apply_layernorm=True, reshape_hidden_states=True)
     if regs:
         state["embeddings.register_tokens"] = reg
         state["embeddings.mask_token"] = torch.zeros(1, d)  # always built by the registers model; unused
@@ -649,10 +667,11 @@ def _ijepa_folder(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], 
                   eps: float) -> tuple[dict, dict[str, torch.Tensor]]:
     """A ViT without class token (I-JEPA style) -> ``IJepaModel``, whose embeddings are the patch tokens plus
     ``position_embeddings`` of exactly the ``N`` patch positions (no class slot, no registers, no layer scale)."""
-    extra = [k for k in ("reg_tokens", "init_values") if flags.get(k)]
+    extra = [k for k in ("reg_tokens", "init_values", "swiglu_mlp") if flags.get(k)]
     if extra:
         raise MimbenchError(f"An IJepaModel cannot hold this encoder ({', '.join(f'{k}={meta.get(k)}' for k in extra)}"
-                            ": it has no class token, and IJepaModel has no register tokens or layer scale either).",
+                            ": it has no class token, and IJepaModel has no register tokens, layer scale or SwiGLU "
+                            "MLP either).",
                             "Export it with --to timm.")
     config, state = _hf_common(tensors, arch, eps)
     d = int(arch["embed_dim"])

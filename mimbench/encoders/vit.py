@@ -30,7 +30,11 @@ MLP, learned (or stored fixed) absolute position embeddings. The family's own me
   "dinov2-reg" (bicubic to the size, antialias: DINOv2 with registers' ``interpolate_offset=0``,
   ``interpolate_antialias=True``); facebookresearch/dinov2 ``models/vision_transformer.py``;
 * ``global_pool`` -- the pooling its authors evaluate, "token" (class token) or "avg" (mean of the
-  patch tokens after the final norm: I-JEPA); absent = the family's default ("token").
+  patch tokens after the final norm: I-JEPA); absent = the family's default ("token");
+* ``swiglu_mlp`` -- "true" for DINOv2 giant's SwiGLU MLP instead of the GELU one: timm's ``SwiGLUPacked``
+  (``GluMlp`` with the gate in the first half of ``fc1``) with SiLU, as timm's ``vit_giant_patch14_dinov2``.
+  ``mlp.fc1`` is (2h, D), ``mlp.fc2`` (D, h); ``mlp_ratio`` is timm's, 2h / D (DINOv2's rule
+  h = ceil8(int(4D * 2/3)): 4096 at D = 1536). Default "false".
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from functools import partial
 from typing import Mapping
 
 import torch
+from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
 from mimbench.encoders.arch import mlp_hidden
@@ -45,7 +50,8 @@ from mimbench.encoders.resample import resample_pos_embed, resample_pos_embed_of
 from mimbench.errors import MimbenchError
 
 #: Metadata fields of the ViT family besides the common ones (all optional, see the module docstring).
-VIT_FIELDS = ("class_token", "reg_tokens", "no_embed_class", "init_values", "pos_resample", "global_pool")
+VIT_FIELDS = ("class_token", "reg_tokens", "no_embed_class", "init_values", "pos_resample", "global_pool",
+              "swiglu_mlp")
 #: Position-embedding resampling variants -> (offset, antialias); "bicubic" is resample_pos_embed's rule.
 POS_RESAMPLE = {"bicubic": None, "dinov2": (0.1, False), "dinov2-reg": (0.0, True)}
 POOLS = ("token", "avg")
@@ -90,6 +96,7 @@ def parse_vit_fields(meta: Mapping[str, str], where: str) -> dict:
         "init_values": _number_field(meta, "init_values", float, where) or None,
         "pos_resample": _choice_field(meta, "pos_resample", tuple(POS_RESAMPLE), "bicubic", where),
         "global_pool": _choice_field(meta, "global_pool", POOLS, None, where),
+        "swiglu_mlp": _bool_field(meta, "swiglu_mlp", False, where),
     }
     if not flags["class_token"] and flags["global_pool"] != "avg":
         raise MimbenchError(f"{where}: an encoder without a class token must say global_pool='avg'.",
@@ -113,13 +120,16 @@ def vit_metadata(flags: Mapping) -> dict[str, str]:
         out["pos_resample"] = str(flags["pos_resample"])
     if flags.get("global_pool"):
         out["global_pool"] = str(flags["global_pool"])
+    if flags.get("swiglu_mlp"):
+        out["swiglu_mlp"] = "true"
     return out
 
 
 def non_plain_fields(flags: Mapping) -> list[str]:
     """The metadata fields of ``flags`` that a plain ViT (HF ``ViTModel``, MAE's ``models_vit``) has no place for:
-    no class token, register tokens, layer scale (``no_embed_class`` comes with the registers)."""
-    return sorted(k for k in ("class_token", "reg_tokens", "no_embed_class", "init_values") if k in vit_metadata(flags))
+    no class token, register tokens, layer scale (``no_embed_class`` comes with the registers), a SwiGLU MLP."""
+    return sorted(k for k in ("class_token", "reg_tokens", "no_embed_class", "init_values", "swiglu_mlp")
+                  if k in vit_metadata(flags))
 
 
 def num_prefix_tokens(flags: Mapping) -> int:
@@ -152,7 +162,7 @@ def expected_shapes(*, img_size: int, patch_size: int, embed_dim: int, depth: in
         "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
         "norm2.weight": (d,), "norm2.bias": (d,),
         "mlp.fc1.weight": (h, d), "mlp.fc1.bias": (h,),
-        "mlp.fc2.weight": (d, h), "mlp.fc2.bias": (d,),
+        "mlp.fc2.weight": (d, h // 2 if flags.get("swiglu_mlp") else h), "mlp.fc2.bias": (d,),
     }
     if flags.get("init_values"):
         per_block.update({"ls1.gamma": (d,), "ls2.gamma": (d,)})
@@ -179,7 +189,12 @@ def build_vit(arch: Mapping[str, float], flags: Mapping, *, img_size, in_chans: 
                              reg_tokens=int(flags.get("reg_tokens") or 0),
                              no_embed_class=bool(flags.get("no_embed_class", False)),
                              init_values=flags.get("init_values") or None,
-                             norm_layer=partial(torch.nn.LayerNorm, eps=norm_eps), **kwargs)
+                             norm_layer=partial(torch.nn.LayerNorm, eps=norm_eps), **_mlp_kwargs(flags), **kwargs)
+
+
+def _mlp_kwargs(flags: Mapping) -> dict:
+    """timm arguments of the MLP: DINOv2 giant's packed SwiGLU with SiLU (timm ``vit_giant_patch14_dinov2``)."""
+    return dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU) if flags.get("swiglu_mlp") else {}
 
 
 def resample_vit_state(state: dict[str, torch.Tensor], old_grid: int, new_grid,

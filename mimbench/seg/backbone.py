@@ -266,13 +266,14 @@ def backbone_cfg_from_metadata(meta: dict[str, str], img_size: int) -> dict:
     if fields["type"] == EVA_BACKBONE:  # timm's blocks: the MLP width as the encoder has it
         fields["eva"] = {k: meta[k] for k in EVA_FIELDS}
         return fields
-    # mmseg sizes the MLP as mlp_ratio * embed_dims without rounding, so the ratio must be integral.
-    if not fields["mlp_ratio"].is_integer():
+    # mmseg sizes the MLP as mlp_ratio * embed_dims without rounding, so the ratio must be integral
+    # (MAEStyleViT builds timm's blocks, which size it as the encoder does: DINOv2 giant's SwiGLU 2h / D)
+    if not fields["mlp_ratio"].is_integer() and fields["type"] != MAE_STYLE_VIT:
         raise MimbenchError(
             f"mmseg's MAE backbone cannot build an MLP ratio of {fields['mlp_ratio']}.",
             "Segmentation supports encoders with an integer mlp_ratio (4 for standard ViTs).",
         )
-    fields["mlp_ratio"] = int(fields["mlp_ratio"])
+    fields["mlp_ratio"] = int(fields["mlp_ratio"]) if fields["mlp_ratio"].is_integer() else fields["mlp_ratio"]
     if fields["type"] == MAE_STYLE_VIT:  # which prefix tokens and layer scale the encoder's blocks come with
         fields["tokens"] = token_fields(family_flags(meta, "encoder")[1])
     return fields

@@ -38,14 +38,16 @@ MAE_STYLE_VIT = "MAEStyleViT"
 
 def needs_token_backbone(flags: Mapping) -> bool:
     """Whether a ViT-family encoder (parsed flags) has what mmseg's MAE backbone cannot hold: registers, no class
-    token, or no position slot for its class token."""
-    return bool(flags.get("reg_tokens") or not flags.get("class_token", True) or flags.get("no_embed_class"))
+    token, no position slot for its class token, or DINOv2 giant's SwiGLU MLP."""
+    return bool(flags.get("reg_tokens") or not flags.get("class_token", True) or flags.get("no_embed_class")
+                or flags.get("swiglu_mlp"))
 
 
 def token_fields(flags: Mapping) -> dict:
     """The backbone's ``tokens`` argument: the encoder's prefix-token layout and whether it has layer scale."""
     return dict(class_token=bool(flags.get("class_token", True)), reg_tokens=int(flags.get("reg_tokens") or 0),
-                no_embed_class=bool(flags.get("no_embed_class", False)), layer_scale=bool(flags.get("init_values")))
+                no_embed_class=bool(flags.get("no_embed_class", False)), layer_scale=bool(flags.get("init_values")),
+                swiglu_mlp=bool(flags.get("swiglu_mlp")))
 
 
 def _mmseg_name(key: str) -> str:

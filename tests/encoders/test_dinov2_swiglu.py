@@ -107,3 +107,28 @@ def test_swiglu_encoder_exports_to_dinov2model_and_not_to_mae(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(pixel_values=x).last_hidden_state, model.forward_features(x), **TOL)
         torch.testing.assert_close(load_encoder(tmp_path / "hf").forward_features(x), model.forward_features(x), **TOL)
+
+
+def test_segmentation_backbone_runs_the_swiglu_blocks(tmp_path):
+    import mimbench.seg  # noqa: F401  (heavy, optional: mmseg; registers the backbone)
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    from mimbench.seg.backbone import write_backbone_checkpoint
+
+    model = _timm_giant()
+    torch.save(model.state_dict(), tmp_path / "g.pth")
+    enc_file = convert_checkpoint(tmp_path / "g.pth", tmp_path / "g.safetensors")
+    ckpt, fields = write_backbone_checkpoint(enc_file, tmp_path / "bb.pth", img_size=IMG)
+    assert fields["type"] == "MAEStyleViT" and fields["tokens"]["swiglu_mlp"] is True
+    init_default_scope("mmseg")
+    backbone = MODELS.build(dict(fields, out_indices=[0, 1], init_values=1.0,
+                                 init_cfg=dict(type="Pretrained", checkpoint=str(ckpt))))
+    backbone.init_weights()
+    x = _x()
+    with torch.no_grad():
+        outs = backbone.eval()(x)
+        tokens = model._pos_embed(model.patch_embed(x))
+        for out, block in zip(outs, model.blocks):
+            tokens = block(tokens)
+            torch.testing.assert_close(out.flatten(2).transpose(1, 2), tokens[:, 1:], **TOL)

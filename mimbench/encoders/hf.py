@@ -40,7 +40,8 @@ and decoders are dropped and named in ``source_dropped``.
 :func:`hf_folder_files` writes the reverse, folders ``transformers.AutoModel.from_pretrained`` loads: the ViT
 family -> a ``ViTModel`` folder (plain ViTs), a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` folder (layer scale
 and/or register tokens) or an ``IJepaModel`` folder (no class token; with registers or layer scale as well:
-refused, no transformers class holds it); BEiT family -> a ``BeitModel`` folder. Each is written at the
+refused, no transformers class holds it); BEiT family -> a ``BeitModel`` folder; a DINOv3-style Eva encoder -> a
+``DINOv3ViTModel`` folder (:func:`mimbench.encoders.eva_layouts.hf_dinov3_files`; EVA-02-style: refused, naming why). Each is written at the
 encoder's own image size, where transformers adds the stored position embedding without interpolating it.
 """
 from __future__ import annotations

@@ -88,3 +88,21 @@ def test_a_key_bias_is_refused(tmp_path):
     _, folder = _model(tmp_path, False, key_bias=True)
     with pytest.raises(MimbenchError, match="key_bias"):
         load_encoder(folder)
+
+
+def test_cli_convert_and_info_with_from_hf_dinov3(tmp_path):
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+
+    model, folder = _model(tmp_path, True)
+    runner = CliRunner()
+    weights = folder / "model.safetensors"
+    result = runner.invoke(app, ["convert", str(weights), str(tmp_path / "e.safetensors"), "--from", "hf-dinov3"])
+    assert result.exit_code == 0, result.output
+    enc = load_encoder(tmp_path / "e.safetensors", img_size=IMG)
+    assert enc.mimbench_metadata["source_layout"] == "hf-dinov3"
+    info = runner.invoke(app, ["info", str(folder), "--from", "hf-dinov3"])
+    assert info.exit_code == 0 and "hf-dinov3" in info.output, info.output
+    wrong = runner.invoke(app, ["info", str(folder), "--from", "hf-dinov2"])  # forced onto the wrong layout
+    assert wrong.exit_code == 2 and "no place in a ViT encoder" in wrong.output  # a clear error, nothing loaded

@@ -106,3 +106,19 @@ def test_cli_convert_and_info_with_from_hf_dinov3(tmp_path):
     assert info.exit_code == 0 and "hf-dinov3" in info.output, info.output
     wrong = runner.invoke(app, ["info", str(folder), "--from", "hf-dinov2"])  # forced onto the wrong layout
     assert wrong.exit_code == 2 and "no place in a ViT encoder" in wrong.output  # a clear error, nothing loaded
+
+
+def test_eval_knn_runs_on_a_dinov3_folder_with_dinov3s_pooling(tmp_path):
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+
+    _, folder = _model(tmp_path, False)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "knn", "--encoder", str(folder), "--out", str(out),
+                                      "--set", "data.limit_train=100", "--set", "data.limit_val=20"])
+    assert result.exit_code == 0, result.output
+    (record_path,) = out.glob("knn-*.json")
+    record = json.loads(record_path.read_text())
+    assert (record["encoder"]["layout"], record["encoder"]["family"]) == ("hf-dinov3", "eva")
+    assert record["protocol"]["pool"] == "cls"  # DINOv3's k-NN reads the normed class token

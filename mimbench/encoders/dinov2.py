@@ -75,8 +75,8 @@ def _swiglu_flag(out: Mapping[str, torch.Tensor], where: str) -> bool:
             fc2 = out.get(f"blocks.{m.group(1)}.mlp.fc2.weight")
             kinds[m.group(1)] = fc2 is not None and int(w.shape[0]) == 2 * int(fc2.shape[1])
     if len(set(kinds.values())) > 1 or any(_SWIGLU.match(k) for k in out):
-        raise MimbenchError(f"{where}: a SwiGLU MLP (DINOv2 giant's mlp.w12/w3) in some blocks only, or with one of its "
-                            "two weights missing.", "Give the complete state dict of one DINOv2 model.")
+        raise MimbenchError(f"{where}: a SwiGLU MLP (DINOv2 giant's mlp.w12/w3) in some blocks only, or with one "
+                            "of its two weights missing.", "Give the complete state dict of one DINOv2 model.")
     return any(kinds.values())
 
 

@@ -325,7 +325,8 @@ def hf_dinov3_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     regs = int(flags["num_reg_tokens"])
     state = {"embeddings.cls_token": tensors["cls_token"], "embeddings.mask_token": torch.zeros(1, 1, d, dtype=w.dtype),
              "embeddings.register_tokens": tensors["reg_token"] if regs else torch.zeros(1, 0, d, dtype=w.dtype),
-             "embeddings.patch_embeddings.weight": w, "embeddings.patch_embeddings.bias": tensors["patch_embed.proj.bias"],
+             "embeddings.patch_embeddings.weight": w,
+             "embeddings.patch_embeddings.bias": tensors["patch_embed.proj.bias"],
              "norm.weight": tensors["norm.weight"], "norm.bias": tensors["norm.bias"]}
     for i in range(depth):
         state |= _dinov3_block(i, tensors, flags, d)

@@ -41,7 +41,8 @@ and decoders are dropped and named in ``source_dropped``.
 family -> a ``ViTModel`` folder (plain ViTs), a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` folder (layer scale
 and/or register tokens) or an ``IJepaModel`` folder (no class token; with registers or layer scale as well:
 refused, no transformers class holds it); BEiT family -> a ``BeitModel`` folder; a DINOv3-style Eva encoder -> a
-``DINOv3ViTModel`` folder (:func:`mimbench.encoders.eva_layouts.hf_dinov3_files`; EVA-02-style: refused, naming why). Each is written at the
+``DINOv3ViTModel`` folder (:func:`mimbench.encoders.eva_layouts.hf_dinov3_files`; EVA-02-style: refused, naming
+why). Each is written at the
 encoder's own image size, where transformers adds the stored position embedding without interpolating it.
 """
 from __future__ import annotations
@@ -354,7 +355,8 @@ def _dinov3_read(state: Mapping[str, torch.Tensor], read: _Read) -> dict:
     """The DINOv3ViTConfig fields the weights show (checked against config.json where it has them)."""
     w = state.get("embeddings.patch_embeddings.weight")
     layers = {int(m.group(1)) for k in state if (m := re.match(r"layer\.(\d+)\.", k))}
-    if w is None or w.ndim != 4 or w.shape[2] != w.shape[3] or not layers or "layer.0.mlp.down_proj.weight" not in state:
+    if w is None or w.ndim != 4 or w.shape[2] != w.shape[3] or not layers or \
+            "layer.0.mlp.down_proj.weight" not in state:
         raise MimbenchError(f"{read.where}: no square patch embedding (embeddings.patch_embeddings.weight) or no "
                             "layer.<i>.mlp in these DINOv3ViTModel weights.",
                             "Give the complete save_pretrained folder or weights file of a DINOv3ViTModel.")

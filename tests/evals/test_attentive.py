@@ -316,6 +316,24 @@ def test_select_on_is_refused_for_a_config_that_reports_the_last_epoch(tiny_enco
     assert not list((tmp_path / "run").glob("*.json")) and not list((tmp_path / "run").glob("checkpoint-*.pt"))
 
 
+def test_the_cli_passes_select_on_to_the_attentive_probe(tiny_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+
+    sets = sum((["--set", s] for s in SMALL_RUN), [])
+    base = ["eval", "attentive", "--encoder", str(tiny_encoder), "--out", str(tmp_path / "run"), *sets]
+    refused = CliRunner().invoke(app, [*base, "--select-on", "val"], terminal_width=200)
+    assert refused.exit_code != 0 and "reports the last epoch" in refused.output
+    wrong = CliRunner().invoke(app, [*base, "--select-on", "test"], terminal_width=200)
+    assert wrong.exit_code != 0 and "train-holdout" in wrong.output
+    ran = CliRunner().invoke(app, [*base, "--select-on", "val", "--set", "selection.best_epoch=True"],
+                             terminal_width=200)
+    assert ran.exit_code == 0, ran.output
+    (saved,) = (tmp_path / "run").glob("attentive-*.json")
+    assert json.loads(saved.read_text())["protocol"]["selection"]["on"] == "val"
+
+
 def test_a_resumed_selection_drops_epochs_after_the_checkpoint_and_keeps_the_best_before(tmp_path):
     from types import SimpleNamespace
 

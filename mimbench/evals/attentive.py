@@ -47,7 +47,8 @@ without augmentation and never trained on; :func:`mimbench.evals.linear.holdout_
 ``selection.on="val"`` the validation split, as the source selects. ``top1`` / ``top5`` are then the selected epoch's
 validation accuracy, ``last_epoch_top1`` / ``last_epoch_top5`` the last epoch's, and the record's
 ``protocol.selection`` says where the epoch was selected, which one and its score on each epoch there
-(:class:`EpochSelection`). The other presets report the last epoch; ``--select-on`` is refused for them.
+(:class:`EpochSelection`). Configs that report the last epoch (CAE's, V-JEPA's, the demo's) refuse
+``--select-on``.
 
 Refused before any work (besides a head section its preset cannot build): a patch-token head (``head.tokens="patch"``)
 reading after the final norm (``head.final_norm``) an encoder whose final norm acts on pooled features only (EVA-02 as

@@ -365,6 +365,10 @@ SCHEMAS: dict[str, Section] = {
                             "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
         "feature_batch_size": INT_GE1(256),
         "layers": Layers()("last"),  # the block whose tokens the head attends to: "last" or a block index
+        # Whether the run reports the best epoch (as Efficient Probing does) instead of the last, and what it selects
+        # that epoch on: a seeded hold-out of the training set (its `holdout` fraction, never trained on) or val.
+        "selection": Section({"best_epoch": Flag()(False), "on": Choice(SELECTION_ON)("train-holdout"),
+                              "holdout": Num(float, 0.0, 1.0, lo_open=True, hi_open=True)(0.1)}),
     }, required=("head", "optim", "schedule")),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).

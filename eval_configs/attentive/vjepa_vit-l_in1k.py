@@ -15,3 +15,4 @@ schedule = dict(epochs=20, warmup_epochs=0, min_lr=0.0)
 augment = dict(mode="timm", auto_augment="original", re_prob=0.25, re_mode="pixel", re_count=1)
 clip_grad = 1.0
 deviations = []
+selection = dict(best_epoch=False)  # the last epoch is reported: no epoch is selected

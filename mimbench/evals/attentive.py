@@ -40,6 +40,20 @@ name another block (``7``, ``-2`` counts from the end), whose tokens are read th
 ``forward_intermediates(norm=True)``) or, with ``head.final_norm=False``, as the block outputs them. The head reads
 one block's tokens: the combined forms of the linear probe (``concat:N``, ``mean:...``, ``all``) are refused.
 
+Epoch (``selection``, ``--select-on``): a config whose source reports its best epoch (EP; ``selection.best_epoch``)
+scores the head after every epoch on a selection set and reports the epoch that scores best there (the later one on a
+tie): by default a held-out part of the training set (``selection.holdout``, 10 %, drawn with the run's seed, read
+without augmentation and never trained on; :func:`mimbench.evals.linear.holdout_split`), with
+``selection.on="val"`` the validation split, as the source selects. ``top1`` / ``top5`` are then the selected epoch's
+validation accuracy, ``last_epoch_top1`` / ``last_epoch_top5`` the last epoch's, and the record's
+``protocol.selection`` says where the epoch was selected, which one and its score on each epoch there
+(:class:`EpochSelection`). Configs that report the last epoch (CAE's, V-JEPA's, the demo's) refuse
+``--select-on``.
+
+Refused before any work (besides a head section its preset cannot build): a patch-token head (``head.tokens="patch"``)
+reading after the final norm (``head.final_norm``) an encoder whose final norm acts on pooled features only (EVA-02 as
+timm ships it: there are no normed patch tokens to attend to).
+
 The record's protocol states the preset, the head's parameter count, the block and which tokens were used.
 """
 from __future__ import annotations
@@ -59,11 +73,12 @@ from mimbench import encoders
 from mimbench.config import format_override
 from mimbench.data import dataset_stats
 from mimbench.data.transforms import finetune_train_transform
-from mimbench.engine import fit
+from mimbench.engine import fit, load_checkpoint, save_checkpoint
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import block_tokens, eval_transform, limited, resolve_layers
-from mimbench.evals.linear import StepBatchNorm1d
+from mimbench.encoders.families import pooled_final_norm
+from mimbench.evals.linear import StepBatchNorm1d, holdout_split
 from mimbench.evals.linear import build_optimizer as linear_optimizer
 from mimbench.fastpath import autocast_factory, under_autocast
 from mimbench.schema import ATTENTIVE_OPTIMIZERS, ATTENTIVE_PRESETS
@@ -71,6 +86,8 @@ from mimbench.schema import ATTENTIVE_OPTIMIZERS, ATTENTIVE_PRESETS
 CACHED_DEVIATION = "attentive probe on tokens of un-augmented images, computed once"
 #: Presets whose pooling has exactly one query.
 SINGLE_QUERY = ("cae", "vjepa")
+#: The per-epoch scores and the best head of a run that selects its epoch (next to its checkpoints).
+SELECTION_FILE = "epoch_selection.pt"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,6 +326,7 @@ class Probe:
     classes: list
     transforms: dict
     skipped: dict
+    holdout_set: Any = None  # training items held out to select the epoch on (never trained on); None: no hold-out
 
 
 def _frozen_encoder(run, size: int) -> nn.Module:
@@ -348,10 +366,16 @@ def _cached_probe(run, model: nn.Module, size: int, batch: int, accum: int) -> P
                   final_norm=bool(cfg.head.final_norm), block=attended_block(cfg.layers, len(model.blocks)))
     tx, ty = compute_tokens(model, limited(train_set, cfg.data.limit_train), **common)
     vx, vy = compute_tokens(model, limited(val_set, cfg.data.limit_val), **common)
+    holdout_set = None
+    if selects_on_holdout(cfg):
+        keep, held = (torch.from_numpy(i).to(tx.device)
+                      for i in holdout_split(len(ty), float(cfg.selection.holdout), run.seed))
+        holdout_set = torch.utils.data.TensorDataset(tx[held].cpu(), ty[held].cpu())
+        tx, ty = tx[keep], ty[keep]
     return Probe(encoder=None, loader=runner.TensorBatches(run, tx, ty, batch, accum), train_size=len(tx),
                  val_set=torch.utils.data.TensorDataset(vx.cpu(), vy.cpu()), eval_batch=int(cfg.feature_batch_size),
                  classes=classes, transforms={"train_transform": val_desc + " (no augmentation)",
-                                              "val_transform": val_desc}, skipped=skipped)
+                                              "val_transform": val_desc}, skipped=skipped, holdout_set=holdout_set)
 
 
 def _protocol_probe(run, model: nn.Module, size: int, batch: int, accum: int) -> Probe:
@@ -363,10 +387,82 @@ def _protocol_probe(run, model: nn.Module, size: int, batch: int, accum: int) ->
     val_set = runner.build_split(run, "val", transform=val_tf, img_size=size)
     skipped, classes = runner.skipped(train_set, val_set), list(train_set.classes)
     train_set, val_set = limited(train_set, cfg.data.limit_train), limited(val_set, cfg.data.limit_val)
+    holdout_set = None
+    if selects_on_holdout(cfg):  # the held-out images as the val split is read: no augmentation
+        keep, held = holdout_split(len(train_set), float(cfg.selection.holdout), run.seed)
+        unaugmented = limited(runner.build_split(run, "train", transform=val_tf, img_size=size), cfg.data.limit_train)
+        train_set = torch.utils.data.Subset(train_set, keep.tolist())
+        holdout_set = torch.utils.data.Subset(unaugmented, held.tolist())
     return Probe(encoder=model,
                  loader=runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers)),
                  train_size=len(train_set), val_set=val_set, eval_batch=batch, classes=classes,
-                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped)
+                 transforms={"train_transform": train_desc, "val_transform": val_desc}, skipped=skipped,
+                 holdout_set=holdout_set)
+
+
+def selects_on_holdout(cfg) -> bool:
+    """Whether the run selects its epoch on a hold-out of the training set (``selection``)."""
+    return bool(cfg.selection.best_epoch) and cfg.selection.on == "train-holdout"
+
+
+class EpochSelection:
+    """The best epoch of a run that selects one (``selection.best_epoch``): after each epoch's last optimizer step
+    (:meth:`step_end`) the head is scored on ``dataset`` (the hold-out or the val split); the best-scoring epoch's
+    head weights are kept (the later epoch on a tie). The scores and the kept weights go to ``SELECTION_FILE`` so
+    that a resumed run continues the selection: epochs after the training checkpoint's are dropped then (an epoch
+    scored but not checkpointed is trained again), with the best head before them, which the file also keeps."""
+
+    def __init__(self, run, head: nn.Module, score_fn, dataset, batch: int, *, on: str, iters_per_epoch: int,
+                 resume: bool):
+        self.run, self.head, self.score_fn, self.dataset, self.batch = run, head, score_fn, dataset, batch
+        self.on, self.iters_per_epoch, self.path = on, max(int(iters_per_epoch), 1), run.out / SELECTION_FILE
+        self.scores: dict[int, float] = {}  # epoch (1 = the first) -> top-1 on the selection set
+        self.best: dict | None = None  # {"epoch": e, "state": head state dict}
+        self.before_best: dict | None = None  # the best of the epochs before best's
+        if resume:
+            self._restore()
+
+    def _restore(self) -> None:
+        """Continue the selection of the run in ``run.out`` (refused when it lacks scores of epochs it ran)."""
+        latest = self.run.out / "checkpoint-latest.pt"
+        done = int(load_checkpoint(latest)["epoch"]) if latest.is_file() else 0
+        saved = load_checkpoint(self.path) if self.path.is_file() else {"scores": {}, "best": None,
+                                                                         "before_best": None}
+        self.scores = {int(e): float(v) for e, v in saved["scores"].items() if int(e) <= done}
+        missing = sorted(set(range(1, done + 1)) - set(self.scores))
+        if missing:
+            raise MimbenchError(f"The run in {self.run.out} selects its best epoch, but has no selection score of "
+                                f"epoch(s) {', '.join(map(str, missing))} that it already ran.",
+                                "Start the run again without --resume (or leave selection.best_epoch off).")
+        self.best, self.before_best = saved["best"], saved["before_best"]
+        if self.best is not None and int(self.best["epoch"]) > done:
+            self.best, self.before_best = self.before_best, None
+
+    def step_end(self, it: int) -> None:
+        """After optimizer step ``it`` (0-based): score the head when the step ends an epoch."""
+        if (it + 1) % self.iters_per_epoch:
+            return
+        epoch = (it + 1) // self.iters_per_epoch
+        self.head.eval()
+        top1 = runner.topk_metrics(*runner.score(self.run, self.score_fn, self.dataset, self.batch))["top1"]
+        self.head.train()
+        self.scores[epoch] = top1
+        if self.best is None or top1 >= self.scores[int(self.best["epoch"])]:
+            self.before_best = self.best
+            self.best = {"epoch": epoch, "state": {k: v.detach().clone() for k, v in self.head.state_dict().items()}}
+        if self.run.is_main:
+            save_checkpoint(self.path, {"scores": self.scores, "best": self.best, "before_best": self.before_best})
+
+    def record(self, epochs: int, last: dict) -> dict:
+        """The record's ``protocol.selection``: where, which epoch of ``epochs``, its score there, the last epoch's
+        validation accuracy (``last``: its metrics) and every epoch's score on the selection set."""
+        best = int(self.best["epoch"])
+        out = {"on": self.on, "selects": "best_epoch", "epoch": best, "of": epochs,
+               "select_top1": self.scores[best], "last_epoch_top1": last["top1"],
+               "per_epoch": {str(e): self.scores[e] for e in sorted(self.scores)}}
+        if self.on == "train-holdout":
+            out |= {"holdout": float(self.run.cfg.selection.holdout), "holdout_images": len(self.dataset)}
+        return out
 
 
 def check_config(cfg) -> None:
@@ -383,6 +479,15 @@ def check_config(cfg) -> None:
                             "Use mode='protocol' for augmented training, or leave augment.mode at 'rrc_flip'.")
 
 
+def check_encoder(cfg, meta: dict, where: str) -> None:
+    """Refuse an encoder (metadata ``meta``) that has no tokens of the kind the head attends to."""
+    if cfg.head.tokens == "patch" and bool(cfg.head.final_norm) and pooled_final_norm(meta, where):
+        raise MimbenchError(f"{where} has no normed patch tokens: its final norm acts on pooled features only (as "
+                            f"EVA-02's), and the {cfg.head.preset} head attends to patch tokens after the final norm.",
+                            "Set head.final_norm=False (the patch tokens as the last block outputs them), or use an "
+                            "encoder whose final norm acts on every token.")
+
+
 def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tensor, cfg) -> torch.Tensor:
     """Scores (N×C) of ``head`` on the frozen encoder's tokens of images ``x``, or on ``x`` itself when
     ``encoder_model`` is None (cached tokens)."""
@@ -393,16 +498,50 @@ def probe_logits(head: nn.Module, encoder_model: nn.Module | None, x: torch.Tens
     return head(x)
 
 
-def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
-                  resume: bool = False, layout: str = "auto", layers=None) -> dict:
-    """Attentive probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
-    ``layers`` (``--layers``): the config's ``layers`` for this run (None: the config's), added to the overrides."""
-    overrides = [*overrides, *([format_override("layers", layers)] if layers is not None else [])]
+def _start(encoder: Path, config: Path, data: str, out: Path, overrides, layout: str, layers, select_on):
+    """The run (overrides with ``--layers`` / ``--select-on`` added), its config checked against the encoder; the
+    attended block. Everything refused here is refused before any work."""
+    given = (("layers", layers), ("selection.on", select_on))
+    overrides = [*overrides, *(format_override(k, v) for k, v in given if v is not None)]
     run = runner.start("attentive", encoder=encoder, config=config, data=data, out=out, overrides=overrides,
                        layout=layout)
+    check_config(run.cfg)
+    if select_on is not None and not run.cfg.selection.best_epoch:
+        raise MimbenchError(f"--select-on {select_on}: this config reports the last epoch "
+                            "(selection.best_epoch=False), so there is no epoch to select.",
+                            "Leave --select-on out, or --set selection.best_epoch=True to report the best epoch.")
+    meta = encoders.read_metadata(run.encoder, layout=layout)
+    check_encoder(run.cfg, meta, str(run.encoder))
+    return run, attended_block(run.cfg.layers, int(meta["depth"]))
+
+
+def _scores(run, head: nn.Module, probe: Probe, score_fn, selection: EpochSelection | None, epochs: int):
+    """(metrics, protocol.selection) of the trained ``head``: the last epoch's validation metrics, or, when the run
+    selects its epoch, the selected epoch's (its kept weights loaded into ``head``) with the last epoch's beside."""
+    workers = int(run.cfg.data.num_workers) if probe.encoder is not None else 0  # cached tokens: nothing to decode
+    head.eval()
+    last = runner.topk_metrics(*runner.score(run, score_fn, probe.val_set, probe.eval_batch, num_workers=workers))
+    if selection is None:
+        return last, {}
+    if selection.best is None:
+        raise MimbenchError("The run selects its best epoch but scored none.", "Train for at least one epoch.")
+    chosen = last
+    if int(selection.best["epoch"]) != epochs:
+        head.load_state_dict(selection.best["state"])
+        chosen = runner.topk_metrics(*runner.score(run, score_fn, probe.val_set, probe.eval_batch,
+                                                   num_workers=workers))
+    metrics = {**chosen, "best_epoch": int(selection.best["epoch"]), "last_epoch_top1": last["top1"],
+               "last_epoch_top5": last["top5"]}
+    return metrics, selection.record(epochs, last)
+
+
+def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, overrides: list[str] = (),
+                  resume: bool = False, layout: str = "auto", layers=None, select_on: str | None = None) -> dict:
+    """Attentive probe of ``encoder`` on ``data`` with the protocol ``config``; the record is written to ``out``.
+    ``layers`` / ``select_on`` (``--layers`` / ``--select-on``): the config's ``layers`` / ``selection.on`` for this
+    run (None: the config's), added to the overrides."""
+    run, block = _start(encoder, config, data, out, overrides, layout, layers, select_on)
     cfg, device = run.cfg, run.device
-    check_config(cfg)
-    block = attended_block(cfg.layers, int(encoders.read_metadata(run.encoder, layout=layout)["depth"]))
     batch, accum, eff, lr = runner.batch_rule(run, cfg.optim)
     size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
     model = _frozen_encoder(run, size)
@@ -413,6 +552,12 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
     tokens = describe_tokens(model, tokens=cfg.head.tokens, final_norm=bool(cfg.head.final_norm), block=block)
     optimizer = build_optimizer(head, cfg.optim, lr)
     loop = runner.loop_config(run, accum, clip_grad=cfg.clip_grad)
+    score_fn = under_autocast(lambda x: probe_logits(head, probe.encoder, x, cfg), run.precision, device)
+    selection = None
+    if cfg.selection.best_epoch:
+        held = probe.holdout_set if probe.holdout_set is not None else probe.val_set
+        selection = EpochSelection(run, head, score_fn, held, probe.eval_batch, on=str(cfg.selection.on),
+                                   iters_per_epoch=len(probe.loader) // accum, resume=resume)
 
     def step(trained, batch_):
         x, y = batch_[0].to(device, non_blocking=True), batch_[1].to(device, non_blocking=True)
@@ -421,14 +566,12 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
     def step_end(it: int, total: int) -> None:
         head.commit()
         cosine_weight_decay(optimizer, float(cfg.optim.weight_decay), cfg.optim.final_weight_decay, it, total)
+        if selection is not None:
+            selection.step_end(it)
 
     history = fit(head, optimizer, probe.loader, step, loop, run.out, resume=resume,
                   desc=f"attentive ({cfg.head.preset}, {cfg.mode})", on_step_end=step_end)
-    head.eval()
-    val_fn = under_autocast(lambda x: probe_logits(head, probe.encoder, x, cfg), run.precision, device)
-    workers = int(cfg.data.num_workers) if probe.encoder is not None else 0  # cached tokens: nothing to decode
-    logits, labels = runner.score(run, val_fn, probe.val_set, probe.eval_batch, num_workers=workers)
-    metrics = runner.topk_metrics(logits, labels)
+    metrics, selected = _scores(run, head, probe, score_fn, selection, int(loop.epochs))
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
     return runner.finish(
@@ -437,6 +580,10 @@ def run_attentive(*, encoder: Path, config: Path, data: str, out: Path, override
                   "tokens": tokens, "layers": str(cfg.layers), "block": block,
                   "num_queries": int(cfg.head.num_queries), "optimizer": str(cfg.optim.name),
                   "lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
-                  "warmup_epochs": loop.warmup_epochs, **probe.transforms, "img_size": size},
-        metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set)},
+                  "warmup_epochs": loop.warmup_epochs, **probe.transforms, "img_size": size,
+                  "reported_epoch": "selected" if selection is not None else "last",
+                  **({"selection": selected} if selected else {})},
+        metrics=metrics, dataset={"sizes": {"train": probe.train_size, "val": len(probe.val_set),
+                                            **({} if probe.holdout_set is None else
+                                               {"holdout": len(probe.holdout_set)})},
                                   "skipped": probe.skipped})

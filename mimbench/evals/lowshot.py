@@ -196,6 +196,8 @@ def plan(pool: Pool, section, seed: int) -> list[Subset]:
         raise MimbenchError(f"The training split has {len(pool.classes)} class(es); MSN's multiclass logistic "
                             "regression needs at least 3.", "Use a dataset with 3 or more classes.")
     if shots is not None:
+        # a class the subsampled training split (data.limit_train, broken-file skips) has no image of: said as such
+        check_classes(pool, np.arange(len(pool.names)), "The training split (after data.limit_train)")
         smallest = int(np.bincount(pool.labels, minlength=len(pool.classes)).min())
         if shots > smallest:
             raise MimbenchError(f"--shots {shots} is more than the smallest class holds ({smallest} images).",

@@ -169,7 +169,11 @@ register_task(Task(
     demo_overrides={"quick": (*QUICK_FEATURE_LIMITS, "schedule.epochs=2")},
     options=(Option("layers", ("--layers",), None, "The block whose tokens the head attends to: 'last' or a block "
                     "index (7; -2 counts from the end). Default: the config's layers ('last')",
-                    annotation=Optional[str]),),
+                    annotation=Optional[str]),
+             Option("select_on", ("--select-on",), None, "Where a config that reports its best epoch (EP: "
+                    "selection.best_epoch) selects it: train-holdout (a held-out part of the training set, not "
+                    "trained on) or val (the validation split, as published). Default: the config's selection.on "
+                    "(train-holdout)", annotation=Optional[str], choices=SELECTION_ON)),
 ))
 register_task(Task(
     name="finetune", runner="mimbench.evals.finetune:run_finetune", kind="finetune",

@@ -5,11 +5,12 @@ The table has one row per (method, arch, pretrain_epochs, task, metric, protocol
     method           e.g. "MAE", "MAE (mmpretrain)" (a re-run by another code base is its own method)
     arch             vit-b/16 | vit-l/16 | vit-h/14 | ... (the encoder files' ``arch`` spelling)
     pretrain_epochs  ImageNet-1k pre-training epochs; empty where the source does not state them
-    task             finetune | linear | knn | ade20k | attentive
+    task             finetune | linear | knn | ade20k | attentive | lowshot
     metric           top1 (classification, %) | mIoU (ADE20K, %)
     value            0-100
     protocol         one of :data:`STANDARD_PROTOCOLS` (attentive: of :data:`ATTENTIVE_PROTOCOLS`, one per head
-                     preset) or a named variant (e.g. multi-scale testing)
+                     preset; lowshot: of :data:`LOWSHOT_PROTOCOLS`, one per training subset) or a named variant
+                     (e.g. multi-scale testing)
     notes            protocol details (linear head, hybrid backbone, ...)
     source           paper + table or repository file the number comes from
     verified         yes (the number was found in that source) | unverified (taken from a secondary
@@ -36,7 +37,8 @@ from mimbench.results.records import load_records
 
 COLUMNS = ["method", "arch", "pretrain_epochs", "task", "metric", "value", "protocol", "notes", "source", "verified"]
 KEY = ["method", "arch", "pretrain_epochs", "task", "metric", "protocol"]
-TASK_METRIC = {"finetune": "top1", "linear": "top1", "knn": "top1", "ade20k": "mIoU", "attentive": "top1"}
+TASK_METRIC = {"finetune": "top1", "linear": "top1", "knn": "top1", "ade20k": "mIoU", "attentive": "top1",
+               "lowshot": "top1"}
 #: The protocol each mimbench evaluation reproduces; only rows under it are used to rank a run.
 STANDARD_PROTOCOLS = {
     "finetune": "IN-1k fine-tune 224",
@@ -50,6 +52,16 @@ ATTENTIVE_PROTOCOLS = {
     "cae": "IN-1k attentive probe 224 (CAE head)",
     "ep": "IN-1k attentive probe 224 (EP head; 32 queries)",
     "vjepa": "IN-1k attentive probe 224 (V-JEPA head)",
+}
+#: Low-shot rows, one protocol per training subset (images per class, or a share of the labels). The published rows
+#: do not say which classifier gives each number, and the protocol says so; an own low-shot run is listed by
+#: ``mimbench report``, not ranked here (its record task is not in :data:`RECORD_TASK`).
+LOWSHOT_PROTOCOLS = {
+    "1-shot": "IN-1k low-shot 1 image/class (classifier not stated)",
+    "2-shot": "IN-1k low-shot 2 images/class (classifier not stated)",
+    "5-shot": "IN-1k low-shot 5 images/class (classifier not stated)",
+    "1%": "IN-1k low-shot 1 % labels (classifier not stated)",
+    "10%": "IN-1k low-shot 10 % labels (classifier not stated)",
 }
 #: Run-record task -> leaderboard task.
 RECORD_TASK = {"linear": "linear", "finetune": "finetune", "knn": "knn", "segment": "ade20k", "attentive": "attentive"}

@@ -132,6 +132,12 @@ def run_selections(row) -> list[str]:
     if not on:
         return []
     what = field_text(row.get("protocol.selection.selects")) or "the reported setting"
+    epoch = pd.to_numeric(row.get("protocol.selection.epoch"), errors="coerce")
+    if not pd.isna(epoch):  # an epoch selection: which epoch, with the last epoch's top-1 beside it
+        of = pd.to_numeric(row.get("protocol.selection.of"), errors="coerce")
+        last = pd.to_numeric(row.get("protocol.selection.last_epoch_top1"), errors="coerce")
+        what += f" (epoch {int(epoch)}{'' if pd.isna(of) else f' of {int(of)}'}" + (
+            "" if pd.isna(last) else f"; last epoch top-1 {float(last):.2f}") + ")"
     return [f"{what} selected {SELECTED_ON.get(on, 'on ' + on)}"]
 
 

@@ -244,3 +244,162 @@ def test_layers_picks_the_attended_block_and_the_record_names_it(tiny_encoder, t
         with pytest.raises(MimbenchError, match=why):
             run_eval("attentive", out=tmp_path / f"bad{bad}", layers=bad, **common)
         assert not list((tmp_path / f"bad{bad}").glob("*.json"))
+
+
+# ---------------------------------------------------------------------------- the reported epoch
+SELECTING = dict(config=CONFIGS / "demo" / "attentive_fmnist.py", data="builtin:fashion-mnist")
+SMALL_RUN = ["data.limit_train=80", "data.limit_val=40", "optim.batch_size=16", "schedule.epochs=3",
+             "schedule.warmup_epochs=0", "runtime.progress=False"]
+
+
+@pytest.mark.parametrize("name, best_epoch", [("ep_vit-b_in1k", True), ("cae_vit-b_in1k", False),
+                                              ("vjepa_vit-l_in1k", False)])
+def test_only_the_preset_whose_source_selects_an_epoch_selects_one(name, best_epoch):
+    """Efficient Probing reports its best epoch; CAE's and V-JEPA's configs report the last one."""
+    cfg = load_config(CONFIGS / "attentive" / f"{name}.py", kind="attentive")
+    assert cfg.selection.best_epoch is best_epoch
+    assert (cfg.selection.on, cfg.selection.holdout) == ("train-holdout", 0.1)  # the default, not val
+    demo = load_config(CONFIGS / "demo" / "attentive_fmnist.py", kind="attentive")  # EP's head, the last epoch
+    assert demo.selection.best_epoch is False and any(d.startswith("epoch: the last one") for d in demo.deviations)
+
+
+def test_the_best_epoch_is_selected_on_a_training_holdout_by_default(tiny_encoder, tmp_path, monkeypatch):
+    from mimbench.evals import attentive
+    from mimbench.evals.linear import holdout_split
+
+    computed, trained = [], []
+    real_tokens, real_batches = attentive.compute_tokens, attentive.runner.TensorBatches
+    monkeypatch.setattr(attentive, "compute_tokens", lambda *a, **k: computed.append(real_tokens(*a, **k))
+                        or computed[-1])
+    monkeypatch.setattr(attentive.runner, "TensorBatches", lambda run, x, y, *a: trained.append(x.cpu())
+                        or real_batches(run, x, y, *a))
+    record = run_eval("attentive", encoder=tiny_encoder, out=tmp_path, **SELECTING,
+                      overrides=SMALL_RUN + ["selection.best_epoch=True"])
+    keep, held = holdout_split(80, 0.1, record["seed"])
+    (every, _), _ = computed  # the training split's tokens, then the val split's
+    assert len(held) == 8 and torch.equal(trained[0], every[torch.from_numpy(keep)].cpu())  # the 8: never trained on
+    sel, metrics = record["protocol"]["selection"], record["metrics"]
+    assert record["dataset"]["sizes"] == {"train": 72, "val": 40, "holdout": 8}  # 10 % of 80 never trained on
+    assert (sel["on"], sel["selects"], sel["of"], sel["holdout_images"]) == ("train-holdout", "best_epoch", 3, 8)
+    scores = sel["per_epoch"]
+    assert sorted(scores) == ["1", "2", "3"]
+    best = max(range(1, 4), key=lambda e: (scores[str(e)], e))  # the later epoch on a tie
+    assert sel["epoch"] == metrics["best_epoch"] == best and sel["select_top1"] == scores[str(best)]
+    assert sel["last_epoch_top1"] == metrics["last_epoch_top1"]
+    assert all(v * 8 / 100 == pytest.approx(round(v * 8 / 100)) for v in scores.values())  # scored on the 8
+    assert record["protocol"]["reported_epoch"] == "selected"
+    assert "selection.best_epoch=True" in record["protocol"]["overrides"]
+    from mimbench.results.report import write_report
+
+    report = write_report([tmp_path])
+    assert (f"selection: best_epoch (epoch {best} of 3; last epoch top-1 {metrics['last_epoch_top1']:.2f}) selected "
+            "on a held-out part of the training set") in report
+
+
+def test_select_on_val_reports_the_val_best_epoch_with_the_last_beside_it(tiny_encoder, tmp_path):
+    record = run_eval("attentive", encoder=tiny_encoder, out=tmp_path, select_on="val", **SELECTING,
+                      overrides=SMALL_RUN + ["selection.best_epoch=True"])
+    sel, metrics = record["protocol"]["selection"], record["metrics"]
+    assert record["dataset"]["sizes"] == {"train": 80, "val": 40}  # nothing held out
+    assert sel["on"] == "val" and "holdout" not in sel
+    # on val, each epoch's selection score is its validation top-1: the reported top-1 is their maximum (the kept
+    # head of that epoch, scored again), the last epoch's beside it
+    assert metrics["top1"] == pytest.approx(max(sel["per_epoch"].values()))
+    assert metrics["top1"] == pytest.approx(sel["per_epoch"][str(sel["epoch"])])
+    assert metrics["last_epoch_top1"] == pytest.approx(sel["per_epoch"]["3"])
+    assert 'selection.on="val"' in record["protocol"]["overrides"]
+
+
+def test_select_on_is_refused_for_a_config_that_reports_the_last_epoch(tiny_encoder, tmp_path):
+    with pytest.raises(MimbenchError, match="reports the last epoch"):
+        run_eval("attentive", encoder=tiny_encoder, out=tmp_path / "run", select_on="val", **SELECTING,
+                 overrides=SMALL_RUN)
+    assert not list((tmp_path / "run").glob("*.json")) and not list((tmp_path / "run").glob("checkpoint-*.pt"))
+
+
+def test_the_cli_passes_select_on_to_the_attentive_probe(tiny_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+
+    sets = sum((["--set", s] for s in SMALL_RUN), [])
+    base = ["eval", "attentive", "--encoder", str(tiny_encoder), "--out", str(tmp_path / "run"), *sets]
+    refused = CliRunner().invoke(app, [*base, "--select-on", "val"], terminal_width=200)
+    assert refused.exit_code != 0 and "reports the last epoch" in refused.output
+    wrong = CliRunner().invoke(app, [*base, "--select-on", "test"], terminal_width=200)
+    assert wrong.exit_code != 0 and "train-holdout" in wrong.output
+    ran = CliRunner().invoke(app, [*base, "--select-on", "val", "--set", "selection.best_epoch=True"],
+                             terminal_width=200)
+    assert ran.exit_code == 0, ran.output
+    (saved,) = (tmp_path / "run").glob("attentive-*.json")
+    assert json.loads(saved.read_text())["protocol"]["selection"]["on"] == "val"
+
+
+def test_a_resumed_selection_drops_epochs_after_the_checkpoint_and_keeps_the_best_before(tmp_path):
+    from types import SimpleNamespace
+
+    from mimbench.engine import save_checkpoint
+    from mimbench.evals.attentive import SELECTION_FILE, EpochSelection
+
+    head = torch.nn.Linear(2, 2)
+    state = lambda v: {"weight": torch.full((2, 2), float(v)), "bias": torch.zeros(2)}  # noqa: E731
+    run = SimpleNamespace(out=tmp_path, is_main=True)
+    save_checkpoint(tmp_path / "checkpoint-latest.pt", {"epoch": 2})  # epoch 3 was scored, not checkpointed
+    save_checkpoint(tmp_path / SELECTION_FILE, {"scores": {1: 50.0, 2: 60.0, 3: 70.0},
+                                                "best": {"epoch": 3, "state": state(3)},
+                                                "before_best": {"epoch": 2, "state": state(2)}})
+    sel = EpochSelection(run, head, None, None, 1, on="val", iters_per_epoch=4, resume=True)
+    assert sel.scores == {1: 50.0, 2: 60.0} and sel.best["epoch"] == 2
+    assert torch.equal(sel.best["state"]["weight"], state(2)["weight"])
+    save_checkpoint(tmp_path / SELECTION_FILE, {"scores": {1: 50.0}, "best": {"epoch": 1, "state": state(1)},
+                                                "before_best": None})
+    with pytest.raises(MimbenchError, match=r"no selection score of epoch\(s\) 2"):
+        EpochSelection(run, head, None, None, 1, on="val", iters_per_epoch=4, resume=True)
+
+
+def test_a_run_interrupted_after_scoring_an_epoch_resumes_to_the_same_selection(tiny_encoder, tmp_path, monkeypatch):
+    from mimbench.evals import attentive
+
+    common = dict(encoder=tiny_encoder, overrides=SMALL_RUN + ["selection.best_epoch=True"], **SELECTING)
+    whole = run_eval("attentive", out=tmp_path / "whole", **common)
+    real = attentive.EpochSelection.step_end
+
+    def stop_after_epoch_2(self, it):  # epoch 2 scored and its selection saved, its training checkpoint not written
+        real(self, it)
+        if 2 in self.scores:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(attentive.EpochSelection, "step_end", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval("attentive", out=tmp_path / "part", **common)
+    assert not list((tmp_path / "part").glob("attentive-*.json"))
+    monkeypatch.setattr(attentive.EpochSelection, "step_end", real)
+    resumed = run_eval("attentive", out=tmp_path / "part", resume=True, **common)
+    assert resumed["protocol"]["selection"] == whole["protocol"]["selection"]
+    assert resumed["metrics"]["top1"] == whole["metrics"]["top1"]
+
+
+# ---------------------------------------------------------------------------- encoders the head cannot read
+def test_a_patch_token_head_after_the_final_norm_refuses_an_encoder_without_normed_patch_tokens(tmp_path):
+    """EVA-02 as timm ships it: the final norm acts on the pooled feature (fc_norm), so there are no normed patch
+    tokens for the V-JEPA head to attend to; refused before any work. Read before the final norm (EP), it is fine."""
+    import timm
+
+    from mimbench.encoders import convert_checkpoint, read_metadata
+    from mimbench.evals.attentive import check_encoder
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=28, patch_size=14, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=0)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    enc = convert_checkpoint(tmp_path / "w.pth", tmp_path / "eva02.safetensors", num_heads=2)
+    assert read_metadata(enc)["final_norm"] == "pooled"
+    with pytest.raises(MimbenchError, match="no normed patch tokens") as err:
+        run_eval("attentive", encoder=enc, config=CONFIGS / "demo" / "attentive_fmnist.py",
+                 data="builtin:fashion-mnist", out=tmp_path / "run",
+                 overrides=["head.final_norm=True", "data.limit_train=32", "data.limit_val=16"])
+    assert "head.final_norm=False" in err.value.fix
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    section = lambda **kw: type("Cfg", (), {"head": type("Head", (), {"preset": "ep", **kw})})  # noqa: E731
+    check_encoder(section(tokens="patch", final_norm=False), read_metadata(enc), "eva02")  # before the norm: fine
+    check_encoder(section(tokens="all", final_norm=True), read_metadata(enc), "eva02")  # all tokens: as they are

@@ -257,6 +257,16 @@ def test_a_class_left_empty_is_refused(tiny_encoder, jpeg_tree, tmp_path):
              split_file=split)
 
 
+def test_a_class_that_subsampling_leaves_empty_is_refused_before_drawing_shots(tiny_encoder, jpeg_tree, tmp_path):
+    # the first 10 of the 18 training images (class order): 6 of the first class, 4 of the second, none of the third
+    out = tmp_path / "a"
+    with pytest.raises(MimbenchError, match=r"The training split \(after data.limit_train\) leaves 1 class\(es\) "
+                                            f"without a training image: {CLASSES[2]}"):
+        run_eval("lowshot", encoder=tiny_encoder, config=PROTOCOL, data=str(jpeg_tree), out=out,
+                 overrides=[*SIZES, "data.limit_train=10"], shots=2)
+    assert not (out / "feature_cache").exists()  # refused before any feature was computed
+
+
 def test_more_shots_than_the_smallest_class_are_refused(tiny_encoder, jpeg_tree, tmp_path):
     _refused(tiny_encoder, str(jpeg_tree), tmp_path / "a", r"--shots 7 is more than the smallest class holds "
              r"\(6 images\)", shots=7)

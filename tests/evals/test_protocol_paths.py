@@ -92,7 +92,14 @@ def test_attentive_protocol_on_jpeg_tree(tiny_encoder, jpeg_tree, tmp_path, conf
     record = run_eval("attentive", encoder=tiny_encoder, config=path, data=str(jpeg_tree), out=tmp_path,
                       overrides=SMALL + ["optim.batch_size=8", "optim.eff_batch_size=16"])
     protocol = record["protocol"]
-    assert record["status"] == "ok" and record["dataset"]["sizes"] == {"train": 48, "val": 20}
+    # EP reports its best epoch, selected on a held-out 10 % of the 48 training images (5, never trained on); the
+    # other presets report the last epoch and train on all 48
+    sizes = {"train": 43, "val": 20, "holdout": 5} if preset == "ep" else {"train": 48, "val": 20}
+    assert record["status"] == "ok" and record["dataset"]["sizes"] == sizes
+    assert protocol["reported_epoch"] == ("selected" if preset == "ep" else "last")
+    if preset == "ep":
+        assert protocol["selection"]["on"] == "train-holdout" and protocol["selection"]["holdout_images"] == 5
+        assert sorted(protocol["selection"]["per_epoch"]) == ["1", "2"]
     assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 100.0
     assert np.isfinite(record["metrics"]["train_loss"])
     assert protocol["head_preset"] == preset and protocol["head_params"] > 0 and protocol["deviations"] == []

@@ -9,7 +9,8 @@ import pytest
 from rich.console import Console
 
 from mimbench.errors import MimbenchError
-from mimbench.results.leaderboard import (ATTENTIVE_PROTOCOLS, COLUMNS, KEY, STANDARD_PROTOCOLS, compare_runs,
+from mimbench.results.leaderboard import (ATTENTIVE_PROTOCOLS, COLUMNS, KEY, LOWSHOT_PROTOCOLS, STANDARD_PROTOCOLS,
+                                          compare_runs,
                                           leaderboard_problems,
                                           load_leaderboard, normalize_arch, packaged_csv, show_leaderboard,
                                           validate_leaderboard)
@@ -51,7 +52,7 @@ def test_published_leaderboard_is_valid_and_has_the_reference_rows():
     assert list(df.columns) == COLUMNS
     assert leaderboard_problems(df) == []
     assert not df.duplicated(KEY).any()
-    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k", "attentive"}
+    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k", "attentive", "lowshot"}
     assert set(df["verified"]) <= {"yes", "unverified"}
     mae = df[(df.method == "MAE") & (df.arch == "vit-b/16") & (df.task == "finetune")]
     assert mae["value"].tolist() == [83.6] and mae["verified"].tolist() == ["yes"]
@@ -196,9 +197,19 @@ def test_attentive_rows_carry_their_sources_under_their_head_presets_protocol():
     rows = df[df.task == "attentive"]
     got = {(r.method, r.arch, r.protocol): r.value for r in rows.itertuples()}
     cae, ep, vjepa = (ATTENTIVE_PROTOCOLS[p] for p in ("cae", "ep", "vjepa"))
+    aim_last, aim_best = (f"IN-1k attentive probe 224 (AIM head; {b})" for b in ("last block", "best blocks"))
     assert got == {("MAE", "vit-b/16", cae): 74.2, ("MAE", "vit-l/16", cae): 78.8,
                    ("MAE", "vit-b/16", ep): 75.46, ("MAE", "vit-l/16", ep): 79.52,
-                   ("V-JEPA", "vit-l/16", vjepa): 74.8, ("V-JEPA", "vit-h/16", vjepa): 75.9}
+                   ("V-JEPA", "vit-l/16", vjepa): 74.8, ("V-JEPA", "vit-h/16", vjepa): 75.9,
+                   # apple/ml-aim aim-v1/README.md, attention heads: last layer / best layer
+                   ("AIM", "aim-0.6b", aim_last): 78.5, ("AIM", "aim-0.6b", aim_best): 79.4,
+                   ("AIM", "aim-1b", aim_last): 80.6, ("AIM", "aim-1b", aim_best): 82.3,
+                   ("AIM", "aim-3b", aim_last): 82.2, ("AIM", "aim-3b", aim_best): 83.3,
+                   ("AIM", "aim-7b", aim_last): 82.4, ("AIM", "aim-7b", aim_best): 84.0}
+    assert rows.loc[rows.method == "AIM", "source"].str.contains("apple/ml-aim aim-v1/README.md").all()
+    assert rows.loc[rows.method == "AIM", "pretrain_epochs"].isna().all()  # not pre-trained on ImageNet-1k
+    # V-JEPA's two rows come from a secondary summary: kept, marked unverified
+    assert rows.loc[rows.method == "V-JEPA", "verified"].tolist() == ["unverified", "unverified"]
     assert rows.loc[rows.protocol == cae, "source"].str.contains("Atten4Vis/CAE README.md").all()
     assert rows.loc[rows.protocol == ep, "source"].str.contains("efficient-probing results.csv").all()
     assert rows.loc[rows.protocol == vjepa, "source"].str.contains("facebookresearch/jepa").all()
@@ -226,3 +237,24 @@ def test_an_attentive_run_is_ranked_only_among_rows_of_its_head_preset(tmp_path)
     with pytest.raises(MimbenchError, match="no attentive rows for vit-b/16 under 'IN-1k attentive probe 224 "
                                             r"\(V-JEPA head\)'"):
         compare_runs([_attentive(tmp_path, "vjepa", 75.0)], console=console)
+
+
+def test_low_shot_rows_carry_mim_refiners_table_with_the_classifier_left_unstated():
+    """MIM-Refiner's low-shot table (arXiv 2402.10093, shown in ml-jku/MIM-Refiner docs/imgs/in1k_lowshot.png): MAE
+    1/2/5 images per class, 1 % and 10 % of the labels; the classifier of each cell is not stated."""
+    df = load_leaderboard()
+    rows = df[df.task == "lowshot"]
+    assert set(rows["protocol"]) == set(LOWSHOT_PROTOCOLS.values())
+    assert all("classifier not stated" in p for p in LOWSHOT_PROTOCOLS.values())
+    order = [LOWSHOT_PROTOCOLS[k] for k in ("1-shot", "2-shot", "5-shot", "1%", "10%")]
+    got = {arch: [rows[(rows.arch == arch) & (rows.protocol == p)]["value"].item() for p in order]
+           for arch in ("vit-l/16", "vit-h/14", "vit-2b/14")}
+    assert got == {"vit-l/16": [14.3, 34.9, 56.9, 67.7, 79.3], "vit-h/14": [7.2, 14.1, 40.2, 72.8, 81.2],
+                   "vit-2b/14": [17.8, 29.1, 62.9, 73.6, 82.0]}
+    assert len(rows) == 15 and set(rows["method"]) == {"MAE"} and set(rows["metric"]) == {"top1"}
+    assert rows["source"].str.contains("MIM-Refiner").all() and rows["source"].str.contains("2402.10093").all()
+    assert (rows["verified"] == "yes").all()
+    epochs = rows.set_index("arch")["pretrain_epochs"]
+    assert (epochs.loc[["vit-l/16", "vit-h/14"]] == 1600).all() and epochs.loc["vit-2b/14"].isna().all()
+    table = show_leaderboard(task="lowshot", arch="vit-h/14", console=Console(record=True, width=250))
+    assert table["value"].tolist() == [81.2, 72.8, 40.2, 14.1, 7.2]  # best first

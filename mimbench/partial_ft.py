@@ -203,7 +203,7 @@ def write_results(root: Path, records: Sequence[dict], *, depth: int | None, sca
               "top-1 on val is the point, as in MAE's appendix A.1. Paper column: MAE ViT-L on ImageNet-1k, the "
               "points its text states" + ("" if full else "; a reference for the shape of the curve, not "
                                                          "comparable with demo-scale numbers") + ". "
-            + "".join(f"{name}: {value:g}. " for name, value in lines) + "\n" + (f"\n{note}\n" if note else ""))
+            + "".join(f"{name}: {value:g}. " for name, value in lines.items()) + "\n" + (f"\n{note}\n" if note else ""))
     _write(root / "table.md", text)
     _write(root / "results.json", json.dumps(rows, indent=1, sort_keys=True))
     plot_partial_finetune([(tick(r["trainable_blocks"], depth), r["top1"], r["best_epochs"]) for r in rows],
@@ -212,9 +212,10 @@ def write_results(root: Path, records: Sequence[dict], *, depth: int | None, sca
     return root / "table.md"
 
 
-def collect(root: str | Path) -> Path:
+def collect(root: str | Path, scale: str = "full") -> Path:
     """The table and figure of a sweep from the finished fine-tune records under ``root/points/`` (a full-scale
-    sweep after its jobs ran: ``python -m mimbench.partial_ft "$RUNS"``); returns the table's path."""
+    sweep after its jobs ran: ``python -m mimbench.partial_ft "$RUNS"``; ``scale`` names the sweep's scale);
+    returns the table's path."""
     root = Path(root)
     records = []
     for folder in sorted((root / "points").iterdir()) if (root / "points").is_dir() else []:
@@ -226,7 +227,7 @@ def collect(root: str | Path) -> Path:
     if not records:
         raise MimbenchError(f"No finished fine-tune record under {root / 'points'}.",
                             "Run the sweep's jobs (commands.sh) first, then collect again.")
-    return write_results(root, records, depth=None, scale="full")
+    return write_results(root, records, depth=None, scale=scale)
 
 
 # ------------------------------------------------------------------------------------ running

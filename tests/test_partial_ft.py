@@ -28,6 +28,9 @@ def test_sweep_points_follow_the_figure_up_to_the_depth():
         "finetune.trainable_blocks": 0, "schedule.epochs": 1, "schedule.warmup_epochs": 0.5}
     for point in demo:  # every override is a valid fine-tune config value
         load_config("eval_configs/demo/finetune_fmnist.py", point.overrides, kind="finetune")
+    for scale in P.SWEEP_SCALES.values():  # each scale's budgets are valid pre-training and fine-tune values
+        load_config(f"pretrain/configs/{scale.pretrain_config}", scale.pretrain, kind="pretrain")
+        load_config(f"eval_configs/{scale.finetune_config}", scale.evaluate, kind="finetune")
 
 
 def _record(blocks, epochs, top1, trained=100):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-from pathlib import Path
 
 from mimbench import partial_ft as P
 from mimbench import reproduce as R

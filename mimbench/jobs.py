@@ -61,7 +61,7 @@ def _pretrain_args(config: str, point) -> list[str]:
     return args
 
 
-def _sh(args: Sequence[str]) -> str:
+def shell_words(args: Sequence[str]) -> str:
     """Shell words; $VARIABLES stay expandable (double quotes, also inside an override such as
     ``model.tokenizer="$RUNS/..."``), everything else is quoted literally."""
     def word(a: str) -> str:
@@ -90,7 +90,7 @@ def _commands_head(paper: str) -> list[str]:
     ]
 
 
-def _write_point_files(root: Path, paper: str, base: Path, point) -> list[str]:
+def write_point_files(root: Path, paper: str, base: Path, point) -> list[str]:
     """configs/<point>.py and sbatch/<point>.sbatch of one pre-training point; returns its pre-training args."""
     cfg = load_config(base, point.overrides)  # refuses unknown keys before anything is written
     rel_base = relative(base)
@@ -101,7 +101,7 @@ def _write_point_files(root: Path, paper: str, base: Path, point) -> list[str]:
     sbatch = SBATCH_HEAD.format(name=point.name, paper=paper)
     sbatch += ('srun torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" '
                '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:29500" \\\n    '
-               + _sh(args) + "\n")
+               + shell_words(args) + "\n")
     sbatch_path = root / "sbatch" / f"{point.name}.sbatch"
     _write(sbatch_path, sbatch)
     sbatch_path.chmod(0o755)
@@ -115,7 +115,7 @@ def _eval_lines(point_name: str) -> list[str]:
     for task, config, data in full_evals():
         words = ["-m", "mimbench.cli", "eval", task, "--encoder", encoder, "--config", config, "--data", data,
                  "--out", f"$RUNS/evals/{point_name}/{task}", *get_task(task).full_options]
-        lines.append("torchrun --nproc_per_node=8 " + _sh(words))
+        lines.append("torchrun --nproc_per_node=8 " + shell_words(words))
     return lines
 
 
@@ -130,8 +130,8 @@ def write_full_grid(grid, out: Path) -> Path:
         if not point.pretrain:  # the random-initialisation control is a demo-scale sanity row
             continue
         point = replace(point, overrides=expand_runs(point.overrides, "$RUNS/encoders"))
-        args = _write_point_files(root, grid.paper, grid.base_paths[point.base], point)
-        commands += [f"# {point.name}", "torchrun --nproc_per_node=8 " + _sh(args)]
+        args = write_point_files(root, grid.paper, grid.base_paths[point.base], point)
+        commands += [f"# {point.name}", "torchrun --nproc_per_node=8 " + shell_words(args)]
         if point.evaluate:  # a prerequisite (BEiT v2's tokenizer) is not evaluated
             evals += _eval_lines(point.name)
     # Every point records its own technique name, so one report keeps them apart.
@@ -142,4 +142,4 @@ def write_full_grid(grid, out: Path) -> Path:
     return root
 
 
-__all__ = ["SBATCH_HEAD", "full_evals", "write_full_grid"]
+__all__ = ["SBATCH_HEAD", "full_evals", "shell_words", "write_full_grid", "write_point_files"]

@@ -20,6 +20,11 @@ ddae
     beta, no self-distillation. The paper's ImageNet-1k ViT-B/16 numbers (fine-tune 83.5 at 100
     epochs, 84.3 longer; ADE20K UperNet 49.3 mIoU) are printed as a reference column for the
     full DDAE row only; they are never comparable with demo-scale numbers.
+mae-fig9
+    MAE's partial fine-tuning curve (Figure 9): one MAE pre-training, then fine-tunes of its last K blocks
+    (K in 0, last MLP, 1, 2, 4, 6, 12, 18, 24 up to the depth) at three lengths each, the best per K drawn against
+    K; the sweep is :mod:`mimbench.partial_ft` (``--scale demo``: the demo's micro encoder; ``full``: ViT-L job
+    files).
 
 ``scale="demo"`` trains every point on the embedded Fashion-MNIST subset at CPU size (k-NN and
 the demo linear probe) as steps of :mod:`mimbench.steps` -- the control is built by
@@ -41,10 +46,11 @@ from mimbench.config import format_override, load_config
 from mimbench.errors import MimbenchError
 from mimbench.evals.tasks import all_tasks
 from mimbench.jobs import write_full_grid
+from mimbench.partial_ft import SWEEP_SCALES, run_sweep, sweep_blocks, tick
 from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, reuse_note
 from pretrain.models.mae import PRESETS, ROBUST_RECIPE
 
-PAPERS = ("robust-mae", "ddae")
+PAPERS = ("robust-mae", "ddae", "mae-fig9")
 SCALES = ("demo", "full")
 
 # Base pre-training configs (repository-relative), first existing one wins. "mae" is plain MAE,
@@ -224,6 +230,8 @@ def build_grid(paper: str, scale: str = "demo", quick: bool = False, bases: dict
     """
     paper = _check_paper(paper)
     found = _Bases("full" if scale == "full" else ("quick" if quick else "demo"), bases)
+    if paper == "mae-fig9":
+        return _fig9_grid(found)
     mae_path = found.path("mae")
     mae_cfg = load_config(mae_path)
     mae_model = _model_section(mae_cfg, mae_path)
@@ -338,6 +346,34 @@ def _ddae_grid(found: _Bases, mae_path: Path, depth: int) -> Grid:
                 {"mae": mae_path, "mae_dds": mae_dds_path, "ddae": ddae_path, **beit_paths})
 
 
+def _fig9_base(found: _Bases) -> Path:
+    """The pre-training config of the Figure 9 sweep (``bases["mae"]`` when given, else the sweep scale's)."""
+    if found.given is not None and "mae" in found.given:
+        return Path(found.given["mae"])
+    rel = Path("pretrain/configs") / SWEEP_SCALES[found.which].pretrain_config
+    if not paths.shipped_path(rel).is_file():
+        raise MimbenchError(f"No pre-training config for scale {found.which!r} of mae-fig9 was found (looked for: "
+                            f"{rel}).", "Reinstall mimbench (pip install mimbench-*.whl, or pip install -e . in a "
+                            "checkout): it ships these configs.")
+    return paths.shipped_path(rel)
+
+
+def _fig9_grid(found: _Bases) -> Grid:
+    """One pre-training (MAE; at full scale Table 1's 800 epochs), one row per point of the fine-tuning sweep
+    (:mod:`mimbench.partial_ft`), all reading that encoder."""
+    base = _fig9_base(found)
+    depth = _config_depth(base)
+    overrides = SWEEP_SCALES[found.which].pretrain if found.which == "full" else ()  # demo budgets: at run time
+    rows = tuple(Row("blocks fine-tuned", tick(b, depth), "mae") for b in sweep_blocks(depth))
+    return Grid("mae-fig9", (GridPoint("mae", "mae", tuple(overrides)),), rows, {"mae": base})
+
+
+def _config_depth(path: Path) -> int:
+    """The encoder depth of the pre-training config at ``path``."""
+    model = _model_section(load_config(path), path)
+    return _depth(model, _model_name_key(model, path))
+
+
 def _check_paper(paper: str) -> str:
     if paper not in PAPERS:
         raise MimbenchError(f"Unknown paper {paper!r}.", f"Known papers: {', '.join(PAPERS)}.")
@@ -426,13 +462,16 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
 def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reproduce"), quick: bool = False) -> Path:
     """Run (``demo``) or write out (``full``) the ablation grid of ``paper``; returns the output folder.
 
-    paper: ``"robust-mae"`` or ``"ddae"``; scale: ``"demo"`` (CPU, embedded data) or ``"full"``
+    paper: ``"robust-mae"``, ``"ddae"`` or ``"mae-fig9"`` (:mod:`mimbench.partial_ft`); scale: ``"demo"`` (CPU, embedded data) or ``"full"``
     (ImageNet-1k/ADE20K commands, configs and Slurm scripts, nothing run); quick: smallest demo configs.
     """
     _check_paper(paper)
     if scale not in SCALES:
         raise MimbenchError(f"Unknown scale {scale!r}.", f"Use one of: {', '.join(SCALES)}.")
     grid = build_grid(paper, scale, quick=quick)
+    if paper == "mae-fig9":
+        return run_sweep(grid, "full" if scale == "full" else ("quick" if quick else "demo"), Path(out),
+                         _config_depth(grid.base_paths["mae"]))
     if scale == "full":
         root = write_full_grid(grid, Path(out))
         print(f"{sum(p.pretrain for p in grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "

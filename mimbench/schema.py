@@ -40,6 +40,7 @@ __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEM
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "TRACKERS", "POOLS", "LAYERS_SYNTAX", "SELECTION_ON", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
            "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
+           "TRAINABLE_BLOCKS_WORDS", "Blocks",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -177,6 +178,24 @@ class Layers(_Leaf):
 
 
 @dataclass(frozen=True)
+class Blocks(_Leaf):
+    """How many of the last blocks train: an integer K >= 0, or one of ``words`` (:data:`TRAINABLE_BLOCKS_WORDS`)."""
+
+    words: tuple
+    default: Any = REQUIRED
+
+    def problem(self, v) -> str | None:
+        if isinstance(v, str):
+            return None if v in self.words else "is not one of the words"
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"is a {type(v).__name__}"
+        return None if v >= 0 else "is out of range"
+
+    def allowed(self) -> str:
+        return "an integer K >= 0 (the last K blocks) or one of " + ", ".join(repr(w) for w in self.words)
+
+
+@dataclass(frozen=True)
 class Seq(_Leaf):
     """A list or tuple of ``item``s (exactly ``length`` of them when given)."""
 
@@ -246,6 +265,9 @@ ATTENTIVE_PRESETS = ("cae", "ep", "vjepa")        # mimbench.evals.attentive: th
 ATTENTIVE_OPTIMIZERS = ("sgd", "lars", "adamw")   # mimbench.evals.attentive.build_optimizer
 ATTENTIVE_TOKENS = ("all", "patch")               # tokens the head attends to: all, or without class/registers
 ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or timm create_transform
+#: ``finetune.trainable_blocks`` besides an integer K (mimbench.evals.finetune.freeze_for_partial_finetune): "all" =
+#: full fine-tuning, "mlp" = only the last block's MLP half (MAE Figure 9's half-block point).
+TRAINABLE_BLOCKS_WORDS = ("all", "mlp")
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -327,6 +349,8 @@ SCHEMAS: dict[str, Section] = {
         "augment": Section({"mode": Choice(AUGMENT_MODES)("timm"),
                             "auto_augment": Text(none=True)("rand-m9-mstd0.5-inc1"), "re_prob": FRACTION(0.25),
                             "re_mode": Choice(ERASE_MODES)("pixel"), "re_count": INT_GE1(1)}),
+        # Partial fine-tuning (MAE Figure 9): what trains besides the final norm and the head.
+        "finetune": Section({"trainable_blocks": Blocks(TRAINABLE_BLOCKS_WORDS)("all")}),
     }, required=("model", "optim", "schedule", "mixup")),
     "knn": Section({
         **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # no training loop

@@ -105,7 +105,7 @@ LAYERS = (
     ("evaluations", ("mimbench.evals", "mimbench.seg")),
     ("results", ("mimbench.results",)),
     ("pipelines", ("mimbench.steps", "mimbench.control", "mimbench.demo", "mimbench.reproduce", "mimbench.jobs",
-                   "mimbench.bench")),
+                   "mimbench.bench", "mimbench.partial_ft")),
     ("cli", ("mimbench.cli", "mimbench")),
 )
 

@@ -16,6 +16,19 @@ recorded as a deviation. The protocol's values: ``eval_configs/finetune/mae_vit-
 keys a config leaves out: :mod:`mimbench.schema`.
 Metrics: top-1 / top-5 accuracy in percent on ``val`` (Resize int(S / (224/256)) bicubic, S above 224 unchanged, + CenterCrop S).
 
+Partial fine-tuning (MAE section 4.3, Figure 9; ``finetune.trainable_blocks``, :func:`freeze_for_partial_finetune`):
+the same recipe with part of the encoder frozen (``requires_grad=False``, left out of the optimizer). ``"all"``
+(the default) trains everything. An integer K trains the last K blocks and what runs after the blocks -- the final
+norm (``fc_norm`` under avg pooling, else ``norm``) and the head; the patch embedding, position embedding, class
+token, registers, any shared relative-position bias and the first depth - K blocks are frozen (K = 0: a linear head
+on frozen features through the fine-tune recipe -- the final norm's affine part folds into the head, so it stays a
+linear classifier; K = depth: every block, embeddings still frozen). ``"mlp"`` trains only the last block's MLP half
+(``norm2``, ``mlp`` and the MLP branch's layer scale where the family has one) besides the final norm and the head:
+MAE's appendix tunes "the last block's MLP and its norm"; the final norm and head train at every point of the sweep,
+this one included. Layer decay keeps the full model's numbering over what trains (the last block's lr scale is
+``layer_decay`` as in full fine-tuning), and the recipe's drop path still acts on every block. The record gives
+``trainable_blocks`` and the numbers of trained and of all parameters.
+
 Several processes: every optimizer step holds the same images on any number of processes, each
 image's crop / flip / RandAugment / erasing is drawn from ``(seed, epoch, image index)``, and the
 per-batch draws (Mixup/CutMix, stochastic depth, tensor-mode flip and erasing) from the global
@@ -43,7 +56,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals import runner
 from mimbench.evals.features import eval_transform, limited
 from mimbench.fastpath import adamw_kwargs, under_autocast
-from mimbench.schema import spec_of
+from mimbench.schema import TRAINABLE_BLOCKS_WORDS, spec_of
 
 #: The schema's defaults of the head's init std and AdamW's betas (keyword defaults of the builders below).
 HEAD_INIT_STD, BETAS = spec_of("finetune", "model.head_init_std").default, spec_of("finetune", "optim.betas").default
@@ -73,6 +86,65 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, l
                                                                 layer_decay=layer_decay)
     impl = adamw_kwargs(next(model.parameters()).device) if fast else {"foreach": False}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **impl)
+
+
+#: The parts of a block its MLP half holds (``trainable_blocks="mlp"``): the norm before the MLP, the MLP and the MLP
+#: branch's layer scale where the family has one (timm ViT ``ls2``, Beit and Eva ``gamma_2``; MAE's ViT has none).
+MLP_HALF = ("norm2", "mlp", "ls2", "gamma_2")
+
+
+def _after_blocks(model: torch.nn.Module) -> set[str]:
+    """The top-level modules a timm ViT-family model runs after its blocks (final norm, pooling, head)."""
+    names = [name for name, _ in model.named_children()]
+    return set(names[names.index("blocks") + 1:])
+
+
+def check_trainable_blocks(trainable_blocks: int | str, depth: int) -> None:
+    """MimbenchError unless ``trainable_blocks`` is a word of :data:`~mimbench.schema.TRAINABLE_BLOCKS_WORDS` or an
+    integer from 0 to ``depth``."""
+    if trainable_blocks in TRAINABLE_BLOCKS_WORDS and isinstance(trainable_blocks, str):
+        return
+    if isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int) or not 0 <= trainable_blocks <= depth:
+        raise MimbenchError(f"finetune.trainable_blocks={trainable_blocks!r} does not fit this {depth}-block encoder.",
+                            f"Use an integer from 0 to {depth} (the last K blocks) or one of "
+                            f"{', '.join(TRAINABLE_BLOCKS_WORDS)}.")
+
+
+def trainable_parameter_names(model: torch.nn.Module, trainable_blocks: int | str) -> list[str]:
+    """The names of the parameters that train under ``trainable_blocks`` (module docstring: an integer K = the last K
+    blocks, ``"mlp"`` = the last block's :data:`MLP_HALF`, ``"all"``), plus the final norm and head in every case.
+
+    Raises MimbenchError for a K above the model's depth or a word it does not know."""
+    named = [name for name, _ in model.named_parameters()]
+    if trainable_blocks == "all":
+        return named
+    depth = len(model.blocks)
+    check_trainable_blocks(trainable_blocks, depth)
+    mlp = trainable_blocks == "mlp"
+    first = depth - 1 if mlp else depth - trainable_blocks
+    after = _after_blocks(model)
+    kept = []
+    for name in named:
+        top, _, rest = name.partition(".")
+        if top == "blocks":
+            index, _, part = rest.partition(".")
+            if int(index) >= first and (not mlp or part.split(".")[0] in MLP_HALF):
+                kept.append(name)
+        elif top in after:
+            kept.append(name)
+    return kept
+
+
+def freeze_for_partial_finetune(model: torch.nn.Module, trainable_blocks: int | str) -> dict:
+    """Set ``requires_grad`` by :func:`trainable_parameter_names`; returns ``{"trainable_blocks", "trained_params",
+    "total_params"}`` (parameter counts in elements) for the record."""
+    keep = set(trainable_parameter_names(model, trainable_blocks))
+    trained = total = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+        total += param.numel()
+        trained += param.numel() if name in keep else 0
+    return {"trainable_blocks": trainable_blocks, "trained_params": trained, "total_params": total}
 
 
 def build_mixup(mix, num_classes: int):
@@ -148,12 +220,15 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     if batch % 2:
         raise MimbenchError(f"optim.batch_size={batch} is odd; timm Mixup needs an even batch.",
                             "Use an even batch size.")
-    size = int(cfg.img_size or encoders.read_metadata(run.encoder, layout=layout)["img_size"])
+    meta = encoders.read_metadata(run.encoder, layout=layout)
+    size = int(cfg.img_size or meta["img_size"])
+    check_trainable_blocks(cfg.finetune.trainable_blocks, int(meta["depth"]))  # refused before any training
     train_tf, train_desc, eraser = _augmentation(run, size)
     train_set, val_set, classes, val_desc = _splits(run, size, train_tf)
     loader = runner.train_loader(run, train_set, batch, accum, num_workers=int(cfg.data.num_workers))
     model = build_model(run.encoder, len(classes), img_size=size, drop_path=float(cfg.model.drop_path),
                         head_init_std=float(cfg.model.head_init_std), layout=layout).to(run.device)
+    partial = freeze_for_partial_finetune(model, cfg.finetune.trainable_blocks)  # before the optimizer takes them
     optimizer = build_optimizer(model, lr=lr, weight_decay=float(optim.weight_decay),
                                 layer_decay=float(optim.layer_decay), betas=optim.betas)
     step = _make_step(run, loader.batch_sampler, *build_mixup(cfg.mixup, len(classes)), eraser)
@@ -170,6 +245,6 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
         protocol={"lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
                   "warmup_epochs": loop.warmup_epochs, "layer_decay": float(optim.layer_decay),
                   "drop_path": float(cfg.model.drop_path), "train_transform": train_desc,
-                  "val_transform": val_desc, "img_size": size, "feature": FINETUNE_FEATURE},
+                  "val_transform": val_desc, "img_size": size, "feature": FINETUNE_FEATURE, **partial},
         metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)},
                                   "skipped": runner.skipped(train_set, val_set)})

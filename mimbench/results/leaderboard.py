@@ -5,12 +5,15 @@ The table has one row per (method, arch, pretrain_epochs, task, metric, protocol
     method           e.g. "MAE", "MAE (mmpretrain)" (a re-run by another code base is its own method)
     arch             vit-b/16 | vit-l/16 | vit-h/14 | ... (the encoder files' ``arch`` spelling)
     pretrain_epochs  ImageNet-1k pre-training epochs; empty where the source does not state them
-    task             finetune | linear | knn | ade20k | attentive | lowshot
-    metric           top1 (classification, %) | mIoU (ADE20K, %)
+    task             finetune | linear | knn | ade20k | attentive | lowshot | robustness
+    metric           top1 (classification, %) | mIoU (ADE20K, %) | mce (robustness on ImageNet-C: mean corruption
+                     error in %, lower is better)
     value            0-100
     protocol         one of :data:`STANDARD_PROTOCOLS` (attentive: of :data:`ATTENTIVE_PROTOCOLS`, one per head
                      preset; lowshot: of :data:`LOWSHOT_PROTOCOLS`, one per training subset) or a named variant
-                     (e.g. multi-scale testing)
+                     (e.g. multi-scale testing; partial fine-tuning: :func:`partial_ft_protocol`; robustness: the
+                     set's name as ``eval robustness --sets`` writes it, "in-c", "in-a", "in-r", "sketch", with
+                     " @448" for a model fine-tuned at 448)
     notes            protocol details (linear head, hybrid backbone, ...)
     source           paper + table or repository file the number comes from
     verified         yes (the number was found in that source) | unverified (taken from a secondary
@@ -38,7 +41,11 @@ from mimbench.results.records import load_records
 COLUMNS = ["method", "arch", "pretrain_epochs", "task", "metric", "value", "protocol", "notes", "source", "verified"]
 KEY = ["method", "arch", "pretrain_epochs", "task", "metric", "protocol"]
 TASK_METRIC = {"finetune": "top1", "linear": "top1", "knn": "top1", "ade20k": "mIoU", "attentive": "top1",
-               "lowshot": "top1"}
+               "lowshot": "top1", "robustness": "top1"}
+#: Metrics a task has besides its :data:`TASK_METRIC` (robustness: ImageNet-C mCE beside top-1 on the other sets).
+OTHER_METRICS = {"robustness": ("mce",)}
+#: Metrics where a lower value ranks first.
+LOWER_IS_BETTER = ("mce",)
 #: The protocol each mimbench evaluation reproduces; only rows under it are used to rank a run.
 STANDARD_PROTOCOLS = {
     "finetune": "IN-1k fine-tune 224",
@@ -72,6 +79,17 @@ def standard_protocol(task: str, preset: str = "") -> str | None:
     when there is none (an attentive run without a known preset)."""
     return ATTENTIVE_PROTOCOLS.get(preset) if task == "attentive" else STANDARD_PROTOCOLS[task]
 VERIFIED = ("yes", "unverified")
+
+
+def partial_ft_protocol(trainable_blocks: int | str) -> str:
+    """The leaderboard protocol of a partial fine-tune (MAE Figure 9) with ``finetune.trainable_blocks`` =
+    ``trainable_blocks``: "partial-ft (0 blocks)", "partial-ft (last MLP)", "partial-ft (1 block)", "partial-ft
+    (4 blocks)", "partial-ft (all blocks)"."""
+    if trainable_blocks == "mlp":
+        return "partial-ft (last MLP)"
+    if trainable_blocks == "all":
+        return "partial-ft (all blocks)"
+    return f"partial-ft ({trainable_blocks} block{'' if trainable_blocks == 1 else 's'})"
 
 _TIMM_SIZES = {"tiny": "t", "small": "s", "base": "b", "large": "l", "huge": "h", "giant": "g"}
 
@@ -125,7 +143,7 @@ def leaderboard_problems(df) -> list[str]:
         where = f"row {i + 2} ({row['method']} {row['arch']} {row['task']})"  # +2: header line, 1-based
         if row["task"] not in TASK_METRIC:
             problems.append(f"{where}: task {row['task']!r} not one of {', '.join(TASK_METRIC)}")
-        elif row["metric"] != TASK_METRIC[row["task"]]:
+        elif row["metric"] != TASK_METRIC[row["task"]] and row["metric"] not in OTHER_METRICS.get(row["task"], ()):
             problems.append(f"{where}: metric {row['metric']!r} for task {row['task']} "
                             f"(expected {TASK_METRIC[row['task']]})")
         value = pd.to_numeric(row["value"], errors="coerce")
@@ -260,8 +278,9 @@ def ranked(task: str | None = None, arch: str | None = None, include_runs=None):
             what = f"{task} results" if task else "results"
             raise MimbenchError(f"No {what} for architecture {arch!r} ({normalize_arch(arch)}).",
                                 f"Architectures with {what}: {', '.join(known)}.")
-    df = df.sort_values(["task", "arch", "value"], ascending=[True, True, False], kind="stable")
-    return df.reset_index(drop=True), problems
+    order = df["value"].where(~df["metric"].isin(LOWER_IS_BETTER), -df["value"])  # best first, mCE lowest first
+    df = df.assign(_order=order).sort_values(["task", "arch", "_order"], ascending=[True, True, False], kind="stable")
+    return df.drop(columns="_order").reset_index(drop=True), problems
 
 
 def show_leaderboard(task: str | None = None, arch: str | None = None, include_runs=None, console=None):

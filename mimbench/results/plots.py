@@ -1,5 +1,5 @@
 """Figures for reports: encoders against the random control, metric vs pre-training epochs, per-class IoU,
-pre-training loss curves.
+pre-training loss curves, top-1 vs the number of fine-tuned blocks (MAE Figure 9).
 
 Everything renders with matplotlib's Agg backend (no display needed) and is saved as PNG;
 each function returns the path it wrote.
@@ -114,6 +114,41 @@ def plot_metric_vs_epochs(summary, out: str | Path, *, tasks: dict[str, str] | N
         ax.set_ylabel(tasks[task])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_partial_finetune(points, out: str | Path, *, title: str = "", paper: dict[str, float] | None = None,
+                          lines: dict[str, float] | None = None) -> Path:
+    """Top-1 (%) against the number of fine-tuned last blocks, as MAE's Figure 9: one marker per point on evenly
+    spaced ticks in the given order, each labelled with its value and the fine-tuning epochs that gave it.
+
+    ``points``: ``(tick label, top-1, epochs)`` in x order (e.g. "0", "MLP", "1", ..., "all"). ``paper``: tick label
+    -> a published value, drawn as hollow markers on the same ticks; ``lines``: label -> a value drawn across the
+    panel as a dashed line (e.g. another method's linear probe). Raises MimbenchError when ``points`` is empty."""
+    if not points:
+        raise MimbenchError("No partial fine-tuning result to plot.",
+                            "Run the sweep first (mimbench reproduce mae-fig9); each point needs a finished record.")
+    labels = [label for label, _, _ in points]
+    values = [float(v) for _, v, _ in points]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.6 * len(labels) + 2.0), 3.6))
+    ax.plot(range(len(labels)), values, marker="o", color="C0", label="this run (best epochs per point)")
+    for i, (_, value, epochs) in enumerate(points):
+        ax.annotate(f"{value:.1f}\n{epochs} ep", (i, value), ha="center", va="bottom", fontsize=7, xytext=(0, 3),
+                    textcoords="offset points")
+    known = [(labels.index(k), v) for k, v in (paper or {}).items() if k in labels]
+    if known:
+        ax.plot([i for i, _ in known], [v for _, v in known], ls="none", marker="s", mfc="none", color="C3",
+                label="paper")
+    for j, (name, value) in enumerate((lines or {}).items()):
+        ax.axhline(value, color=f"C{j + 4}", ls="--", lw=1, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("blocks fine-tuned (the last ones)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, out)
 
 

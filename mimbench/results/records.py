@@ -291,7 +291,9 @@ def finished_record(step_dir: Path, config: Path | None = None, overrides=(),
     """
     want_sha = enc_sha = None
     if config is not None:
-        want_sha = config_sha256(load_config(config, list(overrides)))
+        # allow_new_keys: an override may set a key the schema knows but the file leaves at its default (the run
+        # validated it against its kind's schema), which then counts in the hash as the run's did
+        want_sha = config_sha256(load_config(config, list(overrides), allow_new_keys=True))
     if encoder is not None:
         enc_sha = encoder_sha256(encoder)
     for path in sorted(step_dir.glob("*.json")) if step_dir.is_dir() else []:

@@ -1,6 +1,7 @@
 """Published leaderboard: file integrity, validation, ranking with own runs, compare and its refusals."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_published_leaderboard_is_valid_and_has_the_reference_rows():
     assert list(df.columns) == COLUMNS
     assert leaderboard_problems(df) == []
     assert not df.duplicated(KEY).any()
-    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k", "attentive", "lowshot"}
+    assert set(df["task"]) == {"finetune", "linear", "knn", "ade20k", "attentive", "lowshot", "robustness"}
     assert set(df["verified"]) <= {"yes", "unverified"}
     mae = df[(df.method == "MAE") & (df.arch == "vit-b/16") & (df.task == "finetune")]
     assert mae["value"].tolist() == [83.6] and mae["verified"].tolist() == ["yes"]
@@ -258,3 +259,60 @@ def test_low_shot_rows_carry_mim_refiners_table_with_the_classifier_left_unstate
     assert (epochs.loc[["vit-l/16", "vit-h/14"]] == 1600).all() and epochs.loc["vit-2b/14"].isna().all()
     table = show_leaderboard(task="lowshot", arch="vit-h/14", console=Console(record=True, width=250))
     assert table["value"].tolist() == [81.2, 72.8, 40.2, 14.1, 7.2]  # best first
+def test_mae_table_13_robustness_rows_with_their_sources():
+    """MAE Table 13 (the IN-1k fine-tuned weights on ImageNet-C / -A / -R / -Sketch) and the supervised baselines of
+    its appendix, one row per set under the set's protocol name; mCE ranks lowest first."""
+    df = load_leaderboard()
+    rob = df[df.task == "robustness"]
+    assert set(rob.metric) == {"mce", "top1"} and (rob.loc[rob.protocol.str.startswith("in-c"), "metric"] == "mce").all()
+    mae = rob[rob.method == "MAE"]
+    assert (mae.source.str.contains("Table 13")).all() and (mae.verified == "yes").all()
+    assert (mae.pretrain_epochs == 1600).all()
+
+    def values(frame, protocol):
+        rows = frame[frame.protocol == protocol].set_index("arch")["value"]
+        return [float(rows[a]) for a in ("vit-b/16", "vit-l/16", "vit-h/14") if a in rows.index]
+
+    assert values(mae, "in-c") == [51.7, 41.8, 33.8]
+    assert values(mae, "in-a") == [35.9, 57.1, 68.2]
+    assert values(mae, "in-r") == [48.3, 59.9, 64.4]
+    assert values(mae, "sketch") == [34.5, 45.3, 49.6]
+    at448 = mae[mae.protocol.str.endswith("@448")].set_index("protocol")["value"]
+    assert at448.to_dict() == {"in-c @448": 36.8, "in-a @448": 76.7, "in-r @448": 66.5, "sketch @448": 50.9}
+    assert set(mae[mae.protocol.str.endswith("@448")].arch) == {"vit-h/14"}
+    sup = rob[rob.method == "Supervised ViT (MAE appendix)"]
+    assert values(sup, "in-c") == [45.8, 42.3, 41.3]
+    assert values(sup, "in-a") == [27.2, 29.6, 33.1]
+    assert values(sup, "in-r") == [49.4, 50.9, 50.3]
+    assert values(sup, "sketch") == [35.6, 37.5, 38.0]
+    assert sup.source.str.contains("appendix").all()
+    # ranked: within a (task, arch), top-1 rows best first, then mCE lowest first
+    table = show_leaderboard(task="robustness", arch="vit-h/14", console=Console(file=io.StringIO()))
+    mce = table[table.metric == "mce"]["value"].tolist()
+    assert mce == sorted(mce) and mce[0] == 33.8
+    top1 = table[table.metric == "top1"]["value"].tolist()
+    assert top1 == sorted(top1, reverse=True)
+
+
+def test_mae_figure_9_points_stated_in_the_text_with_their_source():
+    from mimbench.results.leaderboard import partial_ft_protocol
+
+    df = load_leaderboard()
+    pft = df[df.protocol.str.startswith("partial-ft")]
+    assert set(pft.task) == {"finetune"} and set(pft.arch) == {"vit-l/16"} and set(pft.method) == {"MAE"}
+    assert pft.set_index("protocol")["value"].to_dict() == {
+        partial_ft_protocol(0): 73.5, partial_ft_protocol("mlp"): 79.1, partial_ft_protocol(1): 81.0}
+    assert pft.source.str.contains("Figure 9").all()
+    moco = df[(df.method == "MoCo v3") & (df.arch == "vit-l/16") & (df.task == "linear")]
+    assert moco["value"].tolist() == [77.6] and "Figure 9" in moco["source"].iloc[0]
+    assert moco["protocol"].tolist() == [STANDARD_PROTOCOLS["linear"]]
+    assert [partial_ft_protocol(k) for k in (0, 1, 4, "mlp", "all")] == [
+        "partial-ft (0 blocks)", "partial-ft (1 block)", "partial-ft (4 blocks)", "partial-ft (last MLP)",
+        "partial-ft (all blocks)"]
+
+
+def test_a_metric_outside_the_tasks_is_refused():
+    df = load_leaderboard()
+    bad = df.copy()
+    bad.loc[bad.index[0], "metric"] = "mce"  # a fine-tune row cannot hold an mCE
+    assert any("metric 'mce' for task finetune" in p for p in leaderboard_problems(bad))

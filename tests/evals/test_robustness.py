@@ -246,3 +246,30 @@ def test_the_cli_takes_the_model_sets_and_roots(imagenet_model, tmp_path):
                                       *sum((["--set", s] for s in SMALL), [])])
     assert result.exit_code == 0, result.output
     assert "robustness: in-a top1=100" in result.output
+
+
+def test_the_demo_runs_robustness_after_every_fine_tune_with_the_control_as_reference(tmp_path):
+    from mimbench.demo import CONTROL, QUICK, demo_steps
+    from mimbench.evals.tasks import all_tasks
+    from mimbench.steps import Evaluate
+
+    steps = [s for s in demo_steps(tmp_path, QUICK, {t.name: t.default_data for t in all_tasks()})
+             if isinstance(s, Evaluate)]
+    robust = [i for i, s in enumerate(steps) if s.task == "robustness"]
+    finetunes = [i for i, s in enumerate(steps) if s.task == "finetune"]
+    assert len(robust) == len(finetunes) == 3 and max(finetunes) < min(robust)
+    for i in robust:
+        assert steps[i].needs == ((steps[i].encoder, "finetune"), (CONTROL, "finetune"))
+        assert "data.limit_val=200" in steps[i].overrides
+    assert steps[finetunes[0]].needs == ()
+
+
+def test_a_robustness_record_is_reused_only_for_the_same_models(imagenet_model, tmp_path):
+    from mimbench.encoders import encoder_sha256
+    from mimbench.steps import made_from
+
+    sha = encoder_sha256(imagenet_model / MODEL_FILE)
+    record = {"protocol": {"inputs": {"model": sha, "reference": sha}}}
+    assert made_from(record, {"model": imagenet_model, "reference": imagenet_model})
+    assert not made_from({"protocol": {"inputs": {"model": "0" * 64}}}, {"model": imagenet_model})
+    assert made_from({"protocol": {}}, {})

@@ -1,5 +1,6 @@
 """Robustness from one fine-tune (MAE Table 13): the authors' class subsets, ImageNetV2's integer folders, the mCE
 formula, every set's layout end to end on small JPEG trees, Fashion-MNIST-C, and the errors for bad input."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,13 @@ def test_the_restriction_and_integer_mapping_change_the_score(imagenet_model, tm
     assert records["v2"]["metrics"]["top1"] == pytest.approx(100 * 2 / 13)  # string order: 1 / 13
     assert records["sketch"]["metrics"]["top1"] == pytest.approx(100 / 3)
     assert records["in-c"]["metrics"]["mCE"] == pytest.approx(mce({k: [0.5] * 5 for k in ALEXNET_ERRORS}))
+    # a severity missing: the rest evaluated, the gap listed, no mCE
+    shutil.rmtree(roots["in-c"] / "fog" / "3")
+    partial = run_eval("robustness", encoder=tmp_path / "ft", config=PROTOCOL, data=str(tmp_path / "data"),
+                       out=tmp_path / "partial", overrides=SMALL, sets="in-c",
+                       roots=[f"in-c={roots['in-c']}"])["records"][0]
+    assert "mCE" not in partial["metrics"] and partial["dataset"]["missing"] == ["fog/3"]
+    assert len(partial["metrics"]["ce"]) == 14 and set(partial["metrics"]["error"]["fog"]) == {"1", "2", "4", "5"}
 
 
 def test_bad_input_is_refused_before_any_work(imagenet_model, tmp_path):

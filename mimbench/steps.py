@@ -37,8 +37,8 @@ from mimbench.config import config_sha256, load_config
 from mimbench.control import build_control, is_control
 from mimbench.errors import MimbenchError
 from mimbench.encoders import encoder_sha256
-from mimbench.evals.classifier import classifier_path
-from mimbench.evals.tasks import BUILTIN_DATA, get_task
+from mimbench.evals.classifier import MODEL_FILE, classifier_path
+from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task
 from mimbench.results.records import encoder_made_by, finished_record
 
 RUNS_PLACEHOLDER = "{runs}"
@@ -260,6 +260,12 @@ class StepRunner:
             inputs[key] = folder
         return inputs
 
+    @staticmethod
+    def _lacks_model(step: Evaluate, folder: Path) -> bool:
+        """A run another task reads (a task whose entry says ``after`` it) made before it kept its model (an older
+        fine-tune without ``model.safetensors``): not reused."""
+        return any(t.after == step.task for t in all_tasks()) and not (folder / MODEL_FILE).is_file()
+
     def _evaluate(self, step: Evaluate) -> Outcome:
         if step.encoder not in self.encoders:
             raise MimbenchError(f"Step {step.title!r} evaluates encoder {step.encoder!r}, which no earlier step made.",
@@ -268,7 +274,7 @@ class StepRunner:
         folder = self.eval_dir(step.encoder, step.task)
         inputs = self._inputs(step)
         record = finished_record(folder, step.config, step.overrides, encoder)
-        if record is not None and made_from(record, inputs):
+        if record is not None and made_from(record, inputs) and not self._lacks_model(step, folder):
             self.log(f"reusing {folder}")
             return Outcome(step, True, folder, record)
         self._clear(folder)

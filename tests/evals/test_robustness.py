@@ -281,3 +281,14 @@ def test_a_robustness_record_is_reused_only_for_the_same_models(imagenet_model, 
     assert made_from(record, {"model": imagenet_model, "reference": imagenet_model})
     assert not made_from({"protocol": {"inputs": {"model": "0" * 64}}}, {"model": imagenet_model})
     assert made_from({"protocol": {}}, {})
+
+
+def test_a_fine_tune_without_its_saved_model_is_not_reused(tmp_path):
+    """A demo folder from before the fine-tune kept its model: the fine-tune step is redone for robustness to read."""
+    from mimbench.steps import Evaluate, StepRunner
+
+    step = Evaluate("mae", "finetune", Path("eval_configs/demo/finetune_fmnist.py"))
+    assert StepRunner._lacks_model(step, tmp_path)
+    (tmp_path / MODEL_FILE).write_bytes(b"")
+    assert not StepRunner._lacks_model(step, tmp_path)
+    assert not StepRunner._lacks_model(Evaluate("mae", "knn", Path("eval_configs/demo/knn_fmnist.py")), tmp_path / "x")

@@ -183,7 +183,8 @@ def _option(name: str, annotation, info) -> inspect.Parameter:
 def _eval_parameters(task: Task) -> list[inspect.Parameter]:
     """The options of ``mimbench eval <task>``: the common ones, then the entry's own (``task.options``)."""
     params = [
-        _option("encoder", Path, typer.Option(..., help=ENCODER_HELP)),
+        _option("encoder", Path, typer.Option(..., *task.encoder_option[:1], help=task.encoder_option[1])
+                if task.encoder_option else typer.Option(..., help=ENCODER_HELP)),
         _option("from_", str, _from_option()),
         _option("config", Path, typer.Option(EVAL_CONFIGS / task.demo_config, help=CONFIG_HELP.format(
             protocol=EVAL_CONFIGS / task.protocol_config))),

@@ -66,7 +66,7 @@ def demo_data(out: Path, scale: DemoScale) -> dict[str, str]:
     built once under ``out/data/`` at this scale's size and shared by every encoder."""
     data = {}
     for task in all_tasks():
-        if task.demo_data is None:
+        if task.demo_data is None or not installed(task):
             data[task.name] = task.default_data
             continue
         build = resolve(task.demo_data, task.name)
@@ -75,14 +75,16 @@ def demo_data(out: Path, scale: DemoScale) -> dict[str, str]:
     return data
 
 
-def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str]) -> list[Step]:
-    """Every task of the table on encoder ``name``, with its demo config and this scale's budget."""
+def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str], reading: bool = False) -> list[Step]:
+    """Every task of the table on encoder ``name``, with its demo config and this scale's budget; ``reading``: only
+    the tasks that read another evaluation's output (their entry's ``after``, with the control as reference), else
+    only the others."""
     # The tasks that read features (k-NN, the cached linear probe) share one cache per encoder: extracted once.
     cache = f"cache_dir={str(Path(out) / 'features' / name)!r}"
     return [Evaluate(name, task.name, eval_config(task.demo_config),
                      (*task.demo_overrides.get(scale.name, ()), *((cache,) if task.feature_cache else ())),
-                     data=data[task.name])
-            for task in all_tasks() if task.in_demo and installed(task)]
+                     data=data[task.name], reference=CONTROL if task.after else None)
+            for task in all_tasks() if task.in_demo and installed(task) and bool(task.after) == reading]
 
 
 def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
@@ -94,6 +96,9 @@ def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
     steps.append(Control(CONTROL, config=pretrain_config(scale.techniques[0][1]), overrides=scale.pretrain))
     for name in [n for n, _ in scale.techniques] + [CONTROL]:
         steps += _evaluations(out, scale, name, data)
+    # then the tasks reading those evaluations (robustness: each fine-tune's model, the control's as normaliser)
+    for name in [n for n, _ in scale.techniques] + [CONTROL]:
+        steps += _evaluations(out, scale, name, data, reading=True)
     return steps
 
 

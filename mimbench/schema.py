@@ -3,7 +3,7 @@
 A config file or a ``--set`` override with an unknown key, a value of the wrong type or a value out of
 range is refused by :func:`validate` before any work starts, with the key, the value, where it came from
 and what is allowed (and the closest known key for a typo). Kinds: ``pretrain``, ``linear``,
-``finetune``, ``knn``, ``segment``, ``lowshot`` and ``attentive``.
+``finetune``, ``knn``, ``segment``, ``lowshot``, ``attentive`` and ``robustness``.
 
 Sections are *closed* (every key must be known) except where a schema says otherwise: a pre-training
 ``model`` section passes its keys to the model constructor, which refuses unknown ones itself, and a
@@ -40,7 +40,7 @@ __all__ = ["Num", "Choice", "Flag", "Text", "Seq", "Section", "REQUIRED", "SCHEM
            "AMP", "AMP_CHOICES", "RUNTIME_KEYS", "EVAL_DATA", "LINEAR_MODES", "LINEAR_OPTIMIZERS", "AUGMENT_MODES", "MIXUP_MODES", "ERASE_MODES",
            "TRACKERS", "POOLS", "LAYERS_SYNTAX", "SELECTION_ON", "Layers", "layer_spec", "LOWSHOT_CLASSIFIERS",
            "ATTENTIVE_PRESETS", "ATTENTIVE_OPTIMIZERS", "ATTENTIVE_TOKENS", "ATTENTIVE_AUGMENTS",
-           "TRAINABLE_BLOCKS_WORDS", "Blocks",
+           "TRAINABLE_BLOCKS_WORDS", "Blocks", "ROBUSTNESS_SETS", "V2_VARIANTS",
            "validate", "knows_key", "spec_of", "missing_defaults"]
 
 
@@ -268,6 +268,9 @@ ATTENTIVE_AUGMENTS = ("rrc_flip", "timm")         # RandomResizedCrop + flip, or
 #: ``finetune.trainable_blocks`` besides an integer K (mimbench.evals.finetune.freeze_for_partial_finetune): "all" =
 #: full fine-tuning, "mlp" = only the last block's MLP half (MAE Figure 9's half-block point).
 TRAINABLE_BLOCKS_WORDS = ("all", "mlp")
+#: mimbench.evals.robustness: ImageNet-C, -A, -R, -Sketch, ImageNetV2 (MAE Table 13) and the demo's Fashion-MNIST-C.
+ROBUSTNESS_SETS = ("in-c", "in-a", "in-r", "sketch", "v2", "fmnist-c")
+V2_VARIANTS = ("matched-frequency", "threshold0.7", "top-images")  # ImageNetV2's three test sets
 
 # ---------------------------------------------------------------------------- leaves and shared sections
 INT_GE0, INT_GE1 = Num(int, lo=0), Num(int, lo=1)
@@ -394,6 +397,14 @@ SCHEMAS: dict[str, Section] = {
         "selection": Section({"best_epoch": Flag()(False), "on": Choice(SELECTION_ON)("train-holdout"),
                               "holdout": Num(float, 0.0, 1.0, lo_open=True, hi_open=True)(0.1)}),
     }, required=("head", "optim", "schedule")),
+    "robustness": Section({
+        **EVAL_COMMON, "runtime": Section({k: RUNTIME_KEYS[k] for k in ("seed", "amp")}),  # inference only
+        "sets": Seq(Choice(ROBUSTNESS_SETS))(["in-c", "in-a", "in-r", "sketch"]),  # MAE Table 13's rows
+        "v2_variant": Choice(V2_VARIANTS)("matched-frequency"),
+        # class folders: a part of a set's classes is refused unless allowed (then recorded as a deviation)
+        "allow_subset": Flag()(False),
+        "batch_size": INT_GE1(256),
+    }),
     # An mmsegmentation config: only the keys mimbench reads are checked, and mmseg's own defaults apply (no
     # key is filled in).
     "segment": Section({
@@ -409,7 +420,7 @@ SCHEMAS: dict[str, Section] = {
 }
 KINDS = tuple(SCHEMAS)
 #: Kinds whose missing keys :func:`missing_defaults` fills (a segmentation config keeps mmseg's defaults).
-FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot", "attentive")
+FILLED_KINDS = ("pretrain", "linear", "finetune", "knn", "lowshot", "attentive", "robustness")
 
 
 def _section(kind: str) -> Section:

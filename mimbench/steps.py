@@ -36,7 +36,9 @@ from mimbench import evals
 from mimbench.config import config_sha256, load_config
 from mimbench.control import build_control, is_control
 from mimbench.errors import MimbenchError
-from mimbench.evals.tasks import BUILTIN_DATA, get_task
+from mimbench.encoders import encoder_sha256
+from mimbench.evals.classifier import MODEL_FILE, classifier_path
+from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task
 from mimbench.results.records import encoder_made_by, finished_record
 
 RUNS_PLACEHOLDER = "{runs}"
@@ -92,9 +94,19 @@ class Evaluate:
     config: Path
     overrides: tuple[str, ...] = ()
     data: str = BUILTIN_DATA
+    reference: str | None = None  # a task with ``after``: the encoder whose ``after`` output is its ``reference``
 
     def __post_init__(self):
         get_task(self.task)  # refuses a task the table does not have
+
+    @property
+    def needs(self) -> tuple[tuple[str, str], ...]:
+        """The evaluations (encoder, task) whose run folders this step reads: none, or for a task whose entry
+        says ``after`` that task on this encoder (and on ``reference``); they run before it."""
+        after = get_task(self.task).after
+        if after is None:
+            return ()
+        return ((self.encoder, after),) + (((self.reference, after),) if self.reference else ())
 
     @property
     def title(self) -> str:
@@ -236,23 +248,51 @@ class StepRunner:
         self._clear(enc.parent)
         return Outcome(step, False, build_control(enc, **recipe))
 
+    def _inputs(self, step: Evaluate) -> dict[str, Path]:
+        """The run folders a step reads (:attr:`Evaluate.needs`): ``{"model": ..., "reference": ...}``; each must
+        hold a finished record."""
+        inputs = {}
+        for key, (encoder, task) in zip(("model", "reference"), step.needs):
+            folder = self.eval_dir(encoder, task)
+            if finished_record(folder) is None:
+                raise MimbenchError(f"Step {step.title!r} reads the {task} run of {encoder!r} ({folder}), which has not "
+                                    "finished.", f"Run the {task} step of {encoder!r} first.")
+            inputs[key] = folder
+        return inputs
+
+    @staticmethod
+    def _lacks_model(step: Evaluate, folder: Path) -> bool:
+        """A run another task reads (a task whose entry says ``after`` it) made before it kept its model (an older
+        fine-tune without ``model.safetensors``): not reused."""
+        return any(t.after == step.task for t in all_tasks()) and not (folder / MODEL_FILE).is_file()
+
     def _evaluate(self, step: Evaluate) -> Outcome:
         if step.encoder not in self.encoders:
             raise MimbenchError(f"Step {step.title!r} evaluates encoder {step.encoder!r}, which no earlier step made.",
                                 "Put its pre-training or control step first.")
         encoder = self.encoders[step.encoder]
         folder = self.eval_dir(step.encoder, step.task)
+        inputs = self._inputs(step)
         record = finished_record(folder, step.config, step.overrides, encoder)
-        if record is not None:
+        if record is not None and made_from(record, inputs) and not self._lacks_model(step, folder):
             self.log(f"reusing {folder}")
             return Outcome(step, True, folder, record)
         self._clear(folder)
         task = get_task(step.task)
         folder.mkdir(parents=True, exist_ok=True)
+        options = {**task.step_options, **({"reference": inputs["reference"]} if "reference" in inputs else {})}
         with _console(folder / "console.log" if task.console_log else None):
-            record = evals.run_eval(step.task, encoder=encoder, config=step.config, data=step.data, out=folder,
-                                    overrides=list(step.overrides), resume=False, **task.step_options)
+            record = evals.run_eval(step.task, encoder=inputs.get("model", encoder), config=step.config,
+                                    data=step.data, out=folder, overrides=list(step.overrides), resume=False,
+                                    **options)
         return Outcome(step, False, folder, record)
+
+
+def made_from(record: dict, inputs: dict[str, Path]) -> bool:
+    """Whether ``record`` was made from the current files of ``inputs`` (run folders): its ``protocol.inputs``
+    names the sha256 of each one's ``model.safetensors``."""
+    made = (record.get("protocol") or {}).get("inputs") or {}
+    return all(made.get(key) == encoder_sha256(classifier_path(folder)) for key, folder in inputs.items())
 
 
 def reuse_note(outcomes: Sequence[Outcome]) -> str:

@@ -11,7 +11,7 @@ runner = CliRunner()
 
 COMMANDS = ["info", "pretrain", "demo", "report", "leaderboard", "compare", "convert", "reproduce", "bench", "eval",
             "control"]
-EVAL_COMMANDS = ["knn", "linear", "attentive", "finetune", "segment", "lowshot"]
+EVAL_COMMANDS = ["knn", "linear", "attentive", "finetune", "segment", "lowshot", "robustness"]
 
 
 def _plain(text: str) -> str:

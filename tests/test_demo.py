@@ -16,14 +16,18 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert encoders == {"mae", "ddae", "random-init"}
     records = [json.loads(p.read_text()) for p in (out / "evals").rglob("*-*.json")]
     tasks = sorted((r["task"], r["encoder"]["technique"]) for r in records if "run_id" in r)
-    assert {t for t, _ in tasks} == {"knn", "linear", "attentive", "finetune", "segment", "lowshot"}
-    # 3 encoders x 6 evaluations, plus the low-shot runs' own records (3 seeds each, in lowshot/runs/)
-    assert len(tasks) == 3 * 6 + 3 * 3 and all(r["status"] == "ok" for r in records if "run_id" in r)
+    assert {t for t, _ in tasks} == {"knn", "linear", "attentive", "finetune", "segment", "lowshot", "robustness"}
+    # 3 encoders x 7 evaluations, plus the low-shot runs' own records (3 seeds each, in lowshot/runs/)
+    assert len(tasks) == 3 * 7 + 3 * 3 and all(r["status"] == "ok" for r in records if "run_id" in r)
     report = (out / "report.md").read_text()
     for name in ("mae", "ddae", "random-init"):
         assert name in report
     # the low-shot column: 10 images per class, mean ± std over its 3 seeds
     assert "10-shot top-1" in report and report.count("(n=3)") >= 3
+    # the robustness column: Fashion-MNIST-C mCE against the control's fine-tune (the control itself: 100)
+    assert "FMNIST-C mCE (lower is better)" in report
+    control = next(r for r in records if r.get("task") == "robustness" and r["encoder"]["technique"] == "random-init")
+    assert control["metrics"]["mCE"] == pytest.approx(100.0)
     assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
@@ -35,13 +39,13 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     # each distinct deviation once; every encoder runs the same configs, so each applies to all rows of its columns
     assert devs and len(devs) == len(set(devs)) and all(d.endswith("all rows)") for d in devs)
 
-    # second run: nothing is recomputed (2 pre-trainings + the control + 3 encoders x 6 evaluations)
+    # second run: nothing is recomputed (2 pre-trainings + the control + 3 encoders x 7 evaluations)
     n_records = len(list((out / "evals").rglob("*-*.json")))
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
     assert again.exit_code == 0, again.output
-    assert again.output.count("reusing") == 2 + 1 + 3 * 6
+    assert again.output.count("reusing") == 2 + 1 + 3 * 7
     assert len(list((out / "evals").rglob("*-*.json"))) == n_records
-    assert "21 of 21 steps" in (out / "report.md").read_text()  # the report says what was reused
+    assert "24 of 24 steps" in (out / "report.md").read_text()  # the report says what was reused
 
     # a step made with other settings (here: a linear-probe record whose resolved config differs, as one
     # left by --quick in a full demo's folder, or by an older config) is redone, and its record replaced
@@ -51,7 +55,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     linear.write_text(json.dumps(stale))
     third = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
     assert third.exit_code == 0, third.output
-    assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 6 - 1
+    assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 7 - 1
     assert not linear.exists() and len(list((out / "evals").rglob("*-*.json"))) == n_records
 
 
@@ -62,7 +66,7 @@ def test_demo_leaves_out_a_task_whose_extra_is_not_installed(tmp_path, monkeypat
     from mimbench.demo import QUICK, demo_steps
 
     real = importlib.util.find_spec
-    data = {name: "builtin:fashion-mnist" for name in ("knn", "linear", "attentive", "finetune", "lowshot")}
+    data = {name: "builtin:fashion-mnist" for name in ("knn", "linear", "attentive", "finetune", "lowshot", "robustness")}
     data["segment"] = "builtin:fashion-mnist-seg"
     names = lambda: [getattr(s, "task", None) for s in demo_steps(tmp_path, QUICK, data)]  # noqa: E731
     assert "lowshot" in names()

@@ -22,7 +22,7 @@ MINIMAL = {
     "knn": "# every k-NN key has a default\n",
     "lowshot": "# every low-shot key has a default\n",
     "attentive": "head = dict(preset='ep')\noptim = dict(name='adamw', lr=1e-3, batch_size=8)\n"
-                 "schedule = dict(epochs=2, warmup_epochs=1)\n",
+                 "schedule = dict(epochs=2, warmup_epochs=1)\n",    "robustness": "# every robustness key has a default\n",
 }
 
 
@@ -95,7 +95,7 @@ def test_a_config_without_runtime_gets_the_schema_defaults(tmp_path, kind):
     assert "runtime" not in MINIMAL[kind]
     assert dict(cfg.runtime) == {key: spec.default for key, spec in runtime.keys.items()}
     assert set(runtime.keys) >= {"seed", "amp"}
-    if kind not in ("knn", "lowshot"):  # every training kind shares the whole runtime block
+    if kind not in ("knn", "lowshot", "robustness"):  # every training kind shares the whole runtime block
         assert set(runtime.keys) >= set(RUNTIME_KEYS)
         assert (cfg.runtime.log_every, cfg.runtime.ckpt_every, cfg.runtime.progress) == (20, 0, True)
 

@@ -71,7 +71,8 @@ def test_a_registered_task_is_in_the_demo_and_in_bench(fake_task, tmp_path):
 
     data = {t.name: t.default_data for t in tasks.all_tasks()}
     evaluated = {(s.encoder, s.task) for s in demo_steps(tmp_path, QUICK, data) if isinstance(s, Evaluate)}
-    assert {task for _, task in evaluated} == {"knn", "linear", "finetune", "segment", "attentive", "lowshot", "fake"}
+    assert {task for _, task in evaluated} == {"knn", "linear", "finetune", "segment", "attentive", "lowshot", "robustness",
+                                             "fake"}
     assert ("random-init", "fake") in evaluated
     assert "fake" in bench.modes()
     record = bench.run_bench("fake", steps=1, warmup=0, batch=2, out=tmp_path, device="cpu")

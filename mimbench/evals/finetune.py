@@ -47,13 +47,14 @@ from timm.data.random_erasing import RandomErasing
 from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 
-from mimbench import encoders
+from mimbench import dist, encoders
 from mimbench.batching import seed_batch
 from mimbench.data import dataset_stats, is_builtin
 from mimbench.data.transforms import finetune_train_transform
 from mimbench.engine import fit
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
+from mimbench.evals.classifier import MODEL_FILE, save_classifier
 from mimbench.evals.features import eval_transform, limited
 from mimbench.fastpath import adamw_kwargs, under_autocast
 from mimbench.schema import TRAINABLE_BLOCKS_WORDS, spec_of
@@ -240,7 +241,7 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
     metrics = runner.topk_metrics(logits, labels)
     if history:
         metrics["train_loss"] = float(history[-1]["loss"])
-    return runner.finish(
+    record = runner.finish(
         run,
         protocol={"lr": lr, "eff_batch_size": eff, "accum_iter": accum, "epochs": loop.epochs,
                   "warmup_epochs": loop.warmup_epochs, "layer_decay": float(optim.layer_decay),
@@ -248,3 +249,18 @@ def run_finetune(*, encoder: Path, config: Path, data: str, out: Path, overrides
                   "val_transform": val_desc, "img_size": size, "feature": FINETUNE_FEATURE, **partial},
         metrics=metrics, dataset={"sizes": {"train": len(train_set), "val": len(val_set)},
                                   "skipped": runner.skipped(train_set, val_set)})
+    save_model(run, model, record, classes=classes, img_size=size, val_transform=val_desc)
+    return record
+
+
+def save_model(run, model: torch.nn.Module, record: dict, *, classes, img_size: int, val_transform: str) -> None:
+    """Keep the fine-tuned classifier as ``OUT/model.safetensors`` with the record's provenance
+    (:mod:`mimbench.evals.classifier`), so that later evaluations (``mimbench eval robustness``) need no
+    retraining; rank 0 writes it."""
+    if run.is_main:
+        mean, std = dataset_stats(run.data)
+        save_classifier(model, run.out / MODEL_FILE, record=record, encoder_metadata=model.mimbench_metadata,
+                        model_kwargs={"global_pool": "avg", "fc_norm": True, "num_classes": len(classes)},
+                        img_size=img_size, classes=classes, mean=mean, std=std, data=run.data,
+                        eval_transform=val_transform)
+    dist.barrier()

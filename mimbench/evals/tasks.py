@@ -82,6 +82,11 @@ class Task:
     bench_mode: str | None = None  # `mimbench bench <mode>`; None: not benchmarked
     bench_step: str | None = None  # "module:function" building the timed step (mimbench.bench.StepBuilder)
     bench_batch: str | None = None  # dotted config key of the bench's default batch size
+    # The task whose run folder on the same encoder is this task's input (robustness reads the fine-tune's saved
+    # model): a pipeline step passes that folder as ``encoder`` (and an earlier ``reference`` encoder's as
+    # ``reference``), and runs after it; `mimbench eval <name>` takes it through ``encoder_option``.
+    after: str | None = None
+    encoder_option: tuple[str, str] | None = None  # (flag, help) of the input when it is not an encoder file
     # How `mimbench eval <name>` prints the scalar metrics: "pairs" (``top1=71.5, top5=90.1``) or "dict"
     # (the Python dict, ``{'aAcc': ..., 'mIoU': ...}``: segmentation's line, which scripts already parse).
     metrics_line: str = "pairs"
@@ -231,6 +236,32 @@ register_task(Task(
     ),
     # In the demo: the report's "10-shot top-1" column; the quick budget reads the same cached features as k-NN.
     feature_cache=True, demo_overrides={"quick": QUICK_FEATURE_LIMITS}, extra="lowshot", requires=("cyanure",),
+))
+register_task(Task(
+    name="robustness", runner="mimbench.evals.robustness:run_robustness", kind="robustness",
+    demo_config="demo/robustness_fmnist.py", protocol_config="robustness/mae_table13.py",
+    summary="Robustness of a fine-tuned model (MAE Table 13): ImageNet-C mCE and ImageNet-A / -R / -Sketch / V2 "
+            "top-1, each set as its authors evaluate it, one record per set; Fashion-MNIST-C (imagecorruptions, the "
+            "extra 'robustness') at demo scale.",
+    example="mimbench eval robustness --model runs/ft --config robustness/mae_table13 --root in-c=/data/imagenet-c "
+            "--root in-a=/data/imagenet-a --root in-r=/data/imagenet-r --root sketch=/data/sketch --out runs/robust",
+    data_help="builtin:fashion-mnist (Fashion-MNIST-C), or a folder holding the sets under their archive names "
+              "(imagenet-c, imagenet-a, imagenet-r, sketch, imagenetv2-<variant>-format-val); --root overrides one",
+    encoder_option=("--model", "The fine-tuned model: a `mimbench eval finetune` run folder or its model.safetensors"),
+    options=(
+        Option("sets", ("--sets",), None, "Comma-separated sets: in-c, in-a, in-r, sketch, v2 (ImageNetV2, "
+               "variant: --set v2_variant=...), fmnist-c. Default: the config's sets", annotation=Optional[str]),
+        Option("roots", ("--root",), None, "A set's folder, SET=PATH (repeatable), e.g. --root in-a=/data/imagenet-a",
+               annotation=Optional[List[str]]),
+        Option("reference", ("--reference",), None, "fmnist-c: the fine-tuned model (run folder or file) whose errors "
+               "normalise the CEs (the demo: the random-init control's); none: no mCE, the mean error",
+               annotation=Optional[Path]),
+    ),
+    after="finetune",
+    # The demo builds Fashion-MNIST-C once (1,000 test images; quick: 200) and reads the fine-tunes' saved models.
+    demo_data="mimbench.evals.robustness:build_fashion_mnist_c", demo_data_kwargs={"full": {"n": 1000},
+                                                                                  "quick": {"n": 200}},
+    demo_overrides={"quick": ("data.limit_val=200",)}, extra="robustness", requires=("imagecorruptions",),
 ))
 
 

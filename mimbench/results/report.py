@@ -22,6 +22,7 @@ from rich.table import Table
 
 from mimbench.atomic import atomic_write_text
 from mimbench.errors import MimbenchError
+from mimbench.evals import robustness
 from mimbench.results import plots
 from mimbench.results.leaderboard import field_text, record_metric, run_deviations
 from mimbench.results.plots import CONTROL_TECHNIQUE
@@ -36,6 +37,7 @@ METRIC_COLUMNS = {
     "knn": "k-NN top-1",
     "lowshot": "low-shot top-1",
     "segment": "ADE20K mIoU",
+    "robustness": "robustness",  # one column per set: mimbench.evals.robustness.report_value
 }
 SEGMENT_DATASETS = {"ade20k": "ADE20K", "fashion-mnist-seg": "FashionMNIST-Seg"}
 
@@ -69,6 +71,9 @@ def _values(r) -> list[tuple[str, object, float]] | None:
             return []
         column = lowshot_column(runs)
         return [(column, run.get("seed", r["seed"]), float(run["top1"])) for run in runs]
+    if r["task"] == "robustness":
+        found = robustness.report_value(r)
+        return None if found is None else [(found[0], r["seed"], found[1])]
     value = record_metric(r, r["task"])
     return None if value is None else [(_column(r["task"], r.get("dataset.name")), r["seed"], value)]
 FORMATS = ("md", "csv", "latex", "html")
@@ -344,6 +349,9 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
                 "html": "<p>No finished evaluation runs found.</p>"}[fmt]
     elif fmt == "md":
         text = pivot(summary).to_markdown()
+        table13 = robustness.table13(summary, _ordered_labels(summary))
+        if table13 is not None:
+            text += "\n\nRobustness, laid out as MAE Table 13 (a row per set):\n\n" + table13.to_markdown()
     elif fmt == "csv":
         text = numeric_pivot(summary).to_csv().rstrip("\n")
     elif fmt == "latex":

@@ -73,6 +73,8 @@ class Task:
     demo_data_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     in_grid_demo: bool = False    # evaluated at every point of a demo-scale reproduce grid (cheap tasks only)
     in_demo: bool = True          # evaluated on every encoder of `mimbench demo`
+    # Tasks whose output on the same encoder this one reads (e.g. the fine-tuned model): a pipeline runs them first.
+    after: tuple[str, ...] = ()
     # The optional extra the task needs and the modules it provides: without them `mimbench demo` leaves the task
     # out and says which extra adds it (`mimbench eval <task>` refuses with the same fix).
     extra: str | None = None

@@ -9,7 +9,9 @@ table, its figures and the time taken.
 The demo is a list of steps (:func:`demo_steps`) run by :class:`mimbench.steps.StepRunner`: a step whose
 result is already in ``out``, made from the same config, overrides and encoder, is reused, so a second
 run (or a run after an interruption) only does what is missing; a step left there by other settings
-(``--quick`` into the same folder, an older config, a re-trained encoder) is removed and redone.
+(``--quick`` into the same folder, an older config, a re-trained encoder) is removed and redone. Steps run side by
+side, one per core by default (``--jobs``; each step's output in its folder's console.log), and the demo ends with
+each step's time (also in ``steps.csv`` beside the report).
 
 Every encoder, the control included, is evaluated with the same config per task (its entry's demo config,
 eval_configs/demo/ and eval_configs/segmentation/demo_fmnist_seg.py): nothing is tuned per technique.

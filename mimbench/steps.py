@@ -259,10 +259,6 @@ def default_jobs() -> int:
     return max(1, usable_cores() // STEP_THREADS)
 
 
-def _worker_start(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 @contextlib.contextmanager
 def _output_to(log_file: Path):
     """The process's standard output and error (Python's and the libraries' own) go to ``log_file`` inside."""
@@ -283,11 +279,14 @@ def _output_to(log_file: Path):
             os.close(saved[1])
 
 
-def _work_in_worker(work: Work) -> Outcome:
-    """Do ``work`` in a worker process, its console output in ``work.log`` (a failure's traceback too)."""
+def _work_in_worker(work: Work, threads: int) -> Outcome:
+    """Do ``work`` in a worker process with ``threads`` torch threads (set again for every step: a library may have
+    changed OpenMP's count in an earlier one), its console output in ``work.log`` (a failure's traceback too)."""
     start = time.perf_counter()
+    torch.set_num_threads(threads)
     work.folder.mkdir(parents=True, exist_ok=True)
     with _output_to(work.log):
+        print(f"{work.step.title}: process {os.getpid()}, {torch.get_num_threads()} torch threads", flush=True)
         try:
             outcome = do_work(work, console=False)
         except BaseException:
@@ -361,20 +360,19 @@ class StepRunner:
         """:meth:`run` with ``jobs`` worker processes; see the module docstring for the order and failures."""
         state = _Schedule(steps, needs, time.time(), min(jobs, len(steps)))
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=state.jobs, mp_context=context,
-                                 initializer=_worker_start, initargs=(threads,)) as pool:
-            self._start_ready(state, pool)
+        with ProcessPoolExecutor(max_workers=state.jobs, mp_context=context) as pool:
+            self._start_ready(state, pool, threads)
             while state.running:
                 finished, _ = wait(state.running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     self._collect(state, future)
                 if state.failure is None:
-                    self._start_ready(state, pool)
+                    self._start_ready(state, pool, threads)
         if state.failure is not None:
             raise state.failure
         return [state.outcomes[i] for i in range(len(steps))]
 
-    def _start_ready(self, state: "_Schedule", pool: ProcessPoolExecutor) -> None:
+    def _start_ready(self, state: "_Schedule", pool: ProcessPoolExecutor, threads: int) -> None:
         """Decide the steps whose needs are done, in list order: reuse each, or hand it to an idle worker (no
         more than the workers, so that a step starts when it is handed over; none once a step failed)."""
         ready = state.ready()
@@ -391,7 +389,7 @@ class StepRunner:
                 state.outcomes[i] = self._finish(todo)
                 ready = state.ready()
             else:
-                state.running[pool.submit(_work_in_worker, todo)] = i
+                state.running[pool.submit(_work_in_worker, todo, threads)] = i
 
     def _collect(self, state: "_Schedule", future: Future) -> None:
         i = state.running.pop(future)

@@ -55,7 +55,6 @@ def _metrics(root: Path) -> dict:
     return records
 
 
-@pytest.mark.slow
 def test_side_by_side_gives_the_numbers_of_one_by_one(tmp_path):
     """Every step seeds itself: two workers (1 torch thread each, as the test process) and one process agree
     bit for bit, pre-training included; each step worked in a worker has its console.log and its time."""
@@ -106,3 +105,34 @@ def test_a_failing_step_side_by_side_stops_what_waits_for_it_and_keeps_what_fini
         StepRunner(tmp_path / "run", log=lines.append).run(steps, jobs=2, threads=1)
     assert sum(line.startswith("reusing") for line in lines) == 2
     assert sum(line.startswith("redoing") for line in lines) == 1
+
+
+def test_low_shot_keeps_the_torch_thread_count_of_its_process(monkeypatch):
+    """cyanure's default (every core) reset OpenMP's thread count, which torch shares: a worker's later bf16 steps
+    then ran on more threads than it was given and went non-finite at their first step."""
+    pytest.importorskip("cyanure")
+    import numpy as np
+
+    from mimbench.evals import lowshot
+    from mimbench.steps import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("one core: every thread count is 1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # as in a shell: cyanure's default reads it
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lowshot.fit_logreg(lowshot.centre_normalise(np.random.default_rng(0).normal(size=(30, 4))),
+                           np.arange(30) % 3, lambd=0.1, tol=1e-3, max_iter=20)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_jobs_is_one_step_per_usable_core(monkeypatch):
+    from mimbench import steps
+
+    monkeypatch.setattr(steps.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert steps.default_jobs() == 3 // steps.STEP_THREADS
+    monkeypatch.setattr(steps.os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert steps.default_jobs() == 1

@@ -271,17 +271,23 @@ def control(
     typer.echo(f"random-initialisation control written to {path}")
 
 
+JOBS_HELP = ("Steps run side by side, each in its own process with cores/JOBS torch threads, a step starting once "
+             "the steps it needs are done; each step's output goes to its console.log. Default: one step per "
+             "core; 1: one after another in this process")
+
+
 @app.command()
 @_user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes encoders, records and the report"),
     quick: bool = typer.Option(False, help="Toy size, under 3 minutes"),
+    jobs: Optional[int] = typer.Option(None, min=1, help=JOBS_HELP),
 ):
     """Run the whole pipeline on the embedded Fashion-MNIST data: pre-train, evaluate, report.
 
     Example: mimbench demo --quick
     """
-    run_demo(out=out, quick=quick)
+    run_demo(out=out, quick=quick, jobs=jobs)
 
 
 @app.command()
@@ -374,12 +380,13 @@ def export(
 def reproduce(paper: Paper = typer.Argument(..., help="The paper whose ablation grid to run"),
               scale: Scale = typer.Option("demo", help="demo (run on the embedded data) | full (write ImageNet commands)"),
               out: Path = typer.Option(Path("runs/reproduce"), help="Output directory"),
-              quick: bool = typer.Option(False, help="Smallest demo configs (smoke run)")):
+              quick: bool = typer.Option(False, help="Smallest demo configs (smoke run)"),
+              jobs: Optional[int] = typer.Option(None, min=1, help=JOBS_HELP)):
     """Run (demo) or emit (full) the ablation grid of a seed paper.
 
     Example: mimbench reproduce ddae --scale full --out runs/ddae-grid
     """
-    typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick)}")
+    typer.echo(f"written to {run_reproduce(paper, scale=scale, out=out, quick=quick, jobs=jobs)}")
 
 
 def _replaced_preset(value: Optional[str]) -> Optional[str]:

@@ -9,7 +9,9 @@ table, its figures and the time taken.
 The demo is a list of steps (:func:`demo_steps`) run by :class:`mimbench.steps.StepRunner`: a step whose
 result is already in ``out``, made from the same config, overrides and encoder, is reused, so a second
 run (or a run after an interruption) only does what is missing; a step left there by other settings
-(``--quick`` into the same folder, an older config, a re-trained encoder) is removed and redone.
+(``--quick`` into the same folder, an older config, a re-trained encoder) is removed and redone. Steps run side by
+side, one per core by default (``--jobs``; each step's output in its folder's console.log), and the demo ends with
+each step's time (also in ``steps.csv`` beside the report).
 
 Every encoder, the control included, is evaluated with the same config per task (its entry's demo config,
 eval_configs/demo/ and eval_configs/segmentation/demo_fmnist_seg.py): nothing is tuned per technique.
@@ -21,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from mimbench.atomic import atomic_write
 from mimbench.evals.tasks import all_tasks, installed, resolve
 from mimbench.paths import eval_config, pretrain_config
 from mimbench.results.report import console_table, write_report
-from mimbench.steps import Control, Evaluate, Pretrain, Step, StepRunner, reuse_note
+from mimbench.steps import (Control, Evaluate, Outcome, Pretrain, Step, StepRunner, default_jobs, reuse_note,
+                            timing_rows, write_timings)
 
 CONTROL = "random-init"
 
@@ -102,11 +106,15 @@ def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
     return steps
 
 
-def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
-    """Pre-train → control → evaluate (k-NN, linear probe, fine-tune, segmentation) → report; returns its path."""
+def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | None = None) -> Path:
+    """Pre-train → control → evaluate (k-NN, linear probe, fine-tune, segmentation) → report; returns its path.
+
+    ``jobs``: steps side by side (:meth:`mimbench.steps.StepRunner.run`; default
+    :func:`mimbench.steps.default_jobs`, 1: one after another in this process)."""
     console = Console()
     out = Path(out)
     scale = QUICK if quick else FULL
+    jobs = default_jobs() if jobs is None else jobs
     t0 = time.time()
     data = demo_data(out, scale)
     runner = StepRunner(out, log=lambda text: console.print(text, markup=False, highlight=False),
@@ -115,21 +123,35 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> Path:
         if task.in_demo and not installed(task):
             console.print(f"{task.name}: left out ({', '.join(task.requires)} not installed; "
                           f"pip install 'mimbench[{task.extra}]' adds it)", markup=False, highlight=False)
-    outcomes = runner.run(demo_steps(out, scale, data))
+    outcomes = runner.run(demo_steps(out, scale, data), jobs=jobs)
     elapsed = time.time() - t0
+    write_timings(outcomes, out / "steps.csv")
 
     report = out / "report.md"
     note = reuse_note(outcomes)
     text = write_report([runner.evals_root], fmt="md", out=report)
-    closing = f"This run of the demo took {elapsed / 60:.1f} min ({elapsed:.0f} s) on this machine."
+    closing = (f"This run of the demo took {elapsed / 60:.1f} min ({elapsed:.0f} s) on this machine, "
+               + (f"{jobs} steps side by side" if jobs > 1 else "one step at a time")
+               + " (each step's time: steps.csv).")
     body = text + "\n\n" + closing + ("\n\n" + note if note else "") + "\n"
     atomic_write(report, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), what="the demo report",
                  fix="Choose an --out folder you can write to.")
     console.rule(f"[bold]report[/]  [dim]({elapsed:.0f} s in all)[/]")
     console_table([runner.evals_root], console)
     console.print()
+    console.print(_timing_table(outcomes))
     console.print(closing + (" " + note if note else ""), markup=False, highlight=False)
     figures = sorted(p.name for p in report.parent.glob(f"{report.stem}_*.png"))
     console.print(f"encoders: {out / 'encoders'}\nrun records: {runner.evals_root}\nreport: {report}\n"
                   f"figures (next to the report): {', '.join(figures)}", markup=False, highlight=False)
     return report
+
+
+def _timing_table(outcomes: list[Outcome]) -> Table:
+    """How long each step took (ran, or reused from an earlier run)."""
+    table = Table(title="time per step", title_justify="left")
+    for column in ("step", "seconds", ""):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for row in timing_rows(outcomes):
+        table.add_row(row["step"], f"{row['seconds']:.0f}", "reused" if row["status"] == "reused" else "")
+    return table

@@ -14,3 +14,7 @@ class MimbenchError(Exception):
         self.problem = problem.strip()
         self.fix = fix.strip()
         super().__init__(self.problem + ("\n" + self.fix if self.fix else ""))
+
+    def __reduce__(self):
+        # rebuilt from its two parts when it crosses a process boundary (a pipeline step run in a worker)
+        return type(self), (self.problem, self.fix)

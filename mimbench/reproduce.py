@@ -47,7 +47,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals.tasks import all_tasks
 from mimbench.jobs import write_full_grid
 from mimbench.partial_ft import SWEEP_SCALES, run_sweep, sweep_blocks, tick
-from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, reuse_note
+from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, default_jobs, reuse_note, write_timings
 from pretrain.models.mae import PRESETS, ROBUST_RECIPE
 
 PAPERS = ("robust-mae", "ddae", "mae-fig9")
@@ -434,17 +434,19 @@ def grid_steps(grid: Grid, points: Iterable[str] | None = None, pretrain_overrid
 
 
 def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, log=print,
-                  pretrain_overrides: Sequence[str] = ()) -> Path:
+                  pretrain_overrides: Sequence[str] = (), jobs: int = 1) -> Path:
     """Train and evaluate the grid's points (all, or those named), reuse finished steps, write table.md.
 
     Steps run through :class:`mimbench.steps.StepRunner` under ``out/<paper>/`` (encoders/, evals/): a step
     is reused only when its config, overrides and encoder match; table.md says which were.
-    ``pretrain_overrides`` are appended to every point's (e.g. ``data.limit=512`` for a smoke run).
+    ``pretrain_overrides`` are appended to every point's (e.g. ``data.limit=512`` for a smoke run); ``jobs``
+    steps run side by side (1: one after another in this process); steps.csv says how long each took.
     """
     root = Path(out) / grid.paper
     root.mkdir(parents=True, exist_ok=True)
     runner = StepRunner(root, log=log)
-    outcomes = runner.run(grid_steps(grid, points, pretrain_overrides))
+    outcomes = runner.run(grid_steps(grid, points, pretrain_overrides), jobs=jobs)
+    write_timings(outcomes, root / "steps.csv")
     results: dict[str, dict[str, float | None]] = {}
     for o in outcomes:
         if isinstance(o.step, Evaluate):
@@ -459,11 +461,13 @@ def run_demo_grid(grid: Grid, out: Path, points: Iterable[str] | None = None, lo
 
 
 # ------------------------------------------------------------------------------------ entry
-def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reproduce"), quick: bool = False) -> Path:
+def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reproduce"), quick: bool = False,
+                  jobs: int | None = None) -> Path:
     """Run (``demo``) or write out (``full``) the ablation grid of ``paper``; returns the output folder.
 
-    paper: ``"robust-mae"``, ``"ddae"`` or ``"mae-fig9"`` (:mod:`mimbench.partial_ft`); scale: ``"demo"`` (CPU, embedded data) or ``"full"``
-    (ImageNet-1k/ADE20K commands, configs and Slurm scripts, nothing run); quick: smallest demo configs.
+    paper: ``"robust-mae"``, ``"ddae"`` or ``"mae-fig9"`` (:mod:`mimbench.partial_ft`); scale: ``"demo"`` (CPU,
+    embedded data) or ``"full"`` (ImageNet-1k/ADE20K commands, configs and Slurm scripts, nothing run); quick:
+    smallest demo configs; jobs: demo-scale steps side by side (default :func:`mimbench.steps.default_jobs`).
     """
     _check_paper(paper)
     if scale not in SCALES:
@@ -477,7 +481,7 @@ def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reprod
         print(f"{sum(p.pretrain for p in grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "
               f"{root / 'sbatch'}, all commands in {root / 'commands.sh'} (nothing was run).")
         return root
-    table = run_demo_grid(grid, Path(out))
+    table = run_demo_grid(grid, Path(out), jobs=default_jobs() if jobs is None else jobs)
     print(table.read_text())
     print(f"table written to {table}")
     return table.parent

@@ -22,17 +22,40 @@ made from the same config, the same ``--set`` overrides and, for an evaluation, 
 Otherwise whatever is in the step's folder (another size's result, an older config's, an interrupted run) is
 removed and the step redone, so that a report never mixes two settings. The runner says which steps it
 reused (:attr:`StepRunner.reused`).
+
+Steps side by side (``StepRunner.run(steps, jobs=N)``, ``--jobs`` of ``mimbench demo`` and ``reproduce``): the
+runner decides (reuse, redo, resume) in its own process and hands each step to do to one of ``N`` worker
+processes (``spawn``; each with ``cores // N`` torch threads), a step starting once the steps it needs
+(:func:`plan`) are done: an evaluation waits for the step that made its encoder, for the tasks its entry lists
+in ``after`` on the same encoder, and for the previous task of the same encoder that shares its feature cache;
+a step whose overrides name ``{runs}/<name>/`` waits for step ``<name>``; pre-trainings of different encoders
+wait for nothing. A step's numbers depend only on its config, overrides, data and encoder (every step seeds
+its own RNGs), not on which worker runs it or when. A worker's console output goes to the step's
+``console.log`` (in its encoder or evaluation folder); the terminal shows one line as a step starts and one
+as it ends. When a step fails, no further step starts, the running ones finish, and the first error is
+raised: as one by one, a rerun reuses every step that finished. Each outcome carries its time
+(:attr:`Outcome.seconds`; :func:`timing_rows`).
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import multiprocessing
+import os
+import re
 import shutil
+import sys
 import time
-from dataclasses import dataclass, replace
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
 
 from mimbench import evals
+from mimbench.atomic import atomic_write
 from mimbench.config import config_sha256, load_config
 from mimbench.control import build_control, is_control
 from mimbench.errors import MimbenchError
@@ -42,6 +65,10 @@ from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task
 from mimbench.results.records import encoder_made_by, finished_record
 
 RUNS_PLACEHOLDER = "{runs}"
+#: torch threads per step run side by side: on the demo's small models two 1-thread processes give 1.7x the
+#: throughput of one 2-thread process (2-core Intel Xeon, issue 30), so the default is one step per core.
+STEP_THREADS = 1
+_RUNS_REF = re.compile(re.escape(RUNS_PLACEHOLDER) + r"/([^/'\"]+)/")
 
 
 def expand_runs(overrides: Sequence[str], runs: str | Path) -> tuple[str, ...]:
@@ -124,6 +151,8 @@ class Outcome:
     reused: bool
     path: Path
     record: dict | None = None
+    seconds: float = 0.0       # wall time of the step (deciding, and doing it when not reused)
+    log: Path | None = None    # its console output, when it ran in a worker process
 
 
 def _console_log(text: str) -> None:
@@ -140,11 +169,152 @@ def _console(log_file: Path | None):
         yield
 
 
-class StepRunner:
-    """Runs steps in order under ``root``, reusing those already done by the same settings.
+@dataclass(frozen=True)
+class Work:
+    """A step to do (its result is not there): everything doing it needs, so that a worker process can."""
 
-    ``log(text)`` receives one line per decision (``reusing ...``, ``redoing ...``); ``header(text)`` one
-    line per step (default: ``log``).
+    step: Step                   # its overrides with {runs} expanded
+    folder: Path                 # where it writes: the encoder's or the evaluation's folder
+    encoder: Path | None = None  # an evaluation's encoder file, or the file a control copies
+    resume: bool = False         # a pre-training resumed from its last checkpoint
+    reference: Path | None = None  # an evaluation's reference run folder (Evaluate.reference's ``after`` output)
+
+    @property
+    def log(self) -> Path:
+        """The step's console output when it runs in a worker process."""
+        return self.folder / "console.log"
+
+
+def do_work(work: Work, console: bool = True) -> Outcome:
+    """Do ``work`` in this process; ``console``: a task whose entry says ``console_log`` writes there."""
+    step = work.step
+    if isinstance(step, Pretrain):
+        from pretrain.main import run_pretrain  # torch and the models: only when something is pre-trained
+
+        path = run_pretrain(step.config, data=step.data, out=work.folder, overrides=list(step.overrides),
+                            resume=work.resume)
+        return Outcome(step, False, Path(path))
+    if isinstance(step, Control):
+        return Outcome(step, False, build_control(work.folder / "encoder.safetensors", like=work.encoder,
+                                                  config=step.config, overrides=step.overrides, seed=step.seed))
+    task = get_task(step.task)
+    work.folder.mkdir(parents=True, exist_ok=True)
+    options = {**task.step_options, **({"reference": work.reference} if work.reference is not None else {})}
+    with _console(work.folder / "console.log" if task.console_log and console else None):
+        record = evals.run_eval(step.task, encoder=work.encoder, config=step.config, data=step.data, out=work.folder,
+                                overrides=list(step.overrides), resume=False, **options)
+    return Outcome(step, False, work.folder, record)
+
+
+def _no_maker(step: Step, name: str) -> MimbenchError:
+    if isinstance(step, Control):
+        return MimbenchError(f"The control {step.name!r} copies encoder {name!r}, which no earlier step made.",
+                             "Put the step that makes it before the control.")
+    return MimbenchError(f"Step {step.title!r} evaluates encoder {name!r}, which no earlier step made.",
+                         "Put its pre-training or control step first.")
+
+
+def _evaluation_needs(i: int, steps: Sequence[Step], evaluations: dict, caches: dict) -> set[int]:
+    """The earlier evaluations that evaluation ``steps[i]`` waits for: those whose run folders it reads
+    (:attr:`Evaluate.needs`: the task its entry says ``after``, on its encoder and its reference; refused when they
+    come later in the list), an earlier one of the same folder, and the previous one of the same encoder sharing its
+    feature cache (which extracts the features it reads)."""
+    step = steps[i]
+    need = set()
+    for encoder, before in step.needs:
+        if (encoder, before) in evaluations:
+            need.add(evaluations[encoder, before])
+        elif any(isinstance(s, Evaluate) and (s.encoder, s.task) == (encoder, before) for s in steps[i:]):
+            raise MimbenchError(f"Step {step.title!r} reads the output of {before} on {encoder}, which comes "
+                                "after it in the list.", f"Put the {before} evaluation of {encoder} first.")
+    if (step.encoder, step.task) in evaluations:  # the same folder twice: one after the other
+        need.add(evaluations[step.encoder, step.task])
+    if get_task(step.task).feature_cache:
+        if step.encoder in caches:
+            need.add(caches[step.encoder])
+        caches[step.encoder] = i
+    evaluations[step.encoder, step.task] = i
+    return need
+
+
+def plan(steps: Sequence[Step], made: Iterable[str] = ()) -> list[frozenset[int]]:
+    """For each step, the indices of the earlier steps it needs (see the module docstring); ``made``: encoders
+    that exist before the first step. MimbenchError, before any work, for a step that needs a later one."""
+    made = set(made)
+    makers: dict[str, int] = {}
+    evaluations: dict[tuple[str, str], int] = {}
+    caches: dict[str, int] = {}
+    needs = []
+    for i, step in enumerate(steps):
+        need = {makers[name] for name in _RUNS_REF.findall(" ".join(step.overrides)) if name in makers}
+        used = step.encoder if isinstance(step, Evaluate) else getattr(step, "like", None)
+        if used is not None:
+            if used in makers:
+                need.add(makers[used])
+            elif used not in made:
+                raise _no_maker(step, used)
+        if isinstance(step, Evaluate):
+            need |= _evaluation_needs(i, steps, evaluations, caches)
+        else:
+            if step.name in makers:  # the same folder twice: one after the other
+                need.add(makers[step.name])
+            makers[step.name] = i
+        needs.append(frozenset(need))
+    return needs
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_jobs() -> int:
+    """``--jobs`` by default: as many steps side by side as the cores hold at :data:`STEP_THREADS` each."""
+    return max(1, usable_cores() // STEP_THREADS)
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Path):
+    """The process's standard output and error (Python's and the libraries' own) go to ``log_file`` inside."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _work_in_worker(work: Work, threads: int) -> Outcome:
+    """Do ``work`` in a worker process with ``threads`` torch threads (set again for every step: a library may have
+    changed OpenMP's count in an earlier one), its console output in ``work.log`` (a failure's traceback too)."""
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    work.folder.mkdir(parents=True, exist_ok=True)
+    with _output_to(work.log):
+        print(f"{work.step.title}: process {os.getpid()}, {torch.get_num_threads()} torch threads", flush=True)
+        try:
+            outcome = do_work(work, console=False)
+        except BaseException:
+            traceback.print_exc()
+            raise
+    return replace(outcome, seconds=time.perf_counter() - start, log=work.log)
+
+
+class StepRunner:
+    """Runs steps under ``root``, one by one in this process or side by side in workers, reusing those
+    already done by the same settings.
+
+    ``log(text)`` receives one line per decision (``reusing ...``, ``redoing ...``) and, side by side, one per
+    finished step; ``header(text)`` one line per step as it starts (default: ``log``).
     """
 
     def __init__(self, root: str | Path, *, log: Callable[[str], None] = _console_log,
@@ -176,27 +346,95 @@ class StepRunner:
         return [o for o in self.outcomes if o.reused]
 
     # -- running
-    def run(self, steps: Sequence[Step]) -> list[Outcome]:
-        """Run (or reuse) every step in order; returns their outcomes (also kept in :attr:`outcomes`)."""
+    def run(self, steps: Sequence[Step], jobs: int = 1, threads: int | None = None) -> list[Outcome]:
+        """Run (or reuse) every step; returns their outcomes in the order of ``steps`` (also appended to
+        :attr:`outcomes`). ``jobs`` > 1: that many steps side by side, each worker with ``threads`` torch
+        threads (default: the usable cores // ``jobs``); 1: one after another in this process."""
+        needs = plan(steps, self.encoders)
+        if jobs > 1 and steps:
+            return self._run_side_by_side(steps, needs, jobs, threads or max(1, usable_cores() // jobs))
         t0 = time.time()
         done = []
         for i, step in enumerate(steps, 1):
             self.header(f"{i}/{len(steps)} {step.title}  ({time.time() - t0:.0f} s)")
-            if step.overrides:
-                step = replace(step, overrides=expand_runs(step.overrides, self.encoders_root))
-            if isinstance(step, Pretrain):
-                outcome = self._pretrain(step)
-            elif isinstance(step, Control):
-                outcome = self._control(step)
-            elif isinstance(step, Evaluate):
-                outcome = self._evaluate(step)
-            else:
-                raise TypeError(f"not a step: {step!r}")
-            if not isinstance(step, Evaluate):
-                self.encoders[step.name] = outcome.path
-            self.outcomes.append(outcome)
-            done.append(outcome)
+            start = time.perf_counter()
+            todo = self.prepare(step)
+            outcome = todo if isinstance(todo, Outcome) else do_work(todo)
+            done.append(self._finish(replace(outcome, seconds=time.perf_counter() - start)))
         return done
+
+    def _finish(self, outcome: Outcome) -> Outcome:
+        if not isinstance(outcome.step, Evaluate):
+            self.encoders[outcome.step.name] = outcome.path
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _run_side_by_side(self, steps: Sequence[Step], needs: list[frozenset[int]], jobs: int,
+                          threads: int) -> list[Outcome]:
+        """:meth:`run` with ``jobs`` worker processes; see the module docstring for the order and failures."""
+        state = _Schedule(steps, needs, time.time(), min(jobs, len(steps)))
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=state.jobs, mp_context=context) as pool:
+            self._start_ready(state, pool, threads)
+            while state.running:
+                finished, _ = wait(state.running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    self._collect(state, future)
+                if state.failure is None:
+                    self._start_ready(state, pool, threads)
+        if state.failure is not None:
+            raise state.failure
+        return [state.outcomes[i] for i in range(len(steps))]
+
+    def _start_ready(self, state: "_Schedule", pool: ProcessPoolExecutor, threads: int) -> None:
+        """Decide the steps whose needs are done, in list order: reuse each, or hand it to an idle worker (no
+        more than the workers, so that a step starts when it is handed over; none once a step failed)."""
+        ready = state.ready()
+        while ready and state.failure is None and len(state.running) < state.jobs:
+            i = ready.pop(0)
+            state.waiting.remove(i)
+            self.header(f"{i + 1}/{state.n} {state.steps[i].title}  ({state.elapsed():.0f} s)")
+            try:
+                todo = self.prepare(state.steps[i])
+            except Exception as err:  # noqa: BLE001 - the first failure is raised once the running steps end
+                state.failure = err
+                return
+            if isinstance(todo, Outcome):
+                state.outcomes[i] = self._finish(todo)
+                ready = state.ready()
+            else:
+                state.running[pool.submit(_work_in_worker, todo, threads)] = i
+
+    def _collect(self, state: "_Schedule", future: Future) -> None:
+        i = state.running.pop(future)
+        title = f"{i + 1}/{state.n} {state.steps[i].title}"
+        try:
+            outcome = future.result()
+        except BaseException as err:  # noqa: BLE001 - raised by run() once the running steps end
+            log = self._log_file(state.steps[i])
+            self.log(f"{title} failed after {state.elapsed():.0f} s (its output: {log}); no further step starts"
+                     + (f", {len(state.running)} running to their end" if state.running else ""))
+            state.failure = state.failure or err
+            return
+        state.outcomes[i] = self._finish(outcome)
+        self.log(f"{title} done in {outcome.seconds:.0f} s (its output: {outcome.log})")
+
+    def _log_file(self, step: Step) -> Path:
+        if isinstance(step, Evaluate):
+            return self.eval_dir(step.encoder, step.task) / "console.log"
+        return self.encoder_path(step.name).parent / "console.log"
+
+    def prepare(self, step: Step) -> Outcome | Work:
+        """The step's outcome when its result is there (reused), else the work to do (its folder cleared)."""
+        if step.overrides:
+            step = replace(step, overrides=expand_runs(step.overrides, self.encoders_root))
+        if isinstance(step, Pretrain):
+            return self._pretrain(step)
+        if isinstance(step, Control):
+            return self._control(step)
+        if isinstance(step, Evaluate):
+            return self._evaluate(step)
+        raise TypeError(f"not a step: {step!r}")
 
     def _clear(self, folder: Path) -> None:
         """Empty a step's folder that holds no finished result of these settings: the step starts afresh."""
@@ -204,23 +442,18 @@ class StepRunner:
             self.log(f"redoing {folder}: no finished result of these settings there")
             shutil.rmtree(folder)
 
-    def _pretrain(self, step: Pretrain) -> Outcome:
+    def _pretrain(self, step: Pretrain) -> Outcome | Work:
         enc = self.encoder_path(step.name)
         # the exported file: the encoder, or what the model writes instead (a tokenizer.safetensors)
         for made in [enc] + sorted(set(enc.parent.glob("*.safetensors")) - {enc}):
             if encoder_made_by(made, step.config, step.overrides):
                 self.log(f"reusing {made}")
                 return Outcome(step, True, made)
-        from pretrain.main import run_pretrain  # torch and the models: only when something is pre-trained
-
         if self._interrupted_same_run(enc.parent, step):
             self.log(f"resuming {enc.parent} from its last checkpoint")
-            path = run_pretrain(step.config, data=step.data, out=enc.parent, overrides=list(step.overrides),
-                                resume=True)
-            return Outcome(step, False, Path(path))
+            return Work(step, enc.parent, resume=True)
         self._clear(enc.parent)
-        path = Path(run_pretrain(step.config, data=step.data, out=enc.parent, overrides=list(step.overrides)))
-        return Outcome(step, False, path)
+        return Work(step, enc.parent)
 
     @staticmethod
     def _interrupted_same_run(folder: Path, step: Pretrain) -> bool:
@@ -233,20 +466,18 @@ class StepRunner:
             return False
         return done == config_sha256(load_config(step.config, list(step.overrides)))
 
-    def _control(self, step: Control) -> Outcome:
+    def _control(self, step: Control) -> Outcome | Work:
         like = None
         if step.like is not None:
             if step.like not in self.encoders:
-                raise MimbenchError(f"The control {step.name!r} copies encoder {step.like!r}, which no earlier step "
-                                    "made.", "Put the step that makes it before the control.")
+                raise _no_maker(step, step.like)
             like = self.encoders[step.like]
         enc = self.encoder_path(step.name)
-        recipe = dict(like=like, config=step.config, overrides=step.overrides, seed=step.seed)
-        if is_control(enc, **recipe):
+        if is_control(enc, like=like, config=step.config, overrides=step.overrides, seed=step.seed):
             self.log(f"reusing {enc}")
             return Outcome(step, True, enc)
         self._clear(enc.parent)
-        return Outcome(step, False, build_control(enc, **recipe))
+        return Work(step, enc.parent, encoder=like)
 
     def _inputs(self, step: Evaluate) -> dict[str, Path]:
         """The run folders a step reads (:attr:`Evaluate.needs`): ``{"model": ..., "reference": ...}``; each must
@@ -266,10 +497,9 @@ class StepRunner:
         fine-tune without ``model.safetensors``): not reused."""
         return any(t.after == step.task for t in all_tasks()) and not (folder / MODEL_FILE).is_file()
 
-    def _evaluate(self, step: Evaluate) -> Outcome:
+    def _evaluate(self, step: Evaluate) -> Outcome | Work:
         if step.encoder not in self.encoders:
-            raise MimbenchError(f"Step {step.title!r} evaluates encoder {step.encoder!r}, which no earlier step made.",
-                                "Put its pre-training or control step first.")
+            raise _no_maker(step, step.encoder)
         encoder = self.encoders[step.encoder]
         folder = self.eval_dir(step.encoder, step.task)
         inputs = self._inputs(step)
@@ -278,14 +508,52 @@ class StepRunner:
             self.log(f"reusing {folder}")
             return Outcome(step, True, folder, record)
         self._clear(folder)
-        task = get_task(step.task)
-        folder.mkdir(parents=True, exist_ok=True)
-        options = {**task.step_options, **({"reference": inputs["reference"]} if "reference" in inputs else {})}
-        with _console(folder / "console.log" if task.console_log else None):
-            record = evals.run_eval(step.task, encoder=inputs.get("model", encoder), config=step.config,
-                                    data=step.data, out=folder, overrides=list(step.overrides), resume=False,
-                                    **options)
-        return Outcome(step, False, folder, record)
+        return Work(step, folder, encoder=inputs.get("model", encoder), reference=inputs.get("reference"))
+
+
+@dataclass
+class _Schedule:
+    """Where a side-by-side run stands: steps waiting, running (future -> index), done, the first failure."""
+
+    steps: Sequence[Step]
+    needs: list[frozenset[int]]
+    t0: float
+    jobs: int
+    waiting: list[int] = field(init=False)
+    running: dict[Future, int] = field(default_factory=dict)
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    failure: BaseException | None = None
+
+    def __post_init__(self):
+        self.waiting = list(range(len(self.steps)))
+
+    @property
+    def n(self) -> int:
+        return len(self.steps)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def ready(self) -> list[int]:
+        return [i for i in self.waiting if self.needs[i].issubset(self.outcomes)]
+
+
+def timing_rows(outcomes: Sequence[Outcome]) -> list[dict]:
+    """One row per step: its title, whether it ran or was reused, its seconds and where its output went."""
+    return [dict(step=o.step.title, status="reused" if o.reused else "ran", seconds=round(o.seconds, 1),
+                 log=str(o.log or "")) for o in outcomes]
+
+
+def write_timings(outcomes: Sequence[Outcome], path: Path) -> Path:
+    """:func:`timing_rows` as a CSV file (``steps.csv`` beside a pipeline's report)."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "status", "seconds", "log"])
+            writer.writeheader()
+            writer.writerows(timing_rows(outcomes))
+
+    atomic_write(Path(path), write, what="the step timings", fix="Choose an --out folder you can write to.")
+    return Path(path)
 
 
 def made_from(record: dict, inputs: dict[str, Path]) -> bool:
@@ -304,5 +572,6 @@ def reuse_note(outcomes: Sequence[Outcome]) -> str:
             f"{len(outcomes)} steps: " + ", ".join(reused) + ".")
 
 
-__all__ = ["BUILTIN_DATA", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "Step",
-           "StepRunner", "expand_runs", "reuse_note"]
+__all__ = ["BUILTIN_DATA", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "STEP_THREADS", "Step",
+           "StepRunner", "Work", "default_jobs", "do_work", "expand_runs", "plan", "reuse_note", "timing_rows",
+           "usable_cores", "write_timings"]

@@ -251,7 +251,10 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, *, lambd: float, tol: float, max_it
     Classifier, ConvergenceWarning = solver()
     lambda_1 = float(lambd) / len(y)
     clf = Classifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False, lambda_1=lambda_1, tol=float(tol),
-                     max_iter=int(max_iter), solver="auto", random_state=int(seed), verbose=False)
+                     max_iter=int(max_iter), solver="auto", random_state=int(seed), verbose=False,
+                     # the process's thread budget: cyanure's default (-1, every core) resets OpenMP's thread count,
+                     # which torch shares, for every later step of the process (a pipeline worker has 1)
+                     n_threads=torch.get_num_threads())
     with warnings.catch_warnings():  # reaching max_iter (MSN's 300 epochs) is recorded as converged=False instead
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(np.ascontiguousarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))

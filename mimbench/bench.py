@@ -69,12 +69,13 @@ from mimbench.evals.features import class_tokens, resolve_pool
 from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
-from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
+from mimbench.fastpath import (PrecisionChoice, Workload, autocast_factory, maybe_compile, precision_choice,
+                               set_fused_attention)
 from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
 from mimbench.results.records import encoder_summary, new_record, write_record
 from pretrain import create_model, model_spec
 from pretrain.data import mae_pretrain_transform
-from pretrain.main import build_optimizer
+from pretrain.main import build_optimizer, pretrain_workload
 
 #: Config of ``bench pretrain`` when none is given (a task's mode defaults to the task's demo config).
 PRETRAIN_CONFIG = PRETRAIN_CONFIGS / "mae_tiny_fmnist.py"
@@ -471,18 +472,60 @@ def _config_amp(mode: str, cfg) -> str:
     return str(runtime_value(cfg, "pretrain" if mode == "pretrain" else _bench_tasks()[mode].kind, "amp"))
 
 
+def step_workload(mode: str, cfg, model, img_size: int) -> Workload | None:
+    """The timed step's workload for ``amp="auto"``: a pre-training model's (:func:`pretrain.main.pretrain_workload`),
+    else the first ViT inside ``model`` (a module with a patch embedding and a list of blocks) at ``img_size``,
+    training for the finetune and segment steps; None where no ViT is found."""
+    if mode == "pretrain":
+        return pretrain_workload(model, cfg)
+    for module in model.modules():
+        embed = getattr(module, "patch_embed", None)
+        blocks = getattr(module, "blocks", None) or getattr(module, "layers", None)
+        convs = [m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)] if embed is not None else []
+        if convs and isinstance(blocks, torch.nn.ModuleList):
+            arch = {"embed_dim": convs[0].out_channels, "depth": len(blocks), "img_size": img_size,
+                    "patch_size": convs[0].kernel_size[0]}
+            return Workload.of_arch(arch, train=mode in ("finetune", "segment"))
+    return None
+
+
+class _Autocast:
+    """An autocast factory whose precision is set once the step's model exists (the rule needs its workload)."""
+
+    def __init__(self, device):
+        self.device, self.factory = device, autocast_factory("none", device)
+
+    def set(self, precision: str) -> None:
+        self.factory = autocast_factory(precision, self.device)
+
+    def __call__(self):
+        return self.factory()
+
+
+def _build_fast(mode, cfg, b, dev, amp_setting: str, encoder, arch):
+    """(model, fast step, info, precision choice): the step built, then its precision chosen for its workload."""
+    autocast = _Autocast(dev)
+    model, fast_step, info = _builder(mode)(cfg, b, dev, True, autocast, encoder, arch)
+    choice = precision_choice(amp_setting, dev, step_workload(mode, cfg, model, int(info["img_size"])))
+    if choice.precision == "fp16":
+        raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
+                            "Pass --amp bf16 or --amp none.")
+    autocast.set(choice.precision)
+    return model, fast_step, info, choice
+
+
 def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, encoder, arch, amp,
               compile) -> tuple[dict, dict]:
     """metrics and protocol fields of a step mode: fast path (and plain path) timed, FLOPs counted."""
     b = _batch(mode, cfg, batch)
     amp_setting = amp or _config_amp(mode, cfg)
-    precision = resolve_amp(str(amp_setting), dev)
-    if precision == "fp16":
+    if str(amp_setting) == "fp16":
         raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
                             "Pass --amp bf16 or --amp none.")
     use_compile = bool(compile if compile is not None else (mode == "pretrain" and cfg.runtime.compile))
     build = _builder(mode)
-    model, fast_step, info = build(cfg, b, dev, True, autocast_factory(precision, dev), encoder, arch)
+    model, fast_step, info, choice = _build_fast(mode, cfg, b, dev, str(amp_setting), encoder, arch)
+    precision = choice.precision
     # One eager step, which also serves as a warm-up step. FlopCounterMode has no formula for the
     # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
     set_fused_attention(model, False)
@@ -494,11 +537,36 @@ def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, enc
         paths["plain"] = build(cfg, b, dev, False, autocast_factory("none", dev), encoder, arch)[1]
     times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
     peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
-    protocol = dict(batch=b, precision=precision, amp=str(amp_setting), compile=use_compile, fused_attention=True,
-                    peak_tflops=peak, **info)
+    protocol = dict(batch=b, precision=precision, precision_reason=choice.reason, amp=str(amp_setting),
+                    compile=use_compile, fused_attention=True, peak_tflops=peak, **info)
     if arch or (encoder is None and mode != "pretrain"):
         protocol["arch"] = arch or DEFAULT_ARCH
     return _path_metrics(times, peaks, flops, b, peak, dev), protocol
+
+
+#: The precisions ``--amp calibrate`` times (fp16 would need the grad scaler the steps do not model).
+CALIBRATE_CANDIDATES = ("none", "bf16")
+
+
+def _run_calibrate(mode, cfg, dev, *, batch, steps, warmup, encoder, arch) -> tuple[dict, dict]:
+    """``--amp calibrate``: the fast path in each of :data:`CALIBRATE_CANDIDATES`, interleaved step by step; what
+    "auto" picks for this workload beside the fastest candidate. Informational: no default changes."""
+    b = _batch(mode, cfg, batch)
+    model, _, info, auto = _build_fast(mode, cfg, b, dev, "auto", encoder, arch)
+    paths = {p: _builder(mode)(cfg, b, dev, True, autocast_factory(p, dev), encoder, arch)[1]
+             for p in CALIBRATE_CANDIDATES}
+    del model
+    times, _ = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
+    metrics = {}
+    for p in CALIBRATE_CANDIDATES:
+        metrics.update({f"{p}_{k}": v for k, v in _summary(times[p], b).items()})
+    fastest = max(CALIBRATE_CANDIDATES, key=lambda p: metrics[f"{p}_img_per_s"])
+    metrics["auto_vs_fastest"] = metrics[f"{auto.precision}_img_per_s"] / metrics[f"{fastest}_img_per_s"]
+    protocol = dict(batch=b, amp="calibrate", candidates=list(CALIBRATE_CANDIDATES), fastest=fastest,
+                    precision=auto.precision, precision_reason=auto.reason, compile=False, **info)
+    if arch or (encoder is None and mode != "pretrain"):
+        protocol["arch"] = arch or DEFAULT_ARCH
+    return metrics, protocol
 
 
 def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), device: str | None = None,
@@ -515,13 +583,19 @@ def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), devi
     encoder = Path(encoder) if encoder else None
     if encoder is not None:
         check_encoder_file(encoder)
+    if amp == "calibrate" and mode == "data":
+        raise MimbenchError("--amp calibrate times a model step; bench data has none.", "Leave --amp out for bench data.")
     cfg_path, cfg = _load(mode, config, overrides)
     protocol = {"name": f"bench-{mode}", "sha256": config_sha256(cfg) if cfg is not None else None,
                 "config": str(cfg_path) if cfg_path else None, "overrides": list(overrides), "mode": mode,
                 "steps": int(steps), "warmup": int(warmup), "compare": bool(compare),
                 "plain_path": (PLAIN if mode != "data" else "0 workers (main process)") if compare else None,
                 "interleaved": mode != "data"}
-    if mode == "data":
+    if amp == "calibrate" and mode != "data":
+        metrics, fields = _run_calibrate(mode, cfg, dev, batch=batch, steps=steps, warmup=warmup, encoder=encoder,
+                                         arch=arch)
+        dataset = {"name": "random", "root": None, "sizes": {}}
+    elif mode == "data":
         metrics, fields, dataset = _run_data(data, cfg, batch=batch, steps=steps, warmup=warmup, workers=workers,
                                              compare=compare)
     else:
@@ -536,6 +610,18 @@ def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), devi
                         dataset=dataset, metrics=metrics, seed=0, started=started, finished=time.time())
     record["path"] = str(write_record(out, record))
     return record
+
+
+def _calibrate_lines(p: dict, m: dict) -> list[str]:
+    """The ``--amp calibrate`` lines: each candidate's img/s, the fastest, what "auto" picks and why."""
+    if p.get("amp") != "calibrate":
+        return []
+    lines = [f"  {c:>5}: {m[c + '_img_per_s']:.1f} img/s, step {m[c + '_step_ms_median']:.1f} ms "
+             f"(IQR {m[c + '_step_ms_iqr']:.1f})" for c in p["candidates"]]
+    lines.append(f"  fastest here: {p['fastest']}; amp=auto picks {p['precision']} ({p['precision_reason']}), "
+                 f"{100 * m['auto_vs_fastest']:.0f} % of the fastest. Nothing was changed: pass --amp "
+                 f"{p['fastest']} (or set runtime.amp) to use the fastest.")
+    return lines
 
 
 def format_bench(record: dict) -> str:
@@ -562,6 +648,7 @@ def format_bench(record: dict) -> str:
         if f"{prefix}peak_mem_mb_per_img" in m:
             line += f", peak {m[prefix + 'peak_mem_mb_per_img']:.2f} MiB/img"
         lines.append(line)
+    lines.extend(_calibrate_lines(p, m))
     if "flops_per_img" in m:
         lines.append(f"  FLOPs/img: {m['flops_per_img'] / 1e9:.3f} G")
     if "speedup" in m:

@@ -52,6 +52,7 @@ LeaderboardTask = Literal[tuple(TASK_METRIC)]
 Paper = Literal[PAPERS]
 Scale = Literal[SCALES]
 Amp = Literal[AMP_CHOICES]
+BenchAmp = Literal[(*AMP_CHOICES, "calibrate")]  # bench only: time each precision, change nothing
 TRACKER_HELP = ("Also log to this tracker (repeatable; sets runtime.trackers): tensorboard, wandb (offline) or "
                 "mlflow (file store), under OUT. Needs: pip install 'mimbench[trackers]'")
 
@@ -409,7 +410,8 @@ def bench(
     arch: Optional[str] = typer.Option(None, help="features/linear/finetune: random-init timm ViT (default vit_base_patch16_224)"),
     data: Optional[str] = typer.Option(None, help="data: ImageFolder root"),
     workers: Optional[int] = typer.Option(None, help="data: loader workers (default: this machine's CPUs)"),
-    amp: Optional[Amp] = typer.Option(None, help=f"{' | '.join(AMP_CHOICES)} (default: the config's runtime.amp)"),
+    amp: Optional[BenchAmp] = typer.Option(None, help=f"{' | '.join(AMP_CHOICES)} (default: the config's runtime.amp), "
+                                           "or calibrate: time each precision for this workload and record it"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
     out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
     preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),

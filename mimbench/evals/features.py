@@ -9,8 +9,9 @@ DINOv3 k-NN the class token, linear the class token ⊕ patch mean, EVA-02 the p
 class token (timm ``forward_features(x)[:, 0]``). An encoder whose final norm acts on pooled features (EVA-02 as
 timm ships it: ``fc_norm``, no per-token ``norm``) has each pooled feature put through that norm, as timm's
 ``forward_head`` does (:data:`POOLED_NORM`; the record's readout says so). It is computed with the encoder in eval mode under
-``torch.inference_mode`` and the evaluation's precision (``amp``: "auto" = bf16 autocast on CUDA and
-bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`); stored as ``(N, D)`` float32.
+``torch.inference_mode`` and the evaluation's precision (``amp``: "auto" = bf16 autocast on CUDA and, for
+encoders large enough to gain, on bf16-capable CPUs, :func:`mimbench.fastpath.precision_choice`); stored as
+``(N, D)`` float32.
 
 Other blocks (:class:`Readout`, the probes' ``layers``): any block, the last N blocks concatenated (DINOv2's
 linear probe), the mean of several blocks (AIM), or every block at once (a depth sweep), each pooled as above.
@@ -49,7 +50,7 @@ from mimbench.batching import shard_range
 from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
 from mimbench.encoders.families import family_pool, has_class_token, pooled_final_norm
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import autocast_factory, resolve_amp
+from mimbench.fastpath import Workload, autocast_factory, resolve_amp
 from mimbench.schema import AMP, LAYERS_SYNTAX, POOLS, layer_spec
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
@@ -418,10 +419,11 @@ class _Entry:
 def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
            device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, spec: Readout) -> _Entry:
     """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
-    size = int(img_size or encoders.read_metadata(encoder, layout=layout)["img_size"])
+    meta = encoders.read_metadata(encoder, layout=layout)
+    size = int(img_size or meta["img_size"])
     transform, desc = eval_transform(data, size)
     dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
-    precision = resolve_amp(amp, device)
+    precision = resolve_amp(amp, device, Workload.of_arch(meta, train=False, img_size=size))
     enc_sha = encoders.encoder_sha256(encoder)
     feature = feature_key(spec)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,

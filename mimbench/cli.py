@@ -414,6 +414,8 @@ def bench(
                                            "or calibrate: time each precision for this workload and record it"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
     out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
+    step_img_per_s: Optional[float] = typer.Option(None, help="data: a model step's img/s (from bench pretrain/"
+                                                   "finetune/...): prints the loader workers it needs"),
     preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),
 ):
     """Time a hot loop on this machine: img/s, step time, FLOPs/img, MFU, memory; --compare against the plain path.
@@ -424,7 +426,7 @@ def bench(
 
     record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
-                       data=data, workers=workers, amp=amp, compile=compile, out=out)
+                       data=data, workers=workers, amp=amp, compile=compile, out=out, step_img_per_s=step_img_per_s)
     typer.echo(format_bench(record))
 
 

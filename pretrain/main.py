@@ -104,7 +104,7 @@ def _build_loader(cfg, data: str, model, batch: int, accum: int, ctx, out: Path)
     loader = build_pretrain_loader(data, img_size=dcfg.img_size or model.encoder_arch()["img_size"],
                                    batch_size=batch, seed=cfg.runtime.seed, rank=ctx.rank, world_size=ctx.world_size,
                                    accum_iter=accum, num_workers=dcfg.num_workers, limit=dcfg.limit,
-                                   max_bad_fraction=dcfg.max_bad_fraction)
+                                   max_bad_fraction=dcfg.max_bad_fraction, decode_draft=bool(dcfg.decode_draft))
     skipped = skipped_files(getattr(loader, "dataset", None))
     if ctx.is_main and skipped:  # broken training images left out (mimbench.data.image_folder)
         atomic_write_text(out / "skipped_files.json", json.dumps(skipped, indent=1) + "\n",

@@ -48,6 +48,7 @@ from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
 from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.data.loading import loader_options
 from mimbench.encoders.families import family_pool, has_class_token, pooled_final_norm
 from mimbench.errors import MimbenchError
 from mimbench.fastpath import Workload, autocast_factory, resolve_amp
@@ -453,7 +454,7 @@ def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, ba
     shard = torch.utils.data.Subset(items, shard_range(len(items), ctx.rank, ctx.world_size))
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers, pin_memory=entry.device.type == "cuda")
+                                             **{**loader_options(num_workers, entry.device), "persistent_workers": False})
         feats, labels = compute_features(model, loader, entry.precision, entry.spec)
     else:  # more ranks than items
         feats, labels = np.zeros((0, entry.spec.width(int(model.num_features))), np.float32), np.zeros((0,), np.int64)

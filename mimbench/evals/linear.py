@@ -194,6 +194,10 @@ def _train_transform(data: str, img_size: int, scale):
     return transform, f"randomresizedcrop{img_size}(scale={scale},bicubic)/hflip/normalize(mean={mean},std={std})"
 
 
+#: The probe's training transform, (transform, description) of (data, img_size, scale): also timed by ``bench data``.
+train_transform = _train_transform
+
+
 @dataclass
 class Probe:
     """What a linear probe trains and scores: the head, the frozen encoder (None when the inputs are cached

@@ -31,7 +31,8 @@ import torch
 from mimbench import dist, trackers
 from mimbench.batching import GlobalBatchSampler, SeededItems, resolve_batch, scaled_lr, shard_range
 from mimbench.config import config_sha256, load_config
-from mimbench.data import build_dataset, is_builtin, skipped_files
+from mimbench.data import build_dataset, draft_size, is_builtin, skipped_files
+from mimbench.data.loading import loader_options
 from mimbench.encoders import check_encoder_file, read_metadata
 from mimbench.engine import LoopConfig, seed_everything
 from mimbench.errors import MimbenchError
@@ -161,7 +162,14 @@ def build_split(run: EvalRun, split: str, *, transform, img_size: int):
     """``split`` of the run's data; a folder's broken files are skipped up to :func:`max_bad_fraction`
     (:func:`mimbench.data.image_folder`)."""
     return build_dataset(run.data, split, transform=transform, img_size=img_size,
-                         max_bad_fraction=max_bad_fraction(run))
+                         max_bad_fraction=max_bad_fraction(run), decode_draft=decode_draft(run, img_size))
+
+
+def decode_draft(run: EvalRun, img_size: int) -> int | None:
+    """The JPEG decode-time downscaling target of the config's ``decode_draft`` (off by default): the shorter side kept
+    at least the evaluation resize of ``img_size`` (:func:`mimbench.data.draft_size`); None when off."""
+    on = run.task in FILLED_KINDS and bool(run.cfg.decode_draft)
+    return draft_size(img_size) if on else None
 
 
 def skipped(train, val) -> dict:
@@ -179,8 +187,7 @@ def train_loader(run: EvalRun, dataset, batch: int, accum: int, *, num_workers: 
     sampler = GlobalBatchSampler(len(dataset), batch, accum, seed=run.seed, rank=run.rank,
                                  world_size=run.world_size, with_epoch=True)
     return torch.utils.data.DataLoader(SeededItems(dataset, run.seed, stream=f"{run.task}-augment"),
-                                       batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=run.device.type == "cuda", persistent_workers=num_workers > 0)
+                                       batch_sampler=sampler, **loader_options(num_workers, run.device))
 
 
 class TensorBatches:
@@ -218,8 +225,8 @@ def score(run: EvalRun, fn: Callable[[torch.Tensor], torch.Tensor], dataset, bat
     (:func:`mimbench.batching.shard_range`); the shards are gathered in rank order, i.e. dataset order.
     """
     part = torch.utils.data.Subset(dataset, shard_range(len(dataset), run.rank, run.world_size))
-    loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False, num_workers=num_workers,
-                                         pin_memory=run.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False,
+                                         **{**loader_options(num_workers, run.device), "persistent_workers": False})
     logits, labels = [], []
     for x, y, *_ in loader:
         logits.append(fn(x.to(run.device, non_blocking=True)).float())

@@ -396,8 +396,9 @@ def _replaced_preset(value: Optional[str]) -> Optional[str]:
 @app.command()
 @_user_errors
 def bench(
-    what: str = typer.Argument(..., help="pretrain | features | data, or a task's bench mode (linear, finetune, "
-                               "segment ...)", callback=BENCH_MODES.check, autocompletion=BENCH_MODES.complete),
+    what: Optional[str] = typer.Argument(None, help="pretrain | features | data, or a task's bench mode (linear, "
+                                         "finetune, segment ...); leave out with --suite", callback=BENCH_MODES.check,
+                                         autocompletion=BENCH_MODES.complete),
     config: Optional[Path] = typer.Option(None, help="Config of the loop to time (default: the demo/protocol config of WHAT)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)"),
@@ -416,13 +417,25 @@ def bench(
     out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
     step_img_per_s: Optional[float] = typer.Option(None, help="data: a model step's img/s (from bench pretrain/"
                                                    "finetune/...): prints the loader workers it needs"),
+    suite: Optional[str] = typer.Option(None, help="gpu: the ViT-B/L MAE pre-training (with and without compile), "
+                                        "features, fine-tune and UperNet steps in bf16, rows appended to --append"),
+    toy: bool = typer.Option(False, help="--suite at toy sizes (a check of the suite, e.g. with --device cpu)"),
+    append: Optional[Path] = typer.Option(None, help="--suite: Markdown file to append the rows to (e.g. BENCHMARKS.md)"),
     preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),
 ):
     """Time a hot loop on this machine: img/s, step time, FLOPs/img, MFU, memory; --compare against the plain path.
 
     Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
+    Example: mimbench bench --suite gpu --append BENCHMARKS.md
     """
-    from mimbench.bench import format_bench, run_bench  # torch, timm and the pre-training models
+    from mimbench.bench import format_bench, run_bench, run_suite  # torch, timm and the pre-training models
+
+    if suite is not None or what is None:
+        if suite is None or what is not None:
+            raise MimbenchError("Give a bench mode (e.g. `mimbench bench pretrain`) or --suite gpu, not both or neither.",
+                                "Run `mimbench bench --help` for the modes.")
+        run_suite(suite, device=device, steps=steps, warmup=warmup, toy=toy, out=out, append=append)
+        return
 
     record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,

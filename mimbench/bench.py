@@ -771,7 +771,7 @@ SUITE_HEADING = "## GPU suite results"
 
 def _toy_args(mode: str, args: dict, encoder: Path) -> dict:
     if mode == "pretrain":
-        return dict(config=TOY_PRETRAIN, batch=4, compile=args.get("compile", False))
+        return dict(config=TOY_PRETRAIN, batch=4, compile=bool(args.get("compile")))
     return dict(encoder=encoder, batch=2)
 
 
@@ -809,7 +809,7 @@ def suite_row(row: str, record: dict) -> str:
     what = f" --config {p['config']}" if p.get("config") else f" --arch {p['arch']}" if p.get("arch") else ""
     command = f"mimbench bench {p['mode']}{what} --batch {p['batch']} --amp bf16" + (" --compile" if p.get("compile") else "")
     return (f"| {record['started'][:10]} | {hw.get('name')} | {row} | {p['batch']} | {p['precision']} | "
-            f"{p.get('compile', False)} | {m['img_per_s']:.1f} | {mfu} | {mem} | `{command}` |")
+            f"{bool(p.get('compile'))} | {m['img_per_s']:.1f} | {mfu} | {mem} | `{command}` |")
 
 
 SUITE_HEADER = ("| date | device | row | batch | precision | compile | img/s | MFU | peak MiB/img | command |\n"

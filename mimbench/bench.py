@@ -18,12 +18,18 @@ input pipeline alone):
 The task modes are those of the evaluation tasks' entries (:data:`mimbench.evals.tasks.TASKS`: ``bench_mode``,
 and ``bench_step`` the builder of the timed step, with the signature of :func:`linear_step`); :func:`modes`
 lists them all.
-``data``      decode + augment throughput of an ImageFolder tree through the MAE pre-training
-              transform and a DataLoader, in images/s and images/s per worker (the plain path:
-              the same in the main process, 0 workers; the two run one after the other).
+``data``      decode + augment throughput of an ImageFolder tree of JPEGs: decode img/s in full and
+              downscaled at decode time (PIL ``draft``), augment img/s of each protocol transform
+              (:func:`protocol_transforms`: pre-training, fine-tune, linear, eval), one worker's img/s and the
+              workers a model step of ``--step-img-per-s`` needs; then the MAE transform through a DataLoader
+              with ``--workers`` (the plain path: 0 workers; the two run one after the other).
+
+``--amp calibrate`` (step modes) times the fast path in fp32 and bf16, interleaved, for that workload and records
+each img/s, the fastest and what ``amp="auto"`` picks (:func:`mimbench.fastpath.precision_choice`); it changes no
+default. ``--suite gpu`` (:func:`run_suite`) runs :data:`GPU_SUITE` and appends Markdown rows.
 
 **Fast path** (what the project runs by default; :mod:`mimbench.fastpath`): the precision of
-``amp`` (``--amp`` or the config's, "auto" = bf16 on CUDA and on bf16-capable CPUs), fused
+``amp`` (``--amp`` or the config's; "auto": bf16 on CUDA, on the CPU the rule of CPU kind and workload), fused
 attention (``F.scaled_dot_product_attention``), multi-tensor/fused AdamW, ``torch.inference_mode``
 for feature extraction, optionally ``torch.compile`` (``--compile``, or ``runtime.compile`` of a
 pre-training config). **Plain path** (``--compare``): fp32, explicit softmax attention, per-tensor

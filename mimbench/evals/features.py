@@ -47,7 +47,7 @@ from torchvision import transforms as T
 from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
-from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.data import build_dataset, dataset_stats, draft_size, is_builtin, skipped_files
 from mimbench.data.loading import loader_options
 from mimbench.encoders.families import family_pool, has_class_token, pooled_final_norm
 from mimbench.errors import MimbenchError
@@ -418,12 +418,17 @@ class _Entry:
 
 
 def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
-           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, spec: Readout) -> _Entry:
+           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, spec: Readout,
+           decode_draft: bool = False) -> _Entry:
     """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
     meta = encoders.read_metadata(encoder, layout=layout)
     size = int(img_size or meta["img_size"])
     transform, desc = eval_transform(data, size)
-    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
+    draft = draft_size(size) if decode_draft and not is_builtin(data) else None
+    if draft:  # other pixels: another cache entry
+        desc += f"/jpeg-draft{draft}"
+    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction,
+                            decode_draft=draft)
     precision = resolve_amp(amp, device, Workload.of_arch(meta, train=False, img_size=size))
     enc_sha = encoders.encoder_sha256(encoder)
     feature = feature_key(spec)
@@ -484,7 +489,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = AMP.default,
                      max_bad_fraction: float | None = None, layout: str = "auto", layers="last",
-                     pool: str | None = "auto", task: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     pool: str | None = "auto", task: str | None = None,
+                     decode_draft: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×F float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
@@ -500,7 +506,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
     take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
-    ``layout``: the checkpoint layout of ``encoder`` (``--from``).
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``); ``decode_draft``: JPEGs decoded downscaled
+    (:func:`mimbench.data.draft_size`; part of the cache key).
     """
     ctx = dist.setup()
     encoder = Path(encoder)
@@ -508,7 +515,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     entry = _entry(encoder, data, split, cache_dir=cache_dir, img_size=img_size, limit=limit, amp=amp,
                    device=torch.device(device) if device is not None else ctx.device,
                    max_bad_fraction=max_bad_fraction, layout=layout,
-                   spec=readout(encoder, layers, pool, layout=layout, task=task))
+                   spec=readout(encoder, layers, pool, layout=layout, task=task), decode_draft=decode_draft)
     cached = _read_cache(*entry.paths, entry.built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest

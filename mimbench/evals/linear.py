@@ -240,7 +240,7 @@ def _cached_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Prob
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
                   batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
                   max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout, layers=cfg.layers, pool=cfg.pool,
-                  task="linear")
+                  task="linear", decode_draft=bool(cfg.decode_draft))
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
     holdout_set = None

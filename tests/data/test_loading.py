@@ -81,3 +81,14 @@ def test_bench_data_reports_decode_augment_and_workers(tmp_path, jpeg_tree):
     assert m["draft_decode_speedup"] == pytest.approx(m["draft_decode_img_per_s"] / m["decode_img_per_s"])
     text = format_bench(record)
     assert "downscaled to >= 256 px" in text and "workers for 1000000 img/s" in text
+
+
+def test_cached_features_with_decode_draft_are_another_entry(tmp_path, jpeg_tree, tiny_encoder):
+    from mimbench.evals.features import extract_features
+
+    common = dict(cache_dir=tmp_path / "cache", img_size=32, batch_size=4)
+    full, _, info = extract_features(tiny_encoder, str(jpeg_tree), "val", **common)
+    drafted, _, dinfo = extract_features(tiny_encoder, str(jpeg_tree), "val", decode_draft=True, **common)
+    assert dinfo["transform"] == info["transform"] + f"/jpeg-draft{draft_size(32)}"
+    assert dinfo["key"] != info["key"] and not dinfo["cached"] and full.shape == drafted.shape
+    assert not (full == drafted).all()  # decoded at 1/8 scale (50x38 >= 37 px): other pixels, other features

@@ -18,12 +18,18 @@ input pipeline alone):
 The task modes are those of the evaluation tasks' entries (:data:`mimbench.evals.tasks.TASKS`: ``bench_mode``,
 and ``bench_step`` the builder of the timed step, with the signature of :func:`linear_step`); :func:`modes`
 lists them all.
-``data``      decode + augment throughput of an ImageFolder tree through the MAE pre-training
-              transform and a DataLoader, in images/s and images/s per worker (the plain path:
-              the same in the main process, 0 workers; the two run one after the other).
+``data``      decode + augment throughput of an ImageFolder tree of JPEGs: decode img/s in full and
+              downscaled at decode time (PIL ``draft``), augment img/s of each protocol transform
+              (:func:`protocol_transforms`: pre-training, fine-tune, linear, eval), one worker's img/s and the
+              workers a model step of ``--step-img-per-s`` needs; then the MAE transform through a DataLoader
+              with ``--workers`` (the plain path: 0 workers; the two run one after the other).
+
+``--amp calibrate`` (step modes) times the fast path in fp32 and bf16, interleaved, for that workload and records
+each img/s, the fastest and what ``amp="auto"`` picks (:func:`mimbench.fastpath.precision_choice`); it changes no
+default. ``--suite gpu`` (:func:`run_suite`) runs :data:`GPU_SUITE` and appends Markdown rows.
 
 **Fast path** (what the project runs by default; :mod:`mimbench.fastpath`): the precision of
-``amp`` (``--amp`` or the config's, "auto" = bf16 on CUDA and on bf16-capable CPUs), fused
+``amp`` (``--amp`` or the config's; "auto": bf16 on CUDA, on the CPU the rule of CPU kind and workload), fused
 attention (``F.scaled_dot_product_attention``), multi-tensor/fused AdamW, ``torch.inference_mode``
 for feature extraction, optionally ``torch.compile`` (``--compile``, or ``runtime.compile`` of a
 pre-training config). **Plain path** (``--compare``): fp32, explicit softmax attention, per-tensor
@@ -48,6 +54,7 @@ fast path's figures, ``plain_*`` the plain path's, ``speedup`` their img/s ratio
 from __future__ import annotations
 
 import functools
+import math
 import os
 import resource
 import statistics
@@ -61,20 +68,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimbench.batching import scaled_lr
 from mimbench.config import config_sha256, load_config
-from mimbench.data import build_dataset
+from mimbench.data import build_dataset, dataset_stats, draft_size
+from mimbench.data.folders import load_image
+from mimbench.data.transforms import finetune_train_transform
 from mimbench.encoders import check_encoder_file, load_encoder, read_metadata
 from mimbench.errors import MimbenchError
 from mimbench.evals import finetune, linear
-from mimbench.evals.features import class_tokens, resolve_pool
+from mimbench.evals.features import class_tokens, eval_transform, resolve_pool
+from mimbench.evals.linear import train_transform as linear_train_transform
 from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
-from mimbench.fastpath import autocast_factory, maybe_compile, resolve_amp, set_fused_attention
+from mimbench.fastpath import (PrecisionChoice, Workload, autocast_factory, maybe_compile, precision_choice,
+                               set_fused_attention)
 from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
 from mimbench.results.records import encoder_summary, new_record, write_record
 from pretrain import create_model, model_spec
 from pretrain.data import mae_pretrain_transform
-from pretrain.main import build_optimizer
+from pretrain.main import build_optimizer, pretrain_workload
 
 #: Config of ``bench pretrain`` when none is given (a task's mode defaults to the task's demo config).
 PRETRAIN_CONFIG = PRETRAIN_CONFIGS / "mae_tiny_fmnist.py"
@@ -343,13 +354,75 @@ def _dotted(cfg, key: str):
 
 
 # ---------------------------------------------------------------------------- data
+#: The protocol configs whose transforms ``bench data`` times (their ``augment`` sections).
+DATA_PROTOCOL_CONFIGS = {"finetune": "finetune/mae_vit-b_in1k.py", "linear": "linear/mae_vit-b_in1k.py"}
+
+
+def protocol_transforms(data: str, img_size: int) -> dict[str, tuple[Callable, str]]:
+    """(transform, description) of each protocol pipeline, from the project's own builders: ``pretrain`` (MAE
+    RandomResizedCrop + flip), ``finetune`` (RandomResizedCrop + flip + RandAugment + random erasing, the fine-tune
+    protocol config's ``augment``), ``linear`` (RandomResizedCrop + flip at the linear protocol's scale) and
+    ``eval`` (resize + centre crop)."""
+    ft = load_config(eval_config(DATA_PROTOCOL_CONFIGS["finetune"]), kind="finetune").augment
+    lin = load_config(eval_config(DATA_PROTOCOL_CONFIGS["linear"]), kind="linear").augment
+    mean, std = dataset_stats(data)
+    return {
+        "pretrain": (mae_pretrain_transform(img_size), "mae-pretrain: randomresizedcrop(0.2-1, bicubic)/hflip"),
+        "finetune": finetune_train_transform(img_size=img_size, mean=mean, std=std, auto_augment=ft.auto_augment,
+                                             re_prob=float(ft.re_prob), re_mode=ft.re_mode, re_count=int(ft.re_count)),
+        "linear": linear_train_transform(data, img_size, lin.scale),
+        "eval": eval_transform(data, img_size),
+    }
+
+
+def _per_image_s(fn, items) -> float:
+    t0 = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - t0) / max(len(items), 1)
+
+
+def decode_augment_rates(dataset, transforms: dict, *, images: int, draft: int) -> dict:
+    """Main-process img/s of decoding ``images`` files of ``dataset`` (in full, and downscaled at decode time to
+    ``draft`` pixels a side), of each transform on those decoded images, and their combination: the img/s one
+    loader worker gives (``<transform>_per_worker_img_per_s``, ``..._draft_...`` with the downscaled decode)."""
+    paths = [path for path, _ in dataset.samples[:images]]
+    out = {}
+    decoded = {}
+    for tag, size in (("", None), ("draft_", draft)):
+        decoded[tag] = [load_image(p, draft=size) for p in paths]  # warms the file cache for the timed pass
+        out[f"{tag}decode_img_per_s"] = 1.0 / _per_image_s(lambda p: load_image(p, draft=size), paths)
+    torch.manual_seed(0)
+    for name, (transform, _) in transforms.items():
+        for tag in ("", "draft_"):
+            augment = _per_image_s(transform, decoded[tag])
+            out[f"{name}_{tag}augment_img_per_s"] = 1.0 / augment
+            out[f"{name}_{tag}per_worker_img_per_s"] = 1.0 / (1.0 / out[f"{tag}decode_img_per_s"] + augment)
+    out["draft_decode_speedup"] = out["draft_decode_img_per_s"] / out["decode_img_per_s"]
+    return out
+
+
+def workers_needed(metrics: dict, transforms, step_img_per_s: float | None) -> dict:
+    """Per transform: the loader workers that keep a model step of ``step_img_per_s`` fed (``ceil(step / per
+    worker)``), full and downscaled decoding; empty without a step rate."""
+    if not step_img_per_s:
+        return {}
+    return {f"{name}_{tag}workers_needed": math.ceil(float(step_img_per_s) / metrics[f"{name}_{tag}per_worker_img_per_s"])
+            for name in transforms for tag in ("", "draft_")}
+
+
 def _bench_data(data: str | None, *, img_size: int, batch: int, steps: int, warmup: int, workers: int,
-                compare: bool) -> tuple[dict, dict]:
-    """Images/s of the MAE pre-training transform over an ImageFolder tree's train split."""
+                compare: bool, step_img_per_s: float | None = None) -> tuple[dict, dict]:
+    """Decode and augment img/s per worker of each protocol transform over an ImageFolder tree's train split
+    (:func:`decode_augment_rates`), then the MAE pre-training transform through a DataLoader with ``workers``."""
     if not data or str(data).startswith("builtin:"):
         raise MimbenchError("bench data needs an ImageFolder tree (--data ROOT with ROOT/train/<class>/*.JPEG).",
                             "Pass --data /path/to/imagenet; the built-in set is decoded once, not per step.")
     dataset = build_dataset(str(data), "train", transform=mae_pretrain_transform(img_size), img_size=img_size)
+    transforms = protocol_transforms(str(data), img_size)
+    per_image = decode_augment_rates(dataset, transforms, images=min(len(dataset), max(steps, 1) * batch),
+                                     draft=draft_size(img_size))
+    per_image.update(workers_needed(per_image, transforms, step_img_per_s))
 
     def rate(num_workers: int) -> dict:
         # Each worker holds at most one finished batch (prefetch_factor=1), and those `num_workers`
@@ -376,12 +449,14 @@ def _bench_data(data: str | None, *, img_size: int, batch: int, steps: int, warm
         return out
 
     fast = rate(workers)
-    metrics = {**fast}
+    metrics = {**fast, **per_image}
     if compare:
         plain = rate(0)
         metrics.update({f"plain_{k}": v for k, v in plain.items()})
         metrics["speedup"] = fast["img_per_s"] / plain["img_per_s"]
-    return metrics, {"images": len(dataset), "transform": "RandomResizedCrop(scale 0.2-1, bicubic)+flip+normalize"}
+    return metrics, {"images": len(dataset), "transform": "RandomResizedCrop(scale 0.2-1, bicubic)+flip+normalize",
+                     "transforms": {name: desc for name, (_, desc) in transforms.items()},
+                     "decode_draft": draft_size(img_size), "step_img_per_s": step_img_per_s}
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -421,13 +496,13 @@ def _load(mode: str, config, overrides) -> tuple[Path | None, object]:
     return path, load_config(path, list(overrides), kind=kind)
 
 
-def _run_data(data, cfg, *, batch, steps, warmup, workers, compare) -> tuple[dict, dict, dict]:
+def _run_data(data, cfg, *, batch, steps, warmup, workers, compare, step_img_per_s=None) -> tuple[dict, dict, dict]:
     """metrics, protocol fields and dataset of ``bench data``."""
     n_workers = int(workers or default_workers())
     size = int(cfg.data.img_size) if cfg is not None else DATA_IMG_SIZE
     b = int(batch or 64)
     metrics, info = _bench_data(data, img_size=size, batch=b, steps=int(steps), warmup=int(warmup),
-                                workers=n_workers, compare=compare)
+                                workers=n_workers, compare=compare, step_img_per_s=step_img_per_s)
     protocol = dict(batch=b, img_size=size, workers=n_workers, precision=None, **info)
     return metrics, protocol, {"name": str(data), "root": str(Path(data).resolve()), "sizes": {"train": info["images"]}}
 
@@ -471,18 +546,60 @@ def _config_amp(mode: str, cfg) -> str:
     return str(runtime_value(cfg, "pretrain" if mode == "pretrain" else _bench_tasks()[mode].kind, "amp"))
 
 
+def step_workload(mode: str, cfg, model, img_size: int) -> Workload | None:
+    """The timed step's workload for ``amp="auto"``: a pre-training model's (:func:`pretrain.main.pretrain_workload`),
+    else the first ViT inside ``model`` (a module with a patch embedding and a list of blocks) at ``img_size``,
+    training for the finetune and segment steps; None where no ViT is found."""
+    if mode == "pretrain":
+        return pretrain_workload(model, cfg)
+    for module in model.modules():
+        embed = getattr(module, "patch_embed", None)
+        blocks = getattr(module, "blocks", None) or getattr(module, "layers", None)
+        convs = [m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)] if embed is not None else []
+        if convs and isinstance(blocks, torch.nn.ModuleList):
+            arch = {"embed_dim": convs[0].out_channels, "depth": len(blocks), "img_size": img_size,
+                    "patch_size": convs[0].kernel_size[0]}
+            return Workload.of_arch(arch, train=mode in ("finetune", "segment"))
+    return None
+
+
+class _Autocast:
+    """An autocast factory whose precision is set once the step's model exists (the rule needs its workload)."""
+
+    def __init__(self, device):
+        self.device, self.factory = device, autocast_factory("none", device)
+
+    def set(self, precision: str) -> None:
+        self.factory = autocast_factory(precision, self.device)
+
+    def __call__(self):
+        return self.factory()
+
+
+def _build_fast(mode, cfg, b, dev, amp_setting: str, encoder, arch):
+    """(model, fast step, info, precision choice): the step built, then its precision chosen for its workload."""
+    autocast = _Autocast(dev)
+    model, fast_step, info = _builder(mode)(cfg, b, dev, True, autocast, encoder, arch)
+    choice = precision_choice(amp_setting, dev, step_workload(mode, cfg, model, int(info["img_size"])))
+    if choice.precision == "fp16":
+        raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
+                            "Pass --amp bf16 or --amp none.")
+    autocast.set(choice.precision)
+    return model, fast_step, info, choice
+
+
 def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, encoder, arch, amp,
               compile) -> tuple[dict, dict]:
     """metrics and protocol fields of a step mode: fast path (and plain path) timed, FLOPs counted."""
     b = _batch(mode, cfg, batch)
     amp_setting = amp or _config_amp(mode, cfg)
-    precision = resolve_amp(str(amp_setting), dev)
-    if precision == "fp16":
+    if str(amp_setting) == "fp16":
         raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
                             "Pass --amp bf16 or --amp none.")
     use_compile = bool(compile if compile is not None else (mode == "pretrain" and cfg.runtime.compile))
     build = _builder(mode)
-    model, fast_step, info = build(cfg, b, dev, True, autocast_factory(precision, dev), encoder, arch)
+    model, fast_step, info, choice = _build_fast(mode, cfg, b, dev, str(amp_setting), encoder, arch)
+    precision = choice.precision
     # One eager step, which also serves as a warm-up step. FlopCounterMode has no formula for the
     # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
     set_fused_attention(model, False)
@@ -494,36 +611,67 @@ def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, enc
         paths["plain"] = build(cfg, b, dev, False, autocast_factory("none", dev), encoder, arch)[1]
     times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
     peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
-    protocol = dict(batch=b, precision=precision, amp=str(amp_setting), compile=use_compile, fused_attention=True,
-                    peak_tflops=peak, **info)
+    protocol = dict(batch=b, precision=precision, precision_reason=choice.reason, amp=str(amp_setting),
+                    compile=use_compile, fused_attention=True, peak_tflops=peak, **info)
     if arch or (encoder is None and mode != "pretrain"):
         protocol["arch"] = arch or DEFAULT_ARCH
     return _path_metrics(times, peaks, flops, b, peak, dev), protocol
+
+
+#: The precisions ``--amp calibrate`` times (fp16 would need the grad scaler the steps do not model).
+CALIBRATE_CANDIDATES = ("none", "bf16")
+
+
+def _run_calibrate(mode, cfg, dev, *, batch, steps, warmup, encoder, arch) -> tuple[dict, dict]:
+    """``--amp calibrate``: the fast path in each of :data:`CALIBRATE_CANDIDATES`, interleaved step by step; what
+    "auto" picks for this workload beside the fastest candidate. Informational: no default changes."""
+    b = _batch(mode, cfg, batch)
+    model, _, info, auto = _build_fast(mode, cfg, b, dev, "auto", encoder, arch)
+    paths = {p: _builder(mode)(cfg, b, dev, True, autocast_factory(p, dev), encoder, arch)[1]
+             for p in CALIBRATE_CANDIDATES}
+    del model
+    times, _ = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
+    metrics = {}
+    for p in CALIBRATE_CANDIDATES:
+        metrics.update({f"{p}_{k}": v for k, v in _summary(times[p], b).items()})
+    fastest = max(CALIBRATE_CANDIDATES, key=lambda p: metrics[f"{p}_img_per_s"])
+    metrics["auto_vs_fastest"] = metrics[f"{auto.precision}_img_per_s"] / metrics[f"{fastest}_img_per_s"]
+    protocol = dict(batch=b, amp="calibrate", candidates=list(CALIBRATE_CANDIDATES), fastest=fastest,
+                    precision=auto.precision, precision_reason=auto.reason, compile=False, **info)
+    if arch or (encoder is None and mode != "pretrain"):
+        protocol["arch"] = arch or DEFAULT_ARCH
+    return metrics, protocol
 
 
 def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), device: str | None = None,
               steps: int = 10, batch: int | None = None, warmup: int = 3, compare: bool = False,
               peak_tflops: float | None = None, encoder: str | Path | None = None, arch: str | None = None,
               data: str | None = None, workers: int | None = None, amp: str | None = None,
-              compile: bool | None = None, out: str | Path = "runs/bench") -> dict:
+              compile: bool | None = None, out: str | Path = "runs/bench", step_img_per_s: float | None = None) -> dict:
     """Benchmark ``mode`` (see the module docstring; :func:`modes`) and write a ``bench`` run record into
     ``out``; returns the record. ``config`` defaults to the task's demo config (``pretrain``:
-    :data:`PRETRAIN_CONFIG`)."""
+    :data:`PRETRAIN_CONFIG`). ``step_img_per_s`` (``data``): a model step's img/s, for the workers it needs."""
     _check_args(mode, steps, batch, warmup, workers, peak_tflops)
     started = time.time()
     dev = _device(device)
     encoder = Path(encoder) if encoder else None
     if encoder is not None:
         check_encoder_file(encoder)
+    if amp == "calibrate" and mode == "data":
+        raise MimbenchError("--amp calibrate times a model step; bench data has none.", "Leave --amp out for bench data.")
     cfg_path, cfg = _load(mode, config, overrides)
     protocol = {"name": f"bench-{mode}", "sha256": config_sha256(cfg) if cfg is not None else None,
                 "config": str(cfg_path) if cfg_path else None, "overrides": list(overrides), "mode": mode,
                 "steps": int(steps), "warmup": int(warmup), "compare": bool(compare),
                 "plain_path": (PLAIN if mode != "data" else "0 workers (main process)") if compare else None,
                 "interleaved": mode != "data"}
-    if mode == "data":
+    if amp == "calibrate" and mode != "data":
+        metrics, fields = _run_calibrate(mode, cfg, dev, batch=batch, steps=steps, warmup=warmup, encoder=encoder,
+                                         arch=arch)
+        dataset = {"name": "random", "root": None, "sizes": {}}
+    elif mode == "data":
         metrics, fields, dataset = _run_data(data, cfg, batch=batch, steps=steps, warmup=warmup, workers=workers,
-                                             compare=compare)
+                                             compare=compare, step_img_per_s=step_img_per_s)
     else:
         metrics, fields = _run_step(mode, cfg, dev, batch=batch, steps=steps, warmup=warmup, compare=compare,
                                     peak_tflops=peak_tflops, encoder=encoder, arch=arch, amp=amp, compile=compile)
@@ -536,6 +684,34 @@ def run_bench(mode: str, *, config: str | Path | None = None, overrides=(), devi
                         dataset=dataset, metrics=metrics, seed=0, started=started, finished=time.time())
     record["path"] = str(write_record(out, record))
     return record
+
+
+def _calibrate_lines(p: dict, m: dict) -> list[str]:
+    """The ``--amp calibrate`` lines: each candidate's img/s, the fastest, what "auto" picks and why."""
+    if p.get("amp") != "calibrate":
+        return []
+    lines = [f"  {c:>5}: {m[c + '_img_per_s']:.1f} img/s, step {m[c + '_step_ms_median']:.1f} ms "
+             f"(IQR {m[c + '_step_ms_iqr']:.1f})" for c in p["candidates"]]
+    lines.append(f"  fastest here: {p['fastest']}; amp=auto picks {p['precision']} ({p['precision_reason']}), "
+                 f"{100 * m['auto_vs_fastest']:.0f} % of the fastest. Nothing was changed: pass --amp "
+                 f"{p['fastest']} (or set runtime.amp) to use the fastest.")
+    return lines
+
+
+def _data_lines(p: dict, m: dict) -> list[str]:
+    """``bench data``: decode img/s (full / downscaled), then per transform augment and per-worker img/s."""
+    if "decode_img_per_s" not in m:
+        return []
+    lines = [f"  decode: {m['decode_img_per_s']:.1f} img/s in full, {m['draft_decode_img_per_s']:.1f} img/s "
+             f"downscaled to >= {p['decode_draft']} px (PIL draft, {m['draft_decode_speedup']:.2f}x)"]
+    for name in p["transforms"]:
+        need = m.get(f"{name}_workers_needed")
+        lines.append(f"  {name:>8}: augment {m[f'{name}_augment_img_per_s']:.1f} img/s, one worker "
+                     f"{m[f'{name}_per_worker_img_per_s']:.1f} img/s (downscaled decode "
+                     f"{m[f'{name}_draft_per_worker_img_per_s']:.1f})"
+                     + (f"; {need} workers for {p['step_img_per_s']:.0f} img/s of model step "
+                        f"({m[f'{name}_draft_workers_needed']} downscaled)" if need else ""))
+    return lines
 
 
 def format_bench(record: dict) -> str:
@@ -562,6 +738,8 @@ def format_bench(record: dict) -> str:
         if f"{prefix}peak_mem_mb_per_img" in m:
             line += f", peak {m[prefix + 'peak_mem_mb_per_img']:.2f} MiB/img"
         lines.append(line)
+    lines.extend(_calibrate_lines(p, m))
+    lines.extend(_data_lines(p, m))
     if "flops_per_img" in m:
         lines.append(f"  FLOPs/img: {m['flops_per_img'] / 1e9:.3f} G")
     if "speedup" in m:
@@ -572,3 +750,86 @@ def format_bench(record: dict) -> str:
         lines.append(f"  process peak RSS: {m['process_peak_rss_mb']:.0f} MiB")
     lines.append(f"  record: {record.get('path')}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- suites
+#: ``mimbench bench --suite gpu``: (row, mode, run_bench arguments) at full size, all bf16 on the GPU.
+GPU_SUITE = (
+    ("MAE ViT-B/16 pre-training", "pretrain", dict(config="pretrain/configs/mae_vit-b_in1k_1600ep.py", batch=256,
+                                                   compile=False)),
+    ("MAE ViT-B/16 pre-training, compiled", "pretrain", dict(config="pretrain/configs/mae_vit-b_in1k_1600ep.py",
+                                                             batch=256, compile=True)),
+    ("MAE ViT-L/16 pre-training", "pretrain", dict(config="pretrain/configs/mae_vit-l_in1k_1600ep.py", batch=128,
+                                                   compile=False)),
+    ("MAE ViT-L/16 pre-training, compiled", "pretrain", dict(config="pretrain/configs/mae_vit-l_in1k_1600ep.py",
+                                                             batch=128, compile=True)),
+    ("ViT-B/16 linear-probe features", "features", dict(arch="vit_base_patch16_224", batch=256)),
+    ("ViT-B/16 fine-tune step", "finetune", dict(arch="vit_base_patch16_224", batch=64,
+                                                 config="eval_configs/finetune/mae_vit-b_in1k.py")),
+    ("UperNet ViT-B/16 segmentation step", "segment",
+     dict(config="eval_configs/segmentation/upernet_vit-b_ade20k_512x512_160k.py", batch=2)),
+)
+#: The same rows at toy size (``--device cpu``: a test of the suite itself, numbers meaningless): the micro MAE
+#: config, a 4-block 32x32 encoder file, the demo configs; compiled rows only where the device is CUDA.
+TOY_PRETRAIN = "pretrain/configs/mae_micro_fmnist.py"
+SUITE_HEADING = "## GPU suite results"
+
+
+def _toy_args(mode: str, args: dict, encoder: Path) -> dict:
+    if mode == "pretrain":
+        return dict(config=TOY_PRETRAIN, batch=4, compile=bool(args.get("compile")))
+    return dict(encoder=encoder, batch=2)
+
+
+def run_suite(suite: str, *, device: str | None = None, steps: int = 10, warmup: int = 3, toy: bool = False,
+              out: str | Path = "runs/bench", append: str | Path | None = None) -> list[tuple[str, dict]]:
+    """Run every row of ``suite`` (``gpu``: :data:`GPU_SUITE`) in bf16 and return ``(row, bench record)`` pairs;
+    with ``append``, add one table row per record to that Markdown file under :data:`SUITE_HEADING` (device name,
+    img/s, MFU, peak memory per image, command). ``toy``: the rows at toy size (a CPU test of the suite)."""
+    if suite != "gpu":
+        raise MimbenchError(f"Unknown bench suite {suite!r}.", "Use --suite gpu.")
+    dev = _device(device)
+    rows, encoder = [], None
+    if toy:
+        from mimbench.testing import write_tiny_encoder  # test-size encoder file, only for the toy suite
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        encoder = write_tiny_encoder(Path(out) / "suite-toy-encoder.safetensors", depth=4)
+    for row, mode, args in GPU_SUITE:
+        kwargs = _toy_args(mode, args, encoder) if toy else dict(args)
+        if kwargs.get("compile") and dev.type != "cuda":
+            continue  # compiling on the CPU takes minutes: scripts/gpu_check.sh runs it on a GPU
+        record = run_bench(mode, device=str(dev), steps=steps, warmup=warmup, amp="bf16", out=out, **kwargs)
+        rows.append((row, record))
+        print(f"{row}\n{format_bench(record)}", flush=True)
+    if append is not None:
+        append_suite_rows(Path(append), rows)
+    return rows
+
+
+def suite_row(row: str, record: dict) -> str:
+    """One Markdown table row of a suite record."""
+    p, m, hw = record["protocol"], record["metrics"], record["hardware"]
+    mfu = f"{100 * m['mfu']:.1f} %" if m.get("mfu") is not None else "n/a"
+    mem = f"{m['peak_mem_mb_per_img']:.1f}" if m.get("peak_mem_mb_per_img") is not None else "n/a"
+    what = f" --config {p['config']}" if p.get("config") else f" --arch {p['arch']}" if p.get("arch") else ""
+    command = f"mimbench bench {p['mode']}{what} --batch {p['batch']} --amp bf16" + (" --compile" if p.get("compile") else "")
+    return (f"| {record['started'][:10]} | {hw.get('name')} | {row} | {p['batch']} | {p['precision']} | "
+            f"{bool(p.get('compile'))} | {m['img_per_s']:.1f} | {mfu} | {mem} | `{command}` |")
+
+
+SUITE_HEADER = ("| date | device | row | batch | precision | compile | img/s | MFU | peak MiB/img | command |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def append_suite_rows(path: Path, rows: list[tuple[str, dict]]) -> None:
+    """Add the rows to the table under :data:`SUITE_HEADING` in ``path`` (the section is created at the end once;
+    later rows go after its last line, before the next section)."""
+    text = path.read_text() if path.exists() else ""
+    if SUITE_HEADING not in text:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + f"{SUITE_HEADING}\n\n{SUITE_HEADER}"
+    start = text.index(SUITE_HEADING)
+    nxt = text.find("\n## ", start + len(SUITE_HEADING))
+    end = len(text) if nxt < 0 else nxt + 1
+    section = text[start:end].rstrip("\n") + "\n" + "".join(suite_row(r, rec) + "\n" for r, rec in rows)
+    path.write_text(text[:start] + section + ("\n" + text[end:] if end < len(text) else ""))

@@ -52,6 +52,7 @@ LeaderboardTask = Literal[tuple(TASK_METRIC)]
 Paper = Literal[PAPERS]
 Scale = Literal[SCALES]
 Amp = Literal[AMP_CHOICES]
+BenchAmp = Literal[(*AMP_CHOICES, "calibrate")]  # bench only: time each precision, change nothing
 TRACKER_HELP = ("Also log to this tracker (repeatable; sets runtime.trackers): tensorboard, wandb (offline) or "
                 "mlflow (file store), under OUT. Needs: pip install 'mimbench[trackers]'")
 
@@ -403,8 +404,9 @@ def _replaced_preset(value: Optional[str]) -> Optional[str]:
 @app.command()
 @_user_errors
 def bench(
-    what: str = typer.Argument(..., help="pretrain | features | data, or a task's bench mode (linear, finetune, "
-                               "segment ...)", callback=BENCH_MODES.check, autocompletion=BENCH_MODES.complete),
+    what: Optional[str] = typer.Argument(None, help="pretrain | features | data, or a task's bench mode (linear, "
+                                         "finetune, segment ...); leave out with --suite", callback=BENCH_MODES.check,
+                                         autocompletion=BENCH_MODES.complete),
     config: Optional[Path] = typer.Option(None, help="Config of the loop to time (default: the demo/protocol config of WHAT)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)"),
@@ -417,20 +419,35 @@ def bench(
     arch: Optional[str] = typer.Option(None, help="features/linear/finetune: random-init timm ViT (default vit_base_patch16_224)"),
     data: Optional[str] = typer.Option(None, help="data: ImageFolder root"),
     workers: Optional[int] = typer.Option(None, help="data: loader workers (default: this machine's CPUs)"),
-    amp: Optional[Amp] = typer.Option(None, help=f"{' | '.join(AMP_CHOICES)} (default: the config's runtime.amp)"),
+    amp: Optional[BenchAmp] = typer.Option(None, help=f"{' | '.join(AMP_CHOICES)} (default: the config's runtime.amp), "
+                                           "or calibrate: time each precision for this workload and record it"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: runtime.compile)"),
     out: Path = typer.Option(Path("runs/bench"), help="Directory for the bench record"),
+    step_img_per_s: Optional[float] = typer.Option(None, help="data: a model step's img/s (from bench pretrain/"
+                                                   "finetune/...): prints the loader workers it needs"),
+    suite: Optional[str] = typer.Option(None, help="gpu: the ViT-B/L MAE pre-training (with and without compile), "
+                                        "features, fine-tune and UperNet steps in bf16, rows appended to --append"),
+    toy: bool = typer.Option(False, help="--suite at toy sizes (a check of the suite, e.g. with --device cpu)"),
+    append: Optional[Path] = typer.Option(None, help="--suite: Markdown file to append the rows to (e.g. BENCHMARKS.md)"),
     preset: Optional[str] = typer.Option(None, hidden=True, is_eager=True, callback=_replaced_preset),
 ):
     """Time a hot loop on this machine: img/s, step time, FLOPs/img, MFU, memory; --compare against the plain path.
 
     Example: mimbench bench pretrain --config pretrain/configs/mae_tiny_fmnist.py --compare
+    Example: mimbench bench --suite gpu --append BENCHMARKS.md
     """
-    from mimbench.bench import format_bench, run_bench  # torch, timm and the pre-training models
+    from mimbench.bench import format_bench, run_bench, run_suite  # torch, timm and the pre-training models
+
+    if suite is not None or what is None:
+        if suite is None or what is not None:
+            raise MimbenchError("Give a bench mode (e.g. `mimbench bench pretrain`) or --suite gpu, not both or neither.",
+                                "Run `mimbench bench --help` for the modes.")
+        run_suite(suite, device=device, steps=steps, warmup=warmup, toy=toy, out=out, append=append)
+        return
 
     record = run_bench(what, config=config, overrides=list(set_ or []), device=device, steps=steps, batch=batch,
                        warmup=warmup, compare=compare, peak_tflops=peak_tflops, encoder=encoder, arch=arch,
-                       data=data, workers=workers, amp=amp, compile=compile, out=out)
+                       data=data, workers=workers, amp=amp, compile=compile, out=out, step_img_per_s=step_img_per_s)
     typer.echo(format_bench(record))
 
 

@@ -3,13 +3,42 @@
 Every loop (pre-training, linear probe, fine-tune, feature extraction, ``mimbench bench``) asks
 this module instead of deciding for itself, so one rule holds everywhere:
 
-* **Precision** (:func:`choose_precision`, also named :func:`resolve_amp`): ``amp="auto"`` means,
-  on CUDA, bf16 autocast on GPUs of compute capability 8.0 or newer (Ampere on) and fp16 autocast with
-  a grad scaler on older ones (V100, T4: no bf16 arithmetic); on the CPU, bf16 on CPUs with native
-  bf16 arithmetic (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``/``sve_bf16`` flags) and fp32
-  elsewhere. On a CPU without those instructions bf16 is emulated and several times *slower* than
-  fp32, so "auto" never picks it there; ``amp="bf16"`` still forces it. ``"fp16"`` (with a grad
-  scaler) and ``"none"`` (fp32) are taken as given.
+* **Precision** (:func:`precision_choice`, and :func:`choose_precision` / :func:`resolve_amp` its precision
+  alone): ``amp="auto"`` is a deterministic rule of the device, its capabilities and the workload
+  (:class:`Workload`: model width, depth, tokens per image, training or inference), never a timing taken on
+  the day, since precision changes the numbers a benchmark reports. On CUDA: bf16 autocast on GPUs of compute
+  capability 8.0 or newer (Ampere on), fp16 autocast with a grad scaler on older ones (V100, T4), for every
+  workload. On the CPU it depends on the CPU's kind (:func:`cpu_kind`, from the ``/proc/cpuinfo`` flags) and
+  on the workload's matrix work per image ``width**2 * depth * tokens`` (:attr:`Workload.work`):
+
+  ==================  ==================================  =====================================================
+  CPU kind            auto                                measured (2 threads; ``mimbench bench``)
+  ==================  ==================================  =====================================================
+  ``no_bf16`` (AVX2   fp32 always                         bf16 is emulated: tiny MAE step 26 vs 361 img/s fp32
+  only, no bf16                                           (14x slower)
+  instructions)
+  ``avx512_bf16``     bf16 from work >=                   tiny MAE step (192-d x 6, 17 visible tokens,
+  (AMD EPYC,          :data:`AVX512_BF16_MIN_WORK`        batch 128) bf16 1.33x fp32; ViT-B/16 features
+  no AMX)             (3.76 M), fp32 below                (batch 8) bf16 2.95x fp32
+  ``amx`` (Intel      bf16 from work >=                   tiny MAE step bf16 0.60x fp32 (387 vs 643 img/s);
+  Sapphire Rapids,    :data:`AMX_MIN_WORK` (72 M),        micro MAE step (64-d x 4, batch 64) 0.41x (664 vs
+  ``amx_bf16``)       fp32 below                          1,893); ViT-B/16 features 4.29x (29.3 vs 6.8)
+  ``arm_bf16``        as ``amx`` (not measured: the       -
+  (Arm bf16, Apple)   stricter threshold)
+  ==================  ==================================  =====================================================
+
+  The thresholds: on ``avx512_bf16`` the smallest workload measured to gain (the tiny step; nothing smaller
+  was measured, and on the other bf16 kind smaller ones lose); on ``amx`` the geometric mean of the largest
+  workload measured to lose (the tiny step, 3.76 M) and the smallest measured to gain (ViT-B/16 features,
+  768**2 * 12 * 197 = 1.39 G). Training and inference have the same thresholds (each kind was measured on
+  one side of its threshold in each mode only); training counts the tokens the encoder sees (the visible
+  ones of an MAE-style step). The demo's and the tests' models (micro, tiny) therefore run in fp32 on every
+  CPU, ViT-B and larger in bf16 wherever bf16 is native. A workload that is not given counts as small
+  (fp32 on the CPU). ``MIMBENCH_CPU_BF16=1``/``0`` overrides the CPU rule (bf16 / fp32 for every workload).
+  ``amp="bf16"`` forces bf16; ``"fp16"`` (with a grad scaler) and ``"none"`` (fp32) are taken as given.
+  Every run record states the choice and the reason (``hardware.precision``, ``hardware.precision_reason``).
+  ``mimbench bench MODE --amp calibrate`` times each candidate on the user's machine for that workload and
+  records the result; it changes no default.
 * **TF32** (:func:`configure_tf32`): an explicit choice made once per process by
   :func:`mimbench.dist.setup` - on for CUDA GPUs of compute capability 8.0 or newer (fp32 matrix
   products and convolutions on TF32 tensor cores), off when ``MIMBENCH_TF32=0``; run records keep
@@ -28,11 +57,14 @@ this module instead of deciding for itself, so one rule holds everywhere:
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -41,6 +73,7 @@ from mimbench.errors import MimbenchError
 from mimbench.schema import AMP_CHOICES  # the allowed values of ``amp``, written once in the schema
 
 __all__ = ["AMP_CHOICES", "cpu_supports_bf16", "cpuinfo_has_bf16", "choose_precision", "resolve_amp",
+           "Workload", "PrecisionChoice", "precision_choice", "cpu_kind", "cpu_flags", "CPU_KINDS",
            "autocast_factory", "under_autocast", "amp_dtype", "configure_tf32", "tf32_enabled", "adamw_kwargs",
            "set_fused_attention", "maybe_compile"]
 
@@ -77,20 +110,131 @@ def _cpu_flags_have_bf16() -> bool:
         return False
 
 
-def choose_precision(amp: str, device: torch.device | str) -> str:
-    """The precision a run on ``device`` uses for setting ``amp``: ``"bf16"``, ``"fp16"`` or ``"none"``
-    (fp32). ``"auto"``: on CUDA bf16 from compute capability 8.0 on, fp16 (with a grad scaler) below;
-    on the CPU bf16 where it is native, else fp32 (module docstring)."""
+@dataclass(frozen=True)
+class Workload:
+    """What ``amp="auto"`` weighs on the CPU: the encoder's ``width`` (embedding dim) and ``depth`` (blocks), the
+    ``tokens`` it processes per image (visible patches plus prefix tokens), and whether it trains."""
+
+    width: int
+    depth: int
+    tokens: int
+    train: bool
+
+    @property
+    def work(self) -> int:
+        """Matrix work per image, ``width**2 * depth * tokens`` (proportional to a ViT's matmul FLOPs per image)."""
+        return int(self.width) ** 2 * int(self.depth) * int(self.tokens)
+
+    @classmethod
+    def of_arch(cls, arch: Mapping, *, train: bool, img_size: int | None = None, keep: float = 1.0,
+                prefix: int = 1) -> "Workload":
+        """From an encoder's ``embed_dim``, ``depth``, ``img_size`` and ``patch_size`` (an encoder file's metadata or
+        a model's ``encoder_arch()``): ``keep`` the share of patches the encoder sees (1 - mask ratio for an
+        MAE-style step), ``prefix`` the class/register tokens."""
+        size, patch = int(img_size or arch["img_size"]), int(arch["patch_size"])
+        tokens = round((size // patch) ** 2 * float(keep)) + int(prefix)
+        return cls(int(arch["embed_dim"]), int(arch["depth"]), max(tokens, 1), bool(train))
+
+    def describe(self) -> str:
+        mode = "training" if self.train else "inference"
+        return f"{mode}, {self.width}-d x {self.depth}, {self.tokens} tokens: work {self.work / 1e6:.2f} M"
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses (``"bf16"``, ``"fp16"`` or ``"none"`` = fp32) and why, in words."""
+
+    precision: str
+    reason: str
+
+
+#: The workloads the CPU thresholds were measured on (module docstring): the tiny MAE pre-training step
+#: (192-d x 6, 64 patches at mask ratio 0.75 -> 16 visible + class token) and ViT-B/16 feature extraction at 224.
+MEASURED_TINY_STEP = Workload(192, 6, 17, True)
+MEASURED_VITB_FEATURES = Workload(768, 12, 197, False)
+#: AMD EPYC, AVX-512 with bf16, no AMX: the tiny step is the smallest workload measured, bf16 1.33x fp32 there.
+AVX512_BF16_MIN_WORK = MEASURED_TINY_STEP.work
+#: Intel with AMX: the tiny step loses (bf16 0.60x fp32), ViT-B features gain (4.29x): the geometric mean.
+AMX_MIN_WORK = int(math.sqrt(MEASURED_TINY_STEP.work * MEASURED_VITB_FEATURES.work))
+#: Minimum work per image for bf16 under "auto", per CPU kind and mode (None: never bf16).
+CPU_KINDS: dict[str, dict[str, int | None]] = {
+    "amx": {"train": AMX_MIN_WORK, "inference": AMX_MIN_WORK},
+    "avx512_bf16": {"train": AVX512_BF16_MIN_WORK, "inference": AVX512_BF16_MIN_WORK},
+    "arm_bf16": {"train": AMX_MIN_WORK, "inference": AMX_MIN_WORK},
+    "no_bf16": {"train": None, "inference": None},
+}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's ``/proc/cpuinfo`` flags (empty where unreadable)."""
+    return _cpu_flag_set()
+
+
+@lru_cache(maxsize=1)
+def _cpu_flag_set() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_kind(flags: frozenset[str] | None = None) -> str:
+    """The CPU's kind for the precision rule (:data:`CPU_KINDS`): ``amx`` (``amx_bf16``), ``avx512_bf16``
+    (without AMX), ``arm_bf16`` (Arm ``bf16``/``sve_bf16``, Apple silicon) or ``no_bf16``."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if flags & {"bf16", "sve_bf16"} or (platform.system() == "Darwin" and platform.machine() == "arm64"):
+        return "arm_bf16"
+    return "no_bf16"
+
+
+def precision_choice(amp: str, device: torch.device | str, workload: Workload | None = None) -> PrecisionChoice:
+    """The precision a run of ``workload`` on ``device`` uses for setting ``amp``, and why (module docstring)."""
     if amp not in AMP_CHOICES:
         raise MimbenchError(f"amp={amp!r} is not one of {', '.join(AMP_CHOICES)}.",
-                            "Set amp to auto (bf16 where the hardware has it), bf16, fp16 or none (fp32).")
+                            "Set amp to auto (bf16 where it is faster), bf16, fp16 or none (fp32).")
     device = torch.device(device)
     if amp != "auto":
-        return amp
+        return PrecisionChoice(amp, f"amp={amp} as set")
     if device.type == "cuda":
         capability = _cuda_capability(device)
-        return "bf16" if capability is None or capability >= (8, 0) else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "none"
+        if capability is None or capability >= (8, 0):
+            return PrecisionChoice("bf16", "auto: CUDA GPU with bf16 tensor cores (compute capability >= 8.0)")
+        return PrecisionChoice("fp16", f"auto: CUDA GPU of compute capability {capability[0]}.{capability[1]} "
+                                       "(no bf16): fp16 with a grad scaler")
+    if device.type != "cpu":
+        return PrecisionChoice("none", f"auto: fp32 on {device.type}")
+    return _cpu_choice(workload)
+
+
+def _cpu_choice(workload: Workload | None) -> PrecisionChoice:
+    forced = os.environ.get("MIMBENCH_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return PrecisionChoice("bf16" if forced == "1" else "none", f"auto: MIMBENCH_CPU_BF16={forced}")
+    kind = cpu_kind()
+    if CPU_KINDS[kind]["train"] is None:
+        return PrecisionChoice("none", "auto: CPU without bf16 instructions (bf16 would be emulated): fp32")
+    if workload is None:
+        return PrecisionChoice("none", f"auto: CPU kind {kind}, workload not given: fp32")
+    threshold = CPU_KINDS[kind]["train" if workload.train else "inference"]
+    precision = "bf16" if workload.work >= threshold else "none"
+    relation = ">=" if precision == "bf16" else "<"
+    return PrecisionChoice(precision, f"auto: CPU kind {kind}, {workload.describe()} {relation} "
+                                      f"{threshold / 1e6:.2f} M: {'bf16' if precision == 'bf16' else 'fp32'}")
+
+
+def choose_precision(amp: str, device: torch.device | str, workload: Workload | None = None) -> str:
+    """The precision a run of ``workload`` on ``device`` uses for setting ``amp``: ``"bf16"``, ``"fp16"`` or
+    ``"none"`` (fp32); :func:`precision_choice` with its reason."""
+    return precision_choice(amp, device, workload).precision
 
 
 #: The name every caller used before the CUDA rule followed the GPU's capability.

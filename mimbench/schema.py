@@ -300,18 +300,23 @@ def schedule(min_lr: float) -> Section:
 BATCH = {"batch_size": INT_GE1, "eff_batch_size": SIZE_OR_NONE(None), "accum_iter": INT_GE1(1)}
 
 
+#: JPEG decode-time downscaling (PIL ``Image.draft``, mimbench.data.draft_size): off until its accuracy effect is
+#: measured (``mimbench bench data`` gives its speed). Evaluations: top-level ``decode_draft`` beside ``img_size``;
+#: pre-training: ``data.decode_draft`` beside ``data.img_size``.
+DECODE_DRAFT = Flag()(False)
 EVAL_DATA = Section({"limit_train": SIZE_OR_NONE(None), "limit_val": SIZE_OR_NONE(None), "max_bad_fraction": MAX_BAD,
                      "num_workers": INT_GE0(0)})
 HAS_LR = ((lambda o: o.get("lr") is not None or o.get("blr") is not None, "optim needs lr or blr"),)
 #: Keys every evaluation config may set at the top level.
-EVAL_COMMON = {"img_size": SIZE_OR_NONE(None), "data": EVAL_DATA, "deviations": Seq(Text())([])}
+EVAL_COMMON = {"img_size": SIZE_OR_NONE(None), "decode_draft": DECODE_DRAFT, "data": EVAL_DATA,
+               "deviations": Seq(Text())([])}
 
 SCHEMAS: dict[str, Section] = {
     "pretrain": Section({
         "technique": Text(none=True)(None),  # None: the model's registered technique
         "model": Section({"name": Text()}, open=True, required=("name",)),
         "data": Section({"img_size": INT_GE1(224), "num_workers": INT_GE0(0), "limit": SIZE_OR_NONE(None),
-                         "max_bad_fraction": MAX_BAD}),
+                         "max_bad_fraction": MAX_BAD, "decode_draft": DECODE_DRAFT}),
         "optim": Section({"blr": Num(float, lo=0, lo_open=True), "weight_decay": Num(float, lo=0)(0.05),
                           "betas": BETAS((0.9, 0.95)), "clip_grad": Num(float, lo=0, lo_open=True, none=True)(None),
                           **BATCH},

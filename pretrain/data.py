@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mimbench.batching import GlobalBatchSampler, SeededItems, uniform_by_index
-from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset, build_dataset
+from mimbench.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSubset, build_dataset, draft_size
+from mimbench.data.loading import loader_options
 from mimbench.errors import MimbenchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,11 +161,13 @@ def mae_pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: int = 0, rank: int = 0,
                           world_size: int = 1, accum_iter: int = 1, num_workers: int = 0, limit: int | None = None,
-                          max_bad_fraction: float | None = None):
+                          max_bad_fraction: float | None = None, decode_draft: bool = False):
     """Loader for pre-training on ``data`` (``builtin:fashion-mnist`` or an ImageNet-style root);
     ``limit`` keeps only the first ``limit`` training images (smoke tests, quick checks); folders skip
     broken files up to ``max_bad_fraction`` (``mimbench.data.image_folder``; ``loader.dataset``
-    lists them through ``mimbench.data.skipped_files``). The loader has ``set_epoch(e)`` (directly or
+    lists them through ``mimbench.data.skipped_files``); ``decode_draft`` decodes JPEGs downscaled
+    (``mimbench.data.draft_size``). Workers, pinned memory and prefetch follow the loader rule
+    (:func:`mimbench.data.loading.loader_options`). The loader has ``set_epoch(e)`` (directly or
     on its batch sampler) and yields ``(images, labels, indices)``."""
     if data == BUILTIN_FMNIST:
         ds = FashionMNISTSubset("train", img_size=img_size)
@@ -175,11 +178,11 @@ def build_pretrain_loader(data: str, *, img_size: int, batch_size: int, seed: in
         return TensorPretrainLoader(images, labels, batch_size=batch_size, img_size=img_size, mean=mean, std=std,
                                     seed=seed, rank=rank, world_size=world_size, accum_iter=accum_iter)
     ds = build_dataset(data, "train", transform=mae_pretrain_transform(img_size), img_size=img_size,
-                       max_bad_fraction=max_bad_fraction)
+                       max_bad_fraction=max_bad_fraction, decode_draft=draft_size(img_size) if decode_draft else None)
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(int(limit), len(ds))))
     sampler = GlobalBatchSampler(len(ds), batch_size, accum_iter, seed=seed, rank=rank, world_size=world_size,
                                  with_epoch=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return DataLoader(SeededItems(ds, seed, stream="pretrain-augment"), batch_sampler=sampler,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      **loader_options(num_workers, device))

@@ -31,7 +31,7 @@ from mimbench.config import config_sha256, load_config, written_text
 from mimbench.data import skipped_files
 from mimbench.engine import LoopConfig, fit
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import adamw_kwargs
+from mimbench.fastpath import Workload, adamw_kwargs, precision_choice
 from mimbench.rng import seed_everything
 from pretrain.contract import export_encoder
 from pretrain.data import build_pretrain_loader
@@ -78,7 +78,8 @@ def run_pretrain(config, data: str = "builtin:fashion-mnist", out=Path("runs/pre
     step = make_step(model, cfg.runtime.mask_ratio, cfg.runtime.seed, loader, ctx.device)
     if ctx.is_main:
         atomic_write_text(out / "config.py", written_text(cfg), what="the resolved config", fix=WRITE_FIX)
-    fit(model, optimizer, loader, step, _loop_config(cfg, accum), out, resume=resume, on_step_end=model.on_step_end,
+    loop_cfg = _loop_config(cfg, accum, pretrain_workload(model, cfg), ctx.device)
+    fit(model, optimizer, loader, step, loop_cfg, out, resume=resume, on_step_end=model.on_step_end,
         desc=f"pretrain {spec.name}")
     path = out / spec.export_name
     if ctx.is_main:
@@ -103,7 +104,7 @@ def _build_loader(cfg, data: str, model, batch: int, accum: int, ctx, out: Path)
     loader = build_pretrain_loader(data, img_size=dcfg.img_size or model.encoder_arch()["img_size"],
                                    batch_size=batch, seed=cfg.runtime.seed, rank=ctx.rank, world_size=ctx.world_size,
                                    accum_iter=accum, num_workers=dcfg.num_workers, limit=dcfg.limit,
-                                   max_bad_fraction=dcfg.max_bad_fraction)
+                                   max_bad_fraction=dcfg.max_bad_fraction, decode_draft=bool(dcfg.decode_draft))
     skipped = skipped_files(getattr(loader, "dataset", None))
     if ctx.is_main and skipped:  # broken training images left out (mimbench.data.image_folder)
         atomic_write_text(out / "skipped_files.json", json.dumps(skipped, indent=1) + "\n",
@@ -139,12 +140,29 @@ def make_step(model, mask_ratio: float | None, seed: int, loader, device):
     return step
 
 
-def _loop_config(cfg, accum: int) -> LoopConfig:
-    """:class:`mimbench.engine.LoopConfig` from the config's ``schedule``, ``optim`` and ``runtime``;
-    ``compile`` wraps the model after DistributedDataParallel, inside the loop."""
+def pretrain_workload(model, cfg) -> Workload:
+    """The pre-training step's workload for ``amp="auto"`` (:func:`mimbench.fastpath.precision_choice`): the
+    encoder's width and depth at the config's image size, seeing the visible share of the patches where the
+    model drops masked ones (``mask_input == "noise"``, MAE-style) and all of them otherwise."""
+    arch = model.encoder_arch()
+    ratio = cfg.runtime.mask_ratio
+    keep = 1.0 - float(ratio) if model.mask_input == "noise" and ratio is not None else 1.0
+    return Workload.of_arch(arch, train=True, img_size=cfg.data.img_size or arch["img_size"], keep=keep)
+
+
+def _loop_config(cfg, accum: int, workload: Workload | None = None, device=None) -> LoopConfig:
+    """:class:`mimbench.engine.LoopConfig` from the config's ``schedule``, ``optim`` and ``runtime``, ``amp``
+    resolved for ``workload`` on ``device`` (:func:`mimbench.fastpath.precision_choice`, printed with its
+    reason); ``compile`` wraps the model after DistributedDataParallel, inside the loop."""
     sch, rt = cfg.schedule, cfg.runtime
+    amp = str(rt.amp)
+    if device is not None:
+        choice = precision_choice(amp, device, workload)
+        amp = choice.precision
+        if dist.is_main():
+            print(f"precision: {amp} ({choice.reason})", flush=True)
     return LoopConfig(epochs=int(sch.epochs), warmup_epochs=float(sch.warmup_epochs), min_lr=float(sch.min_lr),
-                      accum_iter=accum, clip_grad=cfg.optim.clip_grad, amp=str(rt.amp), ckpt_every=int(rt.ckpt_every),
+                      accum_iter=accum, clip_grad=cfg.optim.clip_grad, amp=amp, ckpt_every=int(rt.ckpt_every),
                       ckpt_every_steps=int(rt.ckpt_every_steps), seed=int(rt.seed), log_every=int(rt.log_every),
                       progress=bool(rt.progress), tensorboard=bool(rt.tensorboard), compile=bool(rt.compile),
                       trackers=tuple(rt.trackers))

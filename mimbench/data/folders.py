@@ -17,6 +17,7 @@ validation images take seconds and its 1.28 M training images a few minutes, onc
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -74,13 +75,23 @@ def check_imagefolder(root: str | Path, split: str) -> Path:
     return split_dir
 
 
-def _load_rgb(path: str):
+def _load_rgb(path: str, draft: int | None = None):
+    """The RGB image at ``path``; ``draft``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    both sides at least ``draft`` pixels (PIL ``Image.draft``), other formats in full."""
     try:
         with open(path, "rb") as fh:
-            return Image.open(fh).convert("RGB")
+            img = Image.open(fh)
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (int(draft), int(draft)))
+            return img.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise MimbenchError(f"Image {path} cannot be read ({exc}).",
                             "Replace or delete the corrupt file, then run again.") from exc
+
+
+def load_image(path: str | Path, draft: int | None = None):
+    """The RGB image at ``path`` as the folder datasets decode it (``draft``: JPEG downscaled at decode time)."""
+    return _load_rgb(str(path), draft=draft)
 
 
 def image_problem(path: str | Path) -> str | None:
@@ -131,8 +142,10 @@ def _broken_files(paths: list[str]) -> dict[str, str]:
     return dict(dist.broadcast_object(found))
 
 
-def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction: float | None = None):
-    """torchvision ImageFolder over ``root/split`` without its broken files (module docstring).
+def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction: float | None = None,
+                 decode_draft: int | None = None):
+    """torchvision ImageFolder over ``root/split`` without its broken files (module docstring); ``decode_draft``:
+    JPEGs decoded downscaled to no less than that many pixels a side (:func:`_load_rgb`), None: in full.
 
     The returned dataset has ``skipped``: ``[{"file": path relative to root/split, "reason": ...}]``.
     MimbenchError when more than ``max_bad_fraction`` (default :data:`MAX_BAD_FRACTION`) of the files are
@@ -143,7 +156,8 @@ def image_folder(root: str | Path, split: str, transform=None, max_bad_fraction:
         raise MimbenchError(f"max_bad_fraction={max_bad_fraction!r} is not a fraction in [0, 1].",
                             "Set data.max_bad_fraction to e.g. 0.001 (0.1 %).")
     split_dir = check_imagefolder(root, split)
-    ds = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb)
+    loader = functools.partial(_load_rgb, draft=int(decode_draft)) if decode_draft else _load_rgb
+    ds = ImageFolder(str(split_dir), transform=transform, loader=loader)
     bad = _broken_files([path for path, _ in ds.samples])
     ds.skipped = [{"file": os.path.relpath(p, split_dir), "reason": why} for p, why in sorted(bad.items())]
     total = len(ds.samples)

@@ -9,8 +9,9 @@ DINOv3 k-NN the class token, linear the class token ⊕ patch mean, EVA-02 the p
 class token (timm ``forward_features(x)[:, 0]``). An encoder whose final norm acts on pooled features (EVA-02 as
 timm ships it: ``fc_norm``, no per-token ``norm``) has each pooled feature put through that norm, as timm's
 ``forward_head`` does (:data:`POOLED_NORM`; the record's readout says so). It is computed with the encoder in eval mode under
-``torch.inference_mode`` and the evaluation's precision (``amp``: "auto" = bf16 autocast on CUDA and
-bf16-capable CPUs, :func:`mimbench.fastpath.resolve_amp`); stored as ``(N, D)`` float32.
+``torch.inference_mode`` and the evaluation's precision (``amp``: "auto" = bf16 autocast on CUDA and, for
+encoders large enough to gain, on bf16-capable CPUs, :func:`mimbench.fastpath.precision_choice`); stored as
+``(N, D)`` float32.
 
 Other blocks (:class:`Readout`, the probes' ``layers``): any block, the last N blocks concatenated (DINOv2's
 linear probe), the mean of several blocks (AIM), or every block at once (a depth sweep), each pooled as above.
@@ -46,10 +47,11 @@ from torchvision import transforms as T
 from mimbench import dist, encoders
 from mimbench.atomic import atomic_write, atomic_write_text
 from mimbench.batching import shard_range
-from mimbench.data import build_dataset, dataset_stats, is_builtin, skipped_files
+from mimbench.data import build_dataset, dataset_stats, draft_size, is_builtin, skipped_files
+from mimbench.data.loading import loader_options
 from mimbench.encoders.families import family_pool, has_class_token, pooled_final_norm
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import autocast_factory, resolve_amp
+from mimbench.fastpath import Workload, autocast_factory, resolve_amp
 from mimbench.schema import AMP, LAYERS_SYNTAX, POOLS, layer_spec
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
@@ -416,12 +418,18 @@ class _Entry:
 
 
 def _entry(encoder: Path, data: str, split: str, *, cache_dir: Path, img_size: int | None, limit: int | None,
-           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, spec: Readout) -> _Entry:
+           device: torch.device, amp: str, max_bad_fraction: float | None, layout: str, spec: Readout,
+           decode_draft: bool = False) -> _Entry:
     """The split of ``data`` at the evaluation's size and precision, and its cache entry's key, paths and spec."""
-    size = int(img_size or encoders.read_metadata(encoder, layout=layout)["img_size"])
+    meta = encoders.read_metadata(encoder, layout=layout)
+    size = int(img_size or meta["img_size"])
     transform, desc = eval_transform(data, size)
-    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction)
-    precision = resolve_amp(amp, device)
+    draft = draft_size(size) if decode_draft and not is_builtin(data) else None
+    if draft:  # other pixels: another cache entry
+        desc += f"/jpeg-draft{draft}"
+    dataset = build_dataset(data, split, transform=transform, img_size=size, max_bad_fraction=max_bad_fraction,
+                            decode_draft=draft)
+    precision = resolve_amp(amp, device, Workload.of_arch(meta, train=False, img_size=size))
     enc_sha = encoders.encoder_sha256(encoder)
     feature = feature_key(spec)
     key = cache_key(encoder_sha=enc_sha, data=data, split=split, transform_desc=desc, img_size=size, limit=limit,
@@ -451,7 +459,7 @@ def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, ba
     shard = torch.utils.data.Subset(items, shard_range(len(items), ctx.rank, ctx.world_size))
     if len(shard):
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False,
-                                             num_workers=num_workers, pin_memory=entry.device.type == "cuda")
+                                             **{**loader_options(num_workers, entry.device), "persistent_workers": False})
         feats, labels = compute_features(model, loader, entry.precision, entry.spec)
     else:  # more ranks than items
         feats, labels = np.zeros((0, entry.spec.width(int(model.num_features))), np.float32), np.zeros((0,), np.int64)
@@ -481,7 +489,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
                      batch_size: int = 256, num_workers: int = 0, limit: int | None = None,
                      device: str | torch.device | None = None, amp: str = AMP.default,
                      max_bad_fraction: float | None = None, layout: str = "auto", layers="last",
-                     pool: str | None = "auto", task: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     pool: str | None = "auto", task: str | None = None,
+                     decode_draft: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features, labels and info of ``split`` of ``data`` under ``encoder``; computed once, then loaded.
 
     Returns ``(features N×F float32, labels N int64, info)``; info has ``key``, ``cached`` (True when
@@ -497,7 +506,8 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     returns all N rows, in dataset order, as read-only memory maps of the cache), rank 0 writes the cache and
     its manifest and the others wait for it; whether the cache is valid is rank 0's decision, so all ranks
     take the same path. ``device`` defaults to the process's device (:func:`mimbench.dist.context`);
-    ``layout``: the checkpoint layout of ``encoder`` (``--from``).
+    ``layout``: the checkpoint layout of ``encoder`` (``--from``); ``decode_draft``: JPEGs decoded downscaled
+    (:func:`mimbench.data.draft_size`; part of the cache key).
     """
     ctx = dist.setup()
     encoder = Path(encoder)
@@ -505,7 +515,7 @@ def extract_features(encoder: Path, data: str, split: str, *, cache_dir: Path, i
     entry = _entry(encoder, data, split, cache_dir=cache_dir, img_size=img_size, limit=limit, amp=amp,
                    device=torch.device(device) if device is not None else ctx.device,
                    max_bad_fraction=max_bad_fraction, layout=layout,
-                   spec=readout(encoder, layers, pool, layout=layout, task=task))
+                   spec=readout(encoder, layers, pool, layout=layout, task=task), decode_draft=decode_draft)
     cached = _read_cache(*entry.paths, entry.built_from) if ctx.is_main else None
     if dist.broadcast_flag(cached is not None):
         if cached is None:  # rank 0 checked the entry against its manifest

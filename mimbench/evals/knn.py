@@ -202,7 +202,8 @@ def run_knn(*, encoder: Path, config: Path, data: str, out: Path, overrides: lis
     k, temperature = int(cfg.knn.k), float(cfg.knn.temperature)
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=cfg.img_size,
                   batch_size=int(cfg.batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
-                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout, pool=pool, task="knn")
+                  max_bad_fraction=cfg.data.max_bad_fraction, layout=layout, pool=pool, task="knn",
+                  decode_draft=bool(cfg.decode_draft))
     train_x, train_y, train_info = extract_features(run.encoder, data, "train", limit=cfg.data.limit_train, **common)
     val_x, val_y, val_info = extract_features(run.encoder, data, "val", limit=cfg.data.limit_val, **common)
     bank, bank_labels = build_bank(train_x, train_y, device=run.device)

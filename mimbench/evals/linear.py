@@ -194,6 +194,10 @@ def _train_transform(data: str, img_size: int, scale):
     return transform, f"randomresizedcrop{img_size}(scale={scale},bicubic)/hflip/normalize(mean={mean},std={std})"
 
 
+#: The probe's training transform, (transform, description) of (data, img_size, scale): also timed by ``bench data``.
+train_transform = _train_transform
+
+
 @dataclass
 class Probe:
     """What a linear probe trains and scores: the head, the frozen encoder (None when the inputs are cached
@@ -236,7 +240,7 @@ def _cached_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Prob
     common = dict(cache_dir=Path(cfg.cache_dir or run.out / "feature_cache"), img_size=size,
                   batch_size=int(cfg.feature_batch_size), num_workers=int(cfg.data.num_workers), amp=run.amp,
                   max_bad_fraction=runner.max_bad_fraction(run), layout=run.layout, layers=cfg.layers, pool=cfg.pool,
-                  task="linear")
+                  task="linear", decode_draft=bool(cfg.decode_draft))
     tx, ty, tinfo = extract_features(run.encoder, run.data, "train", limit=cfg.data.limit_train, **common)
     vx, vy, vinfo = extract_features(run.encoder, run.data, "val", limit=cfg.data.limit_val, **common)
     holdout_set = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,17 +31,22 @@ import torch
 from mimbench import dist, trackers
 from mimbench.batching import GlobalBatchSampler, SeededItems, resolve_batch, scaled_lr, shard_range
 from mimbench.config import config_sha256, load_config
-from mimbench.data import build_dataset, is_builtin, skipped_files
-from mimbench.encoders import check_encoder_file
+from mimbench.data import build_dataset, draft_size, is_builtin, skipped_files
+from mimbench.data.loading import loader_options
+from mimbench.encoders import check_encoder_file, read_metadata
 from mimbench.engine import LoopConfig, seed_everything
 from mimbench.errors import MimbenchError
 from mimbench.evals.metrics import topk_accuracy
-from mimbench.fastpath import resolve_amp
+from mimbench.fastpath import PrecisionChoice, Workload, precision_choice
 from mimbench.results.records import encoder_summary, new_record, write_record
 from mimbench.schema import FILLED_KINDS, RUNTIME_KEYS
 
 __all__ = ["EvalRun", "start", "batch_rule", "loop_config", "train_loader", "TensorBatches", "score", "topk_metrics", "finish",
            "dataset_root", "max_bad_fraction", "build_split", "skipped", "runtime_value"]
+
+
+#: Tasks whose loop trains the encoder (the others run it frozen, inference for the precision rule).
+TRAINS_ENCODER = frozenset({"finetune", "segment"})
 
 
 @dataclass
@@ -84,9 +90,28 @@ class EvalRun:
 
     @property
     def precision(self) -> str:
-        """What ``amp`` resolves to on this run's device: bf16 | fp16 | none (fp32),
-        :func:`mimbench.fastpath.resolve_amp`."""
-        return resolve_amp(self.amp, self.device)
+        """What ``amp`` resolves to for this run's encoder on its device: bf16 | fp16 | none (fp32),
+        :func:`mimbench.fastpath.precision_choice`."""
+        return self.precision_choice.precision
+
+    @cached_property
+    def precision_choice(self) -> PrecisionChoice:
+        """The precision and its reason (the record's ``hardware.precision_reason``)."""
+        return precision_choice(self.amp, self.device, self.workload)
+
+    @cached_property
+    def workload(self) -> Workload | None:
+        """The encoder's workload at the config's image size (training where the task trains the encoder,
+        :data:`TRAINS_ENCODER`); None where its metadata cannot be read."""
+        try:
+            meta = read_metadata(self.encoder, layout=self.layout)
+        except (MimbenchError, OSError, KeyError, ValueError):
+            return None
+        size = self.cfg.get("img_size") if hasattr(self.cfg, "get") else None
+        try:
+            return Workload.of_arch(meta, train=self.task in TRAINS_ENCODER, img_size=size)
+        except (KeyError, ValueError, TypeError):
+            return None
 
 
 def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
@@ -123,7 +148,7 @@ def loop_config(run: EvalRun, accum: int, *, clip_grad=None):
     """:class:`mimbench.engine.LoopConfig` from the config's ``schedule`` and ``runtime`` sections."""
     sched, rt = run.cfg.schedule, run.cfg.runtime
     return LoopConfig(epochs=int(sched.epochs), warmup_epochs=float(sched.warmup_epochs), min_lr=float(sched.min_lr),
-                      accum_iter=accum, clip_grad=clip_grad, amp=run.amp, ckpt_every=int(rt.ckpt_every),
+                      accum_iter=accum, clip_grad=clip_grad, amp=run.precision, ckpt_every=int(rt.ckpt_every),
                       ckpt_every_steps=int(rt.ckpt_every_steps), seed=run.seed, log_every=int(rt.log_every),
                       progress=bool(rt.progress), tensorboard=bool(rt.tensorboard), trackers=tuple(rt.trackers))
 
@@ -137,7 +162,14 @@ def build_split(run: EvalRun, split: str, *, transform, img_size: int):
     """``split`` of the run's data; a folder's broken files are skipped up to :func:`max_bad_fraction`
     (:func:`mimbench.data.image_folder`)."""
     return build_dataset(run.data, split, transform=transform, img_size=img_size,
-                         max_bad_fraction=max_bad_fraction(run))
+                         max_bad_fraction=max_bad_fraction(run), decode_draft=decode_draft(run, img_size))
+
+
+def decode_draft(run: EvalRun, img_size: int) -> int | None:
+    """The JPEG decode-time downscaling target of the config's ``decode_draft`` (off by default): the shorter side kept
+    at least the evaluation resize of ``img_size`` (:func:`mimbench.data.draft_size`); None when off."""
+    on = run.task in FILLED_KINDS and bool(run.cfg.decode_draft)
+    return draft_size(img_size) if on else None
 
 
 def skipped(train, val) -> dict:
@@ -155,8 +187,7 @@ def train_loader(run: EvalRun, dataset, batch: int, accum: int, *, num_workers: 
     sampler = GlobalBatchSampler(len(dataset), batch, accum, seed=run.seed, rank=run.rank,
                                  world_size=run.world_size, with_epoch=True)
     return torch.utils.data.DataLoader(SeededItems(dataset, run.seed, stream=f"{run.task}-augment"),
-                                       batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=run.device.type == "cuda", persistent_workers=num_workers > 0)
+                                       batch_sampler=sampler, **loader_options(num_workers, run.device))
 
 
 class TensorBatches:
@@ -194,8 +225,8 @@ def score(run: EvalRun, fn: Callable[[torch.Tensor], torch.Tensor], dataset, bat
     (:func:`mimbench.batching.shard_range`); the shards are gathered in rank order, i.e. dataset order.
     """
     part = torch.utils.data.Subset(dataset, shard_range(len(dataset), run.rank, run.world_size))
-    loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False, num_workers=num_workers,
-                                         pin_memory=run.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(part, batch_size=int(batch_size), shuffle=False,
+                                         **{**loader_options(num_workers, run.device), "persistent_workers": False})
     logits, labels = [], []
     for x, y, *_ in loader:
         logits.append(fn(x.to(run.device, non_blocking=True)).float())
@@ -240,6 +271,7 @@ def finish(run: EvalRun, *, protocol: Mapping, metrics: Mapping, dataset: Mappin
         started=run.started,
         finished=time.time(),
         precision=precision or run.precision,
+        precision_reason=None if precision else run.precision_choice.reason,
     )
     if run.is_main:
         write_record(run.out, record)

@@ -80,12 +80,14 @@ def encoder_summary(path, layout: str = "auto") -> dict:
 
 
 def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict, metrics: dict, seed: int,
-               started: float, finished: float, status: str = "ok", precision: str | None = None) -> dict:
+               started: float, finished: float, status: str = "ok", precision: str | None = None,
+               precision_reason: str | None = None) -> dict:
     """Assemble and validate a record. ``started``/``finished`` are POSIX timestamps (``time.time()``).
 
     ``protocol["deviations"]`` defaults to [] and ``dataset["root"]``/``["sizes"]`` to None/{};
     versions and hardware are filled in from :func:`mimbench.env.environment_info`; ``precision`` (the
-    resolved compute precision, :func:`mimbench.fastpath.resolve_amp`) goes into ``hardware``.
+    resolved compute precision, :func:`mimbench.fastpath.resolve_amp`) goes into ``hardware``, and
+    ``precision_reason`` (why, :func:`mimbench.fastpath.precision_choice`) beside it.
     """
     env = environment_info()
     protocol = {"name": protocol.get("name"), "sha256": protocol.get("sha256"), "deviations": [], **protocol}
@@ -102,7 +104,8 @@ def new_record(task: str, *, protocol: dict, encoder: dict | None, dataset: dict
         "started": _iso(started),
         "finished": _iso(finished),
         "duration_s": round(float(finished) - float(started), 3),
-        "hardware": {**env["hardware"], **({"precision": precision} if precision else {})},
+        "hardware": {**env["hardware"], **({"precision": precision} if precision else {}),
+                     **({"precision_reason": precision_reason} if precision_reason else {})},
         "versions": env["versions"],
         "status": status,
     }

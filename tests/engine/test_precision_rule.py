@@ -1,0 +1,132 @@
+"""amp="auto" is a rule of the CPU's kind and the workload (mimbench.fastpath), and bench --amp calibrate times it."""
+import pytest
+
+from mimbench import fastpath
+from mimbench.bench import format_bench, run_bench
+from mimbench.fastpath import Workload, cpu_kind, precision_choice
+from mimbench.results.records import validate_record
+
+AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AVX2 = frozenset({"avx2", "fma"})
+MICRO_STEP = Workload(64, 4, 17, True)  # the demo's micro MAE: 64-d x 4, 16 visible patches + class token
+TINY_STEP = Workload(192, 6, 17, True)
+VITB_FEATURES = Workload(768, 12, 197, False)
+VITB_STEP = Workload(768, 12, 50, True)  # MAE ViT-B/16 pre-training at 224: 49 visible patches + class token
+VITL_FEATURES = Workload(1024, 24, 197, False)
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Fake the CPU's /proc/cpuinfo flags (and drop the MIMBENCH_CPU_BF16 pin of conftest)."""
+    monkeypatch.delenv("MIMBENCH_CPU_BF16", raising=False)
+    monkeypatch.setattr(fastpath.platform, "system", lambda: "Linux")
+
+    def use(flags):
+        monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset(flags))
+    return use
+
+
+def test_cpu_kinds_from_flags(monkeypatch):
+    monkeypatch.setattr(fastpath.platform, "system", lambda: "Linux")
+    assert cpu_kind(AMX) == "amx" and cpu_kind(AVX512_BF16) == "avx512_bf16" and cpu_kind(AVX2) == "no_bf16"
+    assert cpu_kind({"asimd", "bf16"}) == "arm_bf16"
+
+
+@pytest.mark.parametrize("flags, workload, expected", [
+    # AVX2 only: bf16 is emulated (14x slower), fp32 for every size
+    (AVX2, MICRO_STEP, "none"), (AVX2, TINY_STEP, "none"), (AVX2, VITB_FEATURES, "none"), (AVX2, VITL_FEATURES, "none"),
+    # AMD AVX-512-BF16: tiny step 1.33x in bf16 (the threshold), ViT-B features 2.95x; micro below: fp32
+    (AVX512_BF16, MICRO_STEP, "none"), (AVX512_BF16, TINY_STEP, "bf16"), (AVX512_BF16, VITB_FEATURES, "bf16"),
+    (AVX512_BF16, VITB_STEP, "bf16"),
+    # Intel AMX: micro 0.41x and tiny 0.60x in bf16 -> fp32; ViT-B features 4.29x -> bf16, and ViT-B/L training
+    (AMX, MICRO_STEP, "none"), (AMX, TINY_STEP, "none"), (AMX, VITB_FEATURES, "bf16"), (AMX, VITB_STEP, "bf16"),
+    (AMX, VITL_FEATURES, "bf16"),
+])
+def test_auto_on_each_cpu_kind_and_size(cpu, flags, workload, expected):
+    cpu(flags)
+    choice = precision_choice("auto", "cpu", workload)
+    assert choice.precision == expected
+    assert cpu_kind() in choice.reason or "without bf16" in choice.reason
+    assert fastpath.choose_precision("auto", "cpu", workload) == expected
+    assert precision_choice("bf16", "cpu", workload).precision == "bf16"  # an explicit setting is taken as given
+    assert precision_choice("none", "cpu", workload).precision == "none"
+
+
+def test_thresholds_sit_between_the_measurements():
+    assert fastpath.AVX512_BF16_MIN_WORK == TINY_STEP.work == 192 ** 2 * 6 * 17
+    assert TINY_STEP.work < fastpath.AMX_MIN_WORK < VITB_FEATURES.work
+    assert fastpath.AMX_MIN_WORK ** 2 == pytest.approx(TINY_STEP.work * VITB_FEATURES.work, rel=1e-6)
+
+
+def test_unknown_workload_and_the_override(cpu, monkeypatch):
+    cpu(AMX)
+    assert precision_choice("auto", "cpu").precision == "none"  # no workload: the small side
+    monkeypatch.setenv("MIMBENCH_CPU_BF16", "1")
+    assert precision_choice("auto", "cpu", MICRO_STEP) == fastpath.PrecisionChoice("bf16", "auto: MIMBENCH_CPU_BF16=1")
+
+
+def test_cuda_is_bf16_for_every_size(cpu, monkeypatch):
+    cpu(AVX2)
+    monkeypatch.setattr(fastpath, "_cuda_capability", lambda device: (9, 0))
+    for w in (MICRO_STEP, VITB_FEATURES, None):
+        assert precision_choice("auto", "cuda", w).precision == "bf16"
+    monkeypatch.setattr(fastpath, "_cuda_capability", lambda device: (7, 0))
+    choice = precision_choice("auto", "cuda", VITB_FEATURES)
+    assert choice.precision == "fp16" and "7.0" in choice.reason
+
+
+def test_workload_of_an_encoder_arch():
+    arch = {"embed_dim": 768, "depth": 12, "img_size": 224, "patch_size": 16}
+    assert Workload.of_arch(arch, train=False) == VITB_FEATURES
+    assert Workload.of_arch(arch, train=True, keep=0.25) == VITB_STEP
+
+
+def test_pretrain_workload_counts_visible_patches():
+    from mimbench.config import load_config
+    from pretrain import create_model, model_spec
+    from pretrain.main import pretrain_workload
+
+    cfg = load_config("pretrain/configs/mae_micro_fmnist.py", kind="pretrain")
+    spec = model_spec(cfg)
+    w = pretrain_workload(create_model(spec.name, **spec.kwargs), cfg)
+    assert w == MICRO_STEP
+
+
+def test_bench_record_states_the_choice_and_why(cpu, tmp_path):
+    cpu(AMX)
+    record = run_bench("pretrain", config="pretrain/configs/mae_micro_fmnist.py", steps=1, batch=2, warmup=0,
+                       out=tmp_path)
+    assert record["protocol"]["precision"] == "none"
+    assert "CPU kind amx" in record["protocol"]["precision_reason"] and "training" in record["protocol"]["precision_reason"]
+
+
+def test_eval_record_states_the_choice_and_why(cpu, tiny_encoder, tmp_path):
+    from mimbench.evals import run_eval
+
+    cpu(AMX)
+    record = run_eval("knn", encoder=tiny_encoder, config="eval_configs/knn/dino_k20.py", data="builtin:fashion-mnist",
+                      out=tmp_path, overrides=["data.limit_train=32", "data.limit_val=16", "knn.k=5"])
+    assert record["hardware"]["precision"] == "none"
+    assert record["hardware"]["precision_reason"].startswith("auto: CPU kind amx, inference")
+
+
+def test_calibrate_times_each_candidate_and_records_it(tmp_path):
+    record = run_bench("pretrain", config="pretrain/configs/mae_micro_fmnist.py", steps=2, batch=2, warmup=0,
+                       amp="calibrate", out=tmp_path)
+    validate_record(record)
+    p, m = record["protocol"], record["metrics"]
+    assert p["amp"] == "calibrate" and p["candidates"] == ["none", "bf16"]
+    assert m["none_img_per_s"] > 0 and m["bf16_img_per_s"] > 0
+    assert p["fastest"] == max(p["candidates"], key=lambda c: m[f"{c}_img_per_s"])
+    assert m["auto_vs_fastest"] == pytest.approx(m[f"{p['precision']}_img_per_s"] / m[f"{p['fastest']}_img_per_s"])
+    text = format_bench(record)
+    assert f"fastest here: {p['fastest']}" in text and "amp=auto picks" in text
+    assert list(tmp_path.glob("bench-*.json"))
+
+
+def test_calibrate_is_refused_for_data(tmp_path):
+    from mimbench.errors import MimbenchError
+
+    with pytest.raises(MimbenchError, match="calibrate"):
+        run_bench("data", data=str(tmp_path), amp="calibrate", out=tmp_path)

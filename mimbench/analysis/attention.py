@@ -147,15 +147,24 @@ def patch_attention(probs: torch.Tensor, prefix: int) -> torch.Tensor:
     return patch / patch.sum(dim=-1, keepdim=True)
 
 
-def _reduce(sums: _Sums, distances: torch.Tensor, prefix: int, block: int, logits: torch.Tensor) -> None:
-    attn = patch_attention(logits.softmax(dim=-1), prefix)
+def query_measures(probs: torch.Tensor, distances: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, entropy), each B×H×L: for every patch query of the attention probabilities ``probs`` (B×H×N×N,
+    softmax over all N tokens, the first ``prefix`` of them class and register tokens), the attention-weighted
+    mean distance (units of ``distances``, L×L between patches) and the entropy (nats) of its attention over the
+    patch keys, renormalised (:func:`patch_attention`)."""
+    attn = patch_attention(probs, prefix)
     if attn.shape[-1] != distances.shape[0]:
-        raise AttentionUnreadable(f"block {block} attends over {attn.shape[-1]} patch tokens, but the patch grid "
-                                  f"has {distances.shape[0]}", "Give images of the encoder's image size.")
-    sums.distance[block] += (attn * distances.to(attn.device)).sum(dim=-1).sum(dim=(0, 2)).cpu().double()
-    sums.entropy[block] += (-torch.special.xlogy(attn, attn).sum(dim=-1)).sum(dim=(0, 2)).cpu().double()
+        raise AttentionUnreadable(f"the attention covers {attn.shape[-1]} patch tokens, but the patch grid has "
+                                  f"{distances.shape[0]}", "Give images of the encoder's image size.")
+    return (attn * distances.to(attn.device, attn.dtype)).sum(dim=-1), -torch.special.xlogy(attn, attn).sum(dim=-1)
+
+
+def _reduce(sums: _Sums, distances: torch.Tensor, prefix: int, block: int, logits: torch.Tensor) -> None:
+    distance, entropy = query_measures(logits.softmax(dim=-1), distances, prefix)
+    sums.distance[block] += distance.sum(dim=(0, 2)).cpu().double()
+    sums.entropy[block] += entropy.sum(dim=(0, 2)).cpu().double()
     if block == 0:
-        sums.queries += attn.shape[0] * attn.shape[2]
+        sums.queries += distance.shape[0] * distance.shape[2]
 
 
 def _hook(sums: _Sums, distances: torch.Tensor, prefix: int, block: int, module, args, kwargs, output):
@@ -228,4 +237,5 @@ def attention_entropy(encoder: torch.nn.Module, images: torch.Tensor,
 
 
 __all__ = ["ATTENTION_BATCH", "AttentionUnreadable", "READERS", "attention_distance", "attention_entropy",
-           "attention_logits", "attention_measures", "attention_modules", "patch_attention", "patch_geometry"]
+           "attention_logits", "attention_measures", "attention_modules", "patch_attention", "patch_geometry",
+           "query_measures"]

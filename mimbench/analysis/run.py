@@ -108,7 +108,7 @@ def _compare(other: Path, data: str, indices: np.ndarray, mine: list, device, la
     return {"cka_compare": cka_matrix(mine, theirs).tolist(), "compare_depths": [len(mine), len(theirs)]}
 
 
-def _settings(samples: int, seed: int, limits: tuple, compare, pretrain_run) -> dict:
+def analysis_settings(samples: int, seed: int, limits: tuple, compare, pretrain_run) -> dict:
     return {"samples": int(samples), "seed": int(seed), "limit_train": limits[0], "limit_val": limits[1],
             "knn": {"k": KNN_K, "temperature": KNN_T}, "linear": {k: (list(v) if isinstance(v, tuple) else v)
                                                                   for k, v in LINEAR_BUDGET.items()},
@@ -193,7 +193,7 @@ def run_analyze(encoder: Path, *, data: str, out: Path, compare: Path | None = N
                             "Give the --out folder of `mimbench pretrain`.")
     indices = subset_indices(_val_size(data), samples, seed)
     limits = (limit_train, limit_val)
-    settings = _settings(samples, seed, limits, compare, pretrain_run)
+    settings = analysis_settings(samples, seed, limits, compare, pretrain_run)
     out.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
     device = dist.setup().device
@@ -216,5 +216,5 @@ def run_analyze(encoder: Path, *, data: str, out: Path, compare: Path | None = N
     return record
 
 
-__all__ = ["SAMPLES", "SEED", "TASK", "block_features", "run_analyze", "settings_sha256", "subset_indices",
-           "subset_images", "write_figures"]
+__all__ = ["SAMPLES", "SEED", "TASK", "analysis_settings", "block_features", "run_analyze", "settings_sha256",
+           "subset_indices", "subset_images", "write_figures"]

@@ -36,6 +36,7 @@ from mimbench.analysis.probes import KNN_K, KNN_T, LINEAR_BUDGET, knn_per_block,
 from mimbench.data import build_dataset
 from mimbench.errors import MimbenchError
 from mimbench.evals.features import eval_transform, extract_features, read_features, readout
+from mimbench.evals.runner import dataset_root
 from mimbench.results.records import encoder_summary, new_record, write_record
 
 TASK = "analyze"
@@ -206,9 +207,8 @@ def run_analyze(encoder: Path, *, data: str, out: Path, compare: Path | None = N
                 "subset": subset, "skipped": skipped,
                 **({} if compare is None else {"compare": encoder_summary(Path(compare))})}
     record = new_record(TASK, protocol=protocol, encoder=encoder_summary(encoder, layout=layout),
-                        dataset={"name": data, "root": None if str(data).startswith("builtin:") else
-                                 str(Path(data).resolve()), "sizes": {"subset": len(indices),
-                                                                      **metrics.pop("probe_sizes")}},
+                        dataset={"name": data, "root": dataset_root(data),
+                                 "sizes": {"subset": len(indices), **metrics.pop("probe_sizes")}},
                         metrics=metrics, seed=int(seed), started=started, finished=time.time(), precision="none")
     write_record(out, record)
     write_figures(metrics, out, encoder.parent.name if encoder.stem == "encoder" else encoder.stem,

@@ -10,6 +10,9 @@ representations by their rank", ICML 2023, Eq. 1): with ``sigma_k`` the singular
 matrix Z (N×D, not centred), ``p_k = sigma_k / ||sigma||_1 + eps`` and
 ``RankMe(Z) = exp(-sum_k p_k log p_k)``, ``eps = 1e-7`` (:data:`RANKME_EPS`, the paper's). It is a smooth
 effective rank: min(N, D) for a flat spectrum, 1 for a rank-one matrix (up to eps).
+
+Both are computed with numpy's LAPACK in float64: ``torch.linalg.svdvals`` on the CPU was seen to stall after
+cyanure's logistic regression had run in the same process (the demo runs low-shot before the analysis).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from mimbench.errors import MimbenchError
 RANKME_EPS = 1e-7
 
 
-def _matrix(x, what: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).double()
+def _matrix(x, what: str) -> np.ndarray:
+    t = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
     if t.ndim != 2 or t.shape[0] < 2:
         raise MimbenchError(f"{what} must be an N×D matrix with N >= 2, got shape {tuple(t.shape)}.",
                             "Use at least two images.")
@@ -36,10 +39,10 @@ def linear_cka(x, y) -> float:
     if x.shape[0] != y.shape[0]:
         raise MimbenchError(f"CKA needs the features of the same images: {x.shape[0]} vs {y.shape[0]} rows.",
                             "Compute both on the same subset.")
-    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return float(cross / norm) if float(norm) > 0 else 0.0
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    cross = np.linalg.norm(y.T @ x) ** 2
+    norm = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(cross / norm) if norm > 0 else 0.0
 
 
 def cka_matrix(layers_a, layers_b) -> np.ndarray:
@@ -52,12 +55,12 @@ def cka_matrix(layers_a, layers_b) -> np.ndarray:
 def rankme(z, eps: float = RANKME_EPS) -> float:
     """RankMe of the embedding matrix ``z`` (N×D): ``exp(-sum_k p_k log p_k)``, ``p_k = sigma_k / ||sigma||_1 +
     eps`` over its min(N, D) singular values (Garrido et al. 2023, Eq. 1)."""
-    sigma = torch.linalg.svdvals(_matrix(z, "z"))
+    sigma = np.linalg.svd(_matrix(z, "z"), compute_uv=False)
     total = sigma.sum()
-    if float(total) == 0.0:
+    if total == 0.0:
         raise MimbenchError("RankMe of an all-zero embedding matrix is undefined.", "Check the features.")
     p = sigma / total + eps
-    return float(torch.exp(-(p * torch.log(p)).sum()))
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 __all__ = ["RANKME_EPS", "cka_matrix", "linear_cka", "rankme"]

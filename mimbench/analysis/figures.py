@@ -49,6 +49,7 @@ def plot_layer_curves(curves: dict[str, list], out: Path, *, ylabel: str, title:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():
         ax.plot(range(len(values)), values, marker="o", label=name)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # blocks are whole numbers
     ax.set(xlabel="block (0 = first)", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     return _save(fig, out)
@@ -58,9 +59,10 @@ def plot_cka(matrix, out: Path, *, rows: str, cols: str, title: str) -> Path:
     """Heat map of a CKA matrix (rows: the blocks of ``rows``, columns: those of ``cols``; both depths shown)."""
     plt = _pyplot()
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * m.shape[1], 1.2 + 0.45 * m.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.45 * m.shape[1]), max(3.5, 1.2 + 0.45 * m.shape[0])))
     image = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
-    ax.set(xlabel=f"{cols}: block ({m.shape[1]} blocks)", ylabel=f"{rows}: block ({m.shape[0]} blocks)", title=title)
+    ax.set(xlabel=f"{cols}: block ({m.shape[1]} blocks)", ylabel=f"{rows}: block ({m.shape[0]} blocks)")
+    ax.set_title(title, fontsize=9)
     ax.set_xticks(range(m.shape[1]))
     ax.set_yticks(range(m.shape[0]))
     fig.colorbar(image, ax=ax, label="linear CKA")

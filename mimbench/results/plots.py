@@ -181,6 +181,7 @@ def plot_attention_distance(series: dict[str, list[float]], out: str | Path) -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, values) in enumerate(series.items()):
         ax.plot(range(len(values)), values, marker="o", color=f"C{i}", label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # blocks are whole numbers
     ax.set_xlabel("block (0 = first)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_title("Attention distance against depth")

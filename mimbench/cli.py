@@ -293,6 +293,38 @@ def demo(
 
 @app.command()
 @_user_errors
+def analyze(
+    encoder: Path = typer.Argument(..., help="Encoder file (.safetensors) or checkpoint to analyse"),
+    data: str = typer.Option("builtin:fashion-mnist", help="builtin:fashion-mnist or an ImageNet-style folder"),
+    out: Path = typer.Option(..., help="Output directory (the analyze record and its figures)"),
+    compare: Optional[Path] = typer.Option(None, help="A second encoder: linear CKA between every pair of their "
+                                           "blocks (any depths)"),
+    pretrain_run: Optional[Path] = typer.Option(None, help="The encoder's MAE-family pre-training folder: loss by "
+                                                "distance to the nearest visible patch, target-normalisation "
+                                                "statistics"),
+    samples: int = typer.Option(1000, help="Size of the seeded subset of val images"),
+    seed: int = typer.Option(0, help="Seed of the subset (and of the masks and probe heads)"),
+    limit_train: Optional[int] = typer.Option(None, help="First N training images for the per-layer probes"),
+    limit_val: Optional[int] = typer.Option(None, help="First N val images for the per-layer probes"),
+    layout: str = _from_option(),
+):
+    """Attention distance and entropy, per-layer k-NN / linear accuracy, CKA and RankMe of an encoder.
+
+    See docs/analysis.md for each measure and how to read its figure.
+
+    Example: mimbench analyze runs/demo/encoders/ddae/encoder.safetensors --data builtin:fashion-mnist
+    --compare runs/demo/encoders/mae/encoder.safetensors --out runs/analyze/ddae
+    """
+    from mimbench.analysis import run_analyze  # torch and the encoders: only when an analysis runs
+
+    record = run_analyze(encoder, data=data, out=out, compare=compare, pretrain_run=pretrain_run, samples=samples,
+                         seed=seed, limit_train=limit_train, limit_val=limit_val, layout=layout)
+    skipped = record["protocol"]["skipped"]
+    typer.echo(f"analysis of {encoder} written to {out}" + "".join(f"\nskipped {k}: {v}" for k, v in skipped.items()))
+
+
+@app.command()
+@_user_errors
 def report(
     dirs: List[Path] = typer.Argument(..., help="Directories holding run records"),
     format: ReportFormat = typer.Option("md", help="Table format"),

@@ -124,15 +124,20 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | Non
             console.print(f"{task.name}: left out ({', '.join(task.requires)} not installed; "
                           f"pip install 'mimbench[{task.extra}]' adds it)", markup=False, highlight=False)
     outcomes = runner.run(demo_steps(out, scale, data), jobs=jobs)
+    from mimbench.analysis.demo import analyze_encoders, locality_note  # torch and timm: only when the demo runs
+
+    analyses = analyze_encoders(runner.encoders, out / "analysis", scale.name,  # `mimbench analyze` of each encoder
+                                log=lambda text: console.print(text, markup=False, highlight=False))
     elapsed = time.time() - t0
     write_timings(outcomes, out / "steps.csv")
 
     report = out / "report.md"
     note = reuse_note(outcomes)
-    text = write_report([runner.evals_root], fmt="md", out=report)
+    text = write_report([runner.evals_root, out / "analysis"], fmt="md", out=report)
     closing = (f"This run of the demo took {elapsed / 60:.1f} min ({elapsed:.0f} s) on this machine, "
                + (f"{jobs} steps side by side" if jobs > 1 else "one step at a time")
                + " (each step's time: steps.csv).")
+    closing = "\n\n".join(filter(None, [locality_note(analyses), closing]))  # DDAE vs MAE attention distance
     body = text + "\n\n" + closing + ("\n\n" + note if note else "") + "\n"
     atomic_write(report, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), what="the demo report",
                  fix="Choose an --out folder you can write to.")

@@ -102,7 +102,7 @@ LAYERS = (
     ("training loop", ("mimbench.engine",)),
     ("records", ("mimbench.results.records", "mimbench.evals.metrics")),
     ("pre-training", ("pretrain",)),
-    ("evaluations", ("mimbench.evals", "mimbench.seg")),
+    ("evaluations", ("mimbench.evals", "mimbench.seg", "mimbench.analysis")),
     ("results", ("mimbench.results",)),
     ("pipelines", ("mimbench.steps", "mimbench.control", "mimbench.demo", "mimbench.reproduce", "mimbench.jobs",
                    "mimbench.bench", "mimbench.partial_ft")),

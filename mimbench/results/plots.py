@@ -204,3 +204,22 @@ def plot_loss_curve(log_path: str | Path, out: str | Path, *, title: str = "") -
     ax.set_title(title or Path(log_path).parent.name, fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+def plot_attention_distance(series: dict[str, list[float]], out: str | Path) -> Path:
+    """Mean attention distance (pixels, mean over heads) against the block index, one line per analysed encoder
+    (``series``: label -> one value per block, ``mimbench analyze``'s ``attention_distance_mean``); encoders of
+    different depths share the axis, each to its own last block."""
+    if not series:
+        raise MimbenchError("No analysed encoders to plot.", "Run mimbench analyze first.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, values) in enumerate(series.items()):
+        ax.plot(range(len(values)), values, marker="o", color=f"C{i}", label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # blocks are whole numbers
+    ax.set_xlabel("block (0 = first)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_title("Attention distance against depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -4,7 +4,7 @@ A record (``SCHEMA_VERSION`` 1) is a JSON object::
 
     schema_version  1
     run_id          32 hex digits (uuid4)
-    task            linear | finetune | knn | segment | lowshot | attentive | robustness | bench
+    task            linear | finetune | knn | segment | lowshot | attentive | robustness | bench | analyze
     protocol        {name, sha256, deviations: [str, ...]}      config name, its hash, every departure from it
     encoder         {path, sha256, arch, technique, epochs, ...} (None only for task "bench"; encoder_summary
                     adds family, source, layout and dropped)
@@ -40,7 +40,7 @@ from mimbench.env import environment_info  # noqa: F401  (re-exported: records c
 from mimbench.errors import MimbenchError
 
 SCHEMA_VERSION = 1
-TASKS = ("linear", "finetune", "knn", "segment", "lowshot", "attentive", "robustness", "bench")
+TASKS = ("linear", "finetune", "knn", "segment", "lowshot", "attentive", "robustness", "bench", "analyze")
 STATUSES = ("ok", "failed", "interrupted")
 RECORD_NAME = re.compile(r"^(%s)-[0-9a-f]{32}\.json$" % "|".join(TASKS))
 

@@ -279,6 +279,16 @@ def console_table(dirs, console=None) -> None:
         console.print(f"- {note}", markup=False, highlight=False)
 
 
+def _attention_series(table) -> dict[str, list[float]]:
+    """Row label -> mean attention distance per block of each finished ``analyze`` record (the last one per label)."""
+    column = "metrics.attention_distance_mean"
+    if column not in table.columns:
+        return {}
+    done = table[(table["task"] == "analyze") & (table["status"] == "ok")]
+    return {_encoder_row(r)[0]: [float(v) for v in r[column]] for _, r in done.iterrows()
+            if isinstance(r[column], list)}
+
+
 def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
     """PNG figures next to ``table_path``: the summary (every encoder per metric, the random control marked),
     metric vs epochs (only when a technique has two or more epoch values), per-class IoU per segment run,
@@ -296,6 +306,9 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
             summary.assign(task=summary["column"]), folder / f"{stem}_metric_vs_epochs.png",
             tasks={c: c for c in columns}))
     table, _ = load_records(*dirs)
+    attention = _attention_series(table)  # every encoder `mimbench analyze` measured, on one figure
+    if attention:
+        written.append(plots.plot_attention_distance(attention, folder / f"{stem}_attention_distance.png"))
     iou_cols = [c for c in table.columns if c.startswith(PER_CLASS_PREFIX)]
     if iou_cols:
         for _, r in table[table["task"] == "segment"].iterrows():

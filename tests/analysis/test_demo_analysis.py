@@ -1,0 +1,46 @@
+"""The demo's analysis step on small MAE and DDAE runs: records with the pre-training measures, reuse, the
+DDAE-vs-MAE note and the report's attention-distance figure."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mimbench.analysis.demo import analyze_encoders, locality_note
+from mimbench.results.report import write_report
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "pretrain", "configs")
+
+
+def _record(means):
+    return {"metrics": {"attention_distance_mean": means}}
+
+
+def test_locality_note_compares_the_deeper_half_and_gives_the_numbers():
+    note = locality_note({"ddae": _record([10.0, 9.0, 4.0, 5.0]), "mae": _record([10.0, 9.0, 8.0, 7.0])})
+    assert "ddae's deeper half of blocks is more local than mae's (4.50 vs 7.50 px" in note
+    assert "ddae [10.00, 9.00, 4.00, 5.00]" in note and "mae [10.00, 9.00, 8.00, 7.00]" in note
+    flipped = locality_note({"ddae": _record([1.0, 9.0]), "mae": _record([1.0, 2.0])})
+    assert "is not more local than mae's (9.00 vs 2.00" in flipped
+    assert locality_note({"mae": _record([1.0])}) == ""  # nothing to compare
+
+
+def test_demo_analysis_of_mae_and_ddae_runs(tmp_path):
+    from pretrain.main import run_pretrain
+
+    small = ["schedule.epochs=1", "schedule.warmup_epochs=0.5", "data.limit=64", "optim.batch_size=32"]
+    encoders = {name: run_pretrain(os.path.join(CONFIGS, f"{name}_micro_fmnist.py"), out=tmp_path / "enc" / name,
+                                   overrides=small) for name in ("mae", "ddae")}
+    lines: list[str] = []
+    records = analyze_encoders(encoders, tmp_path / "analysis", "quick", log=lines.append)
+    assert lines == ["analyze mae", "analyze ddae"]
+    for name, record in records.items():
+        assert record["protocol"]["subset"]["size"] == 200 and record["dataset"]["sizes"]["train"] == 2048
+        assert record["metrics"]["pretrain"]["loss_by_distance"], name  # both are MAE-family runs
+    again: list[str] = []
+    assert analyze_encoders(encoders, tmp_path / "analysis", "quick", log=again.append).keys() == records.keys()
+    assert all("kept from an earlier run" in line for line in again) and len(again) == 2
+    note = locality_note(records)
+    assert note.startswith("Attention distance at demo scale") and "ddae's deeper half" in note
+    text = write_report([tmp_path / "analysis"], fmt="md", out=tmp_path / "report.md")
+    assert (tmp_path / "report_attention_distance.png").is_file() and "report_attention_distance.png" in text

@@ -298,6 +298,9 @@ def report(
     """
     if out is None and format == "md":
         console_table(dirs)
+    elif out is not None and format == "html":  # a self-contained page with its figures inlined: not for a terminal
+        write_report(dirs, fmt=format, out=out)
+        typer.echo(f"report written to {out}")
     else:
         typer.echo(write_report(dirs, fmt=format, out=out))
 

@@ -47,7 +47,7 @@ figure { margin: 0.8rem 0; } figure img { max-width: 100%; height: auto; backgro
 figcaption { color: var(--muted); font-size: 0.9em; }
 article, .detail { border-left: 3px solid var(--line); padding-left: 0.8rem; margin: 1rem 0; }
 :target { outline: 2px solid var(--accent); outline-offset: 4px; }
-nav a { margin-right: 0.8rem; } .filters label { margin-right: 1rem; }
+nav a, nav strong { margin-right: 0.8rem; } .filters label { margin-right: 1rem; }
 ul.skipped li { color: var(--muted); overflow-wrap: anywhere; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11pt; color: #000; background: #fff; }

@@ -31,11 +31,10 @@ def _log(path: Path, n: int = 6) -> None:
     path.write_text("\n".join(json.dumps({"it": i, "loss": 2.0 / (i + 1)}) for i in range(n)) + "\n")
 
 
-@pytest.fixture
-def study(tmp_path):
+def make_study(root: Path) -> Path:
     """``evals/<encoder>/<task>/`` records as the demo lays them out, pre-training logs beside the encoders,
     one fine-tuning log beside its record, a truncated record and another tool's JSON; returns the evals root."""
-    evals, encoders = tmp_path / "evals", tmp_path / "encoders"
+    evals, encoders = root / "evals", root / "encoders"
     for name, epochs, base in (("mae", 800.0, 70.0), ("ddae", 100.0, 72.0), ("random-init", 0.0, 40.0)):
         if name != "random-init":
             _log(encoders / name / "log.jsonl")
@@ -53,6 +52,25 @@ def study(tmp_path):
     (evals / "mae" / ("knn-" + "1" * 32 + ".json")).write_text('{"schema_version": 1, "run_id": "11')  # cut short
     (evals / "mae" / ("linear-" + "2" * 32 + ".json")).write_text(json.dumps({"tool": "other", "acc": 0.5}))
     return evals
+
+
+@pytest.fixture
+def study(tmp_path):
+    """:func:`make_study` in this test's folder."""
+    return make_study(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def html_pages(tmp_path_factory):
+    """The study's report page (``report.html``) and leaderboard site (``site/``), written once per session."""
+    from mimbench.results.html_site import write_site
+    from mimbench.results.report import write_report
+
+    root = tmp_path_factory.mktemp("html")
+    evals = make_study(root)
+    write_report([evals], fmt="html", out=root / "report" / "report.html")
+    write_site(root / "site", include_runs=[evals])
+    return {"report": root / "report" / "report.html", "site": root / "site"}
 
 
 class Resources(HTMLParser):

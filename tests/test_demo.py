@@ -25,6 +25,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     # the low-shot column: 10 images per class, mean ± std over its 3 seeds
     assert "10-shot top-1" in report and report.count("(n=3)") >= 3
     assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>") and "report.html" in result.output
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
     assert rows[-1] == "random-init"  # the control is the last row

@@ -148,4 +148,5 @@ def skipped_list(problems: list[str]) -> str:
     if not problems:
         return ""
     items = "".join(f"<li>skipped: {esc(p)}</li>" for p in problems)
-    return f"<section id=\"skipped\"><h2>Skipped inputs ({len(problems)})</h2><ul class=\"skipped\">{items}</ul></section>"
+    return (f"<section id=\"skipped\"><h2>Skipped inputs ({len(problems)})</h2>"
+            f"<ul class=\"skipped\">{items}</ul></section>")

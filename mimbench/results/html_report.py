@@ -116,6 +116,11 @@ def _summary_table(parts: ReportParts) -> str:
             f"<p class=\"muted\">{esc(parts.how_to_read)}</p>")
 
 
+def _who(rows: list[str], labels: list[str]) -> str:
+    """Where a deviation applies, as the Markdown report says it: "all rows" of the table, or the rows named."""
+    return "all rows" if len(rows) == len(labels) else ", ".join(rows)
+
+
 def _deviations(parts: ReportParts) -> str:
     """One block per column: each distinct deviation of its runs once, with the rows it applies to."""
     runs, labels = parts.runs, list(parts.table.index)
@@ -129,18 +134,18 @@ def _deviations(parts: ReportParts) -> str:
                     rows.append(r["label"])
         if not where:
             continue
-        present = [lab for lab in labels if lab in set(runs.loc[runs["column"] == column, "label"])]
-        items = "".join(
-            f"<li>{esc(dev)} <span class=\"muted\">({'all rows' if len(rows) == len(present) else esc(', '.join(rows))})"
-            f"</span></li>" for dev, rows in where.items())
+        items = "".join(f"<li>{esc(dev)} <span class=\"muted\">({esc(_who(rows, labels))})</span></li>"
+                        for dev, rows in where.items())
         blocks.append(f"<div id=\"dev-{slug(column)}\"><h3>{esc(column)}</h3><ul>{items}</ul></div>")
-    selections = "".join(f"<li>{esc(what)} <span class=\"muted\">({esc(w)})</span></li>" for what, w in parts.selections)
+    selections = "".join(f"<li>{esc(what)} <span class=\"muted\">({esc(w)})</span></li>"
+                         for what, w in parts.selections)
     if selections:
         blocks.append(f"<div id=\"selections\"><h3>What the runs selected, and where</h3><ul>{selections}</ul></div>")
     if not blocks:
         return ""
     return ("<section id=\"deviations\"><h2>Deviations from the published protocols (†)</h2>"
-            "<p class=\"muted\">A marked cell is not comparable to published numbers.</p>" + "".join(blocks) + "</section>")
+            "<p class=\"muted\">A marked cell is not comparable to published numbers.</p>" + "".join(blocks)
+            + "</section>")
 
 
 def _run_detail(file: str, rows, record: dict, figures: _Figures) -> str:
@@ -150,13 +155,16 @@ def _run_detail(file: str, rows, record: dict, figures: _Figures) -> str:
     seeds = ", ".join(f"seed {s}: {v:.2f}" for s, v in zip(rows["seed"], rows["value"]))
     devs = "".join(f"<li>{esc(d)}</li>" for d in first["deviations"]) or "<li>none: the published protocol</li>"
     run_id = str(record.get("run_id", Path(file).stem))
+    provenance = [("record", file), ("started", record.get("started")), ("duration (s)", record.get("duration_s")),
+                  ("seed", record.get("seed")), *flat(record.get("dataset") or {}, "dataset"),
+                  *flat(record.get("versions") or {}, "versions")]
+    metrics = [(k, v) for k, v in flat(record.get("metrics") or {}) if not k.startswith("per_class_iou.")]
     own_log = figures.loss(Path(file).parent / "log.jsonl")
-    return (f"<article id=\"run-{esc(run_id)}\"><h4>run {esc(run_id[:8])} <span class=\"muted\">({esc(seeds)})</span></h4>"
-            f"<h5>config</h5>{definitions(flat(protocol))}"
-            f"<h5>deviations</h5><ul>{devs}</ul>"
-            f"<h5>provenance</h5>{definitions([('record', file), ('started', record.get('started')), ('duration (s)', record.get('duration_s')), ('seed', record.get('seed')), ('dataset', record.get('dataset', {}).get('name')), *flat(record.get('versions') or {}, 'versions')])}"
+    return (f"<article id=\"run-{esc(run_id)}\"><h4>run {esc(run_id[:8])} <span class=\"muted\">({esc(seeds)})</span>"
+            f"</h4><h5>config</h5>{definitions(flat(protocol))}<h5>deviations</h5><ul>{devs}</ul>"
+            f"<h5>provenance</h5>{definitions(provenance)}"
             f"<h5>hardware and precision</h5>{definitions(flat(record.get('hardware') or {}))}"
-            f"<h5>metrics</h5>{definitions([(k, v) for k, v in flat(record.get('metrics') or {}) if not k.startswith('per_class_iou.')])}"
+            f"<h5>metrics</h5>{definitions(metrics)}"
             + figures.take(own_log, f"training loss of run {run_id[:8]} ({first['column']})")
             + figures.take(figures.iou(run_id), f"per-class IoU of run {run_id[:8]}") + "</article>")
 

@@ -157,7 +157,9 @@ def task_page(page: str, published, own: list[dict], pages: dict[str, str], prob
         body.append("<p id=\"empty\">No published results and no runs of yours for this task yet.</p>")
     else:
         body.append(_filters(rows))
-        order = sorted(dict.fromkeys(rows["protocol"]), key=lambda p: bool(rows.loc[rows["protocol"] == p, "own"].all()))
+        # protocols with published rows first, then those only the user's runs have
+        only_own = rows.groupby("protocol", sort=False)["own"].all()
+        order = sorted(dict.fromkeys(rows["protocol"]), key=lambda p: bool(only_own[p]))
         body += [_protocol_section(p, rows[rows["protocol"] == p]) for p in order]
     body.append(skipped_list(problems))
     return document(f"mimbench leaderboard: {page}", "\n".join(b for b in body if b))

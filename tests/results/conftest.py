@@ -21,7 +21,8 @@ def add_run(folder, task, value, *, technique, epochs, seed=0, deviations=(), da
                                      "deviations": list(deviations), "overrides": []},
                      encoder={"path": str(encoder_dir / "encoder.safetensors"), "sha256": "ab" * 32, "arch": arch,
                               "technique": technique, "epochs": epochs},
-                     dataset={"name": dataset, "sizes": {"train": 10, "val": 5}}, metrics={**headline, **(metrics or {})},
+                     dataset={"name": dataset, "sizes": {"train": 10, "val": 5}},
+                     metrics={**headline, **(metrics or {})},
                      seed=seed, started=t, finished=t + 2.0, precision="bf16")
     return write_record(folder, rec)
 

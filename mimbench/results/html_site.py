@@ -166,11 +166,14 @@ def task_page(page: str, published, own: list[dict], pages: dict[str, str], prob
 
 
 def _index(pages: dict[str, str], counts: dict[str, tuple[int, int]], problems: list[str]) -> str:
-    items = "".join(f"<tr><td><a href=\"{esc(p)}.html\">{esc(p)}</a></td><td class=\"num\">{counts[p][0]}</td>"
-                    f"<td class=\"num\">{counts[p][1]}</td></tr>" for p in pages)
+    summary = {t.name: t.summary for t in all_tasks()}
+    items = "".join(f"<tr><td><a href=\"{esc(p)}.html\">{esc(p)}</a></td><td>{esc(summary.get(p, ''))}</td>"
+                    f"<td class=\"num\" data-sort=\"{counts[p][0]}\">{counts[p][0]}</td>"
+                    f"<td class=\"num\" data-sort=\"{counts[p][1]}\">{counts[p][1]}</td></tr>" for p in pages)
     body = (f"{_nav(pages, 'index')}<h1>mimbench leaderboard</h1><p>Published results of masked-image-modelling "
             "encoders with their sources, and your runs among them, one page per evaluation task.</p>"
-            "<table class=\"sortable\" id=\"tasks\"><thead><tr><th>task</th><th>published rows</th>"
+            "<table class=\"sortable\" id=\"tasks\"><thead><tr><th>task</th><th>what it measures</th>"
+            "<th>published rows</th>"
             f"<th>your runs</th></tr></thead><tbody>{items}</tbody></table>{skipped_list(problems)}")
     return document("mimbench leaderboard", body)
 

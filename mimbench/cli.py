@@ -313,7 +313,8 @@ def leaderboard(
     arch: Optional[str] = typer.Option(None, help="e.g. vit-b/16"),
     include_runs: Optional[List[Path]] = typer.Option(None, help="Directory of your own run records to rank "
                                                       "alongside (repeatable)"),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write a static site (one page per task) to this folder"),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a static site to this folder: one page per "
+                                        "task, every architecture (filters on the pages)"),
 ):
     """Published results (with sources), optionally with your own runs ranked among them.
 

@@ -29,6 +29,7 @@ from mimbench.errors import MimbenchError
 from mimbench.evals.tasks import Task, all_tasks
 from mimbench.paths import EVAL_CONFIGS, config_summary, resolve_config, shipped_configs
 from mimbench.reproduce import PAPERS, SCALES, run_reproduce
+from mimbench.results.html_site import write_site
 from mimbench.results.leaderboard import TASK_METRIC, compare_runs, show_leaderboard
 from mimbench.results.report import FORMATS, console_table, write_report
 from mimbench.schema import AMP_CHOICES, TRACKERS, knows_key
@@ -338,6 +339,9 @@ def report(
     """
     if out is None and format == "md":
         console_table(dirs)
+    elif out is not None and format == "html":  # a self-contained page with its figures inlined: not for a terminal
+        write_report(dirs, fmt=format, out=out)
+        typer.echo(f"report written to {out}")
     else:
         typer.echo(write_report(dirs, fmt=format, out=out))
 
@@ -347,13 +351,21 @@ def report(
 def leaderboard(
     task: Optional[LeaderboardTask] = typer.Option(None, help="Only this task"),
     arch: Optional[str] = typer.Option(None, help="e.g. vit-b/16"),
-    include_runs: Optional[Path] = typer.Option(None, help="Directory of your own run records to rank alongside"),
+    include_runs: Optional[List[Path]] = typer.Option(None, help="Directory of your own run records to rank "
+                                                      "alongside (repeatable)"),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a static site to this folder: one page per "
+                                        "task, every architecture (filters on the pages)"),
 ):
     """Published results (with sources), optionally with your own runs ranked among them.
 
     Example: mimbench leaderboard --task finetune --arch vit-b/16
+    Example: mimbench leaderboard --html site --include-runs runs/demo/evals
     """
-    show_leaderboard(task=task, arch=arch, include_runs=include_runs)
+    if html is not None:
+        pages = write_site(html, include_runs=include_runs or None)
+        typer.echo(f"leaderboard site written to {pages[0]} ({len(pages) - 1} task pages)")
+        return
+    show_leaderboard(task=task, arch=arch, include_runs=include_runs or None)
 
 
 @app.command()

@@ -141,6 +141,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | Non
     body = text + "\n\n" + closing + ("\n\n" + note if note else "") + "\n"
     atomic_write(report, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), what="the demo report",
                  fix="Choose an --out folder you can write to.")
+    page = out / "report.html"  # the same report as one self-contained page to open in a browser or publish
+    write_report([runner.evals_root], fmt="html", out=page)
     console.rule(f"[bold]report[/]  [dim]({elapsed:.0f} s in all)[/]")
     console_table([runner.evals_root], console)
     console.print()
@@ -148,6 +150,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | Non
     console.print(closing + (" " + note if note else ""), markup=False, highlight=False)
     figures = sorted(p.name for p in report.parent.glob(f"{report.stem}_*.png"))
     console.print(f"encoders: {out / 'encoders'}\nrun records: {runner.evals_root}\nreport: {report}\n"
+                  f"report page (self-contained HTML, figures inlined): {page}\n"
                   f"figures (next to the report): {', '.join(figures)}", markup=False, highlight=False)
     return report
 

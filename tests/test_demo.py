@@ -29,6 +29,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     control = next(r for r in records if r.get("task") == "robustness" and r["encoder"]["technique"] == "random-init")
     assert control["metrics"]["mCE"] == pytest.approx(100.0)
     assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>") and "report.html" in result.output
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
     # how long each step took: the table at the end and steps.csv beside the report (2 + 1 + 3 x 6 steps)
     assert "time per step" in result.output and "(each step's time: steps.csv)" in report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ from rich.table import Table
 from mimbench.atomic import atomic_write_text
 from mimbench.errors import MimbenchError
 from mimbench.evals import robustness
-from mimbench.results import plots
+from mimbench.results import html_report, plots
 from mimbench.results.leaderboard import field_text, record_metric, run_deviations
 from mimbench.results.plots import CONTROL_TECHNIQUE
 from mimbench.results.records import load_records
@@ -356,6 +357,8 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     runs, problems = run_table(dirs)
     summary = summarize(runs)
     notes = _notes(runs, problems, _ordered_labels(summary) if not summary.empty else None)
+    if fmt == "html":
+        return _html_page(runs, summary, problems, dirs, out)
     if summary.empty:
         text = {"md": "No finished evaluation runs found.", "csv": "# no finished evaluation runs found",
                 "latex": "% no finished evaluation runs found",
@@ -408,6 +411,27 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
             raise MimbenchError(f"Cannot write the report to {out}: {e.strerror or e}.",
                                 "Give --out a path in a folder you can write to.") from e
     return text
+
+
+def _html_page(runs, summary, problems, dirs, out) -> str:
+    """The self-contained HTML page (:mod:`mimbench.results.html_report`): table, notes and every figure inlined;
+    without ``out`` the figures are drawn in a temporary folder."""
+    labels = _ordered_labels(summary) if not summary.empty else []
+    parts = html_report.ReportParts(
+        table=pivot(summary) if not summary.empty else None, summary=summary, runs=runs, how_to_read=HOW_TO_READ,
+        problems=problems, selections=grouped_deviations(runs, labels or None, "selections"), dirs=dirs)
+    if out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            parts.figures = write_plots(runs, summary, Path(tmp) / "report.html", dirs)
+            return html_report.write_page(parts, None)
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MimbenchError(f"Cannot create the report folder {out.parent}: {e.strerror or e}.",
+                            "Give --out a path in a folder you can write to.") from e
+    parts.figures = write_plots(runs, summary, out, dirs)
+    return html_report.write_page(parts, out)
 
 
 __all__ = ["FORMATS", "HOW_TO_READ", "METRIC_COLUMNS", "console_table", "grouped_deviations", "lowshot_column",

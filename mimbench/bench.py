@@ -79,7 +79,7 @@ from mimbench.evals.linear import train_transform as linear_train_transform
 from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
-from mimbench.fastpath import (PrecisionChoice, Workload, autocast_factory, maybe_compile, precision_choice,
+from mimbench.fastpath import (Workload, autocast_factory, maybe_compile, precision_choice,
                                set_fused_attention)
 from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
 from mimbench.results.records import encoder_summary, new_record, write_record

@@ -1,6 +1,5 @@
 """The command line: every command documented with an example; user errors exit 2 with a readable message."""
 import re
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

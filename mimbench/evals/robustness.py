@@ -58,7 +58,7 @@ from mimbench.evals.features import eval_resize
 from mimbench.evals.metrics import topk_accuracy
 from mimbench.fastpath import under_autocast
 from mimbench.results.records import new_record, write_record
-from mimbench.schema import ROBUSTNESS_SETS, V2_VARIANTS
+from mimbench.schema import ROBUSTNESS_SETS
 
 __all__ = ["ALEXNET_ERRORS", "CLASS_SUBSETS", "DEFAULT_FOLDERS", "FMNIST_C_CORRUPTIONS", "IMAGENET_C_CORRUPTIONS",
            "IMAGENET_C_EXTRA", "SEVERITIES", "build_fashion_mnist_c", "corruption_errors", "imagenet_c_layout",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 from mimbench.analysis.demo import analyze_encoders, locality_note
 from mimbench.results.report import write_report

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from mimbench.errors import MimbenchError
 from pretrain import dds
-from pretrain import targets
 from pretrain.models.ddae import DDAE, MAEWithDDS, default_dds_depths
 from pretrain.models.mae import MaskedAutoencoderViT
 from pretrain.registry import create_model, list_models

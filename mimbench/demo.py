@@ -142,7 +142,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | Non
     atomic_write(report, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), what="the demo report",
                  fix="Choose an --out folder you can write to.")
     page = out / "report.html"  # the same report as one self-contained page to open in a browser or publish
-    write_report([runner.evals_root], fmt="html", out=page)
+    write_report([runner.evals_root, out / "analysis"], fmt="html", out=page)
     console.rule(f"[bold]report[/]  [dim]({elapsed:.0f} s in all)[/]")
     console_table([runner.evals_root], console)
     console.print()

@@ -38,6 +38,8 @@ class ReportParts:
     selections: list[tuple[str, str]] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     dirs: list[Path] = field(default_factory=list)
+    # (title, DataFrame) shown under the summary, e.g. the robustness cells laid out as MAE Table 13
+    layouts: list[tuple[str, object]] = field(default_factory=list)
 
 
 def _cell_id(label: str, column: str) -> str:
@@ -209,6 +211,8 @@ def render(parts: ReportParts) -> str:
         rest = figures.rest()
     else:
         body.append("<h2>Summary</h2>" + _summary_table(parts))
+        body += [f"<section class=\"layout\"><h2>{esc(title)}</h2>{frame.to_html(border=0, classes='sortable')}"
+                 "</section>" for title, frame in parts.layouts]
         body.append(_deviations(parts))
         body.append(skipped_list(parts.problems))
         top = [p for p in figures.rest() if "_loss_" not in p.name and "_iou_" not in p.name]

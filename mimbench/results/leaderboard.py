@@ -76,8 +76,9 @@ RECORD_TASK = {"linear": "linear", "finetune": "finetune", "knn": "knn", "segmen
 
 def standard_protocol(task: str, preset: str = "") -> str | None:
     """The protocol a run of leaderboard ``task`` is ranked under (attentive: that of its head ``preset``); None
-    when there is none (an attentive run without a known preset)."""
-    return ATTENTIVE_PROTOCOLS.get(preset) if task == "attentive" else STANDARD_PROTOCOLS[task]
+    when there is none (an attentive run without a known preset; low-shot and robustness, whose protocols are
+    one per subset or set)."""
+    return ATTENTIVE_PROTOCOLS.get(preset) if task == "attentive" else STANDARD_PROTOCOLS.get(task)
 VERIFIED = ("yes", "unverified")
 
 

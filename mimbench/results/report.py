@@ -420,6 +420,9 @@ def _html_page(runs, summary, problems, dirs, out) -> str:
     parts = html_report.ReportParts(
         table=pivot(summary) if not summary.empty else None, summary=summary, runs=runs, how_to_read=HOW_TO_READ,
         problems=problems, selections=grouped_deviations(runs, labels or None, "selections"), dirs=dirs)
+    table13 = robustness.table13(summary, labels) if not summary.empty else None
+    if table13 is not None:
+        parts.layouts.append(("Robustness, laid out as MAE Table 13 (a row per set)", table13))
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:
             parts.figures = write_plots(runs, summary, Path(tmp) / "report.html", dirs)

@@ -165,6 +165,9 @@ def test_every_set_end_to_end_on_jpeg_trees(imagenet_model, tmp_path):
     assert records["in-a"]["encoder"]["technique"] == "mae" and summary["metrics"]["in-a top1"] == 50.0
     report = write_report(tmp_path / "out")
     assert "IN-C mCE (lower is better)" in report and "MAE Table 13" in report
+    page = write_report(tmp_path / "out", fmt="html")  # the HTML page shows the same Table 13 layout
+    layout = page.split("laid out as MAE Table 13")[1].split("</section>")[0]
+    assert layout.count("<tr") == 2 + 5 and "IN-C mCE" in layout  # two header rows (columns, index name), 5 sets
 
 
 def test_the_restriction_and_integer_mapping_change_the_score(imagenet_model, tmp_path):

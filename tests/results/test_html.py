@@ -1,5 +1,6 @@
 """The HTML report and the leaderboard site as files: self-contained, every link resolving, the right rows."""
 import base64
+import json
 import re
 
 from typer.testing import CliRunner
@@ -152,3 +153,34 @@ def test_no_network_reference_is_caught_by_the_check(page_refs):
             "a/b</a><script src='//cdn.example/s.js'></script></body></html>")
     found = page_refs.of(page).network()
     assert [(t, a) for t, a, _ in found] == [("link", "href"), ("style", "url"), ("img", "src"), ("script", "src")]
+
+
+def test_site_ranks_robustness_sets_and_lists_low_shot_runs(tmp_path, record_writer):
+    """A robustness run is one record per set: an ImageNet-C run sits under the published 'in-c' protocol with its
+    mCE, ranked lowest first among MAE Table 13's rows; a Fashion-MNIST-C run and a low-shot run are listed under
+    their own protocols, not comparable (the leaderboard has no such rows)."""
+    evals = tmp_path / "evals"
+
+    def run(folder, task, value, dataset, protocol, metrics=None, **extra):
+        path = record_writer(evals / "mae" / folder, task, value, technique="mae", epochs=1600, arch="vit-h/14",
+                             dataset=dataset, metrics=metrics, protocol=protocol)
+        rec = json.loads(path.read_text())
+        rec["protocol"].update(extra)
+        path.write_text(json.dumps(rec))
+
+    run("robustness", "robustness", 70.0, "imagenet-c", "robustness/imagenet", {"mCE": 35.0}, set="in-c")
+    run("robustness-fm", "robustness", 60.0, "fashion-mnist-c", "robustness/demo", {"mCE": 80.0}, set="fmnist-c")
+    run("lowshot", "lowshot", 55.0, "imagenet", "lowshot/msn", runs=["a.json", "b.json"])  # a low-shot summary
+    write_site(tmp_path / "site", include_runs=[evals])
+    page = (tmp_path / "site" / "robustness.html").read_text()
+    section = re.search(r'data-protocol="in-c">.*?</section>', page, re.S).group(0)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", section.split("<tbody>")[1], re.S)
+    h14 = [r for r in rows if "<td>vit-h/14</td>" in r]
+    values = [float(re.findall(r'<td class="num" data-sort="[^"]*">([0-9.]+)</td>', r)[-1]) for r in h14]
+    assert values == [33.8, 35.0, 41.3]  # MAE H, the run (its mCE, not its top-1), supervised H: lowest first
+    assert "your run" in h14[1] and "not comparable" not in section
+    demo = re.search(r'data-protocol="robustness/demo">.*?</section>', page, re.S).group(0)
+    assert demo.count('<tr class="own"') == 1 and "not comparable</span>" in demo
+    lowshot = (tmp_path / "site" / "lowshot.html").read_text()
+    own = re.findall(r'<tr class="own"[^>]*>.*?</tr>', lowshot, re.S)
+    assert len(own) == 1 and "not comparable</span>" in own[0] and 'data-protocol="lowshot/msn"' in own[0]

@@ -54,7 +54,7 @@ from mimbench.paths import eval_config, relative
 from mimbench.results.leaderboard import STANDARD_PROTOCOLS, load_leaderboard, partial_ft_protocol
 from mimbench.results.plots import plot_partial_finetune
 from mimbench.results.records import finished_record
-from mimbench.steps import Evaluate, Pretrain, StepRunner, reuse_note
+from mimbench.steps import Evaluate, Pretrain, StepRunner, reuse_note, write_timings
 
 PAPER = "mae-fig9"
 #: The figure's points: the number of last blocks fine-tuned ("mlp": the last block's MLP half).
@@ -232,23 +232,37 @@ def collect(root: str | Path, scale: str = "full") -> Path:
 
 
 # ------------------------------------------------------------------------------------ running
-def run_demo_sweep(grid, sweep: SweepScale, out: Path, log: Callable[[str], None] = print) -> Path:
+class _SweepRunner(StepRunner):
+    """The sweep's steps: the one encoder registered once per point (its name = the point's), so that the points are
+    independent steps that run side by side, each writing to ``points/<point>/evals/<encoder>/finetune``."""
+
+    def __init__(self, root: Path, encoder: str, **kwargs):
+        super().__init__(root, **kwargs)
+        self.encoder = encoder
+
+    def eval_dir(self, encoder: str, task: str) -> Path:
+        return self.root / "points" / encoder / "evals" / self.encoder / task
+
+
+def run_demo_sweep(grid, sweep: SweepScale, out: Path, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
     """Pre-train the grid's one encoder (``grid.points[0]`` + the sweep's budget), fine-tune it at every sweep
-    point, write the results; steps are reused as :mod:`mimbench.steps` says. Returns the table's path."""
+    point (``jobs`` of them side by side), write the results; steps are reused as :mod:`mimbench.steps` says.
+    Returns the table's path."""
     root = Path(out) / PAPER
     point = grid.points[0]
     encoder = StepRunner(root, log=log).run(
         [Pretrain(point.name, grid.base_paths[point.base], tuple(point.overrides) + sweep.pretrain)])[0]
     depth = int(read_metadata(encoder.path)["depth"])
     config = eval_config(sweep.finetune_config)
-    records, outcomes = [], [encoder]
-    for fine in sweep_points(depth, sweep.epochs, sweep.warmup_epochs):
-        runner = StepRunner(root / "points" / fine.name, log=log, header=lambda text, n=fine.name: log(f"{n}: {text}"))
-        runner.encoders[point.name] = encoder.path  # the one pre-trained encoder, made above
-        done = runner.run([Evaluate(point.name, "finetune", config, fine.overrides + sweep.evaluate)])[0]
-        records.append(done.record)
-        outcomes.append(done)
-    return write_results(root, records, depth=depth, scale=sweep.name, note=reuse_note(outcomes))
+    runner = _SweepRunner(root, point.name, log=log)
+    fines = sweep_points(depth, sweep.epochs, sweep.warmup_epochs)
+    for fine in fines:
+        runner.encoders[fine.name] = encoder.path  # the one pre-trained encoder, made above
+    done = runner.run([Evaluate(fine.name, "finetune", config, fine.overrides + sweep.evaluate) for fine in fines],
+                      jobs=jobs)
+    write_timings([encoder, *done], root / "steps.csv")
+    return write_results(root, [d.record for d in done], depth=depth, scale=sweep.name,
+                         note=reuse_note([encoder, *done]))
 
 
 FINETUNE_SBATCH = """#!/bin/bash
@@ -310,16 +324,16 @@ def write_full_sweep(grid, sweep: SweepScale, out: Path, depth: int) -> Path:
     return root
 
 
-def run_sweep(grid, scale: str, out: Path, depth: int, log: Callable[[str], None] = print) -> Path:
-    """Run (``demo``, ``quick``) or write out (``full``) the sweep of ``grid``, whose encoder has ``depth`` blocks
-    (the demo reads it from the pre-trained file); returns the output folder."""
+def run_sweep(grid, scale: str, out: Path, depth: int, log: Callable[[str], None] = print, jobs: int = 1) -> Path:
+    """Run (``demo``, ``quick``; ``jobs`` fine-tunes side by side) or write out (``full``) the sweep of ``grid``,
+    whose encoder has ``depth`` blocks (the demo reads it from the pre-trained file); returns the output folder."""
     sweep = SWEEP_SCALES[scale]
     if scale == "full":
         root = write_full_sweep(grid, sweep, out, depth)
         log(f"MAE Figure 9 sweep: configs in {root / 'configs'}, Slurm scripts in {root / 'sbatch'}, all commands "
             f"in {root / 'commands.sh'} (nothing was run).")
         return root
-    table = run_demo_sweep(grid, sweep, out, log=log)
+    table = run_demo_sweep(grid, sweep, out, log=log, jobs=jobs)
     log(table.read_text())
     log(f"table written to {table}, figure {table.parent / 'fig9.png'}")
     return table.parent

@@ -475,7 +475,7 @@ def run_reproduce(paper: str, scale: str = "demo", out: Path = Path("runs/reprod
     grid = build_grid(paper, scale, quick=quick)
     if paper == "mae-fig9":
         return run_sweep(grid, "full" if scale == "full" else ("quick" if quick else "demo"), Path(out),
-                         _config_depth(grid.base_paths["mae"]))
+                         _config_depth(grid.base_paths["mae"]), jobs=default_jobs() if jobs is None else jobs)
     if scale == "full":
         root = write_full_grid(grid, Path(out))
         print(f"{sum(p.pretrain for p in grid.points)} grid points of {paper}: configs in {root / 'configs'}, Slurm scripts in "

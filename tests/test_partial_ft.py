@@ -86,14 +86,16 @@ def test_full_scale_writes_the_vit_l_sweep_as_job_files(tmp_path, capsys):
     assert "nothing was run" in capsys.readouterr().out
 
 
-def test_demo_sweep_runs_at_tiny_size_and_writes_the_figure_and_records(tmp_path):
+def test_demo_sweep_runs_at_tiny_size_side_by_side_and_writes_the_figure_and_records(tmp_path):
     tiny = P.SweepScale("quick", "mae_micro_fmnist.py", QUICK.pretrain + ("data.limit=64", "optim.batch_size=16"),
                         "demo/finetune_fmnist.py", (1, 2), 0.5,
                         ("data.limit_train=32", "data.limit_val=16", "optim.batch_size=16"))
     grid = R.build_grid("mae-fig9", "demo", quick=True)
     logged = []
-    table = P.run_demo_sweep(grid, tiny, tmp_path, log=logged.append)
+    table = P.run_demo_sweep(grid, tiny, tmp_path, log=logged.append, jobs=2)  # the points side by side
     root = tmp_path / "mae-fig9"
+    steps = (root / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 11 and all(",ran," in line for line in steps[1:])  # pre-training + 10 fine-tunes
     assert table == root / "table.md"
     assert (root / "fig9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((root / "results.json").read_text())
@@ -109,7 +111,7 @@ def test_demo_sweep_runs_at_tiny_size_and_writes_the_figure_and_records(tmp_path
             assert (proto["trainable_blocks"], proto["epochs"]) == (row["trainable_blocks"], epochs)
     text = table.read_text()
     assert "| MLP | mlp |" in text and "| 4 | all |" in text and "not comparable" in text
-    # a second run reuses every step; collecting the records gives the same results
+    # a second run, one step at a time, reuses every step; collecting the records gives the same results
     logged.clear()
     P.run_demo_sweep(grid, tiny, tmp_path, log=logged.append)
     assert "11 of 11 steps" in table.read_text()

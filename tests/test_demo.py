@@ -31,9 +31,9 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>") and "report.html" in result.output
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
-    # how long each step took: the table at the end and steps.csv beside the report (2 + 1 + 3 x 6 steps)
+    # how long each step took: the table at the end and steps.csv beside the report (2 + 1 + 3 x 7 steps)
     assert "time per step" in result.output and "(each step's time: steps.csv)" in report
-    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 2 + 1 + 3 * 6
+    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 2 + 1 + 3 * 7
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
     assert rows[-1] == "random-init"  # the control is the last row
     # one config per task for every encoder, the control included (nothing tuned per technique)

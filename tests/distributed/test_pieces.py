@@ -192,7 +192,7 @@ def test_segment_is_an_evaluation_task(tmp_path, dist_encoder):
     """run_eval reaches segmentation like the other tasks (here stopped by a data root of the wrong layout)."""
     from mimbench.evals import TASKS, run_eval
 
-    assert set(TASKS) == {"knn", "linear", "finetune", "segment", "attentive", "lowshot"}
+    assert set(TASKS) == {"knn", "linear", "finetune", "segment", "attentive", "lowshot", "robustness"}
     enc = dist_encoder
     (tmp_path / "empty").mkdir()
     with pytest.raises(MimbenchError, match="ADE20K-layout"):

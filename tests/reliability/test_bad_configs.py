@@ -24,6 +24,7 @@ BASE = {
     "lowshot": REPO / "eval_configs/demo/lowshot_fmnist.py",
     "segment": REPO / "eval_configs/segmentation/demo_fmnist_seg.py",
     "attentive": REPO / "eval_configs/demo/attentive_fmnist.py",
+    "robustness": REPO / "eval_configs/demo/robustness_fmnist.py",
 }
 # (kind, config-file line or --set override, words the error must contain)
 BAD = [
@@ -96,14 +97,15 @@ def test_every_shipped_config_passes_its_schema():
     kinds = {"pretrain/configs": "pretrain", "eval_configs/reproduce": "pretrain", "eval_configs/linear": "linear",
              "eval_configs/finetune": "finetune", "eval_configs/knn": "knn", "eval_configs/segmentation": "segment",
              "eval_configs/lowshot": "lowshot",
-             "eval_configs/attentive": "attentive"}
+             "eval_configs/attentive": "attentive", "eval_configs/robustness": "robustness"}
     n = 0
     for folder, kind in kinds.items():
         for path in sorted((REPO / folder).glob("*.py")):
             load_config(path, kind=kind)
             n += 1
     for path in sorted((REPO / "eval_configs/demo").glob("*.py")):
-        load_config(path, kind=next(k for k in ("linear", "finetune", "knn", "lowshot", "attentive") if k in path.name))
+        load_config(path, kind=next(k for k in ("linear", "finetune", "knn", "lowshot", "attentive", "robustness")
+                                       if k in path.name))
         n += 1
     assert n >= 25
 

@@ -273,9 +273,9 @@ def control(
     typer.echo(f"random-initialisation control written to {path}")
 
 
-JOBS_HELP = ("Steps run side by side, each in its own process with cores/JOBS torch threads, a step starting once "
-             "the steps it needs are done; each step's output goes to its console.log. Default: one step per "
-             "core; 1: one after another in this process")
+JOBS_HELP = ("Steps run side by side, each in its own process, a step starting once the steps it needs are done; "
+             "each step's output goes to its console.log. Every step has 1 torch thread whatever JOBS, so the "
+             "table does not depend on it. Default: one step per core; 1: one after another in this process")
 
 
 @app.command()

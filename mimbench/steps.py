@@ -25,12 +25,15 @@ reused (:attr:`StepRunner.reused`).
 
 Steps side by side (``StepRunner.run(steps, jobs=N)``, ``--jobs`` of ``mimbench demo`` and ``reproduce``): the
 runner decides (reuse, redo, resume) in its own process and hands each step to do to one of ``N`` worker
-processes (``spawn``; each with ``cores // N`` torch threads), a step starting once the steps it needs
+processes (``spawn``), a step starting once the steps it needs
 (:func:`plan`) are done: an evaluation waits for the step that made its encoder, for the tasks its entry lists
 in ``after`` on the same encoder, and for the previous task of the same encoder that shares its feature cache;
 a step whose overrides name ``{runs}/<name>/`` waits for step ``<name>``; pre-trainings of different encoders
-wait for nothing. A step's numbers depend only on its config, overrides, data and encoder (every step seeds
-its own RNGs), not on which worker runs it or when. A worker's console output goes to the step's
+wait for nothing. Every step, side by side or one by one, runs with the same number of torch threads
+(:data:`STEP_THREADS`), because a different count changes the last bits of float sums (k-NN ties, the low-shot
+solver, segmentation's mIoU moved by 0.05 in a demo run with 2 threads against 1): so a step's numbers depend
+only on its config, overrides, data and encoder (every step seeds its own RNGs), not on ``--jobs``, the machine's
+core count, which worker runs it or when. A worker's console output goes to the step's
 ``console.log`` (in its encoder or evaluation folder); the terminal shows one line as a step starts and one
 as it ends. When a step fails, no further step starts, the running ones finish, and the first error is
 raised: as one by one, a rerun reuses every step that finished. Each outcome carries its time
@@ -65,8 +68,9 @@ from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task
 from mimbench.results.records import encoder_made_by, finished_record
 
 RUNS_PLACEHOLDER = "{runs}"
-#: torch threads per step run side by side: on the demo's small models two 1-thread processes give 1.7x the
-#: throughput of one 2-thread process (2-core Intel Xeon, issue 30), so the default is one step per core.
+#: torch threads of every pipeline step, whatever ``--jobs``: the table does not depend on how the steps were
+#: scheduled. On the demo's small models two 1-thread processes give 1.7x the throughput of one 2-thread process on a
+#: 2-core Intel Xeon (AMX), 1.2x on a 2-core AMD EPYC (AVX-512), so the default is one step per core.
 STEP_THREADS = 1
 _RUNS_REF = re.compile(re.escape(RUNS_PLACEHOLDER) + r"/([^/'\"]+)/")
 
@@ -346,21 +350,24 @@ class StepRunner:
         return [o for o in self.outcomes if o.reused]
 
     # -- running
-    def run(self, steps: Sequence[Step], jobs: int = 1, threads: int | None = None) -> list[Outcome]:
-        """Run (or reuse) every step; returns their outcomes in the order of ``steps`` (also appended to
-        :attr:`outcomes`). ``jobs`` > 1: that many steps side by side, each worker with ``threads`` torch
-        threads (default: the usable cores // ``jobs``); 1: one after another in this process."""
+    def run(self, steps: Sequence[Step], jobs: int = 1, threads: int = STEP_THREADS) -> list[Outcome]:
+        """Run (or reuse) every step with ``threads`` torch threads; returns their outcomes in the order of ``steps``
+        (also appended to :attr:`outcomes`). ``jobs`` > 1: that many steps side by side in worker processes; 1: one
+        after another in this process (its thread count restored at the end)."""
         needs = plan(steps, self.encoders)
         if jobs > 1 and steps:
-            return self._run_side_by_side(steps, needs, jobs, threads or max(1, usable_cores() // jobs))
-        t0 = time.time()
-        done = []
-        for i, step in enumerate(steps, 1):
-            self.header(f"{i}/{len(steps)} {step.title}  ({time.time() - t0:.0f} s)")
-            start = time.perf_counter()
-            todo = self.prepare(step)
-            outcome = todo if isinstance(todo, Outcome) else do_work(todo)
-            done.append(self._finish(replace(outcome, seconds=time.perf_counter() - start)))
+            return self._run_side_by_side(steps, needs, jobs, threads)
+        t0, done, before = time.time(), [], torch.get_num_threads()
+        try:
+            for i, step in enumerate(steps, 1):
+                self.header(f"{i}/{len(steps)} {step.title}  ({time.time() - t0:.0f} s)")
+                start = time.perf_counter()
+                todo = self.prepare(step)
+                torch.set_num_threads(threads)  # again for every step: a library may have changed OpenMP's count
+                outcome = todo if isinstance(todo, Outcome) else do_work(todo)
+                done.append(self._finish(replace(outcome, seconds=time.perf_counter() - start)))
+        finally:
+            torch.set_num_threads(before)
         return done
 
     def _finish(self, outcome: Outcome) -> Outcome:

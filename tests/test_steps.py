@@ -62,18 +62,25 @@ def _metrics(root: Path) -> dict:
 
 
 def test_side_by_side_gives_the_numbers_of_one_by_one(tmp_path):
-    """Every step seeds itself: two workers (1 torch thread each, as the test process) and one process agree
-    bit for bit, pre-training included; each step worked in a worker has its console.log and its time."""
+    """Every step seeds itself and runs with the pipeline's one thread: two workers and one process (started with 2
+    threads, which the runner sets to 1 for each step and restores after) agree bit for bit, pre-training included;
+    each step worked in a worker has its console.log and its time."""
     steps = [Pretrain("mae", MICRO, ("data.limit=256", "schedule.epochs=1", "schedule.warmup_epochs=0.5")),
              Control("random-init", config=MICRO, seed=3)]
     for name in ("mae", "random-init"):
         steps += [Evaluate(name, "knn", KNN, FEATURES),
                   Evaluate(name, "linear", LINEAR, (*FEATURES, "schedule.epochs=2", "schedule.warmup_epochs=1"))]
     one = StepRunner(tmp_path / "one", log=lambda text: None)
-    one.run(steps)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one.run(steps)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     lines = []
     two = StepRunner(tmp_path / "two", log=lines.append)
-    outcomes = two.run(steps, jobs=2, threads=1)
+    outcomes = two.run(steps, jobs=2)
     assert [o.step.title for o in outcomes] == [s.title for s in steps] and not any(o.reused for o in outcomes)
     assert _metrics(tmp_path / "one") == _metrics(tmp_path / "two") and len(_metrics(tmp_path / "two")) == 4
     for name in ("mae", "random-init"):

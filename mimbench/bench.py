@@ -556,7 +556,7 @@ def step_workload(mode: str, cfg, model, img_size: int) -> Workload | None:
         embed = getattr(module, "patch_embed", None)
         blocks = getattr(module, "blocks", None) or getattr(module, "layers", None)
         convs = [m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)] if embed is not None else []
-        if convs and isinstance(blocks, torch.nn.ModuleList):
+        if convs and isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)):  # timm ViT: Sequential
             arch = {"embed_dim": convs[0].out_channels, "depth": len(blocks), "img_size": img_size,
                     "patch_size": convs[0].kernel_size[0]}
             return Workload.of_arch(arch, train=mode in ("finetune", "segment"))

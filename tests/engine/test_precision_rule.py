@@ -1,5 +1,6 @@
 """amp="auto" is a rule of the CPU's kind and the workload (mimbench.fastpath), and bench --amp calibrate times it."""
 import pytest
+import torch
 
 from mimbench import fastpath
 from mimbench.bench import format_bench, run_bench
@@ -99,6 +100,19 @@ def test_bench_record_states_the_choice_and_why(cpu, tmp_path):
                        out=tmp_path)
     assert record["protocol"]["precision"] == "none"
     assert "CPU kind amx" in record["protocol"]["precision_reason"] and "training" in record["protocol"]["precision_reason"]
+
+
+def test_bench_features_and_finetune_find_their_vit_workload():
+    """bench's steps give the rule their ViT's workload (timm keeps the blocks in a Sequential): ViT-B features at
+    224 are the measured 768-d x 12 x 197 inference workload, so auto there is the rule's choice, not 'unknown'."""
+    import timm
+
+    from mimbench.bench import step_workload
+
+    vitb = timm.create_model("vit_base_patch16_224", pretrained=False)
+    assert step_workload("features", None, vitb, 224) == VITB_FEATURES
+    assert step_workload("finetune", None, vitb, 224) == Workload(768, 12, 197, True)
+    assert step_workload("features", None, torch.nn.Linear(2, 2), 224) is None
 
 
 def test_eval_record_states_the_choice_and_why(cpu, tiny_encoder, tmp_path):

@@ -300,9 +300,10 @@ def schedule(min_lr: float) -> Section:
 BATCH = {"batch_size": INT_GE1, "eff_batch_size": SIZE_OR_NONE(None), "accum_iter": INT_GE1(1)}
 
 
-#: JPEG decode-time downscaling (PIL ``Image.draft``, mimbench.data.draft_size): off until its accuracy effect is
-#: measured (``mimbench bench data`` gives its speed). Evaluations: top-level ``decode_draft`` beside ``img_size``;
-#: pre-training: ``data.decode_draft`` beside ``data.img_size``.
+#: JPEG decode-time downscaling (PIL ``Image.draft``, mimbench.data.draft_size): off by default, as the published
+#: protocols decode in full; BENCHMARKS.md has its speed (none at 224 on ImageNet's usual 500x375, 1.32x decode on
+#: 1024x768) and accuracy (unchanged within noise at demo scale); an evaluation with it on lists it as a deviation.
+#: Evaluations: top-level ``decode_draft`` beside ``img_size``; pre-training: ``data.decode_draft``.
 DECODE_DRAFT = Flag()(False)
 EVAL_DATA = Section({"limit_train": SIZE_OR_NONE(None), "limit_val": SIZE_OR_NONE(None), "max_bad_fraction": MAX_BAD,
                      "num_workers": INT_GE0(0)})

@@ -127,6 +127,8 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
     seed = int(runtime_value(cfg, task, "seed"))
     seed_everything(seed)  # head initialisation (and all later randomness) follows the recorded seed
     deviations = list(cfg.deviations) if task in FILLED_KINDS else []  # segmentation: adapt_config lists them
+    if task in FILLED_KINDS and bool(cfg.decode_draft) and not is_builtin(str(data)):
+        deviations.append("JPEGs decoded downscaled (PIL draft, decode_draft=True) instead of in full")
     return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
                    overrides=list(overrides), seed=seed, ctx=ctx, started=started, deviations=deviations,
                    layout=layout)

@@ -92,3 +92,14 @@ def test_cached_features_with_decode_draft_are_another_entry(tmp_path, jpeg_tree
     assert dinfo["transform"] == info["transform"] + f"/jpeg-draft{draft_size(32)}"
     assert dinfo["key"] != info["key"] and not dinfo["cached"] and full.shape == drafted.shape
     assert not (full == drafted).all()  # decoded at 1/8 scale (50x38 >= 37 px): other pixels, other features
+
+
+def test_an_evaluation_with_decode_draft_lists_it_as_a_deviation(tmp_path, jpeg_tree, tiny_encoder):
+    """The published protocols decode in full: a run that drafts says so in its record (and so in the report)."""
+    from mimbench.evals import run_eval
+
+    common = dict(encoder=tiny_encoder, config="eval_configs/knn/dino_k20.py", data=str(jpeg_tree))
+    drafted = run_eval("knn", out=tmp_path / "on", overrides=["knn.k=2", "decode_draft=True"], **common)
+    full = run_eval("knn", out=tmp_path / "off", overrides=["knn.k=2"], **common)
+    assert any("decode_draft=True" in d for d in drafted["protocol"]["deviations"])
+    assert not any("draft" in d for d in full["protocol"]["deviations"])

@@ -18,9 +18,9 @@ Scales (:data:`SWEEP_SCALES`):
     The demo's encoder and budget: MAE ViT-micro/4 (depth 4: points 0, MLP, 1, 2, 4 = all) pre-trained as
     ``mimbench demo`` does (:data:`mimbench.demo.FULL`), then the demo fine-tune config
     (``eval_configs/demo/finetune_fmnist.py``, whose 2 epochs stand for Table 9's 50) at 1, 2 and 4 epochs -- the
-    paper's 1 : 2 : 4 ratio at half the demo's length, so that the 15 fine-tunes (35 epochs) stay under about 20 minutes
-    on 2 CPU cores by the demo's 65-78 s per 2-epoch fine-tune (an estimate) --
-    with a warm-up of 0.5 epoch throughout (the config's 1 epoch would not fit under 1).
+    paper's 1 : 2 : 4 ratio at half the demo's length: the pre-training and the 15 fine-tunes (35 epochs) took 277 s
+    with two side by side on a 2-core AMD EPYC -- with a warm-up of 0.5 epoch throughout (the config's 1 epoch would
+    not fit under 1).
 ``quick``
     The same at the quick demo's pre-training budget, fine-tuned at 1 and 2 epochs on 2,048 training images.
 ``full``

@@ -20,7 +20,7 @@ import torch
 
 from mimbench import __version__
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import cpu_supports_bf16, resolve_amp, tf32_enabled
+from mimbench.fastpath import cpu_flags, cpu_supports_bf16, resolve_amp, tf32_enabled
 
 _DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "mmengine": "mmengine",
                   "mmseg": "mmsegmentation", "mimbench": "mimbench"}
@@ -65,18 +65,9 @@ def git_commit() -> str | None:
     return _git_state()[0]
 
 
-@lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.split())
-    return frozenset()
+    return cpu_flags()
 
 
 def mmcv_info() -> tuple[str | None, str | None, bool]:

@@ -344,6 +344,17 @@ def write_plots(runs, summary, table_path: Path, dirs) -> list[Path]:
     return written
 
 
+def _report_folder(out: str | Path) -> Path:
+    """``out`` as a path whose folder exists (made here)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MimbenchError(f"Cannot create the report folder {out.parent}: {e.strerror or e}.",
+                            "Give --out a path in a folder you can write to.") from e
+    return out
+
+
 def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
     """Aggregate the run records under ``dirs`` into a table in ``fmt`` (md | csv | latex | html).
 
@@ -389,12 +400,7 @@ def write_report(dirs, fmt: str = "md", out: str | Path | None = None) -> str:
         else:
             text += "\n<ul>\n" + "\n".join(f"<li>{html.escape(n)}</li>" for n in notes) + "\n</ul>"
     if out is not None:
-        out = Path(out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MimbenchError(f"Cannot create the report folder {out.parent}: {e.strerror or e}.",
-                                "Give --out a path in a folder you can write to.") from e
+        out = _report_folder(out)
         figures = write_plots(runs, summary, out, dirs)
         if figures:
             if fmt == "html":
@@ -427,12 +433,7 @@ def _html_page(runs, summary, problems, dirs, out) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             parts.figures = write_plots(runs, summary, Path(tmp) / "report.html", dirs)
             return html_report.write_page(parts, None)
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MimbenchError(f"Cannot create the report folder {out.parent}: {e.strerror or e}.",
-                            "Give --out a path in a folder you can write to.") from e
+    out = _report_folder(out)
     parts.figures = write_plots(runs, summary, out, dirs)
     return html_report.write_page(parts, out)
 

@@ -26,6 +26,7 @@ unconditionally.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import subprocess
@@ -41,7 +42,7 @@ from mimbench.fastpath import configure_tf32
 
 __all__ = ["DistContext", "setup", "context", "dist_info", "is_main", "barrier", "gather_rows", "all_mean",
            "all_sum", "all_max", "broadcast_flag", "broadcast_object", "check_device", "choose_device",
-           "DEFAULT_TIMEOUT_S"]
+           "destroy_group", "DEFAULT_TIMEOUT_S"]
 
 #: Collective timeout in seconds (``MIMBENCH_DIST_TIMEOUT`` overrides it).
 DEFAULT_TIMEOUT_S = 1800
@@ -154,10 +155,19 @@ def setup() -> DistContext:
         # init_dist) would fail where each task sees one GPU
         tdist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=timeout))
+        atexit.register(destroy_group)
     if world > 1 and rank != 0:
         _quiet()
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local, device=device, launcher=launcher)
     return _CONTEXT
+
+
+def destroy_group() -> None:
+    """Destroy the process group :func:`setup` formed (registered to run at exit). Left to the interpreter's
+    teardown, the backend's threads could abort a process whose work had finished ("terminate called without an
+    active exception", exit status -6: a finished job reported as failed)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def choose_device(local_rank: int) -> torch.device:

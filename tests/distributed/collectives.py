@@ -2,6 +2,7 @@
 
 Rank 0 writes what it saw to the JSON file named by the first argument; every rank prints a line
 (only rank 0's may reach stdout)."""
+import atexit
 import json
 import sys
 
@@ -18,8 +19,10 @@ result = {
     "sum": float(dist.all_sum(torch.tensor(float(ctx.rank + 1)))),
     "flag": dist.broadcast_flag(ctx.rank == 0),
 }
+dist.barrier()
+atexit._run_exitfuncs()  # what the interpreter runs at exit: the group setup formed is destroyed there
+result["group_left_at_exit"] = torch.distributed.is_initialized()
 print(f"rank {ctx.rank} done")
 if ctx.is_main:
     with open(sys.argv[1], "w") as fh:
         json.dump(result, fh)
-dist.barrier()

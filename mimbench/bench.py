@@ -30,7 +30,8 @@ default. ``--suite gpu`` (:func:`run_suite`) runs :data:`GPU_SUITE` and appends 
 
 **Fast path** (what the project runs by default; :mod:`mimbench.fastpath`): the precision of
 ``amp`` (``--amp`` or the config's; "auto": bf16 on CUDA, on the CPU the rule of CPU kind and workload), fused
-attention (``F.scaled_dot_product_attention``), multi-tensor/fused AdamW, ``torch.inference_mode``
+attention (``F.scaled_dot_product_attention``; timm's explicit path under bf16 on the CPU,
+:func:`mimbench.fastpath.attention_fused`), multi-tensor/fused AdamW, ``torch.inference_mode``
 for feature extraction, optionally ``torch.compile`` (``--compile``, or ``runtime.compile`` of a
 pre-training config). **Plain path** (``--compare``): fp32, explicit softmax attention, per-tensor
 AdamW loop, ``torch.no_grad`` - what reference-style code does - built from the same weights and
@@ -79,7 +80,7 @@ from mimbench.evals.linear import train_transform as linear_train_transform
 from mimbench.evals.runner import runtime_value
 from mimbench.evals.segment import adapt_config, replace_sync_bn
 from mimbench.evals.tasks import Task, all_tasks, resolve
-from mimbench.fastpath import (Workload, autocast_factory, maybe_compile, precision_choice,
+from mimbench.fastpath import (Workload, autocast_factory, match_attention, maybe_compile, precision_choice,
                                set_fused_attention)
 from mimbench.paths import PRETRAIN_CONFIGS, eval_config, resolve_config
 from mimbench.results.records import encoder_summary, new_record, write_record
@@ -585,6 +586,7 @@ def _build_fast(mode, cfg, b, dev, amp_setting: str, encoder, arch):
         raise MimbenchError("bench measures bf16 or fp32; amp='fp16' needs a grad scaler it does not model.",
                             "Pass --amp bf16 or --amp none.")
     autocast.set(choice.precision)
+    match_attention(model, choice.precision, dev)
     return model, fast_step, info, choice
 
 
@@ -604,7 +606,7 @@ def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, enc
     # CPU fused-attention kernel, so the count runs on the explicit path (same FLOPs).
     set_fused_attention(model, False)
     flops = count_flops(fast_step)
-    set_fused_attention(model, True)
+    fused = match_attention(model, precision, dev)
     maybe_compile(model, use_compile)
     paths = {"fast": fast_step}
     if compare:
@@ -612,7 +614,7 @@ def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, enc
     times, peaks = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
     peak = float(peak_tflops) if peak_tflops else known_peak_tflops(dev)
     protocol = dict(batch=b, precision=precision, precision_reason=choice.reason, amp=str(amp_setting),
-                    compile=use_compile, fused_attention=True, peak_tflops=peak, **info)
+                    compile=use_compile, fused_attention=fused, peak_tflops=peak, **info)
     if arch or (encoder is None and mode != "pretrain"):
         protocol["arch"] = arch or DEFAULT_ARCH
     return _path_metrics(times, peaks, flops, b, peak, dev), protocol
@@ -622,14 +624,20 @@ def _run_step(mode, cfg, dev, *, batch, steps, warmup, compare, peak_tflops, enc
 CALIBRATE_CANDIDATES = ("none", "bf16")
 
 
+def _fast_step_in(precision: str, mode, cfg, b, dev, encoder, arch):
+    """The fast path's step of ``mode`` in ``precision`` (its attention kernel the one that precision takes)."""
+    model, step, _ = _builder(mode)(cfg, b, dev, True, autocast_factory(precision, dev), encoder, arch)
+    match_attention(model, precision, dev)
+    return step
+
+
 def _run_calibrate(mode, cfg, dev, *, batch, steps, warmup, encoder, arch) -> tuple[dict, dict]:
     """``--amp calibrate``: the fast path in each of :data:`CALIBRATE_CANDIDATES`, interleaved step by step; what
     "auto" picks for this workload beside the fastest candidate. Informational: no default changes."""
     b = _batch(mode, cfg, batch)
     model, _, info, auto = _build_fast(mode, cfg, b, dev, "auto", encoder, arch)
-    paths = {p: _builder(mode)(cfg, b, dev, True, autocast_factory(p, dev), encoder, arch)[1]
-             for p in CALIBRATE_CANDIDATES}
     del model
+    paths = {p: _fast_step_in(p, mode, cfg, b, dev, encoder, arch) for p in CALIBRATE_CANDIDATES}
     times, _ = time_paths(paths, steps=int(steps), warmup=int(warmup), device=dev)
     metrics = {}
     for p in CALIBRATE_CANDIDATES:

@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 from mimbench import dist, trackers
 from mimbench.atomic import atomic_write, check_writable_dir
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import autocast_factory, choose_precision, maybe_compile
+from mimbench.fastpath import autocast_factory, choose_precision, match_attention, maybe_compile
 from mimbench.rng import rank_states, restore_rank_state, rng_state, seed_everything, set_rng_state
 
 __all__ = [
@@ -480,6 +480,7 @@ class TrainLoop:
                                          iters_per_epoch=self.sizes.iters_per_epoch, min_lr=cfg.min_lr)
         dist.check_device(model)
         self.autocast, scaler = _autocast(cfg.amp, self.ctx.device)
+        match_attention(model, choose_precision(cfg.amp, self.ctx.device), self.ctx.device)
         self.model = wrap_for_training(model, self.ctx, compile=cfg.compile)
         self.opt = OptimizerStep(optimizer, scaler, model.parameters(), cfg.clip_grad)
         self.guard = NonFiniteGuard(self.ctx, out_dir, check_grads=scaler is None)

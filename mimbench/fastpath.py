@@ -20,20 +20,29 @@ this module instead of deciding for itself, so one rule holds everywhere:
   ``avx512_bf16``     bf16 from work >=                   tiny MAE step (192-d x 6, 17 visible tokens,
   (AMD EPYC,          :data:`AVX512_BF16_MIN_WORK`        batch 128) bf16 1.33x fp32; ViT-B/16 features
   no AMX)             (3.76 M), fp32 below                (batch 8) bf16 2.95x fp32
-  ``amx`` (Intel      bf16 from work >=                   tiny MAE step bf16 0.60x fp32 (387 vs 643 img/s);
-  Sapphire Rapids,    :data:`AMX_MIN_WORK` (72 M),        micro MAE step (64-d x 4, batch 64) 0.41x (664 vs
-  ``amx_bf16``)       fp32 below                          1,893); ViT-B/16 features 4.29x (29.3 vs 6.8)
-  ``arm_bf16``        as ``amx`` (not measured: the       -
-  (Arm bf16, Apple)   stricter threshold)
+  ``amx`` (Intel      training: bf16 from work >=         bf16 / fp32 (explicit attention in bf16): training
+  Xeon, ``amx_bf16``) :data:`AMX_TRAIN_MIN_WORK`          micro MAE step (64-d x 4, 0.28 M) 0.88x, 32-d x 4
+                      (0.68 M); inference: from           fine-tune step (0.27 M) 1.05x, micro fine-tune step
+                      :data:`AMX_INFERENCE_MIN_WORK`      (1.06 M) 1.37x, ``mae_tiny_fmnist`` step (128-d x 6,
+                      (0.10 M); fp32 below                1.67 M) 1.42x (batch 64) / 1.61x (batch 128),
+                                                          ViT-B/16 fine-tune step 2.4x; inference 32-d x 2
+                                                          (0.03 M) 0.91x, 32-d x 4 at 65 tokens (0.27 M)
+                                                          1.10x, micro (1.06 M) 1.48x, tiny (6.4 M) 2.58x,
+                                                          ViT-B/16 3.3x
+  ``arm_bf16``        bf16 from work >=                   -
+  (Arm bf16, Apple)   :data:`ARM_BF16_MIN_WORK` (72 M)
+                      (not measured: conservative)
   ==================  ==================================  =====================================================
 
   The thresholds: on ``avx512_bf16`` the smallest workload measured to gain (the tiny step; nothing smaller
-  was measured, and on the other bf16 kind smaller ones lose); on ``amx`` the geometric mean of the largest
-  workload measured to lose (the tiny step, 3.76 M) and the smallest measured to gain (ViT-B/16 features,
-  768**2 * 12 * 197 = 1.39 G). Training and inference have the same thresholds (each kind was measured on
-  one side of its threshold in each mode only); training counts the tokens the encoder sees (the visible
-  ones of an MAE-style step). The demo's and the tests' models (micro, tiny) therefore run in fp32 on every
-  CPU, ViT-B and larger in bf16 wherever bf16 is native. A workload that is not given counts as small
+  was measured there); on ``amx`` the geometric mean of the largest workload measured to lose and the smallest
+  measured to gain, for training and for inference apart. The ``amx`` figures were measured with the fast
+  path's attention under bf16 (timm's explicit path, "Attention" below); with the fused kernel bf16 lost on
+  every small workload there (tiny step 0.60x, micro 0.41x), which is what the ``avx512_bf16`` row was measured
+  with, so that row may be conservative below 3.76 M. Training counts the tokens the encoder sees (the visible
+  ones of an MAE-style step). So on AVX-512-BF16 CPUs the demo's models run in fp32; on AMX CPUs the demo's
+  pre-training (0.28 M) runs in fp32 and its fine-tune, feature extraction and attentive probes in bf16; ViT-B
+  and larger run in bf16 wherever bf16 is native. A workload that is not given counts as small
   (fp32 on the CPU). ``MIMBENCH_CPU_BF16=1``/``0`` overrides the CPU rule (bf16 / fp32 for every workload).
   ``amp="bf16"`` forces bf16; ``"fp16"`` (with a grad scaler) and ``"none"`` (fp32) are taken as given.
   Every run record states the choice and the reason (``hardware.precision``, ``hardware.precision_reason``).
@@ -51,6 +60,15 @@ this module instead of deciding for itself, so one rule holds everywhere:
   ``attn_drop > 0`` it passes the rate as ``dropout_p`` in training mode and 0 in eval mode, which
   is the same dropout on the attention probabilities as the explicit path.
   :func:`set_fused_attention` switches it off for the plain reference path of ``mimbench bench``.
+  One exception on the fast path (:func:`attention_fused`, :func:`match_attention`): under bf16 on the CPU,
+  timm's explicit path (``q @ k.T``, softmax, ``@ v``; autocast runs the products in bf16 and the softmax
+  in fp32) replaces ``F.scaled_dot_product_attention``, whose CPU kernels are slow in bf16, above all its
+  backward at the short sequences of an MAE step. Measured (Intel Xeon with AMX, 2 threads, idle,
+  interleaved in one process; img/s, fused -> explicit, both bf16): ``mae_tiny_fmnist`` step (128-d x 6,
+  batch 128) 381 -> 1,030 (fp32 fast path 639, plain fp32 615); micro step (64-d x 4, batch 64) 649 ->
+  1,949 (fp32 2,153); ViT-B/16 fine-tune step (batch 8) 5.3 -> 5.8; ViT-B/16 features (batch 8) 20.6 ->
+  24.6. ``torch.nn.attention.sdpa_kernel(MATH)`` instead gave 944 on the tiny step: the explicit path it
+  is. Every record's ``precision_reason`` says so where it applies.
 * **Compile** (:func:`maybe_compile`): ``torch.compile`` of a module in place (state-dict keys
   unchanged), static shapes - the number of visible tokens is fixed by the mask ratio. The training
   loop compiles the DDP wrapper, not the model inside it (:func:`mimbench.engine.wrap_for_training`).
@@ -75,7 +93,7 @@ from mimbench.schema import AMP_CHOICES  # the allowed values of ``amp``, writte
 __all__ = ["AMP_CHOICES", "cpu_supports_bf16", "cpuinfo_has_bf16", "choose_precision", "resolve_amp",
            "Workload", "PrecisionChoice", "precision_choice", "cpu_kind", "cpu_flags", "CPU_KINDS",
            "autocast_factory", "under_autocast", "amp_dtype", "configure_tf32", "tf32_enabled", "adamw_kwargs",
-           "set_fused_attention", "maybe_compile"]
+           "set_fused_attention", "attention_fused", "match_attention", "maybe_compile"]
 
 #: /proc/cpuinfo flags of CPUs that compute bf16 natively (x86: AVX512-BF16, AMX; Arm: BF16, SVE-BF16).
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"})
@@ -148,19 +166,31 @@ class PrecisionChoice:
     reason: str
 
 
-#: The workloads the CPU thresholds were measured on (module docstring): the tiny MAE pre-training step
-#: (192-d x 6, 64 patches at mask ratio 0.75 -> 16 visible + class token) and ViT-B/16 feature extraction at 224.
+#: The workloads the CPU thresholds were measured on (module docstring). AMD AVX-512-BF16: the tiny MAE pre-training
+#: step (192-d x 6, 64 patches at mask ratio 0.75 -> 16 visible + class token) and ViT-B/16 features at 224.
 MEASURED_TINY_STEP = Workload(192, 6, 17, True)
 MEASURED_VITB_FEATURES = Workload(768, 12, 197, False)
+#: Intel AMX, bf16 with timm's explicit attention: the demo's micro MAE step (64-d x 4) and ``mae_tiny_fmnist``'s
+#: step (128-d x 6), 17 tokens each; features of a 32-d x 2 encoder at 17 tokens and of a 32-d x 4 one at 65.
+MEASURED_MICRO_STEP = Workload(64, 4, 17, True)
+MEASURED_TINY_FMNIST_STEP = Workload(128, 6, 17, True)
+MEASURED_NANO_FEATURES = Workload(32, 2, 17, False)
+MEASURED_SMALL_FEATURES = Workload(32, 4, 65, False)
 #: AMD EPYC, AVX-512 with bf16, no AMX: the tiny step is the smallest workload measured, bf16 1.33x fp32 there.
 AVX512_BF16_MIN_WORK = MEASURED_TINY_STEP.work
-#: Intel with AMX: the tiny step loses (bf16 0.60x fp32), ViT-B features gain (4.29x): the geometric mean.
-AMX_MIN_WORK = int(math.sqrt(MEASURED_TINY_STEP.work * MEASURED_VITB_FEATURES.work))
+#: Intel with AMX, training: the micro step loses (bf16 0.88x fp32), the tiny fmnist step gains (1.42-1.61x):
+#: the geometric mean.
+AMX_TRAIN_MIN_WORK = int(math.sqrt(MEASURED_MICRO_STEP.work * MEASURED_TINY_FMNIST_STEP.work))
+#: Intel with AMX, inference: the 32-d x 2 features lose (0.91x), the 32-d x 4 ones at 65 tokens gain (1.10x).
+AMX_INFERENCE_MIN_WORK = int(math.sqrt(MEASURED_NANO_FEATURES.work * MEASURED_SMALL_FEATURES.work))
+#: Arm bf16 (not measured): the conservative threshold the AMX rule had before timm's explicit attention replaced
+#: the fused kernel under CPU bf16 - the geometric mean of the tiny step and ViT-B features.
+ARM_BF16_MIN_WORK = int(math.sqrt(MEASURED_TINY_STEP.work * MEASURED_VITB_FEATURES.work))
 #: Minimum work per image for bf16 under "auto", per CPU kind and mode (None: never bf16).
 CPU_KINDS: dict[str, dict[str, int | None]] = {
-    "amx": {"train": AMX_MIN_WORK, "inference": AMX_MIN_WORK},
+    "amx": {"train": AMX_TRAIN_MIN_WORK, "inference": AMX_INFERENCE_MIN_WORK},
     "avx512_bf16": {"train": AVX512_BF16_MIN_WORK, "inference": AVX512_BF16_MIN_WORK},
-    "arm_bf16": {"train": AMX_MIN_WORK, "inference": AMX_MIN_WORK},
+    "arm_bf16": {"train": ARM_BF16_MIN_WORK, "inference": ARM_BF16_MIN_WORK},
     "no_bf16": {"train": None, "inference": None},
 }
 
@@ -197,7 +227,15 @@ def cpu_kind(flags: frozenset[str] | None = None) -> str:
 
 
 def precision_choice(amp: str, device: torch.device | str, workload: Workload | None = None) -> PrecisionChoice:
-    """The precision a run of ``workload`` on ``device`` uses for setting ``amp``, and why (module docstring)."""
+    """The precision a run of ``workload`` on ``device`` uses for setting ``amp``, and why (module docstring);
+    where bf16 runs on the CPU the reason also names the attention kernel (:func:`attention_fused`)."""
+    choice = _precision_choice(amp, device, workload)
+    if attention_fused(choice.precision, device):
+        return choice
+    return PrecisionChoice(choice.precision, f"{choice.reason}; {EXPLICIT_ATTENTION}")
+
+
+def _precision_choice(amp: str, device: torch.device | str, workload: Workload | None) -> PrecisionChoice:
     if amp not in AMP_CHOICES:
         raise MimbenchError(f"amp={amp!r} is not one of {', '.join(AMP_CHOICES)}.",
                             "Set amp to auto (bf16 where it is faster), bf16, fp16 or none (fp32).")
@@ -309,6 +347,24 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
             module.fused_attn = bool(enabled)
             count += 1
     return count
+
+
+def attention_fused(precision: str, device: torch.device | str) -> bool:
+    """Whether the fast path runs timm's attention through ``F.scaled_dot_product_attention`` for
+    ``precision`` on ``device``: everywhere but bf16 on the CPU (module docstring, "Attention")."""
+    return not (torch.device(device).type == "cpu" and precision == "bf16")
+
+
+def match_attention(model: nn.Module, precision: str, device: torch.device | str) -> bool:
+    """Set ``model``'s timm attention to the fast path's kernel for ``precision`` on ``device``
+    (:func:`attention_fused`); returns whether it is fused."""
+    fused = attention_fused(precision, device)
+    set_fused_attention(model, fused)
+    return fused
+
+
+#: What a record's precision reason adds where :func:`attention_fused` is False.
+EXPLICIT_ATTENTION = "attention: timm's explicit path (torch's CPU fused attention is slower in bf16)"
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:

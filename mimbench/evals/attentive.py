@@ -80,7 +80,7 @@ from mimbench.evals.features import block_tokens, eval_transform, limited, resol
 from mimbench.encoders.families import pooled_final_norm
 from mimbench.evals.linear import StepBatchNorm1d, holdout_split
 from mimbench.evals.linear import build_optimizer as linear_optimizer
-from mimbench.fastpath import autocast_factory, under_autocast
+from mimbench.fastpath import autocast_factory, match_attention, under_autocast
 from mimbench.schema import ATTENTIVE_OPTIMIZERS, ATTENTIVE_PRESETS
 
 CACHED_DEVIATION = "attentive probe on tokens of un-augmented images, computed once"
@@ -333,6 +333,7 @@ def _frozen_encoder(run, size: int) -> nn.Module:
     model = encoders.load_encoder(run.encoder, img_size=size, layout=run.layout).to(run.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    match_attention(model, run.precision, run.device)
     return model
 
 

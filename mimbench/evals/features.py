@@ -51,7 +51,7 @@ from mimbench.data import build_dataset, dataset_stats, draft_size, is_builtin, 
 from mimbench.data.loading import loader_options
 from mimbench.encoders.families import family_pool, has_class_token, pooled_final_norm
 from mimbench.errors import MimbenchError
-from mimbench.fastpath import Workload, autocast_factory, resolve_amp
+from mimbench.fastpath import Workload, autocast_factory, match_attention, resolve_amp
 from mimbench.schema import AMP, LAYERS_SYNTAX, POOLS, layer_spec
 
 #: Eval-time resize for folders, as MAE's ``main_finetune.build_transform``: up to 224 the shorter side goes to
@@ -453,6 +453,7 @@ def _compute_sharded(entry: _Entry, encoder: Path, ctx, *, limit: int | None, ba
     order on rank 0 (None on the others under several processes)."""
     model = encoders.load_encoder(encoder, img_size=entry.img_size, layout=layout).to(entry.device)
     check_readout(model, entry.spec)
+    match_attention(model, entry.precision, entry.device)
     items = limited(entry.dataset, limit)
     if len(items) == 0:
         raise MimbenchError(f"The {where} is empty; no features to compute.", "Check the data path and split.")

@@ -71,7 +71,7 @@ from mimbench.evals import runner
 from mimbench.evals.features import (
     Readout, check_readout, eval_transform, extract_features, feature_read, limited, read_features, readout,
 )
-from mimbench.fastpath import under_autocast
+from mimbench.fastpath import match_attention, under_autocast
 from mimbench.schema import LINEAR_OPTIMIZERS
 
 CACHED_DEVIATION = "fast linear probe on cached features"
@@ -264,6 +264,7 @@ def _protocol_probe(run, size: int, batch: int, accum: int, spec: Readout) -> Pr
     cfg = run.cfg
     encoder_model = encoders.load_encoder(run.encoder, img_size=size, layout=run.layout).to(run.device).eval()
     check_readout(encoder_model, spec)
+    match_attention(encoder_model, run.precision, run.device)
     for p in encoder_model.parameters():
         p.requires_grad_(False)
     train_tf, train_desc = _train_transform(run.data, size, cfg.augment.scale)

@@ -56,7 +56,7 @@ from mimbench.evals import runner
 from mimbench.evals.classifier import classifier_path, load_classifier
 from mimbench.evals.features import eval_resize
 from mimbench.evals.metrics import topk_accuracy
-from mimbench.fastpath import under_autocast
+from mimbench.fastpath import match_attention, under_autocast
 from mimbench.results.records import new_record, write_record
 from mimbench.schema import ROBUSTNESS_SETS
 
@@ -338,6 +338,7 @@ def _fashion_mnist_c(data: str, limit: int | None) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------------------- scoring
 def _scorer(run, model: torch.nn.Module):
     model = model.to(run.device).eval()
+    match_attention(model, run.precision, run.device)
     return under_autocast(model, run.precision, run.device)
 
 

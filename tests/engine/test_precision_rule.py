@@ -15,6 +15,10 @@ TINY_STEP = Workload(192, 6, 17, True)
 VITB_FEATURES = Workload(768, 12, 197, False)
 VITB_STEP = Workload(768, 12, 50, True)  # MAE ViT-B/16 pre-training at 224: 49 visible patches + class token
 VITL_FEATURES = Workload(1024, 24, 197, False)
+TINY_FMNIST_STEP = Workload(128, 6, 17, True)  # pretrain/configs/mae_tiny_fmnist.py
+MICRO_FINETUNE = Workload(64, 4, 65, True)  # the demo's micro encoder fine-tuned: 64 patches + class token
+MICRO_FEATURES = Workload(64, 4, 65, False)
+NANO_FEATURES = Workload(32, 2, 17, False)  # the tests' tiny_vit
 
 
 @pytest.fixture
@@ -40,9 +44,11 @@ def test_cpu_kinds_from_flags(monkeypatch):
     # AMD AVX-512-BF16: tiny step 1.33x in bf16 (the threshold), ViT-B features 2.95x; micro below: fp32
     (AVX512_BF16, MICRO_STEP, "none"), (AVX512_BF16, TINY_STEP, "bf16"), (AVX512_BF16, VITB_FEATURES, "bf16"),
     (AVX512_BF16, VITB_STEP, "bf16"),
-    # Intel AMX: micro 0.41x and tiny 0.60x in bf16 -> fp32; ViT-B features 4.29x -> bf16, and ViT-B/L training
-    (AMX, MICRO_STEP, "none"), (AMX, TINY_STEP, "none"), (AMX, VITB_FEATURES, "bf16"), (AMX, VITB_STEP, "bf16"),
-    (AMX, VITL_FEATURES, "bf16"),
+    # Intel AMX (bf16 with explicit attention): training micro 0.88x -> fp32, mae_tiny_fmnist 1.42-1.61x and
+    # larger -> bf16; inference 32-d x 2 0.91x -> fp32, 32-d x 4 at 65 tokens 1.10x and larger -> bf16
+    (AMX, MICRO_STEP, "none"), (AMX, TINY_FMNIST_STEP, "bf16"), (AMX, TINY_STEP, "bf16"),
+    (AMX, MICRO_FINETUNE, "bf16"), (AMX, NANO_FEATURES, "none"), (AMX, MICRO_FEATURES, "bf16"),
+    (AMX, VITB_FEATURES, "bf16"), (AMX, VITB_STEP, "bf16"), (AMX, VITL_FEATURES, "bf16"),
 ])
 def test_auto_on_each_cpu_kind_and_size(cpu, flags, workload, expected):
     cpu(flags)
@@ -56,15 +62,66 @@ def test_auto_on_each_cpu_kind_and_size(cpu, flags, workload, expected):
 
 def test_thresholds_sit_between_the_measurements():
     assert fastpath.AVX512_BF16_MIN_WORK == TINY_STEP.work == 192 ** 2 * 6 * 17
-    assert TINY_STEP.work < fastpath.AMX_MIN_WORK < VITB_FEATURES.work
-    assert fastpath.AMX_MIN_WORK ** 2 == pytest.approx(TINY_STEP.work * VITB_FEATURES.work, rel=1e-6)
+    assert MICRO_STEP.work < fastpath.AMX_TRAIN_MIN_WORK < TINY_FMNIST_STEP.work
+    assert fastpath.AMX_TRAIN_MIN_WORK ** 2 == pytest.approx(MICRO_STEP.work * TINY_FMNIST_STEP.work, rel=1e-4)
+    assert NANO_FEATURES.work < fastpath.AMX_INFERENCE_MIN_WORK < Workload(32, 4, 65, False).work
+    assert fastpath.AMX_INFERENCE_MIN_WORK ** 2 == pytest.approx(NANO_FEATURES.work * 32 ** 2 * 4 * 65, rel=1e-4)
+    assert TINY_STEP.work < fastpath.ARM_BF16_MIN_WORK < VITB_FEATURES.work
+
+
+def test_attention_is_explicit_under_cpu_bf16_only(cpu):
+    """torch's fused CPU attention is slow in bf16 (the tiny MAE step 381 against 1,030 img/s explicit on AMX):
+    the fast path runs timm's explicit path there, the fused kernel everywhere else, and the reason says so."""
+    from mimbench.testing import tiny_vit
+
+    assert fastpath.attention_fused("none", "cpu") and fastpath.attention_fused("bf16", "cuda")
+    assert fastpath.attention_fused("fp16", "cuda") and not fastpath.attention_fused("bf16", "cpu")
+    vit = tiny_vit()
+    assert fastpath.match_attention(vit, "bf16", "cpu") is False
+    assert not any(b.attn.fused_attn for b in vit.blocks)
+    assert fastpath.match_attention(vit, "none", "cpu") is True and all(b.attn.fused_attn for b in vit.blocks)
+    cpu(AMX)
+    assert fastpath.EXPLICIT_ATTENTION in precision_choice("auto", "cpu", VITB_FEATURES).reason
+    assert fastpath.EXPLICIT_ATTENTION in precision_choice("bf16", "cpu").reason
+    assert fastpath.EXPLICIT_ATTENTION not in precision_choice("auto", "cpu", MICRO_STEP).reason
+
+
+def test_explicit_attention_in_bf16_computes_what_the_fused_kernel_does():
+    from mimbench.testing import tiny_vit
+
+    vit, x = tiny_vit(embed_dim=64, num_heads=4).eval(), torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fastpath.set_fused_attention(vit, True)
+        fused = vit.forward_features(x).float()
+        fastpath.match_attention(vit, "bf16", "cpu")
+        explicit = vit.forward_features(x).float()
+    assert not torch.equal(fused, explicit)  # two kernels, so bf16 rounding differs ...
+    assert torch.allclose(fused, explicit, atol=0.1, rtol=0.05)  # ... within bf16's precision
+
+
+def test_training_loop_and_feature_extraction_take_the_attention_of_their_precision(tmp_path, tiny_encoder):
+    from mimbench.engine import LoopConfig, TrainLoop
+    from mimbench.testing import tiny_vit
+
+    vit = tiny_vit()
+    opt = torch.optim.SGD(vit.parameters(), lr=0.1)
+    loader = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64))] * 2
+    TrainLoop(vit, opt, loader, lambda *a: None, LoopConfig(epochs=1, warmup_epochs=0, amp="bf16"), tmp_path)
+    assert not any(b.attn.fused_attn for b in vit.blocks)
+    TrainLoop(vit, opt, loader, lambda *a: None, LoopConfig(epochs=1, warmup_epochs=0, amp="none"), tmp_path)
+    assert all(b.attn.fused_attn for b in vit.blocks)
+    record = run_bench("features", encoder=tiny_encoder, steps=1, batch=2, warmup=0, amp="bf16", device="cpu",
+                       out=tmp_path / "bench")
+    assert record["protocol"]["fused_attention"] is False
+    assert fastpath.EXPLICIT_ATTENTION in record["protocol"]["precision_reason"]
 
 
 def test_unknown_workload_and_the_override(cpu, monkeypatch):
     cpu(AMX)
     assert precision_choice("auto", "cpu").precision == "none"  # no workload: the small side
     monkeypatch.setenv("MIMBENCH_CPU_BF16", "1")
-    assert precision_choice("auto", "cpu", MICRO_STEP) == fastpath.PrecisionChoice("bf16", "auto: MIMBENCH_CPU_BF16=1")
+    assert precision_choice("auto", "cpu", MICRO_STEP) == fastpath.PrecisionChoice(
+        "bf16", f"auto: MIMBENCH_CPU_BF16=1; {fastpath.EXPLICIT_ATTENTION}")
 
 
 def test_cuda_is_bf16_for_every_size(cpu, monkeypatch):

@@ -407,7 +407,7 @@ def _write(run, model_file: Path, meta: Mapping, name: str, *, dataset: dict, me
                             "finetune_run_id": prov.get("run_id"), "finetune_protocol": (prov.get("protocol") or {})
                             .get("name")}, **protocol},
         encoder=prov["encoder"], dataset=dataset, metrics=metrics, seed=run.seed, started=started,
-        finished=time.time(), precision=run.precision)
+        finished=time.time(), precision=run.precision, precision_reason=run.precision_choice.reason)
     if run.is_main:
         write_record(run.out, record)
     dist.barrier()

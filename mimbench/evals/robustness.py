@@ -53,7 +53,7 @@ from mimbench.data.builtin import FASHION_MNIST_CLASSES, resize_grey, subset_arr
 from mimbench.encoders import encoder_sha256
 from mimbench.errors import MimbenchError
 from mimbench.evals import runner
-from mimbench.evals.classifier import classifier_path, load_classifier
+from mimbench.evals.classifier import classifier_path, load_classifier, read_classifier_metadata
 from mimbench.evals.features import eval_resize
 from mimbench.evals.metrics import topk_accuracy
 from mimbench.fastpath import match_attention, under_autocast
@@ -571,7 +571,7 @@ def run_robustness(*, encoder: Path, config: Path, data: str, out: Path, overrid
         raise MimbenchError("A fine-tuned model file has no checkpoint layout.", "Leave out --from.")
     model_file = classifier_path(encoder)
     run = runner.start("robustness", encoder=model_file, config=config, data=data, out=out, overrides=overrides,
-                       check_encoder=False)
+                       check_encoder=False, encoder_meta=read_classifier_metadata(model_file)["encoder_metadata"])
     chosen = _chosen_sets(sets, run.cfg.sets)
     where = _roots(chosen, roots, str(data), run.cfg.v2_variant)
     model = load_classifier(model_file)

@@ -65,6 +65,7 @@ class EvalRun:
     started: float
     deviations: list[str] = field(default_factory=list)
     layout: str = "auto"  # checkpoint layout of ``encoder`` (--from), mimbench.encoders.convert.LAYOUTS
+    encoder_meta: dict | None = None  # the encoder's metadata where ``encoder`` is no encoder file (a classifier)
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +105,7 @@ class EvalRun:
         """The encoder's workload at the config's image size (training where the task trains the encoder,
         :data:`TRAINS_ENCODER`); None where its metadata cannot be read."""
         try:
-            meta = read_metadata(self.encoder, layout=self.layout)
+            meta = self.encoder_meta or read_metadata(self.encoder, layout=self.layout)
         except (MimbenchError, OSError, KeyError, ValueError):
             return None
         size = self.cfg.get("img_size") if hasattr(self.cfg, "get") else None
@@ -115,8 +116,10 @@ class EvalRun:
 
 
 def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overrides=(),
-          check_encoder: bool = True, layout: str = "auto") -> EvalRun:
-    """Set up the processes and device, check the encoder, load the config, seed everything."""
+          check_encoder: bool = True, layout: str = "auto", encoder_meta: dict | None = None) -> EvalRun:
+    """Set up the processes and device, check the encoder, load the config, seed everything. ``encoder_meta``:
+    the encoder's metadata where ``encoder`` is not an encoder file (a fine-tuned classifier), for the precision
+    rule's workload."""
     started = time.time()
     ctx = dist.setup()
     encoder, out = Path(encoder), Path(out)
@@ -131,7 +134,7 @@ def start(task: str, *, encoder: Path, config: Path, data: str, out: Path, overr
         deviations.append("JPEGs decoded downscaled (PIL draft, decode_draft=True) instead of in full")
     return EvalRun(task=task, encoder=encoder, config_path=Path(config), cfg=cfg, data=str(data), out=out,
                    overrides=list(overrides), seed=seed, ctx=ctx, started=started, deviations=deviations,
-                   layout=layout)
+                   layout=layout, encoder_meta=encoder_meta)
 
 
 def runtime_value(cfg, kind: str, key: str):

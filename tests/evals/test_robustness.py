@@ -171,6 +171,19 @@ def test_every_set_end_to_end_on_jpeg_trees(imagenet_model, tmp_path):
     assert layout.count("<tr") == 2 + 5 and "IN-C mCE" in layout  # two header rows (columns, index name), 5 sets
 
 
+def test_auto_precision_weighs_the_classifiers_encoder(imagenet_model, tmp_path, monkeypatch):
+    """A fine-tuned model is no encoder file: the precision rule reads the workload of the encoder it holds."""
+    from mimbench import fastpath
+
+    monkeypatch.delenv("MIMBENCH_CPU_BF16", raising=False)
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
+    summary = run_eval("robustness", encoder=imagenet_model, config=PROTOCOL, data="builtin:fashion-mnist",
+                       out=tmp_path / "out", overrides=[*SMALL, "runtime.amp=auto"], sets="sketch",
+                       roots=[f"sketch={_trees(tmp_path / 'data')['sketch']}"])
+    reason = summary["records"][0]["hardware"]["precision_reason"]
+    assert reason.startswith("auto: CPU kind amx, inference, 32-d x 2, 17 tokens")  # not "workload not given"
+
+
 def test_the_restriction_and_integer_mapping_change_the_score(imagenet_model, tmp_path):
     """The same trees with a head where class 0 does not dominate: V2 folder "10" (2 images) is class 10."""
     from mimbench.evals.classifier import load_classifier, read_classifier_metadata

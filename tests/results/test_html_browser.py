@@ -150,3 +150,57 @@ def test_site_pages_filter_by_architecture_and_protocol(browser, html_pages, tmp
     rows = visible("tbody tr")
     assert len(rows) == 2 and all("not comparable" in r.text for r in rows)
     _assert_clean_load(browser, site / "linear.html")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    """The records, report.html and site of a real ``mimbench demo --quick``."""
+    from typer.testing import CliRunner
+
+    from mimbench.cli import app
+    from mimbench.results.html_site import write_site
+
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    write_site(out / "site", include_runs=[out / "evals"])
+    return out
+
+
+def _column(driver, index: int) -> list[float]:
+    cells = [row.find_elements(By.CSS_SELECTOR, "td")[index] for row in
+             driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")]
+    return [float(c.text.split()[0]) for c in cells]
+
+
+@pytest.mark.slow
+def test_the_quick_demos_report_and_site_in_the_browser(browser, quick_demo, tmp_path):
+    """The page a user gets from ``mimbench demo --quick``: clean load, a row per encoder, sorting by a column's
+    values, a cell's link to its runs; the site's k-NN page shows the demo's runs among the published ones."""
+    page = quick_demo / "report.html"
+    _open(browser, page)
+    _assert_clean_load(browser, page)
+    encoders = {p.parent.name for p in (quick_demo / "encoders").glob("*/encoder.safetensors")}
+    labels = _labels(browser)
+    assert len(labels) == len(encoders) == 3 and labels[-1] == "random-init"  # one row per encoder, control last
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#summary thead th")][1:]
+    knn = next(i for i, h in enumerate(headers) if h.startswith("k-NN"))
+    _screenshot(browser, tmp_path, "demo-quick-report")
+    header = browser.find_element(By.XPATH, "//table[@id='summary']//th[starts-with(normalize-space(.), 'k-NN')]")
+    header.click()
+    assert _column(browser, knn) == sorted(_column(browser, knn), reverse=True)
+    header.click()
+    values = _column(browser, knn)
+    assert values == sorted(values) and header.get_attribute("aria-sort") == "ascending"
+    link = browser.find_element(By.CSS_SELECTOR, "#summary tbody tr.control td a")
+    target = link.get_attribute("href").split("#", 1)[1]
+    link.click()
+    detail = browser.find_element(By.ID, target)
+    assert detail.is_displayed() and "random-init" in detail.text and "hardware and precision" in detail.text
+    _assert_clean_load(browser, page)
+
+    site = quick_demo / "site" / "knn.html"
+    _open(browser, site)
+    _assert_clean_load(browser, site)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.own")) == 3  # the demo's three k-NN runs
+    _screenshot(browser, tmp_path, "demo-quick-site-knn")

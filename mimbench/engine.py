@@ -479,8 +479,9 @@ class TrainLoop:
         self.scheduler = build_scheduler(optimizer, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                          iters_per_epoch=self.sizes.iters_per_epoch, min_lr=cfg.min_lr)
         dist.check_device(model)
-        self.autocast, scaler = _autocast(cfg.amp, self.ctx.device)
-        match_attention(model, choose_precision(cfg.amp, self.ctx.device), self.ctx.device)
+        precision = choose_precision(cfg.amp, self.ctx.device)
+        self.autocast, scaler = _autocast(precision, self.ctx.device)
+        match_attention(model, precision, self.ctx.device)
         self.model = wrap_for_training(model, self.ctx, compile=cfg.compile)
         self.opt = OptimizerStep(optimizer, scaler, model.parameters(), cfg.clip_grad)
         self.guard = NonFiniteGuard(self.ctx, out_dir, check_grads=scaler is None)

@@ -159,6 +159,26 @@ def test_knn_two_processes_equal_one_exactly(tmp_path, dist_encoder):
     assert two["protocol"]["vote"]["queries_per_rank"] == [100, 101]
 
 
+
+def test_knn_in_cpu_bf16_two_processes_agree_with_one(tmp_path, dist_encoder, monkeypatch):
+    """Under bf16 on the CPU (timm's explicit attention, mimbench.fastpath.attention_fused) k-NN on two processes
+    agrees with one process, and both records name the precision and the attention kernel."""
+    from mimbench import fastpath
+    from mimbench.evals import run_eval
+
+    monkeypatch.setenv("MIMBENCH_CPU_BF16", "1")  # the torchrun processes inherit it
+    common = ["data.limit_train=600", "data.limit_val=201", "batch_size=64"]
+    one = run_eval("knn", encoder=dist_encoder, config=KNN_DEMO, data="builtin:fashion-mnist",
+                   out=tmp_path / "one", overrides=common)
+    _two_procs(tmp_path, "knn-bf16", ["eval", "knn", "--encoder", str(dist_encoder), "--config", KNN_DEMO,
+                                      "--out", str(tmp_path / "two"), *_sets(common)])
+    (written,) = _records(tmp_path / "two")
+    two = json.loads(written.read_text())
+    for record in (one, two):
+        assert record["hardware"]["precision"] == "bf16"
+        assert fastpath.EXPLICIT_ATTENTION in record["hardware"]["precision_reason"]
+    assert two["metrics"]["top1"] == pytest.approx(one["metrics"]["top1"], abs=1.0)  # bf16: 2 of 201 images at most
+
 # Protocol linear probe and fine-tuning: the two runs see the same images with the same augmentation
 # and per-batch draws, and differ only in the floating-point order of the gradient sums (all-reduce
 # of two micro-batch gradients vs accumulation), ~1e-7 relative per step. Over a few steps that

@@ -21,16 +21,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 from mimbench.atomic import atomic_write
-from mimbench.evals.tasks import all_tasks, installed, resolve
+from mimbench.evals.tasks import all_tasks, installed
 from mimbench.paths import eval_config, pretrain_config
 from mimbench.results.report import console_table, write_report
-from mimbench.steps import (Control, Evaluate, Outcome, Pretrain, Step, StepRunner, default_jobs, reuse_note,
-                            timing_rows, write_timings)
+from mimbench.steps import (Analyze, Build, Control, Evaluate, Outcome, Pretrain, Step, StepRunner, default_jobs,
+                            reuse_note, timing_rows, write_timings)
 
 CONTROL = "random-init"
 
@@ -46,6 +47,7 @@ class DemoScale:
     name: str                                  # "full" or "quick"
     techniques: tuple[tuple[str, str], ...]    # (row name, pre-training config under pretrain/configs/)
     pretrain: tuple[str, ...]                  # --set overrides of every pre-training (and of the control)
+    analysis: tuple[tuple[str, object], ...]   # `mimbench analyze` keywords of every encoder's analysis step
 
 
 # Full demo: the three techniques' ViT-micro/4 configs on all 12,000 images for 3 epochs at blr 4e-3 (the README says
@@ -56,27 +58,30 @@ FULL = DemoScale(
                 ("ddae", "ddae_micro_fmnist.py")),
     pretrain=("data.limit=None", "optim.batch_size=64", "optim.blr=4e-3", "schedule.epochs=3",
               "schedule.warmup_epochs=0.5", "runtime.ckpt_every=1", "runtime.log_every=20"),
+    analysis=(("samples", 1000), ("limit_train", None), ("limit_val", None)),
 )
 # Quick: toy sizes (ViT-micro, 1 epoch on 1,024 images, two techniques; the tasks' quick budgets), used by the tests.
 QUICK = DemoScale(
     name="quick",
     techniques=(("mae", "mae_micro_fmnist.py"), ("ddae", "ddae_micro_fmnist.py")),
     pretrain=("schedule.epochs=1", "schedule.warmup_epochs=0.2", "data.limit=1024"),
+    analysis=(("samples", 200), ("limit_train", 2048), ("limit_val", 500)),  # the feature tasks' quick limits
 )
 
 
-def demo_data(out: Path, scale: DemoScale) -> dict[str, str]:
+def demo_data(out: Path, scale: DemoScale) -> tuple[dict[str, str], list[Build]]:
     """Task name -> its data: the default data, or for a task whose entry builds it (``demo_data``), the folder
-    built once under ``out/data/`` at this scale's size and shared by every encoder."""
-    data = {}
+    under ``out/data/`` at this scale's size, shared by every encoder; and the steps that build those folders
+    (side by side with the pre-training; an evaluation waits for its data's)."""
+    data, builds = {}, []
     for task in all_tasks():
         if task.demo_data is None or not installed(task):
             data[task.name] = task.default_data
             continue
-        build = resolve(task.demo_data, task.name)
         root = Path(out) / "data" / task.default_data.split(":", 1)[-1]
-        data[task.name] = str(build(root, **dict(task.demo_data_kwargs.get(scale.name, {}))))
-    return data
+        builds.append(Build(task.name, task.demo_data, root, tuple(task.demo_data_kwargs.get(scale.name, {}).items())))
+        data[task.name] = str(root)
+    return data, builds
 
 
 def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str], reading: bool = False) -> list[Step]:
@@ -91,19 +96,25 @@ def _evaluations(out: Path, scale: DemoScale, name: str, data: dict[str, str], r
             for task in all_tasks() if task.in_demo and installed(task) and bool(task.after) == reading]
 
 
-def demo_steps(out: Path, scale: DemoScale, data: dict[str, str]) -> list[Step]:
-    """The demo as steps: pre-train each technique, build the control, then evaluate every encoder on every task.
+def demo_steps(out: Path, scale: DemoScale, data: dict[str, str], builds: Sequence[Build] = ()) -> list[Step]:
+    """The demo as steps: pre-train each technique, build the control and the tasks' data (``builds``), evaluate
+    every encoder on every task, analyse every encoder.
 
-    ``data``: task name -> data (:func:`demo_data`)."""
+    ``data``: task name -> data, ``builds``: the steps that make it (:func:`demo_data`). Side by side, a step
+    starts once those it needs are done, the ready ones in this order: the pre-trainings first (the longest chain
+    is pre-training, fine-tune, robustness), the analyses last (they fill the cores while the last evaluations
+    run)."""
+    names = [n for n, _ in scale.techniques] + [CONTROL]
     steps: list[Step] = [Pretrain(name, pretrain_config(cfg), scale.pretrain) for name, cfg in scale.techniques]
     # The control is the first technique's (MAE's) model at its initialisation, with the same overrides.
     steps.append(Control(CONTROL, config=pretrain_config(scale.techniques[0][1]), overrides=scale.pretrain))
-    for name in [n for n, _ in scale.techniques] + [CONTROL]:
+    steps += builds
+    for name in names:
         steps += _evaluations(out, scale, name, data)
     # then the tasks reading those evaluations (robustness: each fine-tune's model, the control's as normaliser)
-    for name in [n for n, _ in scale.techniques] + [CONTROL]:
+    for name in names:
         steps += _evaluations(out, scale, name, data, reading=True)
-    return steps
+    return steps + [Analyze(name, scale.analysis) for name in names]  # `mimbench analyze` of each encoder
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | None = None) -> Path:
@@ -116,18 +127,17 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, jobs: int | Non
     scale = QUICK if quick else FULL
     jobs = default_jobs() if jobs is None else jobs
     t0 = time.time()
-    data = demo_data(out, scale)
+    data, builds = demo_data(out, scale)
     runner = StepRunner(out, log=lambda text: console.print(text, markup=False, highlight=False),
                         header=lambda text: console.rule(f"[bold]{text}[/]", characters="─"))
     for task in all_tasks():
         if task.in_demo and not installed(task):
             console.print(f"{task.name}: left out ({', '.join(task.requires)} not installed; "
                           f"pip install 'mimbench[{task.extra}]' adds it)", markup=False, highlight=False)
-    outcomes = runner.run(demo_steps(out, scale, data), jobs=jobs)
-    from mimbench.analysis.demo import analyze_encoders, locality_note  # torch and timm: only when the demo runs
+    outcomes = runner.run(demo_steps(out, scale, data, builds), jobs=jobs)
+    from mimbench.analysis.demo import locality_note  # torch and timm: only when the demo runs
 
-    analyses = analyze_encoders(runner.encoders, out / "analysis", scale.name,  # `mimbench analyze` of each encoder
-                                log=lambda text: console.print(text, markup=False, highlight=False))
+    analyses = {o.step.encoder: o.record for o in outcomes if isinstance(o.step, Analyze)}
     elapsed = time.time() - t0
     write_timings(outcomes, out / "steps.csv")
 

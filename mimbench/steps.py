@@ -1,11 +1,14 @@
-"""Pipelines as lists of steps -- pre-train, build the random control, evaluate -- run by one runner.
+"""Pipelines as lists of steps -- pre-train, build the random control, build data, evaluate, analyse -- run by one
+runner.
 
 ``mimbench demo`` and ``mimbench reproduce --scale demo`` are both a list of :class:`Pretrain`,
-:class:`Control` and :class:`Evaluate` steps handed to :class:`StepRunner`. Under the runner's root::
+:class:`Control`, :class:`Build`, :class:`Evaluate` and :class:`Analyze` steps handed to :class:`StepRunner`.
+Under the runner's root::
 
     encoders/<name>/encoder.safetensors    the pre-training folder (config.py, log.jsonl, checkpoints) or the control
                                            (a VQ-KD pre-training exports tokenizer.safetensors instead)
     evals/<name>/<task>/                   the evaluation's run record (and its logs)
+    analysis/<name>/                       the analysis record and figures of an encoder
 
 A step's overrides may name a file an earlier step wrote as ``{runs}/<name>/<file>``; the runner reads
 ``{runs}`` as its ``encoders/`` folder (:func:`expand_runs`).
@@ -17,7 +20,10 @@ made from the same config, the same ``--set`` overrides and, for an evaluation, 
   pre-training whose folder holds ``checkpoint-latest.pt`` and the same resolved ``config.py`` is resumed);
 - control: the control file's recipe hash (:func:`mimbench.control.control_sha256`) matches;
 - evaluation: a finished record (status ok) whose ``protocol.sha256`` is the resolved config's hash and whose
-  ``encoder.sha256`` is the encoder file's (so a re-trained encoder is evaluated again).
+  ``encoder.sha256`` is the encoder file's (so a re-trained encoder is evaluated again);
+- analysis: likewise, its settings' hash and the encoder file's;
+- data: the builder itself keeps a set made by the same parameters (its manifest); the step counts as reused when
+  it wrote nothing.
 
 Otherwise whatever is in the step's folder (another size's result, an older config's, an interrupted run) is
 removed and the step redone, so that a report never mixes two settings. The runner says which steps it
@@ -28,8 +34,9 @@ runner decides (reuse, redo, resume) in its own process and hands each step to d
 processes (``spawn``), a step starting once the steps it needs
 (:func:`plan`) are done: an evaluation waits for the step that made its encoder, for the tasks its entry lists
 in ``after`` on the same encoder, and for the previous task of the same encoder that shares its feature cache;
-a step whose overrides name ``{runs}/<name>/`` waits for step ``<name>``; pre-trainings of different encoders
-wait for nothing. Every step, side by side or one by one, runs with the same number of torch threads
+a step whose overrides name ``{runs}/<name>/`` waits for step ``<name>``; an evaluation whose data a
+:class:`Build` step makes waits for it; an analysis waits for its encoder's step; pre-trainings of different encoders
+and builds wait for nothing. Every step, side by side or one by one, runs with the same number of torch threads
 (:data:`STEP_THREADS`), because a different count changes the last bits of float sums (k-NN ties, the low-shot
 solver, segmentation's mIoU moved by 0.05 in a demo run with 2 threads against 1): so a step's numbers depend
 only on its config, overrides, data and encoder (every step seeds its own RNGs), not on ``--jobs``, the machine's
@@ -64,7 +71,7 @@ from mimbench.control import build_control, is_control
 from mimbench.errors import MimbenchError
 from mimbench.encoders import encoder_sha256
 from mimbench.evals.classifier import MODEL_FILE, classifier_path
-from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task
+from mimbench.evals.tasks import BUILTIN_DATA, all_tasks, get_task, resolve
 from mimbench.results.records import encoder_made_by, finished_record
 
 RUNS_PLACEHOLDER = "{runs}"
@@ -144,7 +151,37 @@ class Evaluate:
         return f"{self.task} on {self.encoder}"
 
 
-Step = Union[Pretrain, Control, Evaluate]
+@dataclass(frozen=True)
+class Build:
+    """Build data ``root`` with ``builder`` (``"module:function(root, **kwargs) -> root"``, e.g. a task entry's
+    ``demo_data``); an evaluation whose ``data`` is ``root`` waits for it. The builder reuses a set already there."""
+
+    label: str
+    builder: str
+    root: Path
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def title(self) -> str:
+        return f"build {self.label} data"
+
+
+@dataclass(frozen=True)
+class Analyze:
+    """``mimbench analyze`` of encoder ``encoder`` (the name of an earlier step) on ``data`` with ``settings``
+    (:func:`mimbench.analysis.run.run_analyze` keywords); with its pre-training run when the encoder's folder is
+    one. Written under the runner's ``analysis/<encoder>/``."""
+
+    encoder: str
+    settings: tuple[tuple[str, object], ...] = ()
+    data: str = BUILTIN_DATA
+
+    @property
+    def title(self) -> str:
+        return f"analyze {self.encoder}"
+
+
+Step = Union[Pretrain, Control, Evaluate, Build, Analyze]
 
 
 @dataclass(frozen=True)
@@ -201,6 +238,15 @@ def do_work(work: Work, console: bool = True) -> Outcome:
     if isinstance(step, Control):
         return Outcome(step, False, build_control(work.folder / "encoder.safetensors", like=work.encoder,
                                                   config=step.config, overrides=step.overrides, seed=step.seed))
+    if isinstance(step, Build):
+        before = _files(Path(step.root))
+        root = Path(resolve(step.builder, step.label)(step.root, **dict(step.kwargs)))
+        return Outcome(step, bool(before) and _files(root) == before, root)  # reused: the builder wrote nothing
+    if isinstance(step, Analyze):
+        from mimbench.analysis.demo import analyze_encoder  # torch, timm and the probes: only when analysed
+
+        return Outcome(step, False, work.folder, analyze_encoder(work.encoder, work.folder, dict(step.settings),
+                                                                 step.data))
     task = get_task(step.task)
     work.folder.mkdir(parents=True, exist_ok=True)
     options = {**task.step_options, **({"reference": work.reference} if work.reference is not None else {})}
@@ -208,6 +254,12 @@ def do_work(work: Work, console: bool = True) -> Outcome:
         record = evals.run_eval(step.task, encoder=work.encoder, config=step.config, data=step.data, out=work.folder,
                                 overrides=list(step.overrides), resume=False, **options)
     return Outcome(step, False, work.folder, record)
+
+
+def _files(root: Path) -> set[tuple[str, int, int]]:
+    """(path, size, mtime) of every file under ``root`` but a step's console.log: what a build step wrote."""
+    return {(str(p), st.st_size, st.st_mtime_ns) for p in root.rglob("*") if p.name != "console.log"
+            and p.is_file() and (st := p.stat())} if root.is_dir() else set()
 
 
 def _no_maker(step: Step, name: str) -> MimbenchError:
@@ -248,10 +300,11 @@ def plan(steps: Sequence[Step], made: Iterable[str] = ()) -> list[frozenset[int]
     makers: dict[str, int] = {}
     evaluations: dict[tuple[str, str], int] = {}
     caches: dict[str, int] = {}
+    builds = {str(step.root): i for i, step in enumerate(steps) if isinstance(step, Build)}
     needs = []
     for i, step in enumerate(steps):
-        need = {makers[name] for name in _RUNS_REF.findall(" ".join(step.overrides)) if name in makers}
-        used = step.encoder if isinstance(step, Evaluate) else getattr(step, "like", None)
+        need = {makers[name] for name in _RUNS_REF.findall(" ".join(getattr(step, "overrides", ()))) if name in makers}
+        used = step.encoder if isinstance(step, (Evaluate, Analyze)) else getattr(step, "like", None)
         if used is not None:
             if used in makers:
                 need.add(makers[used])
@@ -259,6 +312,13 @@ def plan(steps: Sequence[Step], made: Iterable[str] = ()) -> list[frozenset[int]
                 raise _no_maker(step, used)
         if isinstance(step, Evaluate):
             need |= _evaluation_needs(i, steps, evaluations, caches)
+            if step.data in builds:
+                if builds[step.data] > i:
+                    raise MimbenchError(f"Step {step.title!r} reads data {step.data}, which a later step builds.",
+                                        f"Put the step {steps[builds[step.data]].title!r} first.")
+                need.add(builds[step.data])
+        elif isinstance(step, (Build, Analyze)):
+            pass  # a build waits for nothing; an analysis for its encoder alone
         else:
             if step.name in makers:  # the same folder twice: one after the other
                 need.add(makers[step.name])
@@ -336,6 +396,9 @@ class StepRunner:
     def eval_dir(self, encoder: str, task: str) -> Path:
         return self.root / "evals" / encoder / task
 
+    def analysis_dir(self, encoder: str) -> Path:
+        return self.analysis_root / encoder
+
     @property
     def encoders_root(self) -> Path:
         """What :data:`RUNS_PLACEHOLDER` stands for in a step's overrides."""
@@ -344,6 +407,10 @@ class StepRunner:
     @property
     def evals_root(self) -> Path:
         return self.root / "evals"
+
+    @property
+    def analysis_root(self) -> Path:
+        return self.root / "analysis"
 
     @property
     def reused(self) -> list[Outcome]:
@@ -371,7 +438,7 @@ class StepRunner:
         return done
 
     def _finish(self, outcome: Outcome) -> Outcome:
-        if not isinstance(outcome.step, Evaluate):
+        if isinstance(outcome.step, (Pretrain, Control)):
             self.encoders[outcome.step.name] = outcome.path
         self.outcomes.append(outcome)
         return outcome
@@ -429,11 +496,15 @@ class StepRunner:
     def _log_file(self, step: Step) -> Path:
         if isinstance(step, Evaluate):
             return self.eval_dir(step.encoder, step.task) / "console.log"
+        if isinstance(step, Build):
+            return Path(step.root) / "console.log"
+        if isinstance(step, Analyze):
+            return self.analysis_dir(step.encoder) / "console.log"
         return self.encoder_path(step.name).parent / "console.log"
 
     def prepare(self, step: Step) -> Outcome | Work:
         """The step's outcome when its result is there (reused), else the work to do (its folder cleared)."""
-        if step.overrides:
+        if getattr(step, "overrides", ()):
             step = replace(step, overrides=expand_runs(step.overrides, self.encoders_root))
         if isinstance(step, Pretrain):
             return self._pretrain(step)
@@ -441,7 +512,24 @@ class StepRunner:
             return self._control(step)
         if isinstance(step, Evaluate):
             return self._evaluate(step)
+        if isinstance(step, Build):
+            return Work(step, Path(step.root))  # the builder itself reuses a set already there
+        if isinstance(step, Analyze):
+            return self._analyze(step)
         raise TypeError(f"not a step: {step!r}")
+
+    def _analyze(self, step: Analyze) -> Outcome | Work:
+        from mimbench.analysis.demo import finished_analysis
+
+        if step.encoder not in self.encoders:
+            raise _no_maker(step, step.encoder)
+        encoder, folder = self.encoders[step.encoder], self.analysis_dir(step.encoder)
+        record = finished_analysis(folder, encoder, dict(step.settings))
+        if record is not None:
+            self.log(f"reusing {folder}")
+            return Outcome(step, True, folder, record)
+        self._clear(folder)
+        return Work(step, folder, encoder=encoder)
 
     def _clear(self, folder: Path) -> None:
         """Empty a step's folder that holds no finished result of these settings: the step starts afresh."""
@@ -579,6 +667,6 @@ def reuse_note(outcomes: Sequence[Outcome]) -> str:
             f"{len(outcomes)} steps: " + ", ".join(reused) + ".")
 
 
-__all__ = ["BUILTIN_DATA", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "STEP_THREADS", "Step",
+__all__ = ["Analyze", "BUILTIN_DATA", "Build", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "STEP_THREADS", "Step",
            "StepRunner", "Work", "default_jobs", "do_work", "expand_runs", "plan", "reuse_note", "timing_rows",
            "usable_cores", "write_timings"]

@@ -31,9 +31,12 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     assert "report:" in result.output and "This run of the demo took" in report and "How to read this:" in report
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>") and "report.html" in result.output
     assert (out / "report_summary.png").is_file() and not (out / "report_metric_vs_epochs.png").exists()
-    # how long each step took: the table at the end and steps.csv beside the report (2 + 1 + 3 x 7 steps)
+    # how long each step took: the table at the end and steps.csv beside the report (2 pre-trainings + the control
+    # + 2 data builds + 3 x 7 evaluations + 3 analyses)
     assert "time per step" in result.output and "(each step's time: steps.csv)" in report
-    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 2 + 1 + 3 * 7
+    assert len((out / "steps.csv").read_text().splitlines()) == 1 + 2 + 1 + 2 + 3 * 7 + 3
+    assert {"build segment data", "build robustness data", "analyze mae", "analyze random-init"} <= _titles(
+        out / "steps.csv")
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][1:]
     assert rows[-1] == "random-init"  # the control is the last row
     # one config per task for every encoder, the control included (nothing tuned per technique)
@@ -43,13 +46,14 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     # each distinct deviation once; every encoder runs the same configs, so each applies to all rows of its columns
     assert devs and len(devs) == len(set(devs)) and all(d.endswith("all rows)") for d in devs)
 
-    # second run: nothing is recomputed (2 pre-trainings + the control + 3 encoders x 7 evaluations)
+    # second run: nothing is recomputed (2 pre-trainings + the control + 3 encoders x 7 evaluations + 3 analyses
+    # decided in the runner; the 2 data builds find their sets and write nothing)
     n_records = len(list((out / "evals").rglob("*-*.json")))
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
     assert again.exit_code == 0, again.output
-    assert again.output.count("reusing") == 2 + 1 + 3 * 7
+    assert again.output.count("reusing") == 2 + 1 + 3 * 7 + 3
     assert len(list((out / "evals").rglob("*-*.json"))) == n_records
-    assert "24 of 24 steps" in (out / "report.md").read_text()  # the report says what was reused
+    assert "29 of 29 steps" in (out / "report.md").read_text()  # the report says what was reused
 
     # a step made with other settings (here: a linear-probe record whose resolved config differs, as one
     # left by --quick in a full demo's folder, or by an older config) is redone, and its record replaced
@@ -59,8 +63,12 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_steps(tmp_path):
     linear.write_text(json.dumps(stale))
     third = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
     assert third.exit_code == 0, third.output
-    assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 7 - 1
+    assert third.output.count("redoing") == 1 and third.output.count("reusing") == 2 + 1 + 3 * 7 - 1 + 3
     assert not linear.exists() and len(list((out / "evals").rglob("*-*.json"))) == n_records
+
+
+def _titles(steps_csv):
+    return {line.split(",")[0] for line in steps_csv.read_text().splitlines()[1:]}
 
 
 def test_demo_leaves_out_a_task_whose_extra_is_not_installed(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from mimbench.errors import MimbenchError
 from mimbench.evals.tasks import TASKS, Task
 from mimbench.paths import eval_config, pretrain_config
-from mimbench.steps import Control, Evaluate, Pretrain, StepRunner, plan, timing_rows, write_timings
+from mimbench.steps import (Analyze, Build, Control, Evaluate, Pretrain, StepRunner, do_work, plan, timing_rows,
+                            write_timings)
 
 MICRO = pretrain_config("mae_micro_fmnist.py")
 KNN, LINEAR = eval_config("demo/knn_fmnist.py"), eval_config("demo/linear_fmnist.py")
@@ -50,6 +51,30 @@ def test_plan_waits_for_encoders_runs_references_after_and_the_shared_feature_ca
         plan(late)
     with pytest.raises(MimbenchError, match="comes after it"):
         StepRunner(Path("unused"), log=lambda text: None).run(late, jobs=2)
+
+
+def test_plan_an_evaluation_waits_for_the_build_of_its_data_and_an_analysis_for_its_encoder(tmp_path):
+    seg = Build("segment", "mimbench.data.seg:build_fashion_mnist_seg", tmp_path / "seg", (("n_train", 8),))
+    steps = [Pretrain("mae", MICRO), seg, Evaluate("mae", "segment", KNN, data=str(tmp_path / "seg")),
+             Evaluate("mae", "knn", KNN), Analyze("mae"), Control("random-init", config=MICRO), Analyze("random-init")]
+    assert plan(steps) == [set(), set(), {0, 1}, {0}, {0}, set(), {5}]
+    with pytest.raises(MimbenchError, match="reads data .* which a later step builds"):
+        plan([Pretrain("mae", MICRO), steps[2], seg])
+    with pytest.raises(MimbenchError, match="no earlier step made"):
+        plan([Analyze("mae"), Pretrain("mae", MICRO)])
+
+
+def test_a_build_step_builds_its_data_once_and_is_reused_when_it_writes_nothing(tmp_path):
+    from mimbench.steps import Work
+
+    root = tmp_path / "seg"
+    step = Build("segment", "mimbench.data.seg:build_fashion_mnist_seg", root, (("n_train", 6), ("n_val", 2)))
+    first = do_work(Work(step, root))
+    assert not first.reused and first.path == root and len(list((root / "images" / "training").iterdir())) == 6
+    assert do_work(Work(step, root)).reused  # the set is there: nothing written
+    other = Build("segment", step.builder, root, (("n_train", 4), ("n_val", 2)))
+    assert not do_work(Work(other, root)).reused  # other parameters: built again
+    assert len(list((root / "images" / "training").iterdir())) == 4
 
 
 def _metrics(root: Path) -> dict:

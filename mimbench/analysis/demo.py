@@ -1,23 +1,32 @@
-"""The demo's analysis step: every demo encoder analysed once (reused when done by the same settings), and the
-closing note on the seed's claim that DDAE's deep layers attend more locally than MAE's."""
+"""The demo's analysis steps (:class:`mimbench.steps.Analyze`): every demo encoder analysed once, side by side with
+the evaluations (reused when done by the same settings), and the closing note on the seed's claim that DDAE's deep
+layers attend more locally than MAE's."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from mimbench.analysis.run import analysis_settings, run_analyze, settings_sha256
 from mimbench.encoders import encoder_sha256
 
-#: Per demo scale: the subset size and the probes' limits (quick: the feature tasks' quick limits).
-DEMO_SETTINGS = {"full": dict(samples=1000, limit_train=None, limit_val=None),
-                 "quick": dict(samples=200, limit_train=2048, limit_val=500)}
+def _pretrain_run(encoder: Path) -> Path | None:
+    """The encoder's folder when it is a pre-training run (``checkpoint-latest.pt``): analysed with it."""
+    folder = Path(encoder).parent
+    return folder if (folder / "checkpoint-latest.pt").is_file() else None
 
 
-def _finished(folder: Path, encoder: Path, sha: str) -> dict | None:
-    for path in sorted(folder.glob("analyze-*.json")):
+def _settings_sha(encoder: Path, settings: dict) -> str:
+    limits = (settings.get("limit_train"), settings.get("limit_val"))
+    return settings_sha256(analysis_settings(settings["samples"], 0, limits, None, _pretrain_run(encoder)))
+
+
+def finished_analysis(folder: Path, encoder: Path, settings: dict) -> dict | None:
+    """The finished analysis record in ``folder`` of this ``encoder`` file by these ``settings`` (a
+    demo scale's ``analysis``), or None: the demo's analysis step is then done again."""
+    sha = _settings_sha(Path(encoder), settings)
+    for path in sorted(Path(folder).glob("analyze-*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -28,25 +37,11 @@ def _finished(folder: Path, encoder: Path, sha: str) -> dict | None:
     return None
 
 
-def analyze_encoders(encoders: dict[str, Path], root: Path, scale: str, data: str = "builtin:fashion-mnist",
-                     log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Name -> analysis record of each encoder (``root/<name>/``); an encoder whose folder is a pre-training run
-    (``checkpoint-latest.pt``) is analysed with it (``--pretrain-run``)."""
-    kwargs = DEMO_SETTINGS[scale]
-    records = {}
-    for name, encoder in encoders.items():
-        run = Path(encoder).parent if (Path(encoder).parent / "checkpoint-latest.pt").is_file() else None
-        folder = Path(root) / name
-        limits = (kwargs["limit_train"], kwargs["limit_val"])
-        sha = settings_sha256(analysis_settings(kwargs["samples"], 0, limits, None, run))
-        record = _finished(folder, Path(encoder), sha)
-        if record is not None:
-            log(f"analysis of {name}: kept from an earlier run ({folder})")
-        else:
-            log(f"analyze {name}")
-            record = run_analyze(Path(encoder), data=data, out=folder, pretrain_run=run, **kwargs)
-        records[name] = record
-    return records
+def analyze_encoder(encoder: Path, folder: Path, settings: dict, data: str = "builtin:fashion-mnist") -> dict:
+    """``mimbench analyze`` of one demo encoder into ``folder`` with ``settings`` (a demo scale's ``analysis``),
+    with its pre-training run where it has one; the record."""
+    return run_analyze(Path(encoder), data=data, out=Path(folder), pretrain_run=_pretrain_run(Path(encoder)),
+                       **settings)
 
 
 def locality_note(records: dict[str, dict], deep: str = "ddae", base: str = "mae") -> str:
@@ -64,4 +59,4 @@ def locality_note(records: dict[str, dict], deep: str = "ddae", base: str = "mae
             f"({half[deep]:.2f} vs {half[base]:.2f} px mean distance).")
 
 
-__all__ = ["DEMO_SETTINGS", "analyze_encoders", "locality_note"]
+__all__ = ["analyze_encoder", "finished_analysis", "locality_note"]

@@ -66,6 +66,19 @@ def _two_procs(tmp_path, name, args):
     return rank_output(logs, 0, "stdout")
 
 
+def _one_and_two(tmp_path, encoder, task, config, common):
+    """Evaluation ``task`` of ``encoder`` with ``config`` and the ``common`` overrides, in this process and then on 2
+    processes through the CLI: (the one-process record, the two-process record, rank 0's stdout)."""
+    from mimbench.evals import run_eval
+
+    one = run_eval(task, encoder=encoder, config=config, data="builtin:fashion-mnist", out=tmp_path / "one",
+                   overrides=common)
+    stdout = _two_procs(tmp_path, task, ["eval", task, "--encoder", str(encoder), "--config", config,
+                                         "--out", str(tmp_path / "two"), *_sets(common)])
+    (written,) = _records(tmp_path / "two")
+    return one, json.loads(written.read_text()), stdout
+
+
 def test_pretrain_two_processes_equal_one(tmp_path):
     """MAE micro: 1 process at batch 16 = 2 processes at 8 each (losses and encoder to 1e-5, fp32)."""
     from safetensors.torch import load_file
@@ -90,17 +103,11 @@ def test_pretrain_two_processes_equal_one(tmp_path):
 
 def test_linear_cached_two_processes_equal_one(tmp_path, dist_encoder):
     """Cached linear probe: metrics and head of 2 processes x 32 = 1 process x 32 x accum 2, to 1e-5."""
-    from mimbench.evals import run_eval
 
     common = ["data.limit_train=512", "data.limit_val=200", "schedule.epochs=3", "schedule.warmup_epochs=1",
               "optim.batch_size=32", "optim.eff_batch_size=64", "runtime.log_every=2"]
-    one = run_eval("linear", encoder=dist_encoder, config=LINEAR_DEMO, data="builtin:fashion-mnist",
-                   out=tmp_path / "one", overrides=common)
+    one, two, _ = _one_and_two(tmp_path, dist_encoder, "linear", LINEAR_DEMO, common)
     assert one["protocol"]["accum_iter"] == 2
-    _two_procs(tmp_path, "linear", ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_DEMO,
-                                    "--out", str(tmp_path / "two"), *_sets(common)])
-    (written,) = _records(tmp_path / "two")
-    two = json.loads(written.read_text())
     assert two["protocol"]["accum_iter"] == 1 and two["hardware"]["count"] == 2
     for key in ("top1", "top5", "train_loss"):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-5)
@@ -140,16 +147,9 @@ def test_linear_two_processes_killed_mid_epoch_resume_to_one_process_numbers(tmp
 
 
 def test_knn_two_processes_equal_one_exactly(tmp_path, dist_encoder):
-    from mimbench.evals import run_eval
-
     common = ["data.limit_train=600", "data.limit_val=201", "batch_size=64"]
-    one = run_eval("knn", encoder=dist_encoder, config=KNN_DEMO, data="builtin:fashion-mnist",
-                   out=tmp_path / "one", overrides=common)
-    stdout = _two_procs(tmp_path, "knn", ["eval", "knn", "--encoder", str(dist_encoder), "--config", KNN_DEMO,
-                                          "--out", str(tmp_path / "two"), *_sets(common)])
+    one, two, stdout = _one_and_two(tmp_path, dist_encoder, "knn", KNN_DEMO, common)
     assert stdout.count("knn: top1=") == 1
-    (written,) = _records(tmp_path / "two")
-    two = json.loads(written.read_text())
     assert (two["metrics"]["top1"], two["metrics"]["top5"]) == (one["metrics"]["top1"], one["metrics"]["top5"])
     assert two["dataset"]["sizes"] == {"train": 600, "val": 201}
     # each rank built the whole bank on its device and voted for its own slice of the 201 queries only
@@ -164,16 +164,10 @@ def test_knn_in_cpu_bf16_two_processes_agree_with_one(tmp_path, dist_encoder, mo
     """Under bf16 on the CPU (timm's explicit attention, mimbench.fastpath.attention_fused) k-NN on two processes
     agrees with one process, and both records name the precision and the attention kernel."""
     from mimbench import fastpath
-    from mimbench.evals import run_eval
 
     monkeypatch.setenv("MIMBENCH_CPU_BF16", "1")  # the torchrun processes inherit it
     common = ["data.limit_train=600", "data.limit_val=201", "batch_size=64"]
-    one = run_eval("knn", encoder=dist_encoder, config=KNN_DEMO, data="builtin:fashion-mnist",
-                   out=tmp_path / "one", overrides=common)
-    _two_procs(tmp_path, "knn-bf16", ["eval", "knn", "--encoder", str(dist_encoder), "--config", KNN_DEMO,
-                                      "--out", str(tmp_path / "two"), *_sets(common)])
-    (written,) = _records(tmp_path / "two")
-    two = json.loads(written.read_text())
+    one, two, _ = _one_and_two(tmp_path, dist_encoder, "knn", KNN_DEMO, common)
     for record in (one, two):
         assert record["hardware"]["precision"] == "bf16"
         assert fastpath.EXPLICIT_ATTENTION in record["hardware"]["precision_reason"]
@@ -188,33 +182,19 @@ ACC_TOL, LOSS_TOL = 1.0, 1e-3
 
 
 def test_linear_protocol_two_processes_complete_and_agree(tmp_path, dist_encoder):
-    from mimbench.evals import run_eval
-
     common = ["img_size=32", "optim.batch_size=8", "optim.eff_batch_size=16", "schedule.epochs=2",
               "schedule.warmup_epochs=1", "data.limit_train=64", "data.limit_val=200", "runtime.progress=False",
               "data.num_workers=0"]
-    one = run_eval("linear", encoder=dist_encoder, config=LINEAR_PROTOCOL, data="builtin:fashion-mnist",
-                   out=tmp_path / "one", overrides=common)
-    _two_procs(tmp_path, "linprot", ["eval", "linear", "--encoder", str(dist_encoder), "--config", LINEAR_PROTOCOL,
-                                     "--out", str(tmp_path / "two"), *_sets(common)])
-    (written,) = _records(tmp_path / "two")
-    two = json.loads(written.read_text())
+    one, two, _ = _one_and_two(tmp_path, dist_encoder, "linear", LINEAR_PROTOCOL, common)
     assert two["protocol"]["mode"] == "protocol" and two["dataset"]["sizes"]["val"] == 200
     assert abs(two["metrics"]["top1"] - one["metrics"]["top1"]) <= ACC_TOL
     assert two["metrics"]["train_loss"] == pytest.approx(one["metrics"]["train_loss"], abs=LOSS_TOL)
 
 
 def test_finetune_two_processes_complete_and_agree(tmp_path, dist_encoder):
-    from mimbench.evals import run_eval
-
     common = ["optim.batch_size=16", "optim.eff_batch_size=32", "schedule.epochs=2", "schedule.warmup_epochs=1",
               "data.limit_train=128", "data.limit_val=200"]
-    one = run_eval("finetune", encoder=dist_encoder, config=FINETUNE_DEMO, data="builtin:fashion-mnist",
-                   out=tmp_path / "one", overrides=common)
-    _two_procs(tmp_path, "ft", ["eval", "finetune", "--encoder", str(dist_encoder), "--config", FINETUNE_DEMO,
-                                "--out", str(tmp_path / "two"), *_sets(common)])
-    (written,) = _records(tmp_path / "two")
-    two = json.loads(written.read_text())
+    one, two, _ = _one_and_two(tmp_path, dist_encoder, "finetune", FINETUNE_DEMO, common)
     assert two["protocol"]["accum_iter"] == 1 and one["protocol"]["accum_iter"] == 2
     assert abs(two["metrics"]["top1"] - one["metrics"]["top1"]) <= ACC_TOL
     assert two["metrics"]["train_loss"] == pytest.approx(one["metrics"]["train_loss"], abs=LOSS_TOL)

@@ -667,6 +667,6 @@ def reuse_note(outcomes: Sequence[Outcome]) -> str:
             f"{len(outcomes)} steps: " + ", ".join(reused) + ".")
 
 
-__all__ = ["Analyze", "BUILTIN_DATA", "Build", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER", "STEP_THREADS", "Step",
-           "StepRunner", "Work", "default_jobs", "do_work", "expand_runs", "plan", "reuse_note", "timing_rows",
-           "usable_cores", "write_timings"]
+__all__ = ["Analyze", "BUILTIN_DATA", "Build", "Control", "Evaluate", "Outcome", "Pretrain", "RUNS_PLACEHOLDER",
+           "STEP_THREADS", "Step", "StepRunner", "Work", "default_jobs", "do_work", "expand_runs", "plan",
+           "reuse_note", "timing_rows", "usable_cores", "write_timings"]
